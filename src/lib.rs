@@ -1,0 +1,3 @@
+//! pgferry: a native Postgres logical-replication CDC engine.
+pub mod lsn;
+pub mod protocol;

@@ -1,0 +1,5 @@
+//! Shared harness for the integration tests: throwaway servers started by the
+//! test itself, never a service already running on the machine.
+#![allow(dead_code)]
+
+pub mod pg;

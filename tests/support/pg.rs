@@ -1,0 +1,252 @@
+//! A throwaway PostgreSQL cluster: `initdb` into a temporary directory,
+//! `wal_level=logical`, a free loopback port, stopped (immediately) on drop.
+//!
+//! `initdb` and `postgres` refuse to run as root. When the effective uid is 0
+//! (as in CI) the server binaries run as the unprivileged `postgres` user
+//! through `runuser`, and the data directory is handed to that user.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+pub struct TestPg {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    bin: PathBuf,
+    run_as: Option<String>,
+}
+
+/// The directory holding `initdb`, `pg_ctl` and `postgres`: `$PGFERRY_PG_BIN`, or the
+/// newest `/usr/lib/postgresql/*/bin`.
+pub fn pg_bin_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("PGFERRY_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server binaries not found under /usr/lib/postgresql: install the postgresql package or set PGFERRY_PG_BIN")
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().expect("no /usr/lib/postgresql/<version>/bin/initdb found").1
+}
+
+fn running_as_root() -> bool {
+    static ROOT: OnceLock<bool> = OnceLock::new();
+    *ROOT.get_or_init(|| {
+        let out = Command::new("id").arg("-u").output().expect("run id -u");
+        String::from_utf8_lossy(&out.stdout).trim() == "0"
+    })
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// Options for [`TestPg::start_with`].
+#[derive(Default, Clone)]
+pub struct PgOptions {
+    /// Extra lines for postgresql.conf.
+    pub conf: String,
+    /// Replaces pg_hba.conf when set.
+    pub hba: Option<String>,
+}
+
+impl TestPg {
+    /// A cluster with `wal_level=logical` and trust authentication on loopback.
+    pub fn start() -> TestPg {
+        Self::start_with(PgOptions::default())
+    }
+
+    pub fn start_with(opts: PgOptions) -> TestPg {
+        let dir = tempfile::Builder::new()
+            .prefix("pgferry-pg-")
+            .tempdir()
+            .expect("temp dir");
+        let run_as = running_as_root().then(|| "postgres".to_string());
+        if let Some(user) = &run_as {
+            let st = Command::new("chown")
+                .args(["-R", &format!("{user}:"), dir.path().to_str().unwrap()])
+                .status()
+                .expect("chown");
+            assert!(st.success(), "chown of the test data directory failed");
+        }
+        let mut pg = TestPg {
+            port: free_port(),
+            bin: pg_bin_dir(),
+            run_as,
+            dir,
+        };
+        let data = pg.data_dir();
+        pg.run_checked(
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ],
+        );
+        let conf = format!(
+            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{sock}'\n\
+             wal_level = logical\nmax_wal_senders = 20\nmax_replication_slots = 20\n\
+             fsync = off\nfull_page_writes = off\nsynchronous_commit = on\n\
+             logical_decoding_work_mem = 64kB\nshared_buffers = 64MB\n\
+             log_min_messages = warning\nlogging_collector = off\n{extra}\n",
+            port = pg.port,
+            sock = pg.dir.path().display(),
+            extra = opts.conf
+        );
+        append(&data.join("postgresql.conf"), &conf);
+        if let Some(hba) = &opts.hba {
+            std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
+        }
+        pg.start_server();
+        pg
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Starts (or restarts) the server and waits until it accepts connections.
+    pub fn start_server(&mut self) {
+        let data = self.data_dir();
+        let log = self.dir.path().join("server.log");
+        self.run_checked(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the server at once (`-m immediate`), as a crash would.
+    pub fn stop_server(&self) {
+        let data = self.data_dir();
+        let _ = self.run(
+            "pg_ctl",
+            &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"],
+        );
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`
+    pub fn url(&self) -> String {
+        self.url_for("postgres", "postgres")
+    }
+
+    pub fn url_for(&self, user: &str, db: &str) -> String {
+        format!("postgres://{user}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Runs SQL through `psql -X -At -v ON_ERROR_STOP=1` and returns its output.
+    pub fn sql(&self, sql: &str) -> String {
+        let out = Command::new(self.bin.join("psql"))
+            .args([
+                "-X",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql failed for {sql:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("psql output is UTF-8")
+    }
+
+    /// An ordinary SQL connection (its driver task runs on the current runtime).
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect to the test cluster");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
+    /// The server log so far, for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    fn command(&self, prog: &str) -> Command {
+        let path = self.bin.join(prog);
+        match &self.run_as {
+            Some(user) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", user, "--"]).arg(path);
+                c
+            }
+            None => Command::new(path),
+        }
+    }
+
+    fn run(&self, prog: &str, args: &[&str]) -> Output {
+        self.command(prog)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"))
+    }
+
+    fn run_checked(&self, prog: &str, args: &[&str]) {
+        let out = self.run(prog, args);
+        assert!(
+            out.status.success(),
+            "{prog} {args:?} failed: {}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+    }
+}
+
+impl Drop for TestPg {
+    fn drop(&mut self) {
+        self.stop_server();
+    }
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .expect("open postgresql.conf");
+    f.write_all(text.as_bytes()).expect("append postgresql.conf");
+}
