@@ -1,3 +1,31 @@
 //! pgferry: a native Postgres logical-replication CDC engine.
+//!
+//! # Layout
+//!
+//! Data flows one way: wire → decode → transactions → sinks → checkpoints,
+//! and only acknowledgements travel back (as the flush position).
+//!
+//! - [`conn`]: the replication connection (startup, auth, commands, CopyBoth).
+//! - [`protocol`]: pure parsers of the replication and pgoutput messages (no I/O).
+//! - [`decode`]: type registry, `to_jsonb()`-exact values, transaction assembly.
+//! - [`spill`]: spill files that keep large transactions out of memory.
+//! - [`event`]: change events, the public output format.
+//! - [`pipeline`]: sink tasks, batching, backpressure, acknowledgements.
+//! - [`checkpoint`]: per-sink progress, persisted atomically.
+//! - [`sink`]: the sinks (`jsonl`).
+//! - [`source`]: one replication session, wiring the stages together.
+//! - [`config`]: the TOML configuration.
+//! - [`lsn`]: WAL positions.
+
+pub mod check;
+pub mod checkpoint;
+pub mod config;
+pub mod conn;
+pub mod decode;
+pub mod event;
 pub mod lsn;
+pub mod pipeline;
 pub mod protocol;
+pub mod sink;
+pub mod source;
+pub mod spill;

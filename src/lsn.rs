@@ -82,7 +82,17 @@ mod tests {
 
     #[test]
     fn rejects_malformed_text() {
-        for s in ["", "/", "1/", "/1", "G/0", "1/2/3", "123456789/0", "-1/0", "1"] {
+        for s in [
+            "",
+            "/",
+            "1/",
+            "/1",
+            "G/0",
+            "1/2/3",
+            "123456789/0",
+            "-1/0",
+            "1",
+        ] {
             assert!(s.parse::<Lsn>().is_err(), "{s:?} should not parse");
         }
     }

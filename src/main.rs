@@ -1,1 +1,189 @@
-fn main() {}
+//! The `pgferry` command line. The only place that uses `anyhow`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::sync::watch;
+
+use pgferry::config::Config;
+use pgferry::pipeline::Backoff;
+use pgferry::source::{self, SourceError};
+
+#[derive(Parser)]
+#[command(
+    name = "pgferry",
+    version,
+    about = "Postgres logical-replication CDC: pgoutput to sinks, checkpointed"
+)]
+struct Cli {
+    /// Log format: `auto` is human-readable on a terminal and JSON otherwise.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Auto,
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream changes to the configured sinks until SIGTERM or SIGINT.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate the config and the source server; print every check as OK or FAIL.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Inspect or drop the replication slot.
+    Slot {
+        #[command(subcommand)]
+        action: SlotAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SlotAction {
+    /// Show the slot's positions, retained WAL and the sinks' checkpoints.
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Drop the slot (the server then frees the WAL it retained).
+    Drop {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PGFERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        LogFormat::Json => true,
+        LogFormat::Text => false,
+        LogFormat::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgferry: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("pgferry: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cmd: Command) -> anyhow::Result<std::process::ExitCode> {
+    match cmd {
+        Command::Run { config } => run(&load(&config)?).await,
+        Command::Check { config } => {
+            let cfg = load(&config)?;
+            let ok = pgferry::check::run(&cfg, &mut std::io::stdout()).await;
+            Ok(if ok {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            })
+        }
+        Command::Slot { action } => match action {
+            SlotAction::Status { config } => {
+                pgferry::check::slot_status(&load(&config)?, &mut std::io::stdout()).await?;
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+            SlotAction::Drop { config } => {
+                pgferry::check::slot_drop(&load(&config)?, &mut std::io::stdout()).await?;
+                Ok(std::process::ExitCode::SUCCESS)
+            }
+        },
+    }
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    Config::load(path).with_context(|| format!("invalid configuration in {}", path.display()))
+}
+
+async fn run(config: &Config) -> anyhow::Result<std::process::ExitCode> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        let started = std::time::Instant::now();
+        match source::run(config, stop_rx.clone()).await {
+            Ok(()) => {
+                tracing::info!("stopped cleanly");
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+            Err(SourceError::Fatal(msg)) => anyhow::bail!(msg),
+            Err(SourceError::Transient(msg)) => {
+                if *stop_rx.borrow() {
+                    return Ok(std::process::ExitCode::SUCCESS);
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %msg, retry_in_ms = delay.as_millis() as u64, "replication session ended; resuming from the checkpoints");
+                let mut stop = stop_rx.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.changed() => return Ok(std::process::ExitCode::SUCCESS),
+                }
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! The TOML configuration.
+//!
+//! Invariants:
+//! - every table of the file is `deny_unknown_fields`: a misspelt key is an
+//!   error that names its full path (`source.slott`), never silently ignored;
+//! - `${ENV_VAR}` in any string value is replaced by the variable's value
+//!   before the file is interpreted; a missing variable is an error naming the
+//!   key and the variable;
+//! - secrets (the connection password) never reach `Debug` or logs: the source
+//!   URL is only ever printed through [`SourceConfig::redacted_url`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration problem, phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Key { key: String, message: String },
+}
+
+fn key_err(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Key {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The Postgres server to replicate from.
+    pub source: SourceConfig,
+    /// Where per-sink progress is stored.
+    pub checkpoint: CheckpointConfig,
+    /// Tuning of the in-process pipeline.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// The destinations. At least one.
+    #[serde(rename = "sink")]
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// `[source]`
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// libpq-style URL or key=value string: `postgres://user:pass@host:port/db`.
+    pub url: String,
+    /// The logical replication slot (created when missing and `create_slot`).
+    pub slot: String,
+    /// The publication (created for `tables` when missing and `create_publication`).
+    pub publication: String,
+    /// `schema.table` names to replicate.
+    pub tables: Vec<String>,
+    /// Create the slot when it does not exist. Default true.
+    #[serde(default = "yes")]
+    pub create_slot: bool,
+    /// Create the publication when it does not exist. Default true.
+    #[serde(default = "yes")]
+    pub create_publication: bool,
+    /// Ask for in-progress transactions to be streamed (protocol 2, PostgreSQL 14+). Default true.
+    #[serde(default = "yes")]
+    pub streaming: bool,
+    /// Seconds between standby status updates sent on pgferry's own initiative.
+    /// Capped to half of the server's `wal_sender_timeout`. Default 10.
+    #[serde(default = "ten")]
+    pub status_interval_secs: u64,
+}
+
+impl std::fmt::Debug for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceConfig")
+            .field("url", &self.redacted_url())
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("tables", &self.tables)
+            .field("create_slot", &self.create_slot)
+            .field("create_publication", &self.create_publication)
+            .field("streaming", &self.streaming)
+            .field("status_interval_secs", &self.status_interval_secs)
+            .finish()
+    }
+}
+
+impl SourceConfig {
+    /// The URL with any password replaced by `***`, safe for logs.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.url)
+    }
+
+    /// The tables as (schema, table) pairs, validated by [`Config::validate`].
+    pub fn table_names(&self) -> Vec<(String, String)> {
+        self.tables.iter().filter_map(|t| split_table(t)).collect()
+    }
+}
+
+/// Splits `schema.table`; a bare `table` means `public.table`.
+pub fn split_table(name: &str) -> Option<(String, String)> {
+    let (schema, table) = match name.split_once('.') {
+        Some((s, t)) => (s, t),
+        None => ("public", name),
+    };
+    if schema.is_empty() || table.is_empty() || table.contains('.') {
+        return None;
+    }
+    Some((schema.to_string(), table.to_string()))
+}
+
+/// Replaces the password in a `postgres://user:password@host` URL, or in a
+/// `password=...` key of a key=value string, with `***`.
+pub fn redact_url(url: &str) -> String {
+    if let Some(rest) = url
+        .strip_prefix("postgres://")
+        .map(|r| ("postgres://", r))
+        .or_else(|| {
+            url.strip_prefix("postgresql://")
+                .map(|r| ("postgresql://", r))
+        })
+    {
+        let (scheme, rest) = rest;
+        if let Some(at) = rest.rfind('@') {
+            let userinfo = &rest[..at];
+            if let Some(colon) = userinfo.find(':') {
+                return format!("{scheme}{}:***{}", &userinfo[..colon], &rest[at..]);
+            }
+        }
+        // A password can also hide in the query string.
+        if let Some(q) = rest.find('?') {
+            let (head, query) = rest.split_at(q + 1);
+            let parts: Vec<String> = query
+                .split('&')
+                .map(|kv| {
+                    if kv.starts_with("password=") {
+                        "password=***".to_string()
+                    } else {
+                        kv.to_string()
+                    }
+                })
+                .collect();
+            return format!("{scheme}{head}{}", parts.join("&"));
+        }
+        return url.to_string();
+    }
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***".to_string()
+            } else {
+                kv.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `[checkpoint]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Directory for per-sink checkpoint files (created when missing).
+    pub dir: PathBuf,
+}
+
+/// `[pipeline]`: optional tuning.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Memory for assembling transactions, in MiB. A transaction that would go
+    /// over it is spilled to disk, so memory stays bounded whatever its size.
+    /// The same amount again bounds committed transactions waiting for sinks.
+    #[serde(default = "default_memory_mb")]
+    pub memory_limit_mb: u64,
+    /// Where spill files go. Default: `<checkpoint.dir>/spill`.
+    #[serde(default)]
+    pub spill_dir: Option<PathBuf>,
+    /// Largest number of change events handed to a sink in one batch.
+    #[serde(default = "default_batch_events")]
+    pub batch_max_events: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            memory_limit_mb: default_memory_mb(),
+            spill_dir: None,
+            batch_max_events: default_batch_events(),
+        }
+    }
+}
+
+/// One `[[sink]]`. The `type` key picks the variant.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum SinkConfig {
+    /// JSON lines to a file or stdout.
+    Jsonl(crate::sink::jsonl::JsonlConfig),
+}
+
+impl SinkConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            SinkConfig::Jsonl(c) => &c.name,
+        }
+    }
+
+    /// The tables this sink receives (`None`: all of `[source].tables`).
+    pub fn tables(&self) -> Option<&[String]> {
+        match self {
+            SinkConfig::Jsonl(c) => c.tables.as_deref(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn ten() -> u64 {
+    10
+}
+fn default_memory_mb() -> u64 {
+    64
+}
+fn default_batch_events() -> usize {
+    8192
+}
+
+impl Config {
+    /// Reads, substitutes `${VAR}`s, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path, |name| std::env::var(name).ok())
+    }
+
+    /// Parses config text; `env` resolves `${VAR}` references.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut value: toml::Value = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        substitute(&mut value, &mut Vec::new(), &env)?;
+        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+            let key = e.path().to_string();
+            key_err(key, e.into_inner().to_string())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: names, uniqueness, value ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let s = &self.source;
+        if s.url.trim().is_empty() {
+            return Err(key_err(
+                "source.url",
+                "is empty; set it to postgres://user@host:port/db",
+            ));
+        }
+        s.url.parse::<tokio_postgres::Config>().map_err(|e| {
+            key_err(
+                "source.url",
+                format!("is not a valid Postgres connection string ({e}); use postgres://user:password@host:port/dbname"),
+            )
+        })?;
+        for (key, v) in [
+            ("source.slot", &s.slot),
+            ("source.publication", &s.publication),
+        ] {
+            if v.is_empty()
+                || v.len() > 63
+                || !v
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            {
+                return Err(key_err(
+                    key,
+                    format!("{v:?} is not a valid name: use 1 to 63 lower-case letters, digits or underscores"),
+                ));
+            }
+        }
+        if s.tables.is_empty() {
+            return Err(key_err(
+                "source.tables",
+                "is empty; list the tables to replicate, e.g. [\"public.products\"]",
+            ));
+        }
+        for (i, t) in s.tables.iter().enumerate() {
+            if split_table(t).is_none() {
+                return Err(key_err(
+                    format!("source.tables[{i}]"),
+                    format!(
+                        "{t:?} is not a table name; write schema.table, e.g. \"public.products\""
+                    ),
+                ));
+            }
+        }
+        if s.status_interval_secs == 0 {
+            return Err(key_err("source.status_interval_secs", "must be at least 1"));
+        }
+        if self.pipeline.memory_limit_mb == 0 {
+            return Err(key_err("pipeline.memory_limit_mb", "must be at least 1"));
+        }
+        if self.pipeline.batch_max_events == 0 {
+            return Err(key_err("pipeline.batch_max_events", "must be at least 1"));
+        }
+        if self.sinks.is_empty() {
+            return Err(key_err(
+                "sink",
+                "no [[sink]] is configured; add at least one, e.g. type = \"jsonl\"",
+            ));
+        }
+        let mut seen = BTreeMap::new();
+        for (i, sink) in self.sinks.iter().enumerate() {
+            let name = sink.name();
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                return Err(key_err(
+                    format!("sink[{i}].name"),
+                    format!("{name:?} is not a valid sink name: use letters, digits, '-' or '_'"),
+                ));
+            }
+            if let Some(prev) = seen.insert(name.to_string(), i) {
+                return Err(key_err(
+                    format!("sink[{i}].name"),
+                    format!(
+                        "{name:?} is already the name of sink[{prev}]; sink names must be unique"
+                    ),
+                ));
+            }
+            if let Some(tables) = sink.tables() {
+                for (j, t) in tables.iter().enumerate() {
+                    if !s.tables.contains(t) {
+                        return Err(key_err(
+                            format!("sink[{i}].tables[{j}]"),
+                            format!(
+                                "{t:?} is not in source.tables; add it there or remove it here"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The spill directory.
+    pub fn spill_dir(&self) -> PathBuf {
+        self.pipeline
+            .spill_dir
+            .clone()
+            .unwrap_or_else(|| self.checkpoint.dir.join("spill"))
+    }
+}
+
+/// Replaces `${VAR}` in every string of the document.
+fn substitute(
+    value: &mut toml::Value,
+    path: &mut Vec<String>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<(), ConfigError> {
+    match value {
+        toml::Value::String(s) => {
+            if s.contains("${") {
+                *s = expand(s, &path.join("."), env)?;
+            }
+        }
+        toml::Value::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                let last = path.pop();
+                let base = last.clone().unwrap_or_default();
+                path.push(format!("{base}[{i}]"));
+                substitute(item, path, env)?;
+                path.pop();
+                if let Some(l) = last {
+                    path.push(l);
+                }
+            }
+        }
+        toml::Value::Table(table) => {
+            for (k, v) in table.iter_mut() {
+                path.push(k.clone());
+                substitute(v, path, env)?;
+                path.pop();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn expand(
+    s: &str,
+    key: &str,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| key_err(key, "has an unterminated ${ reference; write ${VAR_NAME}"))?;
+        let name = &after[..end];
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(key_err(
+                key,
+                format!("${{{name}}} is not a valid environment variable reference"),
+            ));
+        }
+        let val = env(name).ok_or_else(|| {
+            key_err(key, format!("refers to the environment variable {name}, which is not set; export it or remove the reference"))
+        })?;
+        out.push_str(&val);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+[source]
+url = "postgres://postgres@127.0.0.1:5432/app"
+slot = "pgferry"
+publication = "pgferry"
+tables = ["public.products"]     # the publication is created for these when missing
+
+[checkpoint]
+dir = "pgferry-state"
+
+[[sink]]
+name = "changes"
+type = "jsonl"
+path = "changes.jsonl"           # "-" for stdout
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"), |name| {
+            (name == "PG_PASSWORD").then(|| "s3cr3t".to_string())
+        })
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let c = parse(EXAMPLE).unwrap();
+        assert_eq!(c.source.slot, "pgferry");
+        assert_eq!(c.sinks.len(), 1);
+        assert_eq!(c.sinks[0].name(), "changes");
+        assert_eq!(c.spill_dir(), PathBuf::from("pgferry-state/spill"));
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_path() {
+        let bad = EXAMPLE.replace("slot = \"pgferry\"", "slott = \"pgferry\"");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("source"), "{e}");
+        assert!(e.contains("slott"), "{e}");
+        let bad = EXAMPLE.replace("path = ", "paht = ");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.contains("sink[0]") && e.contains("paht"), "{e}");
+    }
+
+    #[test]
+    fn env_vars_are_substituted_and_missing_ones_named() {
+        let t = EXAMPLE.replace("postgres@", "postgres:${PG_PASSWORD}@");
+        let c = parse(&t).unwrap();
+        assert!(c.source.url.contains("s3cr3t"));
+        let t = EXAMPLE.replace("postgres@", "postgres:${NOPE}@");
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.contains("source.url") && e.contains("NOPE"), "{e}");
+    }
+
+    #[test]
+    fn passwords_never_reach_debug_output() {
+        let t = EXAMPLE.replace("postgres@", "postgres:${PG_PASSWORD}@");
+        let c = parse(&t).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cr3t"), "{dbg}");
+        assert!(dbg.contains("postgres:***@127.0.0.1"), "{dbg}");
+        assert_eq!(
+            redact_url("host=h user=u password=p dbname=d"),
+            "host=h user=u password=*** dbname=d"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/d?password=p&sslmode=disable"),
+            "postgres://u@h/d?password=***&sslmode=disable"
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_the_key_and_the_fix() {
+        let e = parse(&EXAMPLE.replace("\"public.products\"", "\"a.b.c\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("source.tables[0]") && e.contains("schema.table"),
+            "{e}"
+        );
+        let e = parse(&EXAMPLE.replace("slot = \"pgferry\"", "slot = \"Bad-Name\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("source.slot"), "{e}");
+        let e = parse(&EXAMPLE.replace("type = \"jsonl\"", "type = \"kafka\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sink[0]") && e.contains("kafka"), "{e}");
+    }
+}

@@ -1,0 +1,287 @@
+//! The replication connection: pgferry's own client for the walsender.
+//!
+//! Upstream tokio-postgres cannot enter CopyBoth mode, so this module speaks
+//! the protocol itself on a tokio socket, using `postgres-protocol` for
+//! message encoding and authentication (see [`wire`]). Ordinary SQL (catalog
+//! look-ups, checks, publication set-up) goes through tokio-postgres on a
+//! separate connection.
+//!
+//! Every connection is opened with `replication=database` and with session
+//! settings that make the text output of values stable, whatever the server's
+//! defaults: `TimeZone=UTC`, `DateStyle=ISO`, `IntervalStyle=postgres`,
+//! `extra_float_digits=3`, `bytea_output=hex`.
+//!
+//! After `START_REPLICATION` the socket is split: the [`wire::Reader`] half
+//! goes to the decoding loop, the write half to the feedback task, so status
+//! updates keep flowing even while the reader waits on a slow sink.
+
+pub mod wire;
+
+use std::pin::Pin;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio_postgres::config::Host;
+
+use crate::lsn::Lsn;
+use wire::{ConnError, Connection, Rows, Startup};
+
+/// Any byte stream: TCP or a Unix socket.
+pub trait Stream: AsyncRead + AsyncWrite + Send {}
+impl<T: AsyncRead + AsyncWrite + Send> Stream for T {}
+pub type BoxStream = Pin<Box<dyn Stream>>;
+
+/// The read half after START_REPLICATION.
+pub type ReadSide = ReadHalf<BoxStream>;
+/// The write half after START_REPLICATION.
+pub type WriteSide = WriteHalf<BoxStream>;
+
+/// Session settings sent at startup so that text values are stable.
+pub const SESSION_SETTINGS: &[(&str, &str)] = &[
+    ("TimeZone", "UTC"),
+    ("DateStyle", "ISO"),
+    ("IntervalStyle", "postgres"),
+    ("extra_float_digits", "3"),
+    ("bytea_output", "hex"),
+    ("client_encoding", "UTF8"),
+    ("application_name", "pgferry"),
+];
+
+/// Result of IDENTIFY_SYSTEM.
+#[derive(Debug, Clone)]
+pub struct SystemInfo {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlogpos: Lsn,
+    pub dbname: Option<String>,
+}
+
+/// A walsender connection in command mode.
+pub struct ReplicationConn {
+    conn: Connection<ReadSide, WriteSide>,
+}
+
+/// Opens a replication connection to the server named by `config`.
+pub async fn connect(config: &tokio_postgres::Config) -> Result<ReplicationConn, ConnError> {
+    let stream = open_stream(config).await?;
+    let (r, w) = tokio::io::split(stream);
+    let user = config
+        .get_user()
+        .ok_or_else(|| ConnError::Auth("the connection string names no user".into()))?;
+    let database = config.get_dbname().unwrap_or(user);
+    let mut params: Vec<(&str, &str)> = vec![("replication", "database")];
+    params.extend_from_slice(SESSION_SETTINGS);
+    let conn = Connection::start(
+        r,
+        w,
+        Startup {
+            user,
+            database,
+            password: config.get_password(),
+            params: &params,
+        },
+    )
+    .await?;
+    Ok(ReplicationConn { conn })
+}
+
+async fn open_stream(config: &tokio_postgres::Config) -> Result<BoxStream, ConnError> {
+    if !matches!(
+        config.get_ssl_mode(),
+        tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer
+    ) {
+        return Err(ConnError::Protocol(
+            "sslmode=require is not supported yet by the replication connection; use sslmode=disable or prefer on a trusted network".into(),
+        ));
+    }
+    let hosts = config.get_hosts();
+    let ports = config.get_ports();
+    let mut last = None;
+    for (i, host) in hosts.iter().enumerate() {
+        let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
+        let res: std::io::Result<BoxStream> = match host {
+            Host::Tcp(h) => match tokio::net::TcpStream::connect((h.as_str(), port)).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    Ok(Box::pin(s))
+                }
+                Err(e) => Err(e),
+            },
+            Host::Unix(dir) => {
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                tokio::net::UnixStream::connect(path)
+                    .await
+                    .map(|s| Box::pin(s) as BoxStream)
+            }
+        };
+        match res {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    if hosts.is_empty() {
+        let s =
+            tokio::net::TcpStream::connect(("127.0.0.1", ports.first().copied().unwrap_or(5432)))
+                .await?;
+        return Ok(Box::pin(s));
+    }
+    Err(ConnError::Io(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "no host to connect to")
+    })))
+}
+
+/// Quotes an identifier for a replication command.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes a string literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Options of START_REPLICATION for pgoutput.
+#[derive(Debug, Clone)]
+pub struct StartOptions {
+    pub slot: String,
+    pub start: Lsn,
+    pub proto_version: u32,
+    pub publication: String,
+    pub messages: bool,
+    pub streaming: bool,
+}
+
+impl StartOptions {
+    /// The command text.
+    pub fn command(&self) -> String {
+        let mut opts = vec![
+            format!("proto_version '{}'", self.proto_version),
+            format!(
+                "publication_names {}",
+                quote_literal(&quote_ident(&self.publication))
+            ),
+        ];
+        if self.messages {
+            opts.push("messages 'true'".into());
+        }
+        if self.streaming {
+            opts.push("streaming 'on'".into());
+        }
+        format!(
+            "START_REPLICATION SLOT {} LOGICAL {} ({})",
+            quote_ident(&self.slot),
+            self.start,
+            opts.join(", ")
+        )
+    }
+}
+
+impl ReplicationConn {
+    /// `server_version_num` as reported at startup (e.g. 150004), if parseable.
+    pub fn server_version_num(&self) -> Option<u32> {
+        let v = self.conn.param("server_version")?;
+        let mut parts = v.split(|c: char| !c.is_ascii_digit());
+        let major: u32 = parts.next()?.parse().ok()?;
+        let minor: u32 = parts.next().and_then(|m| m.parse().ok()).unwrap_or(0);
+        Some(if major >= 10 {
+            major * 10000 + minor
+        } else {
+            major * 10000 + minor * 100
+        })
+    }
+
+    pub async fn query(&mut self, sql: &str) -> Result<Rows, ConnError> {
+        self.conn.simple_query(sql).await
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemInfo, ConnError> {
+        let rows = self.query("IDENTIFY_SYSTEM").await?;
+        let row = rows
+            .first()
+            .ok_or_else(|| ConnError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let get = |i: usize| row.get(i).cloned().flatten();
+        let bad =
+            |what: &str| ConnError::Protocol(format!("IDENTIFY_SYSTEM returned a bad {what}"));
+        Ok(SystemInfo {
+            system_id: get(0).ok_or_else(|| bad("systemid"))?,
+            timeline: get(1)
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| bad("timeline"))?,
+            xlogpos: get(2)
+                .and_then(|l| l.parse().ok())
+                .ok_or_else(|| bad("xlogpos"))?,
+            dbname: get(3),
+        })
+    }
+
+    /// `SHOW name` on the walsender.
+    pub async fn show(&mut self, name: &str) -> Result<Option<String>, ConnError> {
+        let rows = self.query(&format!("SHOW {name}")).await?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next())
+            .flatten())
+    }
+
+    /// Creates a logical slot using pgoutput; returns its consistent point.
+    pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ConnError> {
+        let rows = self
+            .query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                quote_ident(slot)
+            ))
+            .await?;
+        rows.first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .and_then(|l| l.parse().ok())
+            .ok_or_else(|| {
+                ConnError::Protocol("CREATE_REPLICATION_SLOT returned no consistent point".into())
+            })
+    }
+
+    /// Sends START_REPLICATION and waits for CopyBothResponse. Returns the
+    /// two halves of the socket, now in CopyBoth mode.
+    pub async fn start_replication(
+        mut self,
+        opts: &StartOptions,
+    ) -> Result<(wire::Reader<ReadSide>, WriteSide), ConnError> {
+        let mut out = bytes::BytesMut::new();
+        postgres_protocol::message::frontend::query(&opts.command(), &mut out)?;
+        self.conn.send(&out).await?;
+        loop {
+            let m = self.conn.reader.next().await?;
+            match m.tag {
+                b'W' => return Ok((self.conn.reader, self.conn.writer)),
+                b'E' => return Err(wire::parse_error_fields(&m.body)),
+                b'N' | b'S' => {}
+                t => {
+                    return Err(ConnError::Protocol(format!(
+                        "expected CopyBothResponse after START_REPLICATION, got {:?}",
+                        t as char
+                    )))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_command_quotes_names_and_lists_options() {
+        let o = StartOptions {
+            slot: "pgferry".into(),
+            start: Lsn(0x1_0000_0010),
+            proto_version: 2,
+            publication: "pub".into(),
+            messages: true,
+            streaming: true,
+        };
+        assert_eq!(
+            o.command(),
+            "START_REPLICATION SLOT \"pgferry\" LOGICAL 1/10 (proto_version '2', publication_names '\"pub\"', messages 'true', streaming 'on')"
+        );
+    }
+}

@@ -1,0 +1,453 @@
+//! Frontend/backend message framing on a byte stream, startup and
+//! authentication, and the simple-query sub-protocol used for replication
+//! commands.
+//!
+//! Invariants:
+//! - a backend message's declared length is checked (at least 4, at most
+//!   [`MAX_MESSAGE`]) before any byte of its body is awaited or allocated;
+//! - reads go through one large buffer, and every complete message in it is
+//!   parsed before the next read, so many small messages cost one syscall;
+//! - the password is used for authentication only: it is never logged and
+//!   never kept in any error.
+
+use bytes::{Buf, Bytes, BytesMut};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Backend messages larger than this are refused as malformed (1 GiB, the
+/// largest value Postgres itself can send).
+pub const MAX_MESSAGE: usize = 1 << 30;
+
+/// Errors of the connection layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("I/O error talking to Postgres: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the server closed the connection")]
+    Closed,
+    #[error("Postgres error {code}: {message}{}", fmt_extra(.detail, .hint))]
+    Server {
+        severity: String,
+        code: String,
+        message: String,
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+}
+
+fn fmt_extra(detail: &Option<String>, hint: &Option<String>) -> String {
+    let mut s = String::new();
+    if let Some(d) = detail {
+        s.push_str(&format!(" (detail: {d})"));
+    }
+    if let Some(h) = hint {
+        s.push_str(&format!(" (hint: {h})"));
+    }
+    s
+}
+
+impl ConnError {
+    /// SQLSTATE of a server error.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ConnError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Errors worth retrying from the last checkpoint: the connection was
+    /// lost, or the server is starting up, shutting down or overloaded.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ConnError::Io(_) | ConnError::Closed => true,
+            ConnError::Server { code, .. } => {
+                // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
+                // 53xxx insufficient resources, 08xxx connection exceptions,
+                // 55006 object_in_use (slot still active after a quick restart).
+                code.starts_with("57P")
+                    || code.starts_with("53")
+                    || code.starts_with("08")
+                    || code == "55006"
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Parses the fields of an ErrorResponse or NoticeResponse body.
+pub fn parse_error_fields(mut body: &[u8]) -> ConnError {
+    let (mut severity, mut code, mut message, mut detail, mut hint) =
+        (String::new(), String::new(), String::new(), None, None);
+    while let Some((&field, rest)) = body.split_first() {
+        if field == 0 {
+            break;
+        }
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        let value = String::from_utf8_lossy(&rest[..end]).into_owned();
+        match field {
+            b'V' => severity = value,
+            b'S' if severity.is_empty() => severity = value,
+            b'C' => code = value,
+            b'M' => message = value,
+            b'D' => detail = Some(value),
+            b'H' => hint = Some(value),
+            _ => {}
+        }
+        body = rest.get(end + 1..).unwrap_or(&[]);
+    }
+    ConnError::Server {
+        severity,
+        code,
+        message,
+        detail,
+        hint,
+    }
+}
+
+/// One backend message: its tag and body.
+#[derive(Debug)]
+pub struct BackendMessage {
+    pub tag: u8,
+    pub body: Bytes,
+}
+
+/// Reads framed backend messages through one large buffer.
+pub struct Reader<R> {
+    io: R,
+    buf: BytesMut,
+    /// How much to ask the kernel for at once.
+    read_size: usize,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    pub fn new(io: R) -> Self {
+        Reader {
+            io,
+            buf: BytesMut::with_capacity(1 << 20),
+            read_size: 1 << 20,
+        }
+    }
+
+    /// The next complete message, reading from the socket only when the
+    /// buffer holds none.
+    pub async fn next(&mut self) -> Result<BackendMessage, ConnError> {
+        loop {
+            if let Some(m) = self.try_parse()? {
+                return Ok(m);
+            }
+            if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
+                self.buf.reserve(self.read_size);
+            }
+            let n = self.io.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                return Err(ConnError::Closed);
+            }
+        }
+    }
+
+    /// A complete message already in the buffer, without reading.
+    pub fn try_parse(&mut self) -> Result<Option<BackendMessage>, ConnError> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let tag = self.buf[0];
+        let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]);
+        if len < 4 || len as usize > MAX_MESSAGE {
+            return Err(ConnError::Protocol(format!(
+                "backend message {:?} declares length {len}",
+                tag as char
+            )));
+        }
+        let total = 1 + len as usize;
+        if self.buf.len() < total {
+            // Make room for the whole message in one go.
+            self.buf.reserve(total - self.buf.len());
+            return Ok(None);
+        }
+        let mut frame = self.buf.split_to(total);
+        frame.advance(5);
+        Ok(Some(BackendMessage {
+            tag,
+            body: frame.freeze(),
+        }))
+    }
+}
+
+/// The result rows of a simple query, all values as text.
+pub type Rows = Vec<Vec<Option<String>>>;
+
+/// The startup parameters and credentials of a connection.
+pub struct Startup<'a> {
+    pub user: &'a str,
+    pub database: &'a str,
+    pub password: Option<&'a [u8]>,
+    /// Extra startup parameters, e.g. `replication=database`, `TimeZone=UTC`.
+    pub params: &'a [(&'a str, &'a str)],
+}
+
+/// A connection in the simple-query state: startup done, authenticated.
+pub struct Connection<R, W> {
+    pub reader: Reader<R>,
+    pub writer: W,
+    /// ParameterStatus values, e.g. `server_version`.
+    pub params: Vec<(String, String)>,
+}
+
+impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
+    /// Sends the startup message and authenticates (trust, cleartext, MD5 or
+    /// SCRAM-SHA-256), then waits for ReadyForQuery.
+    pub async fn start(read: R, write: W, s: Startup<'_>) -> Result<Self, ConnError> {
+        let mut conn = Connection {
+            reader: Reader::new(read),
+            writer: write,
+            params: Vec::new(),
+        };
+        let mut out = BytesMut::new();
+        let mut params: Vec<(&str, &str)> = vec![("user", s.user), ("database", s.database)];
+        params.extend_from_slice(s.params);
+        frontend::startup_message(params.iter().copied(), &mut out)?;
+        conn.send(&out).await?;
+        conn.authenticate(&s).await?;
+        loop {
+            let m = conn.reader.next().await?;
+            match m.tag {
+                b'Z' => return Ok(conn),
+                b'S' => conn.parameter_status(&m.body),
+                b'K' | b'N' => {}
+                b'E' => return Err(parse_error_fields(&m.body)),
+                t => {
+                    return Err(ConnError::Protocol(format!(
+                        "unexpected message {:?} during startup",
+                        t as char
+                    )))
+                }
+            }
+        }
+    }
+
+    fn parameter_status(&mut self, body: &[u8]) {
+        let mut parts = body.split(|&b| b == 0);
+        if let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+            self.params.push((
+                String::from_utf8_lossy(k).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            ));
+        }
+    }
+
+    /// A ParameterStatus value reported by the server.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ConnError> {
+        self.writer.write_all(bytes).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    async fn authenticate(&mut self, s: &Startup<'_>) -> Result<(), ConnError> {
+        let need_password = || {
+            s.password.ok_or_else(|| {
+                ConnError::Auth(
+                    "the server asks for a password, but the connection string has none; add it to source.url (e.g. via ${PGPASSWORD})"
+                        .into(),
+                )
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let m = self.reader.next().await?;
+            match m.tag {
+                b'E' => return Err(parse_error_fields(&m.body)),
+                b'R' => {}
+                t => {
+                    return Err(ConnError::Protocol(format!(
+                        "expected an authentication request, got {:?}",
+                        t as char
+                    )))
+                }
+            }
+            let body = &m.body[..];
+            if body.len() < 4 {
+                return Err(ConnError::Protocol("short authentication request".into()));
+            }
+            let kind = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+            let data = &body[4..];
+            let mut out = BytesMut::new();
+            match kind {
+                0 => return Ok(()),
+                3 => frontend::password_message(need_password()?, &mut out)?,
+                5 => {
+                    let salt: [u8; 4] = data
+                        .get(..4)
+                        .and_then(|s| s.try_into().ok())
+                        .ok_or_else(|| ConnError::Protocol("short MD5 salt".into()))?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        s.user.as_bytes(),
+                        need_password()?,
+                        salt,
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut out)?;
+                }
+                10 => {
+                    let offers_scram = data
+                        .split(|&b| b == 0)
+                        .any(|mech| mech == SCRAM_SHA_256.as_bytes());
+                    if !offers_scram {
+                        return Err(ConnError::Auth(format!(
+                            "the server offers only SASL mechanisms {:?}; pgferry supports SCRAM-SHA-256 without channel binding",
+                            String::from_utf8_lossy(data)
+                        )));
+                    }
+                    let sc = ScramSha256::new(need_password()?, ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(SCRAM_SHA_256, sc.message(), &mut out)?;
+                    scram = Some(sc);
+                }
+                11 => {
+                    let sc = scram
+                        .as_mut()
+                        .ok_or_else(|| ConnError::Protocol("SASL continue before SASL start".into()))?;
+                    sc.update(data)
+                        .map_err(|e| ConnError::Auth(format!("SCRAM exchange failed: {e}")))?;
+                    frontend::sasl_response(sc.message(), &mut out)?;
+                }
+                12 => {
+                    let sc = scram
+                        .as_mut()
+                        .ok_or_else(|| ConnError::Protocol("SASL final before SASL start".into()))?;
+                    sc.finish(data).map_err(|e| {
+                        ConnError::Auth(format!("the server's SCRAM signature is invalid: {e}"))
+                    })?;
+                    continue;
+                }
+                k => {
+                    return Err(ConnError::Auth(format!(
+                        "authentication method {k} is not supported (pgferry supports trust, password, md5 and scram-sha-256)"
+                    )))
+                }
+            }
+            self.send(&out).await?;
+        }
+    }
+
+    /// Runs one command through the simple-query protocol and returns its rows.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Rows, ConnError> {
+        let mut out = BytesMut::new();
+        frontend::query(sql, &mut out)?;
+        self.send(&out).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            let m = self.reader.next().await?;
+            match m.tag {
+                b'D' => rows.push(parse_data_row(&m.body)?),
+                b'E' => error = Some(parse_error_fields(&m.body)),
+                b'Z' => break,
+                b'S' => self.parameter_status(&m.body),
+                b'T' | b'C' | b'I' | b'N' => {}
+                // A COPY we did not ask for: refuse rather than hang.
+                b'G' | b'H' | b'W' => {
+                    return Err(ConnError::Protocol(format!(
+                        "unexpected COPY response to {sql:?}"
+                    )))
+                }
+                t => {
+                    return Err(ConnError::Protocol(format!(
+                        "unexpected message {:?} in reply to a query",
+                        t as char
+                    )))
+                }
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+}
+
+fn parse_data_row(mut body: &[u8]) -> Result<Vec<Option<String>>, ConnError> {
+    let bad = || ConnError::Protocol("malformed DataRow".into());
+    if body.len() < 2 {
+        return Err(bad());
+    }
+    let n = i16::from_be_bytes([body[0], body[1]]);
+    if n < 0 {
+        return Err(bad());
+    }
+    body = &body[2..];
+    let mut row = Vec::with_capacity((n as usize).min(body.len() / 4 + 1));
+    for _ in 0..n {
+        if body.len() < 4 {
+            return Err(bad());
+        }
+        let len = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
+        body = &body[4..];
+        if len < 0 {
+            row.push(None);
+            continue;
+        }
+        let v = body.get(..len as usize).ok_or_else(bad)?;
+        row.push(Some(String::from_utf8_lossy(v).into_owned()));
+        body = &body[len as usize..];
+    }
+    Ok(row)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reader_rejects_negative_and_oversized_lengths_without_allocating() {
+        for len in [-1i32, 0, 3, i32::MAX] {
+            let mut bytes = vec![b'd'];
+            bytes.extend_from_slice(&len.to_be_bytes());
+            let mut r = Reader::new(&bytes[..]);
+            assert!(
+                matches!(r.next().await, Err(ConnError::Protocol(_))),
+                "len {len}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn reader_splits_many_messages_from_one_read_and_reports_eof() {
+        let mut bytes = Vec::new();
+        for i in 0..100u8 {
+            bytes.push(b'd');
+            bytes.extend_from_slice(&5i32.to_be_bytes());
+            bytes.push(i);
+        }
+        bytes.extend_from_slice(&[b'd', 0, 0]); // truncated header
+        let mut r = Reader::new(&bytes[..]);
+        for i in 0..100u8 {
+            let m = r.next().await.unwrap();
+            assert_eq!((m.tag, &m.body[..]), (b'd', &[i][..]));
+        }
+        assert!(matches!(r.next().await, Err(ConnError::Closed)));
+    }
+
+    #[test]
+    fn error_fields_are_parsed_and_data_rows_checked() {
+        let e = parse_error_fields(b"SERROR\0VERROR\0C42704\0Mno such slot\0Hcreate it\0\0");
+        assert_eq!(e.code(), Some("42704"));
+        assert!(e.to_string().contains("no such slot") && e.to_string().contains("create it"));
+        assert!(parse_data_row(&[0, 1, 0, 0, 0, 9, b'x']).is_err());
+        assert!(parse_data_row(&[0xff, 0xff]).is_err());
+        assert_eq!(
+            parse_data_row(&[0, 2, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1, b'x']).unwrap(),
+            vec![None, Some("x".to_string())]
+        );
+    }
+}

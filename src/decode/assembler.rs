@@ -1,0 +1,406 @@
+//! Transaction assembly: pgoutput messages in, committed transactions out.
+//!
+//! The [`Assembler`] is a state machine fed one parsed message at a time, in
+//! the order the walsender sent them. It does no network I/O (spill files are
+//! its only I/O) and keeps these invariants:
+//!
+//! - a transaction is returned only at its Commit (or Stream Commit), so
+//!   output is in commit order, and its changes are in WAL order;
+//! - a streamed transaction (protocol 2) is held across any number of Stream
+//!   Start/Stop blocks, interleaved with other transactions, and dropped whole
+//!   on a top-level Stream Abort; a subtransaction's Stream Abort drops only
+//!   that subtransaction's changes;
+//! - the rendered changes held in memory by all open transactions together
+//!   never exceed the configured limit: the largest open transaction is
+//!   spilled to disk first, and once spilled, a transaction keeps appending
+//!   to its file;
+//! - every surprise from the wire (a change outside a transaction, an unknown
+//!   relation, a column count that does not match) is an error, never a panic.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::decode::types::TypeRegistry;
+use crate::decode::value;
+use crate::event::{
+    BeforeKind, Cell, Change, Changes, LogicalMessage as EventMessage, Op, RelationInfo, Row,
+    Transaction, TxnMeta,
+};
+use crate::lsn::Lsn;
+use crate::protocol::pgoutput::{self, LogicalMessage, OldTuple, TupleData, TupleValue};
+use crate::spill::SpillWriter;
+
+/// The stream did not follow the protocol, or a spill file failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AssembleError {
+    #[error("protocol violation at {lsn}: {what}")]
+    Protocol { lsn: Lsn, what: String },
+    #[error("spill file I/O failed: {0}")]
+    Spill(#[from] std::io::Error),
+}
+
+#[derive(Default)]
+struct Builder {
+    xid: u32,
+    changes: Vec<Change>,
+    mem: usize,
+    spill: Option<SpillWriter>,
+    messages: Vec<EventMessage>,
+    aborted: Vec<u32>,
+}
+
+/// Turns pgoutput messages into committed [`Transaction`]s.
+pub struct Assembler {
+    relations: HashMap<u32, Arc<RelationInfo>>,
+    types: TypeRegistry,
+    /// The open non-streamed transaction (between Begin and Commit).
+    current: Option<Builder>,
+    /// Open streamed transactions by top-level xid.
+    streams: HashMap<u32, Builder>,
+    /// The xid of the stream block we are inside, if any.
+    in_stream: Option<u32>,
+    mem_used: usize,
+    mem_limit: usize,
+    spill_dir: PathBuf,
+    /// Transactions spilled so far (for metrics and tests).
+    pub spilled_txns: u64,
+}
+
+impl Assembler {
+    pub fn new(types: TypeRegistry, mem_limit: usize, spill_dir: PathBuf) -> Assembler {
+        Assembler {
+            relations: HashMap::new(),
+            types,
+            current: None,
+            streams: HashMap::new(),
+            in_stream: None,
+            mem_used: 0,
+            mem_limit,
+            spill_dir,
+            spilled_txns: 0,
+        }
+    }
+
+    /// The type registry, so the caller can load missing user types before
+    /// handing over a Relation message.
+    pub fn types_mut(&mut self) -> &mut TypeRegistry {
+        &mut self.types
+    }
+
+    /// The parse context for the next message.
+    pub fn parse_context(&self, proto_version: u32) -> pgoutput::ParseContext {
+        pgoutput::ParseContext {
+            in_stream: self.in_stream.is_some(),
+            proto_version,
+            parallel_stream_abort: false,
+        }
+    }
+
+    /// True when no transaction is open: every commit received so far has
+    /// been returned, so the stream position is a safe resume point.
+    pub fn is_idle(&self) -> bool {
+        self.current.is_none() && self.streams.is_empty()
+    }
+
+    /// Bytes of rendered changes held in memory by open transactions.
+    pub fn mem_used(&self) -> usize {
+        self.mem_used
+    }
+
+    /// Feeds one message; `lsn` is the XLogData start position that carried it.
+    pub fn handle(
+        &mut self,
+        lsn: Lsn,
+        msg: LogicalMessage,
+    ) -> Result<Option<Transaction>, AssembleError> {
+        let proto = |what: String| AssembleError::Protocol { lsn, what };
+        match msg {
+            LogicalMessage::Begin(b) => {
+                if self.current.is_some() {
+                    return Err(proto("Begin inside an open transaction".into()));
+                }
+                self.current = Some(Builder {
+                    xid: b.xid,
+                    ..Builder::default()
+                });
+            }
+            LogicalMessage::Commit(c) => {
+                let b = self
+                    .current
+                    .take()
+                    .ok_or_else(|| proto("Commit without Begin".into()))?;
+                let meta = TxnMeta {
+                    xid: b.xid,
+                    commit_lsn: c.commit_lsn,
+                    end_lsn: c.end_lsn,
+                    commit_time: c.commit_time,
+                };
+                return self.finish(b, meta).map(Some);
+            }
+            LogicalMessage::StreamStart(s) => {
+                if self.in_stream.is_some() {
+                    return Err(proto("Stream Start inside a stream block".into()));
+                }
+                self.in_stream = Some(s.xid);
+                self.streams.entry(s.xid).or_insert_with(|| Builder {
+                    xid: s.xid,
+                    ..Builder::default()
+                });
+            }
+            LogicalMessage::StreamStop => {
+                if self.in_stream.take().is_none() {
+                    return Err(proto("Stream Stop outside a stream block".into()));
+                }
+            }
+            LogicalMessage::StreamCommit(c) => {
+                let b = self.streams.remove(&c.xid).ok_or_else(|| {
+                    proto(format!("Stream Commit for unknown transaction {}", c.xid))
+                })?;
+                let meta = TxnMeta {
+                    xid: c.xid,
+                    commit_lsn: c.commit_lsn,
+                    end_lsn: c.end_lsn,
+                    commit_time: c.commit_time,
+                };
+                return self.finish(b, meta).map(Some);
+            }
+            LogicalMessage::StreamAbort(a) => {
+                if a.xid == a.subxid {
+                    if let Some(b) = self.streams.remove(&a.xid) {
+                        self.mem_used -= b.mem;
+                        // Dropping the builder deletes its spill file.
+                    }
+                } else if let Some(b) = self.streams.get_mut(&a.xid) {
+                    b.aborted.push(a.subxid);
+                    let before = b.mem;
+                    b.changes.retain(|c| c.xid != a.subxid);
+                    b.mem = b.changes.iter().map(Change::mem_size).sum();
+                    self.mem_used -= before - b.mem;
+                }
+            }
+            LogicalMessage::Relation(r) => {
+                let schema = String::from_utf8_lossy(&r.namespace).into_owned();
+                let table = String::from_utf8_lossy(&r.name).into_owned();
+                let cols = r
+                    .columns
+                    .iter()
+                    .map(|c| {
+                        (
+                            String::from_utf8_lossy(&c.name).into_owned(),
+                            c.type_oid,
+                            c.is_key(),
+                        )
+                    })
+                    .collect();
+                let info = RelationInfo::new(r.oid, schema, table, r.replica_identity, cols);
+                self.relations.insert(r.oid, Arc::new(info));
+            }
+            LogicalMessage::Insert(i) => {
+                let rel = self.relation(i.relation_oid, lsn)?;
+                let after = self.row(&rel, &i.new, lsn)?;
+                self.push(lsn, i.xid, rel, Op::Insert, None, Some(after))?;
+            }
+            LogicalMessage::Update(u) => {
+                let rel = self.relation(u.relation_oid, lsn)?;
+                let before = match &u.old {
+                    Some(old) => Some(self.old_row(&rel, old, lsn)?),
+                    None => None,
+                };
+                let after = self.row(&rel, &u.new, lsn)?;
+                self.push(lsn, u.xid, rel, Op::Update, before, Some(after))?;
+            }
+            LogicalMessage::Delete(d) => {
+                let rel = self.relation(d.relation_oid, lsn)?;
+                let before = self.old_row(&rel, &d.old, lsn)?;
+                self.push(lsn, d.xid, rel, Op::Delete, Some(before), None)?;
+            }
+            LogicalMessage::Truncate(t) => {
+                for oid in &t.relation_oids {
+                    let rel = self.relation(*oid, lsn)?;
+                    self.push(lsn, t.xid, rel, Op::Truncate, None, None)?;
+                }
+            }
+            LogicalMessage::Message(m) => {
+                if m.is_transactional() {
+                    let msg = EventMessage {
+                        lsn: m.lsn,
+                        prefix: String::from_utf8_lossy(&m.prefix).into_owned(),
+                        content: m.content.clone(),
+                    };
+                    self.builder(lsn)?.messages.push(msg);
+                }
+            }
+            LogicalMessage::Origin(_) | LogicalMessage::Type(_) => {}
+            LogicalMessage::BeginPrepare(_)
+            | LogicalMessage::Prepare(_)
+            | LogicalMessage::CommitPrepared(_)
+            | LogicalMessage::RollbackPrepared(_)
+            | LogicalMessage::StreamPrepare(_) => {
+                return Err(proto(
+                    "two-phase message received, but two_phase decoding was not requested".into(),
+                ));
+            }
+        }
+        Ok(None)
+    }
+
+    fn relation(&self, oid: u32, lsn: Lsn) -> Result<Arc<RelationInfo>, AssembleError> {
+        self.relations
+            .get(&oid)
+            .cloned()
+            .ok_or_else(|| AssembleError::Protocol {
+                lsn,
+                what: format!("change for relation {oid} before its Relation message"),
+            })
+    }
+
+    fn builder(&mut self, lsn: Lsn) -> Result<&mut Builder, AssembleError> {
+        let b = match self.in_stream {
+            Some(xid) => self.streams.get_mut(&xid),
+            None => self.current.as_mut(),
+        };
+        b.ok_or(AssembleError::Protocol {
+            lsn,
+            what: "change outside a transaction".into(),
+        })
+    }
+
+    fn push(
+        &mut self,
+        lsn: Lsn,
+        xid: Option<u32>,
+        rel: Arc<RelationInfo>,
+        op: Op,
+        before: Option<(BeforeKind, Row)>,
+        after: Option<Row>,
+    ) -> Result<(), AssembleError> {
+        let b = self.builder(lsn)?;
+        let change = Change {
+            op,
+            rel,
+            lsn,
+            xid: xid.unwrap_or(b.xid),
+            before,
+            after,
+        };
+        if let Some(w) = b.spill.as_mut() {
+            w.append(&change)?;
+            return Ok(());
+        }
+        let size = change.mem_size();
+        b.mem += size;
+        b.changes.push(change);
+        self.mem_used += size;
+        if self.mem_used > self.mem_limit {
+            self.spill_largest()?;
+        }
+        Ok(())
+    }
+
+    /// Moves the in-memory changes of the largest open transaction to disk.
+    fn spill_largest(&mut self) -> Result<(), AssembleError> {
+        let largest = self
+            .current
+            .iter_mut()
+            .chain(self.streams.values_mut())
+            .filter(|b| b.spill.is_none())
+            .max_by_key(|b| b.mem);
+        let Some(b) = largest else { return Ok(()) };
+        let mut w = SpillWriter::create(&self.spill_dir, b.xid)?;
+        for c in &b.changes {
+            w.append(c)?;
+        }
+        b.changes = Vec::new();
+        b.spill = Some(w);
+        self.mem_used -= b.mem;
+        b.mem = 0;
+        self.spilled_txns += 1;
+        Ok(())
+    }
+
+    fn finish(&mut self, b: Builder, meta: TxnMeta) -> Result<Transaction, AssembleError> {
+        self.mem_used -= b.mem;
+        let mut b = b;
+        let changes = match b.spill.take() {
+            Some(w) => Changes::Spilled {
+                reader: w.finish()?,
+                tail: std::mem::take(&mut b.changes),
+            },
+            None => Changes::Memory(std::mem::take(&mut b.changes)),
+        };
+        Ok(Transaction {
+            meta,
+            changes,
+            messages: std::mem::take(&mut b.messages),
+            aborted_subxids: std::mem::take(&mut b.aborted),
+            mem_bytes: b.mem,
+            _budget: None,
+        })
+    }
+
+    fn old_row(
+        &self,
+        rel: &RelationInfo,
+        old: &OldTuple,
+        lsn: Lsn,
+    ) -> Result<(BeforeKind, Row), AssembleError> {
+        Ok(match old {
+            OldTuple::Key(t) => (BeforeKind::Key, self.row(rel, t, lsn)?),
+            OldTuple::Full(t) => (BeforeKind::Full, self.row(rel, t, lsn)?),
+        })
+    }
+
+    /// Renders a tuple into a row image, each value as `to_jsonb()` would.
+    fn row(&self, rel: &RelationInfo, t: &TupleData, lsn: Lsn) -> Result<Row, AssembleError> {
+        if t.len() != rel.columns.len() {
+            return Err(AssembleError::Protocol {
+                lsn,
+                what: format!(
+                    "tuple of {} columns for {} which has {}",
+                    t.len(),
+                    rel.qualified,
+                    rel.columns.len()
+                ),
+            });
+        }
+        let mut row = Row {
+            buf: Vec::with_capacity(16 * t.len()),
+            cells: Vec::with_capacity(t.len()),
+        };
+        for (col, v) in rel.columns.iter().zip(t.iter()) {
+            let cell = match v {
+                TupleValue::Null => Cell::Null,
+                TupleValue::Unchanged => Cell::Unchanged,
+                TupleValue::Text(text) => {
+                    let start = row.buf.len();
+                    if value::render(&self.types, col.type_oid, text, &mut row.buf).is_err() {
+                        // Not what the type's output function should produce:
+                        // keep the text rather than lose the value.
+                        row.buf.truncate(start);
+                        value::write_json_string(text, &mut row.buf);
+                    }
+                    Cell::Value {
+                        start: start as u32,
+                        end: row.buf.len() as u32,
+                    }
+                }
+                TupleValue::Binary(bin) => {
+                    let start = row.buf.len();
+                    let mut hex = String::with_capacity(2 + bin.len() * 2);
+                    hex.push_str("\\x");
+                    for b in bin {
+                        hex.push_str(&format!("{b:02x}"));
+                    }
+                    value::write_json_string(hex.as_bytes(), &mut row.buf);
+                    Cell::Value {
+                        start: start as u32,
+                        end: row.buf.len() as u32,
+                    }
+                }
+            };
+            row.cells.push(cell);
+        }
+        Ok(row)
+    }
+}

@@ -1,0 +1,477 @@
+//! Change events: pgferry's public output format.
+//!
+//! A [`Transaction`] is one committed source transaction; its [`Change`]s are
+//! in WAL order. Column values are stored already rendered as JSON text (equal
+//! to what Postgres's `to_jsonb()` gives), in one buffer per row image, so a
+//! sink that writes JSON copies bytes and never re-encodes.
+//!
+//! The JSON form of one change (one JSONL line) has these fixed fields:
+//! `op`, `schema`, `table`, `key`, `before`, `after`, `unchanged` (omitted when
+//! empty), `lsn`, `commit_lsn`, `xid`, `commit_time`.
+//!
+//! Invariants:
+//! - a `Row`'s cells index the relation's columns one to one;
+//! - a cell is `Unchanged` only for a TOASTed value the server did not send;
+//!   such a column is absent from the rendered object, never `null`;
+//! - changes of a transaction are visited in WAL order, whether they sit in
+//!   memory or in a spill file.
+
+use std::sync::Arc;
+
+use crate::lsn::Lsn;
+use crate::spill::SpillReader;
+
+/// What happened to the row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Op {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+            Op::Truncate => "truncate",
+        }
+    }
+
+    pub fn to_u8(self) -> u8 {
+        match self {
+            Op::Insert => 0,
+            Op::Update => 1,
+            Op::Delete => 2,
+            Op::Truncate => 3,
+        }
+    }
+
+    pub fn from_u8(b: u8) -> Option<Op> {
+        Some(match b {
+            0 => Op::Insert,
+            1 => Op::Update,
+            2 => Op::Delete,
+            3 => Op::Truncate,
+            _ => return None,
+        })
+    }
+}
+
+/// A column of a source table.
+#[derive(Debug, Clone)]
+pub struct ColumnInfo {
+    pub name: String,
+    pub type_oid: u32,
+    /// Part of the event `key`.
+    pub is_key: bool,
+    /// The column name as a JSON string, quotes included, ready to write.
+    pub json_name: Box<str>,
+}
+
+/// A source table as described by the latest Relation message.
+#[derive(Debug, Clone)]
+pub struct RelationInfo {
+    pub oid: u32,
+    pub schema: String,
+    pub table: String,
+    /// `schema.table`, for routing.
+    pub qualified: String,
+    pub replica_identity: u8,
+    pub columns: Vec<ColumnInfo>,
+    /// `"schema":"…","table":"…"` with JSON escaping, ready to write.
+    pub json_ident: Box<str>,
+}
+
+impl RelationInfo {
+    /// Builds the relation and its pre-escaped JSON fragments. `key` holds the
+    /// indexes of the key columns.
+    pub fn new(
+        oid: u32,
+        schema: String,
+        table: String,
+        replica_identity: u8,
+        columns: Vec<(String, u32, bool)>,
+    ) -> RelationInfo {
+        let mut ident = Vec::new();
+        ident.extend_from_slice(b"\"schema\":");
+        json_str(schema.as_bytes(), &mut ident);
+        ident.extend_from_slice(b",\"table\":");
+        json_str(table.as_bytes(), &mut ident);
+        let columns = columns
+            .into_iter()
+            .map(|(name, type_oid, is_key)| {
+                let mut j = Vec::new();
+                json_str(name.as_bytes(), &mut j);
+                ColumnInfo {
+                    json_name: String::from_utf8_lossy(&j).into(),
+                    name,
+                    type_oid,
+                    is_key,
+                }
+            })
+            .collect();
+        RelationInfo {
+            oid,
+            qualified: format!("{schema}.{table}"),
+            schema,
+            table,
+            replica_identity,
+            columns,
+            json_ident: String::from_utf8_lossy(&ident).into(),
+        }
+    }
+}
+
+/// One column value of a row image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cell {
+    /// SQL NULL (or, in a key-only old tuple, a column that was not sent).
+    Null,
+    /// A TOASTed value that did not change and was not sent.
+    Unchanged,
+    /// JSON text at `buf[start..end]` of the row.
+    Value { start: u32, end: u32 },
+}
+
+/// A row image: the rendered JSON of each value, concatenated, and one cell per column.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Row {
+    pub buf: Vec<u8>,
+    pub cells: Vec<Cell>,
+}
+
+impl Row {
+    /// The JSON text of column `i`, or `None` for NULL / unchanged / out of range.
+    pub fn json(&self, i: usize) -> Option<&[u8]> {
+        match self.cells.get(i)? {
+            Cell::Value { start, end } => self.buf.get(*start as usize..*end as usize),
+            _ => None,
+        }
+    }
+
+    pub fn cell(&self, i: usize) -> Cell {
+        self.cells.get(i).copied().unwrap_or(Cell::Null)
+    }
+
+    /// Bytes held, for memory accounting.
+    pub fn mem_size(&self) -> usize {
+        self.buf.len() + self.cells.len() * std::mem::size_of::<Cell>()
+    }
+}
+
+/// The old row image sent with an update or delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BeforeKind {
+    /// Only the replica identity columns (`K`).
+    Key,
+    /// The whole old row (`O`, REPLICA IDENTITY FULL).
+    Full,
+}
+
+/// One row change (or one truncated table).
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub op: Op,
+    pub rel: Arc<RelationInfo>,
+    /// The LSN of the change's own WAL record.
+    pub lsn: Lsn,
+    /// The (sub)transaction that made the change; used to drop aborted subtransactions.
+    pub xid: u32,
+    pub before: Option<(BeforeKind, Row)>,
+    pub after: Option<Row>,
+}
+
+impl Change {
+    /// Approximate bytes held, for memory accounting.
+    pub fn mem_size(&self) -> usize {
+        std::mem::size_of::<Change>()
+            + self.before.as_ref().map_or(0, |(_, r)| r.mem_size())
+            + self.after.as_ref().map_or(0, |r| r.mem_size())
+    }
+
+    /// The row that holds the key: the new row for insert and update, the old one for delete.
+    pub fn key_row(&self) -> Option<&Row> {
+        match self.op {
+            Op::Insert | Op::Update => self.after.as_ref(),
+            Op::Delete => self.before.as_ref().map(|(_, r)| r),
+            Op::Truncate => None,
+        }
+    }
+
+    /// The JSON object of the key columns, e.g. `{"id":1}`; `null` for truncate.
+    pub fn write_key(&self, out: &mut Vec<u8>) {
+        let Some(row) = self.key_row() else {
+            out.extend_from_slice(b"null");
+            return;
+        };
+        out.push(b'{');
+        let mut first = true;
+        for (i, col) in self.rel.columns.iter().enumerate() {
+            if !col.is_key {
+                continue;
+            }
+            let cell = row.cell(i);
+            if cell == Cell::Unchanged {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            out.extend_from_slice(col.json_name.as_bytes());
+            out.push(b':');
+            out.extend_from_slice(row.json(i).unwrap_or(b"null"));
+        }
+        out.push(b'}');
+    }
+
+    /// Writes one JSON line (without the newline) for this change.
+    pub fn write_json(&self, txn: &TxnMeta, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"op\":\"");
+        out.extend_from_slice(self.op.as_str().as_bytes());
+        out.extend_from_slice(b"\",");
+        out.extend_from_slice(self.rel.json_ident.as_bytes());
+        out.extend_from_slice(b",\"key\":");
+        self.write_key(out);
+        out.extend_from_slice(b",\"before\":");
+        match &self.before {
+            Some((kind, row)) => write_row(&self.rel, row, *kind == BeforeKind::Key, out),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"after\":");
+        match &self.after {
+            Some(row) => {
+                write_row(&self.rel, row, false, out);
+                if row.cells.contains(&Cell::Unchanged) {
+                    out.extend_from_slice(b",\"unchanged\":[");
+                    let mut first = true;
+                    for (i, c) in row.cells.iter().enumerate() {
+                        if *c == Cell::Unchanged {
+                            if !first {
+                                out.push(b',');
+                            }
+                            first = false;
+                            if let Some(col) = self.rel.columns.get(i) {
+                                out.extend_from_slice(col.json_name.as_bytes());
+                            }
+                        }
+                    }
+                    out.push(b']');
+                }
+            }
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"lsn\":\"");
+        write_lsn(self.lsn, out);
+        out.extend_from_slice(b"\",\"commit_lsn\":\"");
+        write_lsn(txn.commit_lsn, out);
+        out.extend_from_slice(b"\",\"xid\":");
+        out.extend_from_slice(itoa::Buffer::new().format(txn.xid).as_bytes());
+        out.extend_from_slice(b",\"commit_time\":\"");
+        write_pg_timestamp(txn.commit_time, out);
+        out.extend_from_slice(b"\"}");
+    }
+}
+
+/// Writes a row image as a JSON object; unchanged cells are left out. With
+/// `key_only`, only key columns are written (a `K` old tuple).
+pub fn write_row(rel: &RelationInfo, row: &Row, key_only: bool, out: &mut Vec<u8>) {
+    out.push(b'{');
+    let mut first = true;
+    for (i, col) in rel.columns.iter().enumerate() {
+        if key_only && !col.is_key {
+            continue;
+        }
+        let cell = row.cell(i);
+        if cell == Cell::Unchanged {
+            continue;
+        }
+        if !first {
+            out.push(b',');
+        }
+        first = false;
+        out.extend_from_slice(col.json_name.as_bytes());
+        out.push(b':');
+        out.extend_from_slice(row.json(i).unwrap_or(b"null"));
+    }
+    out.push(b'}');
+}
+
+fn write_lsn(lsn: Lsn, out: &mut Vec<u8>) {
+    use std::io::Write;
+    let _ = write!(out, "{lsn}");
+}
+
+/// Microseconds since 2000-01-01 UTC → RFC 3339 (`2024-05-01T12:00:00.123456Z`).
+pub fn write_pg_timestamp(micros: i64, out: &mut Vec<u8>) {
+    use std::io::Write;
+    // 2000-01-01 is 10957 days after 1970-01-01.
+    let unix_micros = micros as i128 + 946_684_800_000_000i128;
+    let secs = unix_micros.div_euclid(1_000_000) as i64;
+    let frac = unix_micros.rem_euclid(1_000_000) as u32;
+    let days = secs.div_euclid(86_400);
+    let sod = secs.rem_euclid(86_400);
+    let (y, m, d) = civil_from_days(days);
+    let _ = write!(
+        out,
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
+        sod / 3600,
+        (sod / 60) % 60,
+        sod % 60
+    );
+    if frac != 0 {
+        let _ = write!(out, ".{frac:06}");
+    }
+    out.push(b'Z');
+}
+
+/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+/// Writes `s` as a JSON string (quotes included), escaping as Postgres's
+/// `escape_json` does. Invalid UTF-8 is replaced (U+FFFD), never passed on.
+pub fn json_str(s: &[u8], out: &mut Vec<u8>) {
+    out.push(b'"');
+    let s = String::from_utf8_lossy(s);
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            0..=0x1f => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(b >> 4) as usize]);
+                out.push(HEX[(b & 15) as usize]);
+            }
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+/// What every change of a transaction shares.
+#[derive(Debug, Clone, Copy)]
+pub struct TxnMeta {
+    pub xid: u32,
+    /// LSN of the commit record. Commit order is `commit_lsn` order.
+    pub commit_lsn: Lsn,
+    /// End of the commit record: where decoding resumes after this transaction,
+    /// and the position checkpointed once it is applied.
+    pub end_lsn: Lsn,
+    /// Microseconds since 2000-01-01 UTC.
+    pub commit_time: i64,
+}
+
+/// A transactional logical decoding message (`pg_logical_emit_message(true, …)`).
+#[derive(Debug, Clone)]
+pub struct LogicalMessage {
+    pub lsn: Lsn,
+    pub prefix: String,
+    pub content: bytes::Bytes,
+}
+
+/// The changes of a committed transaction: in memory, or partly spilled to disk.
+#[derive(Debug)]
+pub enum Changes {
+    Memory(Vec<Change>),
+    /// The first part sits in a spill file, the rest (`tail`) in memory.
+    Spilled {
+        reader: SpillReader,
+        tail: Vec<Change>,
+    },
+}
+
+/// One committed transaction, shared (through `Arc`) by every sink.
+#[derive(Debug)]
+pub struct Transaction {
+    pub meta: TxnMeta,
+    pub changes: Changes,
+    /// Transactional logical messages, in WAL order.
+    pub messages: Vec<LogicalMessage>,
+    /// Subtransactions that aborted: their changes are skipped when reading.
+    pub aborted_subxids: Vec<u32>,
+    /// Bytes of rendered changes held in memory (spilled ones do not count).
+    pub mem_bytes: usize,
+    /// Bytes of memory the transaction holds; released to the pipeline's
+    /// memory budget when the last sink drops it.
+    pub(crate) _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Transaction {
+    /// Visits every change in WAL order. Spilled changes are read back from
+    /// disk in a streaming fashion, so memory stays bounded.
+    pub fn for_each_change(
+        &self,
+        mut f: impl FnMut(&Change) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let keep = |c: &Change| !self.aborted_subxids.contains(&c.xid);
+        match &self.changes {
+            Changes::Memory(v) => {
+                for c in v.iter().filter(|c| keep(c)) {
+                    f(c)?;
+                }
+            }
+            Changes::Spilled { reader, tail } => {
+                reader.for_each(|c| if keep(&c) { f(&c) } else { Ok(()) })?;
+                for c in tail.iter().filter(|c| keep(c)) {
+                    f(c)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the transaction holds no row change.
+    pub fn is_empty(&self) -> bool {
+        match &self.changes {
+            Changes::Memory(v) => v.is_empty(),
+            Changes::Spilled { .. } => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        let mut out = Vec::new();
+        write_pg_timestamp(0, &mut out);
+        assert_eq!(out, b"2000-01-01T00:00:00Z");
+        out.clear();
+        // 2024-02-29 13:14:15.000123
+        let micros = ((8825i64 * 86_400) + 13 * 3600 + 14 * 60 + 15) * 1_000_000 + 123;
+        write_pg_timestamp(micros, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "2024-02-29T13:14:15.000123Z"
+        );
+    }
+
+    #[test]
+    fn json_strings_escape_like_postgres() {
+        let mut out = Vec::new();
+        json_str(b"a\"b\\c\n\x01", &mut out);
+        assert_eq!(String::from_utf8(out).unwrap(), r#""a\"b\\c\n\u0001""#);
+    }
+}

@@ -1,0 +1,300 @@
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::sync::Arc;
+
+use super::JsonlConfig;
+use crate::event::Transaction;
+use crate::lsn::Lsn;
+use crate::sink::{Sink, SinkError, TableFilter};
+
+enum Out {
+    Stdout(std::io::Stdout),
+    File(File),
+}
+
+/// Writes change events as JSON lines.
+pub struct JsonlSink {
+    out: Out,
+    fsync: bool,
+    filter: TableFilter,
+    /// The newest transaction in the file and how many of its events it holds.
+    last_commit: Lsn,
+    last_count: u64,
+    buf: Vec<u8>,
+}
+
+impl JsonlSink {
+    pub fn open(cfg: &JsonlConfig) -> Result<JsonlSink, SinkError> {
+        let filter = TableFilter::new(cfg.tables.as_deref());
+        if cfg.path.as_os_str() == "-" {
+            return Ok(JsonlSink {
+                out: Out::Stdout(std::io::stdout()),
+                fsync: false,
+                filter,
+                last_commit: Lsn::ZERO,
+                last_count: 0,
+                buf: Vec::new(),
+            });
+        }
+        let fatal = |e: std::io::Error| {
+            SinkError::Fatal(format!(
+                "sink {:?}: cannot open {}: {e}; check that the directory exists and is writable",
+                cfg.name,
+                cfg.path.display()
+            ))
+        };
+        if let Some(parent) = cfg.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(fatal)?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&cfg.path)
+            .map_err(fatal)?;
+        let (last_commit, last_count) = recover(&mut file).map_err(fatal)?;
+        file.seek(SeekFrom::End(0)).map_err(fatal)?;
+        Ok(JsonlSink {
+            out: Out::File(file),
+            fsync: cfg.fsync,
+            filter,
+            last_commit,
+            last_count,
+            buf: Vec::with_capacity(1 << 20),
+        })
+    }
+
+    /// Writes what is buffered (one write call) and makes it durable.
+    fn flush_buf(&mut self) -> Result<(), SinkError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let res = match &mut self.out {
+            Out::Stdout(s) => s.write_all(&self.buf).and_then(|_| s.flush()),
+            Out::File(f) => f.write_all(&self.buf),
+        };
+        self.buf.clear();
+        res.map_err(|e| SinkError::Transient(format!("jsonl write failed: {e}")))
+    }
+}
+
+/// Cuts a torn last line; returns the newest transaction's `commit_lsn` in the
+/// file and how many events of it are there.
+fn recover(file: &mut File) -> std::io::Result<(Lsn, u64)> {
+    let len = file.seek(SeekFrom::End(0))?;
+    if len == 0 {
+        return Ok((Lsn::ZERO, 0));
+    }
+    // Read ever larger tails until the tail holds a line of an older
+    // transaction (or the whole file).
+    let mut window = 1u64 << 20;
+    loop {
+        let start = len.saturating_sub(window);
+        file.seek(SeekFrom::Start(start))?;
+        let mut tail = Vec::with_capacity((len - start) as usize);
+        file.take(len - start).read_to_end(&mut tail)?;
+        // Cut a torn last line.
+        let complete = match tail.iter().rposition(|&b| b == b'\n') {
+            Some(i) => i + 1,
+            None if start == 0 => 0,
+            None => {
+                window *= 2;
+                continue;
+            }
+        };
+        if complete < tail.len() {
+            file.set_len(start + complete as u64)?;
+            file.sync_all()?;
+            tail.truncate(complete);
+        }
+        // Whole lines only: skip a leading partial line unless at file start.
+        let body: &[u8] = if start == 0 {
+            &tail
+        } else {
+            match tail.iter().position(|&b| b == b'\n') {
+                Some(i) => &tail[i + 1..],
+                None => &[],
+            }
+        };
+        let mut lines = body.split(|&b| b == b'\n').filter(|l| !l.is_empty()).rev();
+        let Some(last) = lines.next() else {
+            if start == 0 {
+                return Ok((Lsn::ZERO, 0));
+            }
+            window *= 2;
+            continue;
+        };
+        let newest = commit_lsn_of(last).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the last line has no commit_lsn: this file was not written by pgferry; move it away",
+            )
+        })?;
+        let mut count = 1;
+        let mut found_older = false;
+        for line in lines {
+            if commit_lsn_of(line) == Some(newest) {
+                count += 1;
+            } else {
+                found_older = true;
+                break;
+            }
+        }
+        if found_older || start == 0 {
+            return Ok((newest, count));
+        }
+        window *= 2;
+    }
+}
+
+/// The `commit_lsn` of one of our lines. Our own fields come last in a line,
+/// after all row data, so the last occurrence is ours.
+fn commit_lsn_of(line: &[u8]) -> Option<Lsn> {
+    const KEY: &[u8] = b"\"commit_lsn\":\"";
+    let at = memchr::memmem::rfind(line, KEY)? + KEY.len();
+    let rest = line.get(at..)?;
+    let end = memchr::memchr(b'"', rest)?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+#[async_trait::async_trait]
+impl Sink for JsonlSink {
+    async fn apply(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
+        for txn in batch {
+            let commit = txn.meta.commit_lsn;
+            if commit < self.last_commit {
+                continue;
+            }
+            let mut skip = if commit == self.last_commit {
+                self.last_count
+            } else {
+                0
+            };
+            let mut written = 0u64;
+            let filter = &self.filter;
+            let buf = &mut self.buf;
+            let mut overflow: Vec<Vec<u8>> = Vec::new();
+            txn.for_each_change(|c| {
+                if !filter.accepts(&c.rel.qualified) {
+                    return Ok(());
+                }
+                written += 1;
+                if skip > 0 {
+                    skip -= 1;
+                    return Ok(());
+                }
+                c.write_json(&txn.meta, buf);
+                buf.push(b'\n');
+                // Keep memory bounded for huge transactions: hand full
+                // buffers over to be written.
+                if buf.len() >= 4 << 20 {
+                    overflow.push(std::mem::take(buf));
+                }
+                Ok(())
+            })
+            .map_err(|e| SinkError::Transient(format!("reading spilled transaction: {e}")))?;
+            if !overflow.is_empty() {
+                let tail = std::mem::take(&mut self.buf);
+                for chunk in overflow {
+                    self.buf = chunk;
+                    self.flush_buf()?;
+                }
+                self.buf = tail;
+            }
+            if written > 0 {
+                if commit == self.last_commit {
+                    self.last_count = self.last_count.max(written);
+                } else {
+                    self.last_commit = commit;
+                    self.last_count = written;
+                }
+            }
+        }
+        self.flush_buf()?;
+        if self.fsync {
+            if let Out::File(f) = &self.out {
+                f.sync_data()
+                    .map_err(|e| SinkError::Transient(format!("jsonl fsync failed: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<(), SinkError> {
+        self.flush_buf()?;
+        if let Out::File(f) = &self.out {
+            f.sync_all()
+                .map_err(|e| SinkError::Transient(format!("jsonl fsync failed: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(commit: &str, n: u32) -> String {
+        format!("{{\"op\":\"insert\",\"after\":{{\"commit_lsn\":\"9/9\"}},\"lsn\":\"0/{n:X}\",\"commit_lsn\":\"{commit}\",\"xid\":1,\"commit_time\":\"x\"}}\n")
+    }
+
+    #[test]
+    fn recovery_cuts_a_torn_line_and_counts_the_last_transaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.jsonl");
+        let mut text = String::new();
+        text += &line("0/10", 1);
+        text += &line("0/20", 2);
+        text += &line("0/20", 3);
+        let whole = text.len() as u64;
+        text += "{\"op\":\"ins"; // torn
+        std::fs::write(&path, &text).unwrap();
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(recover(&mut f).unwrap(), (Lsn(0x20), 2));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
+    }
+
+    #[test]
+    fn recovery_of_an_empty_or_foreign_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.jsonl");
+        std::fs::write(&path, "").unwrap();
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(recover(&mut f).unwrap(), (Lsn::ZERO, 0));
+        std::fs::write(&path, "hello\n").unwrap();
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert!(recover(&mut f).is_err());
+    }
+
+    #[test]
+    fn recovery_reads_past_the_first_window_when_one_transaction_is_huge() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.jsonl");
+        let mut text = line("0/10", 1);
+        let mut n = 0;
+        while text.len() < 3 << 20 {
+            text += &line("1/0", n);
+            n += 1;
+        }
+        std::fs::write(&path, &text).unwrap();
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        assert_eq!(recover(&mut f).unwrap(), (Lsn(1 << 32), n as u64));
+    }
+}

@@ -1,0 +1,77 @@
+//! Sinks: where committed transactions go.
+//!
+//! A sink receives batches of whole transactions, in commit order, and says
+//! when a batch is durably applied. Only then does the pipeline checkpoint the
+//! batch's last `end_lsn` for that sink. Each sink lives in its own folder
+//! with its config struct (`deny_unknown_fields`, one doc comment per field:
+//! those are the user docs) and its implementation.
+//!
+//! Error tiers: [`SinkError::Transient`] is retried (same batch, exponential
+//! backoff with jitter), so `apply` must be idempotent for transactions it
+//! has already seen; [`SinkError::Fatal`] stops pgferry with the message,
+//! which must tell the operator what to do.
+//!
+//! Delivery guarantees:
+//! - `jsonl` to a file: effectively-once. The file itself is the sink's
+//!   truth; on start it drops a torn last line and skips what it already holds.
+//! - `jsonl` to stdout: at-least-once (a restart can repeat the transactions
+//!   after the last checkpoint).
+
+pub mod jsonl;
+
+use std::sync::Arc;
+
+use crate::event::Transaction;
+
+/// A sink failure, classified for the retry policy.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Worth retrying: the destination is unreachable, busy or restarting.
+    #[error("{0}")]
+    Transient(String),
+    /// Retrying cannot help; the message tells the operator what to do.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// A destination for committed transactions.
+#[async_trait::async_trait]
+pub trait Sink: Send {
+    /// Applies a batch of committed transactions, in commit order. `Ok`
+    /// means durably applied. Called again with the same or overlapping
+    /// transactions after an error or a restart, so it must be idempotent.
+    async fn apply(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError>;
+
+    /// Flushes and releases resources at shutdown.
+    async fn close(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
+}
+
+/// Which tables a sink takes.
+#[derive(Debug, Clone, Default)]
+pub struct TableFilter {
+    /// `None`: every replicated table.
+    only: Option<Vec<String>>,
+}
+
+impl TableFilter {
+    pub fn new(only: Option<&[String]>) -> Self {
+        TableFilter {
+            only: only.map(|t| t.to_vec()),
+        }
+    }
+
+    pub fn accepts(&self, qualified: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|n| n == qualified))
+    }
+}
+
+/// Builds the sink described by a config entry.
+pub async fn build(cfg: &crate::config::SinkConfig) -> Result<Box<dyn Sink>, SinkError> {
+    match cfg {
+        crate::config::SinkConfig::Jsonl(c) => Ok(Box::new(jsonl::JsonlSink::open(c)?)),
+    }
+}
