@@ -392,9 +392,13 @@ pub async fn run(config: &Config, mut shutdown: watch::Receiver<bool>) -> Result
                             assembler.types_mut().load(&client, &missing).await?;
                         }
                     }
+                    let spilled_before = assembler.spilled_txns;
                     let committed = assembler
                         .handle(wal_start, lm)
                         .map_err(|e| fatal(format!("{e}; this is a bug or a corrupted stream: please report it")))?;
+                    if assembler.spilled_txns != spilled_before {
+                        tracing::info!(at = %wal_start, memory_limit_mb = config.pipeline.memory_limit_mb, "transaction spilled to disk");
+                    }
                     if let Some(mut txn) = committed {
                         budget.admit(&mut txn).await;
                         let txn = Arc::new(txn);

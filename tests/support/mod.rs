@@ -2,4 +2,5 @@
 //! test itself, never a service already running on the machine.
 #![allow(dead_code)]
 
+pub mod ferry;
 pub mod pg;

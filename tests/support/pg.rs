@@ -33,7 +33,10 @@ pub fn pg_bin_dir() -> PathBuf {
         })
         .collect();
     versions.sort();
-    versions.pop().expect("no /usr/lib/postgresql/<version>/bin/initdb found").1
+    versions
+        .pop()
+        .expect("no /usr/lib/postgresql/<version>/bin/initdb found")
+        .1
 }
 
 fn running_as_root() -> bool {
@@ -147,7 +150,14 @@ impl TestPg {
         let data = self.data_dir();
         let _ = self.run(
             "pg_ctl",
-            &["-D", data.to_str().unwrap(), "-m", "immediate", "-w", "stop"],
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
         );
     }
 
@@ -248,5 +258,6 @@ fn append(path: &Path, text: &str) {
         .append(true)
         .open(path)
         .expect("open postgresql.conf");
-    f.write_all(text.as_bytes()).expect("append postgresql.conf");
+    f.write_all(text.as_bytes())
+        .expect("append postgresql.conf");
 }

@@ -1,0 +1,162 @@
+//! Runs the real `pgferry` binary against a test cluster and reads its output.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A working directory with a config file, a checkpoint dir and a JSONL output.
+pub struct FerryDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl FerryDir {
+    pub fn new() -> FerryDir {
+        FerryDir {
+            dir: tempfile::Builder::new().prefix("pgferry-run-").tempdir().unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn jsonl(&self) -> PathBuf {
+        self.path("changes.jsonl")
+    }
+
+    /// Writes `pgferry.toml` for `url`, replicating `tables` into the JSONL file.
+    /// `extra_source` and `extra` are appended to `[source]` and to the file.
+    pub fn write_config(&self, url: &str, tables: &[&str], extra_source: &str, extra: &str) -> PathBuf {
+        let tables: Vec<String> = tables.iter().map(|t| format!("\"{t}\"")).collect();
+        let text = format!(
+            "[source]\nurl = \"{url}\"\nslot = \"pgferry\"\npublication = \"pgferry\"\ntables = [{}]\n{extra_source}\n\n\
+             [checkpoint]\ndir = \"{}\"\n\n[[sink]]\nname = \"changes\"\ntype = \"jsonl\"\npath = \"{}\"\n{extra}\n",
+            tables.join(", "),
+            self.path("state").display(),
+            self.jsonl().display(),
+        );
+        let p = self.path("pgferry.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// Starts `pgferry run`, with stderr appended to `pgferry.log`.
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.spawn_env(args, &[])
+    }
+
+    pub fn spawn_env(&self, args: &[&str], env: &[(&str, &str)]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("pgferry.log"))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgferry"));
+        cmd.args(args)
+            .arg("--config")
+            .arg(self.path("pgferry.toml"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env("PGFERRY_LOG", "info,pgferry=debug");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("start pgferry")
+    }
+
+    pub fn run(&self) -> Child {
+        self.spawn(&["run"])
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.path("pgferry.log")).unwrap_or_default()
+    }
+
+    /// Every complete line of the JSONL output, parsed.
+    pub fn events(&self) -> Vec<Value> {
+        read_jsonl(&self.jsonl())
+    }
+
+    /// Waits until the output holds at least `n` events.
+    pub fn wait_events(&self, n: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ev = self.events();
+            if ev.len() >= n {
+                return ev;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {n} events, have {}:\n{}\n--- pgferry log ---\n{}",
+                    ev.len(),
+                    ev.iter().rev().take(5).map(|e| e.to_string()).collect::<Vec<_>>().join("\n"),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSONL line {l:?}: {e}")))
+        .collect()
+}
+
+/// Sends SIGTERM and waits for the exit status.
+pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    wait_timeout(child, Duration::from_secs(30)).expect("pgferry did not exit within 30 s of SIGTERM")
+}
+
+/// Kills with SIGKILL (kill -9).
+pub fn kill9(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills the child when dropped, so a failing test leaves no process behind.
+pub struct Guard(pub Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `pgferry run` and waits until its slot is active (it streams).
+pub fn start_streaming(pg: &super::pg::TestPg, f: &FerryDir) -> Guard {
+    let g = Guard(f.run());
+    wait_active(pg, f, "pgferry");
+    g
+}
+
+/// Waits until the slot is in use by a walsender.
+pub fn wait_active(pg: &super::pg::TestPg, f: &FerryDir, slot: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let q = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name='{slot}' AND active");
+    while pg.sql(&q).trim() != "1" {
+        assert!(Instant::now() < deadline, "pgferry never started streaming:\n{}", f.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
