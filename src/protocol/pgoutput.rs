@@ -618,7 +618,7 @@ pub fn parse(buf: &Bytes, ctx: ParseContext) -> Result<LogicalMessage, DecodeErr
 }
 
 /// The leading xid of a message inside a stream block.
-#[inline]
+#[inline(always)]
 fn stream_xid(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Option<u32>, DecodeError> {
     if ctx.in_stream {
         c.u32("xid").map(Some)
@@ -627,7 +627,7 @@ fn stream_xid(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Option<u32>, Deco
     }
 }
 
-#[inline]
+#[inline(always)]
 fn insert(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Insert, DecodeError> {
     let xid = stream_xid(c, ctx)?;
     let relation_oid = c.u32("relation oid")?;
@@ -640,7 +640,7 @@ fn insert(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Insert, DecodeError> 
     })
 }
 
-#[inline]
+#[inline(always)]
 fn update(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Update, DecodeError> {
     let xid = stream_xid(c, ctx)?;
     let relation_oid = c.u32("relation oid")?;
@@ -661,7 +661,7 @@ fn update(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Update, DecodeError> 
     })
 }
 
-#[inline]
+#[inline(always)]
 fn delete(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Delete, DecodeError> {
     let xid = stream_xid(c, ctx)?;
     let relation_oid = c.u32("relation oid")?;
@@ -678,7 +678,7 @@ fn delete(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Delete, DecodeError> 
 }
 
 /// Reads a tuple marker byte and checks it is one of `allowed`.
-#[inline]
+#[inline(always)]
 fn expect_marker(c: &mut Cursor<'_>, allowed: &[u8]) -> Result<u8, DecodeError> {
     let at = c.offset();
     let m = c.u8("tuple marker")?;
@@ -716,7 +716,7 @@ enum TupleFault {
 }
 
 /// Reads an Int16 column count and validates the column entries that follow.
-#[inline]
+#[inline(always)]
 fn tuple(c: &mut Cursor<'_>) -> Result<TupleData, DecodeError> {
     let count_at = c.offset();
     let ncols = c.i16("column count")?;
@@ -735,7 +735,7 @@ fn tuple(c: &mut Cursor<'_>) -> Result<TupleData, DecodeError> {
 
 /// Walks `ncols` column entries at the front of `buf`; returns how many bytes
 /// they take, or the offset (relative to `buf`) and kind of the first fault.
-#[inline]
+#[inline(always)]
 fn scan_tuple(buf: &[u8], ncols: u16) -> Result<usize, (usize, TupleFault)> {
     let mut rest = buf;
     for _ in 0..ncols {
