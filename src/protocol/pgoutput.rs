@@ -49,13 +49,16 @@ pub type PgTimestamp = i64;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ParseContext {
     /// Between Stream Start and Stream Stop: Relation, Type, Insert, Update,
-    /// Delete, Truncate and Message then carry a leading transaction id.
+    /// Delete, Truncate and Message then carry a leading transaction id (that
+    /// of the change's own subtransaction, which may differ from the xid in
+    /// Stream Start). Keep it current with [`ParseContext::observe`].
     pub in_stream: bool,
     /// The negotiated `proto_version` (1..=4). Version 4 adds the abort LSN and
     /// time to Stream Abort when parallel streaming is on; pass
     /// `parallel_stream_abort` to say whether those fields are present.
     pub proto_version: u32,
     /// `streaming 'parallel'` was requested (v4): Stream Abort carries abort_lsn and abort_time.
+    /// Ignored when `proto_version` is below 4.
     pub parallel_stream_abort: bool,
 }
 
@@ -85,7 +88,8 @@ pub enum LogicalMessage {
 
 #[derive(Debug, Clone)]
 pub struct Begin {
-    /// The final LSN of the transaction (its commit record's end... as sent by the server).
+    /// The final LSN of the transaction: where its commit record starts (the
+    /// same value as [`Commit::commit_lsn`]; observed on PostgreSQL 15).
     pub final_lsn: Lsn,
     pub commit_time: PgTimestamp,
     pub xid: u32,
