@@ -49,13 +49,16 @@ pub type PgTimestamp = i64;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ParseContext {
     /// Between Stream Start and Stream Stop: Relation, Type, Insert, Update,
-    /// Delete, Truncate and Message then carry a leading transaction id.
+    /// Delete, Truncate and Message then carry a leading transaction id (that
+    /// of the change's own subtransaction, which may differ from the xid in
+    /// Stream Start). Keep it current with [`ParseContext::observe`].
     pub in_stream: bool,
     /// The negotiated `proto_version` (1..=4). Version 4 adds the abort LSN and
     /// time to Stream Abort when parallel streaming is on; pass
     /// `parallel_stream_abort` to say whether those fields are present.
     pub proto_version: u32,
     /// `streaming 'parallel'` was requested (v4): Stream Abort carries abort_lsn and abort_time.
+    /// Ignored when `proto_version` is below 4.
     pub parallel_stream_abort: bool,
 }
 
@@ -85,7 +88,8 @@ pub enum LogicalMessage {
 
 #[derive(Debug, Clone)]
 pub struct Begin {
-    /// The final LSN of the transaction (its commit record's end... as sent by the server).
+    /// The final LSN of the transaction: where its commit record starts (the
+    /// same value as [`Commit::commit_lsn`]; observed on PostgreSQL 15).
     pub final_lsn: Lsn,
     pub commit_time: PgTimestamp,
     pub xid: u32,
@@ -618,7 +622,7 @@ pub fn parse(buf: &Bytes, ctx: ParseContext) -> Result<LogicalMessage, DecodeErr
 }
 
 /// The leading xid of a message inside a stream block.
-#[inline]
+#[inline(always)]
 fn stream_xid(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Option<u32>, DecodeError> {
     if ctx.in_stream {
         c.u32("xid").map(Some)
@@ -627,7 +631,7 @@ fn stream_xid(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Option<u32>, Deco
     }
 }
 
-#[inline]
+#[inline(always)]
 fn insert(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Insert, DecodeError> {
     let xid = stream_xid(c, ctx)?;
     let relation_oid = c.u32("relation oid")?;
@@ -640,7 +644,7 @@ fn insert(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Insert, DecodeError> 
     })
 }
 
-#[inline]
+#[inline(always)]
 fn update(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Update, DecodeError> {
     let xid = stream_xid(c, ctx)?;
     let relation_oid = c.u32("relation oid")?;
@@ -661,7 +665,7 @@ fn update(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Update, DecodeError> 
     })
 }
 
-#[inline]
+#[inline(always)]
 fn delete(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Delete, DecodeError> {
     let xid = stream_xid(c, ctx)?;
     let relation_oid = c.u32("relation oid")?;
@@ -678,7 +682,7 @@ fn delete(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Delete, DecodeError> 
 }
 
 /// Reads a tuple marker byte and checks it is one of `allowed`.
-#[inline]
+#[inline(always)]
 fn expect_marker(c: &mut Cursor<'_>, allowed: &[u8]) -> Result<u8, DecodeError> {
     let at = c.offset();
     let m = c.u8("tuple marker")?;
@@ -716,7 +720,7 @@ enum TupleFault {
 }
 
 /// Reads an Int16 column count and validates the column entries that follow.
-#[inline]
+#[inline(always)]
 fn tuple(c: &mut Cursor<'_>) -> Result<TupleData, DecodeError> {
     let count_at = c.offset();
     let ncols = c.i16("column count")?;
@@ -735,7 +739,7 @@ fn tuple(c: &mut Cursor<'_>) -> Result<TupleData, DecodeError> {
 
 /// Walks `ncols` column entries at the front of `buf`; returns how many bytes
 /// they take, or the offset (relative to `buf`) and kind of the first fault.
-#[inline]
+#[inline(always)]
 fn scan_tuple(buf: &[u8], ncols: u16) -> Result<usize, (usize, TupleFault)> {
     let mut rest = buf;
     for _ in 0..ncols {
