@@ -102,7 +102,10 @@ impl FerryDir {
 
 pub fn read_jsonl(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
+    // Only complete lines: a writer may be in the middle of the last one.
+    let complete = text.rfind('\n').map_or("", |i| &text[..i]);
+    complete
+        .lines()
         .filter(|l| !l.is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSONL line {l:?}: {e}")))
         .collect()
