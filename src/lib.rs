@@ -1,3 +1,4 @@
 //! pgferry: a native Postgres logical-replication CDC engine.
+pub mod decode;
 pub mod lsn;
 pub mod protocol;
