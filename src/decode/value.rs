@@ -844,11 +844,46 @@ mod json {
         }
     }
 
+    /// A stack of booleans: the first 128 in two words, the rest on the heap
+    /// (so validating ordinary jsonb allocates nothing).
+    #[derive(Default)]
+    struct BoolStack {
+        bits: u128,
+        len: usize,
+        spill: Vec<bool>,
+    }
+
+    impl BoolStack {
+        fn push(&mut self, v: bool) {
+            if self.len < 128 {
+                self.bits = (self.bits & !(1 << self.len)) | (u128::from(v) << self.len);
+            } else {
+                self.spill.push(v);
+            }
+            self.len += 1;
+        }
+
+        fn pop(&mut self) {
+            if self.len > 128 {
+                self.spill.pop();
+            }
+            self.len = self.len.saturating_sub(1);
+        }
+
+        fn last(&self) -> Option<bool> {
+            match self.len {
+                0 => None,
+                n if n <= 128 => Some((self.bits >> (n - 1)) & 1 == 1),
+                _ => self.spill.last().copied(),
+            }
+        }
+    }
+
     /// Checks that `s` (already known to be UTF-8) is one JSON value.
     /// Iterative, so arbitrarily deep jsonb is fine.
     pub(super) fn validate(s: &[u8]) -> Result<(), ValueError> {
         // Open containers: true = object.
-        let mut stack: Vec<bool> = Vec::new();
+        let mut stack = BoolStack::default();
         let skip = |i: &mut usize| {
             while *i < s.len() && is_space(s[*i]) {
                 *i += 1;
@@ -893,7 +928,7 @@ mod json {
             // After a complete value: close containers / move to the next item.
             loop {
                 skip(&mut i);
-                let Some(&is_obj) = stack.last() else {
+                let Some(is_obj) = stack.last() else {
                     return if i == s.len() {
                         Ok(())
                     } else {
@@ -1587,6 +1622,16 @@ mod tests {
             let mut out = Vec::new();
             render(&reg, oid, deep.as_bytes(), &mut out).unwrap();
             assert_eq!(out, deep.as_bytes());
+        }
+        // Mismatched brackets are caught at any depth (here at 10000, and near
+        // the inline/heap boundary of the validator's stack).
+        for at in [0, 4872, 4936, 4999] {
+            let mut bad = deep.clone().into_bytes();
+            let k = deep.len() - 2 * (5000 - at);
+            assert_eq!(&bad[k..k + 2], b"}]");
+            bad[k] = b']';
+            assert!(r_bytes(JSONB, &bad).is_err(), "{at}");
+            assert!(r_bytes(JSON, &bad).is_err(), "{at}");
         }
         let deep_arr = format!("{}{}", "{".repeat(5000), "}".repeat(5000));
         assert!(r(INT4_ARR, &deep_arr).is_err());
