@@ -23,7 +23,7 @@ async fn simple_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Vec<Opti
     client
         .simple_query(sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
         .into_iter()
         .filter_map(|m| match m {
             SimpleQueryMessage::Row(r) => {
@@ -227,4 +227,105 @@ async fn registry_load_resolves_user_types() {
     reg2.load(&client, &[pair, 1007]).await.unwrap();
     assert_eq!(reg2.kind(pair), reg.kind(pair));
     assert_eq!(reg2.kind(1007), reg.kind(1007));
+}
+
+/// Server-generated values (seeded random floats, numerics, json numbers,
+/// dates, timestamps, strings and arrays of them): the rendering of each
+/// value's text must be byte for byte `to_jsonb(value)::text`.
+#[tokio::test]
+async fn generated_values_match_to_jsonb() {
+    let pg = TestPg::start();
+    let client = pg.client().await;
+    client
+        .batch_execute(WALSENDER_SETTINGS)
+        .await
+        .expect("session settings");
+    let reg = TypeRegistry::builtin();
+    let n = 2000;
+    let cases: &[(&str, u32, &str)] = &[
+        ("float8", 701, "((random() - 0.5) * 10 ^ (random() * 616 - 308))::float8"),
+        ("float8 subnormal", 701, "(random() * 1e-310)::float8"),
+        ("float8 integer", 701, "round((random() - 0.5) * 10 ^ (random() * 20))::float8"),
+        ("float4", 700, "((random() - 0.5) * 10 ^ (random() * 76 - 38))::float4"),
+        ("float4 subnormal", 700, "(random() * 1e-39)::float4"),
+        (
+            "numeric",
+            1700,
+            "round(((random() - 0.5) * 10 ^ (random() * 40 - 20))::numeric, (random() * 30)::int)",
+        ),
+        (
+            "json number",
+            114,
+            "format('%s%se%s', CASE WHEN random() < 0.5 THEN '-' ELSE '' END, \
+             round((random() * 1000)::numeric, (random() * 5)::int), (random() * 60 - 30)::int)::json",
+        ),
+        (
+            "date",
+            1082,
+            "'4713-01-01 BC'::date + (random() * ('5874897-12-31'::date - '4713-01-01 BC'::date))::int",
+        ),
+        (
+            "timestamp",
+            1114,
+            "to_timestamp(-210866803200 + random() * 9.4e12) AT TIME ZONE 'UTC'",
+        ),
+        (
+            "timestamptz",
+            1184,
+            "to_timestamp(-210866803200 + random() * 9.4e12)",
+        ),
+        (
+            "text",
+            25,
+            "(SELECT string_agg(chr(1 + (random() * 400)::int), '') \
+             FROM generate_series(1, (random() * 20)::int + g * 0))",
+        ),
+        (
+            "text[]",
+            1009,
+            "(SELECT array_agg(CASE WHEN random() < 0.1 THEN NULL ELSE \
+               (SELECT string_agg(chr(1 + (random() * 130)::int), '') \
+                FROM generate_series(1, (random() * 6)::int + h * 0)) END) \
+             FROM generate_series(1, (random() * 5)::int + 1 + g * 0) h)",
+        ),
+        (
+            "float8[]",
+            1022,
+            "(SELECT array_agg((random() - 0.5) * 10 ^ (random() * 600 - 300)) \
+             FROM generate_series(1, 3 + g * 0))",
+        ),
+    ];
+    client.batch_execute("SELECT setseed(0.42)").await.unwrap();
+    let mut failures = Vec::new();
+    for &(label, oid, expr) in cases {
+        let sql = format!(
+            "SELECT v::text, to_jsonb(v)::text FROM \
+             (SELECT {expr} AS v FROM generate_series(1, {n}) g) s"
+        );
+        let rows = simple_rows(&client, &sql).await;
+        assert_eq!(rows.len(), n, "{label}");
+        for row in rows {
+            let (Some(text), Some(theirs)) = (&row[0], &row[1]) else {
+                continue;
+            };
+            let mut ours = Vec::new();
+            let res = render(&reg, oid, text.as_bytes(), &mut ours);
+            let ours = String::from_utf8_lossy(&ours);
+            if res.is_err() || ours != theirs.as_str() {
+                failures.push(format!(
+                    "{label}: text {text:?}\n  ours:   {} \n  theirs: {theirs}",
+                    match res {
+                        Ok(()) => ours.into_owned(),
+                        Err(e) => format!("error: {e}"),
+                    }
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} generated values differ:\n{}",
+        failures.len(),
+        failures[..failures.len().min(30)].join("\n")
+    );
 }
