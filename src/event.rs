@@ -18,6 +18,7 @@
 
 use std::sync::Arc;
 
+use crate::decode::value::write_json_string;
 use crate::lsn::Lsn;
 use crate::spill::SpillReader;
 
@@ -97,14 +98,14 @@ impl RelationInfo {
     ) -> RelationInfo {
         let mut ident = Vec::new();
         ident.extend_from_slice(b"\"schema\":");
-        json_str(schema.as_bytes(), &mut ident);
+        write_json_string(schema.as_bytes(), &mut ident);
         ident.extend_from_slice(b",\"table\":");
-        json_str(table.as_bytes(), &mut ident);
+        write_json_string(table.as_bytes(), &mut ident);
         let columns = columns
             .into_iter()
             .map(|(name, type_oid, is_key)| {
                 let mut j = Vec::new();
-                json_str(name.as_bytes(), &mut j);
+                write_json_string(name.as_bytes(), &mut j);
                 ColumnInfo {
                     json_name: String::from_utf8_lossy(&j).into(),
                     name,
@@ -342,32 +343,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Writes `s` as a JSON string (quotes included), escaping as Postgres's
-/// `escape_json` does. Invalid UTF-8 is replaced (U+FFFD), never passed on.
-pub fn json_str(s: &[u8], out: &mut Vec<u8>) {
-    out.push(b'"');
-    let s = String::from_utf8_lossy(s);
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0x08 => out.extend_from_slice(b"\\b"),
-            0x0c => out.extend_from_slice(b"\\f"),
-            0..=0x1f => {
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[(b >> 4) as usize]);
-                out.push(HEX[(b & 15) as usize]);
-            }
-            _ => out.push(b),
-        }
-    }
-    out.push(b'"');
-}
-
 /// What every change of a transaction shares.
 #[derive(Debug, Clone, Copy)]
 pub struct TxnMeta {
@@ -466,12 +441,5 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "2024-02-29T13:14:15.000123Z"
         );
-    }
-
-    #[test]
-    fn json_strings_escape_like_postgres() {
-        let mut out = Vec::new();
-        json_str(b"a\"b\\c\n\x01", &mut out);
-        assert_eq!(String::from_utf8(out).unwrap(), r#""a\"b\\c\n\u0001""#);
     }
 }

@@ -1,7 +1,13 @@
-//! From pgoutput messages to change events: relation cache, value rendering
-//! (`to_jsonb()`-exact) and transaction assembly. No network I/O happens here;
-//! the connection layer loads missing type information before it hands over a
-//! Relation message.
+//! Decoding what the walsender sends into pgferry's own representation.
+//! No network I/O happens here: the connection layer loads missing type
+//! information before it hands over a Relation message.
+//!
+//! - [`types`]: which rendering rule each type OID follows (built-in table plus
+//!   catalog lookups for user types).
+//! - [`value`]: one column value, in the type's text output form, to JSON text
+//!   equal to what Postgres's `to_jsonb()` gives for it.
+//! - [`assembler`]: pgoutput messages in, committed transactions out (streamed
+//!   transactions, aborts, spill to disk).
 
 pub mod assembler;
 pub mod types;

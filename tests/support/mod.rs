@@ -4,3 +4,4 @@
 
 pub mod ferry;
 pub mod pg;
+pub mod types_fixture;
