@@ -83,8 +83,8 @@ fn kill_9_at_random_points_loses_and_duplicates_nothing() {
             let mut txns = 0;
             while !stop.load(Ordering::Relaxed) {
                 let mut sql = String::from("BEGIN;");
-                let big = rnd(40) == 0;
-                let rows = if big { 3000 } else { 1 + rnd(5) };
+                let big = rnd(50) == 0;
+                let rows = if big { 2000 } else { 1 + rnd(5) };
                 sql += &format!(
                     "INSERT INTO ledger SELECT i, md5(i::text), 0 FROM generate_series({}, {}) i;",
                     next + 1,
@@ -92,7 +92,10 @@ fn kill_9_at_random_points_loses_and_duplicates_nothing() {
                 );
                 next += rows as i32;
                 if rnd(2) == 0 {
-                    sql += &format!("UPDATE ledger SET n = n + 1 WHERE id = {};", next - rnd(rows) as i32);
+                    sql += &format!(
+                        "UPDATE ledger SET n = n + 1 WHERE id = {};",
+                        next - rnd(rows) as i32
+                    );
                 }
                 if rnd(3) == 0 {
                     sql += &format!("DELETE FROM ledger WHERE id = {};", next - rnd(rows) as i32);
@@ -100,6 +103,8 @@ fn kill_9_at_random_points_loses_and_duplicates_nothing() {
                 sql += "COMMIT;";
                 client.batch_execute(&sql).await.unwrap();
                 txns += 1;
+                // A steady, bounded load: a few hundred transactions a second.
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
             txns
         }));
@@ -108,11 +113,16 @@ fn kill_9_at_random_points_loses_and_duplicates_nothing() {
     // Kill -9 five times at random moments, restarting each time.
     let mut seed = 12345u64;
     for round in 0..5 {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let wait = 300 + (seed >> 33) % 2500;
         std::thread::sleep(Duration::from_millis(wait));
         kill9(&mut ferry.0);
-        eprintln!("round {round}: killed after {wait} ms, {} events on file", f.events().len());
+        eprintln!(
+            "round {round}: killed after {wait} ms, {} events on file",
+            f.events().len()
+        );
         ferry = Guard(f.run());
     }
     std::thread::sleep(Duration::from_millis(1000));
@@ -131,7 +141,10 @@ fn kill_9_at_random_points_loses_and_duplicates_nothing() {
     let got = jsonl_trace(&f);
     assert_eq!(got.len(), expected.len(), "same number of changes");
     if let Some(i) = got.iter().zip(&expected).position(|(a, b)| a != b) {
-        panic!("first difference at change {i}: pgferry {:?} vs oracle {:?}", got[i], expected[i]);
+        panic!(
+            "first difference at change {i}: pgferry {:?} vs oracle {:?}",
+            got[i], expected[i]
+        );
     }
     // The file is whole lines only.
     let text = std::fs::read_to_string(f.jsonl()).unwrap();

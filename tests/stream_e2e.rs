@@ -40,15 +40,24 @@ fn insert_update_delete_truncate_reach_the_jsonl_file() {
     pg.sql("DELETE FROM products WHERE id = 2");
     pg.sql("TRUNCATE products");
     let ev = f.wait_events(5, T);
-    assert_eq!(ops(&ev), ["insert", "insert", "update", "delete", "truncate"]);
+    assert_eq!(
+        ops(&ev),
+        ["insert", "insert", "update", "delete", "truncate"]
+    );
 
     let ins = &ev[0];
     assert_eq!(ins["schema"], "public");
     assert_eq!(ins["table"], "products");
     assert_eq!(ins["key"], json!({"id": 1}));
     assert_eq!(ins["before"], Value::Null);
-    assert_eq!(ins["after"], serde_json::from_str::<Value>(r#"{"id":1,"name":"pen","price":1.50}"#).unwrap());
-    assert!(ins.get("unchanged").is_none(), "unchanged is omitted when empty");
+    assert_eq!(
+        ins["after"],
+        serde_json::from_str::<Value>(r#"{"id":1,"name":"pen","price":1.50}"#).unwrap()
+    );
+    assert!(
+        ins.get("unchanged").is_none(),
+        "unchanged is omitted when empty"
+    );
     // Both inserts share one transaction; LSNs are X/Y and grow in WAL order.
     assert_eq!(ev[0]["xid"], ev[1]["xid"]);
     assert_eq!(ev[0]["commit_lsn"], ev[1]["commit_lsn"]);
@@ -59,8 +68,15 @@ fn insert_update_delete_truncate_reach_the_jsonl_file() {
 
     let upd = &ev[2];
     assert_eq!(upd["key"], json!({"id": 1}));
-    assert_eq!(upd["before"], Value::Null, "default replica identity and unchanged key: no old row");
-    assert_eq!(upd["after"]["price"], serde_json::from_str::<Value>("2.25").unwrap());
+    assert_eq!(
+        upd["before"],
+        Value::Null,
+        "default replica identity and unchanged key: no old row"
+    );
+    assert_eq!(
+        upd["after"]["price"],
+        serde_json::from_str::<Value>("2.25").unwrap()
+    );
 
     let del = &ev[3];
     assert_eq!(del["key"], json!({"id": 2}));
@@ -68,20 +84,32 @@ fn insert_update_delete_truncate_reach_the_jsonl_file() {
     assert_eq!(del["after"], Value::Null);
 
     let tr = &ev[4];
-    assert_eq!((tr["table"].as_str(), &tr["key"], &tr["after"]), (Some("products"), &Value::Null, &Value::Null));
+    assert_eq!(
+        (tr["table"].as_str(), &tr["key"], &tr["after"]),
+        (Some("products"), &Value::Null, &Value::Null)
+    );
 
     let st = terminate(&mut g.0);
     assert!(st.success(), "SIGTERM must exit 0: {st:?}\n{}", f.log());
     // The checkpoint covers the last transaction.
-    let cp: Value = serde_json::from_str(&std::fs::read_to_string(f.path("state/changes.checkpoint.json")).unwrap()).unwrap();
-    assert!(lsn(&cp["lsn"]) > lsn(&ev[4]["commit_lsn"]), "checkpoint {cp} is past the last commit");
+    let cp: Value = serde_json::from_str(
+        &std::fs::read_to_string(f.path("state/changes.checkpoint.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        lsn(&cp["lsn"]) > lsn(&ev[4]["commit_lsn"]),
+        "checkpoint {cp} is past the last commit"
+    );
     // And the server was told.
     let confirmed: pgferry::lsn::Lsn = pg
         .sql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name='pgferry'")
         .trim()
         .parse()
         .unwrap();
-    assert!(confirmed >= lsn(&cp["lsn"]), "confirmed_flush_lsn {confirmed} vs checkpoint {cp}");
+    assert!(
+        confirmed >= lsn(&cp["lsn"]),
+        "confirmed_flush_lsn {confirmed} vs checkpoint {cp}"
+    );
 }
 
 #[test]
@@ -103,7 +131,10 @@ fn unchanged_toast_full_identity_and_key_change() {
     pg.sql("UPDATE full_t SET b = 2 WHERE id = 1");
     pg.sql("DELETE FROM full_t WHERE id = 1");
     let ev = f.wait_events(6, T);
-    assert_eq!(ops(&ev), ["insert", "update", "update", "insert", "update", "delete"]);
+    assert_eq!(
+        ops(&ev),
+        ["insert", "update", "update", "insert", "update", "delete"]
+    );
 
     // The TOASTed body was not sent: absent from `after`, listed in `unchanged`, never null.
     let body_len = ev[0]["after"]["body"].as_str().unwrap().len();
@@ -128,7 +159,12 @@ fn unchanged_toast_full_identity_and_key_change() {
 #[test]
 fn concurrent_sessions_come_out_in_commit_order() {
     let pg = TestPg::start();
-    let f = setup(&pg, "CREATE TABLE ev (id int PRIMARY KEY, session int)", &["public.ev"], "");
+    let f = setup(
+        &pg,
+        "CREATE TABLE ev (id int PRIMARY KEY, session int)",
+        &["public.ev"],
+        "",
+    );
     let _g = start(&pg, &f);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let expected: Vec<i64> = rt.block_on(async {
@@ -147,7 +183,9 @@ fn concurrent_sessions_come_out_in_commit_order() {
             for _ in 0..3 {
                 for (s, c) in clients.iter().enumerate() {
                     next_id += 1;
-                    c.execute("INSERT INTO ev VALUES ($1, $2)", &[&next_id, &(s as i32)]).await.unwrap();
+                    c.execute("INSERT INTO ev VALUES ($1, $2)", &[&next_id, &(s as i32)])
+                        .await
+                        .unwrap();
                     per_session[s].push(next_id);
                 }
             }
@@ -165,10 +203,19 @@ fn concurrent_sessions_come_out_in_commit_order() {
         expected
     });
     let ev = f.wait_events(expected.len(), T);
-    let got: Vec<i64> = ev.iter().map(|e| e["key"]["id"].as_i64().unwrap()).collect();
-    assert_eq!(got, expected, "events must follow commit order, WAL order within a transaction");
+    let got: Vec<i64> = ev
+        .iter()
+        .map(|e| e["key"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        got, expected,
+        "events must follow commit order, WAL order within a transaction"
+    );
     // Transactions are contiguous and commit LSNs grow.
-    let commits: Vec<&str> = ev.iter().map(|e| e["commit_lsn"].as_str().unwrap()).collect();
+    let commits: Vec<&str> = ev
+        .iter()
+        .map(|e| e["commit_lsn"].as_str().unwrap())
+        .collect();
     let mut seen = std::collections::HashSet::new();
     for w in commits.windows(2) {
         if w[0] != w[1] {
@@ -185,7 +232,11 @@ fn large_transactions_are_streamed_aborts_dropped_and_spilled_to_disk() {
     // 1 MiB of memory: the 20k-row transaction must go to disk.
     f.write_config(&pg.url(), &["public.big"], "", "");
     let cfg = std::fs::read_to_string(f.path("pgferry.toml")).unwrap();
-    std::fs::write(f.path("pgferry.toml"), format!("{cfg}\n[pipeline]\nmemory_limit_mb = 1\n")).unwrap();
+    std::fs::write(
+        f.path("pgferry.toml"),
+        format!("{cfg}\n[pipeline]\nmemory_limit_mb = 1\n"),
+    )
+    .unwrap();
     let _g = start(&pg, &f);
     pg.sql("INSERT INTO big SELECT i, repeat('x', 200) FROM generate_series(1, 20000) i");
     pg.sql("BEGIN; INSERT INTO big SELECT i, repeat('y', 200) FROM generate_series(100001, 110000) i; ROLLBACK;");
@@ -200,8 +251,15 @@ fn large_transactions_are_streamed_aborts_dropped_and_spilled_to_disk() {
     );
     pg.sql("INSERT INTO big VALUES (0, 'marker')");
     let ev = f.wait_events(20000 + 3010 + 1, T);
-    assert_eq!(ev.len(), 23011, "nothing of the aborted transaction or the rolled-back savepoint");
-    let ids: Vec<i64> = ev.iter().map(|e| e["key"]["id"].as_i64().unwrap()).collect();
+    assert_eq!(
+        ev.len(),
+        23011,
+        "nothing of the aborted transaction or the rolled-back savepoint"
+    );
+    let ids: Vec<i64> = ev
+        .iter()
+        .map(|e| e["key"]["id"].as_i64().unwrap())
+        .collect();
     let mut expected: Vec<i64> = (1..=20000).collect();
     expected.extend(200001..=203000);
     expected.extend(400001..=400010);
@@ -214,7 +272,11 @@ fn large_transactions_are_streamed_aborts_dropped_and_spilled_to_disk() {
         .parse()
         .unwrap();
     assert!(streamed >= 2, "the server must have streamed the large transactions (protocol v2), stream_txns = {streamed}");
-    assert!(f.log().contains("transaction spilled to disk"), "{}", f.log());
+    assert!(
+        f.log().contains("transaction spilled to disk"),
+        "{}",
+        f.log()
+    );
     // Spill files are gone once the sinks are done.
     let spill: Vec<_> = std::fs::read_dir(f.path("state/spill")).unwrap().collect();
     assert!(spill.is_empty(), "{spill:?}");
@@ -223,7 +285,12 @@ fn large_transactions_are_streamed_aborts_dropped_and_spilled_to_disk() {
 #[test]
 fn a_slot_recreated_behind_pgferrys_back_stops_it_with_a_clear_error() {
     let pg = TestPg::start();
-    let f = setup(&pg, "CREATE TABLE g (id int PRIMARY KEY)", &["public.g"], "");
+    let f = setup(
+        &pg,
+        "CREATE TABLE g (id int PRIMARY KEY)",
+        &["public.g"],
+        "",
+    );
     let mut g = start(&pg, &f);
     pg.sql("INSERT INTO g VALUES (1)");
     f.wait_events(1, T);

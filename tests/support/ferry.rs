@@ -14,7 +14,10 @@ pub struct FerryDir {
 impl FerryDir {
     pub fn new() -> FerryDir {
         FerryDir {
-            dir: tempfile::Builder::new().prefix("pgferry-run-").tempdir().unwrap(),
+            dir: tempfile::Builder::new()
+                .prefix("pgferry-run-")
+                .tempdir()
+                .unwrap(),
         }
     }
 
@@ -28,7 +31,13 @@ impl FerryDir {
 
     /// Writes `pgferry.toml` for `url`, replicating `tables` into the JSONL file.
     /// `extra_source` and `extra` are appended to `[source]` and to the file.
-    pub fn write_config(&self, url: &str, tables: &[&str], extra_source: &str, extra: &str) -> PathBuf {
+    pub fn write_config(
+        &self,
+        url: &str,
+        tables: &[&str],
+        extra_source: &str,
+        extra: &str,
+    ) -> PathBuf {
         let tables: Vec<String> = tables.iter().map(|t| format!("\"{t}\"")).collect();
         let text = format!(
             "[source]\nurl = \"{url}\"\nslot = \"pgferry\"\npublication = \"pgferry\"\ntables = [{}]\n{extra_source}\n\n\
@@ -91,7 +100,12 @@ impl FerryDir {
                 panic!(
                     "timed out waiting for {n} events, have {}:\n{}\n--- pgferry log ---\n{}",
                     ev.len(),
-                    ev.iter().rev().take(5).map(|e| e.to_string()).collect::<Vec<_>>().join("\n"),
+                    ev.iter()
+                        .rev()
+                        .take(5)
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
                     self.log()
                 );
             }
@@ -113,8 +127,11 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
 
 /// Sends SIGTERM and waits for the exit status.
 pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-    wait_timeout(child, Duration::from_secs(30)).expect("pgferry did not exit within 30 s of SIGTERM")
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    wait_timeout(child, Duration::from_secs(30))
+        .expect("pgferry did not exit within 30 s of SIGTERM")
 }
 
 /// Kills with SIGKILL (kill -9).
@@ -157,9 +174,14 @@ pub fn start_streaming(pg: &super::pg::TestPg, f: &FerryDir) -> Guard {
 /// Waits until the slot is in use by a walsender.
 pub fn wait_active(pg: &super::pg::TestPg, f: &FerryDir, slot: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let q = format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name='{slot}' AND active");
+    let q =
+        format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name='{slot}' AND active");
     while pg.sql(&q).trim() != "1" {
-        assert!(Instant::now() < deadline, "pgferry never started streaming:\n{}", f.log());
+        assert!(
+            Instant::now() < deadline,
+            "pgferry never started streaming:\n{}",
+            f.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
