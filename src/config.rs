@@ -205,12 +205,15 @@ impl Default for PipelineConfig {
 pub enum SinkConfig {
     /// JSON lines to a file or stdout.
     Jsonl(crate::sink::jsonl::JsonlConfig),
+    /// Discards everything (benchmarks).
+    Null(crate::sink::null::NullConfig),
 }
 
 impl SinkConfig {
     pub fn name(&self) -> &str {
         match self {
             SinkConfig::Jsonl(c) => &c.name,
+            SinkConfig::Null(c) => &c.name,
         }
     }
 
@@ -218,6 +221,7 @@ impl SinkConfig {
     pub fn tables(&self) -> Option<&[String]> {
         match self {
             SinkConfig::Jsonl(c) => c.tables.as_deref(),
+            SinkConfig::Null(c) => c.tables.as_deref(),
         }
     }
 }
@@ -229,7 +233,7 @@ fn ten() -> u64 {
     10
 }
 fn default_memory_mb() -> u64 {
-    64
+    16
 }
 fn default_batch_events() -> usize {
     8192

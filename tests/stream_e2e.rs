@@ -419,3 +419,57 @@ fn streamed_values_equal_to_jsonb_for_every_type() {
         );
     }
 }
+
+/// Standby status updates keep the walsender from timing pgferry out, and
+/// while only unpublished tables are written the slot still advances (idle
+/// positions are checkpointed), so WAL does not pile up behind it.
+#[test]
+fn feedback_keeps_the_session_alive_and_the_slot_advancing_when_idle() {
+    let pg = TestPg::start_with(support::pg::PgOptions {
+        conf: "wal_sender_timeout = '2s'\n".into(),
+        hba: None,
+    });
+    let f = setup(
+        &pg,
+        "CREATE TABLE published (id int PRIMARY KEY); CREATE TABLE other (id int PRIMARY KEY);",
+        &["public.published"],
+        "",
+    );
+    let _g = start(&pg, &f);
+    pg.sql("INSERT INTO published VALUES (1)");
+    f.wait_events(1, T);
+    let pid = pg.sql("SELECT pid FROM pg_stat_replication");
+    let lsn = |s: String| s.trim().parse::<pgferry::lsn::Lsn>().unwrap();
+    let first =
+        lsn(pg
+            .sql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name='pgferry'"));
+    // Three walsender timeouts of writes to an unpublished table only.
+    for i in 0..30 {
+        pg.sql(&format!("INSERT INTO other VALUES ({i})"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let end = lsn(pg.sql("SELECT pg_current_wal_lsn()"));
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let confirmed = lsn(pg
+            .sql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name='pgferry'"));
+        if confirmed >= end {
+            assert!(confirmed > first);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot stayed at {confirmed} (start {first}) while the WAL moved to {end}\n{}",
+            f.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        pg.sql("SELECT pid FROM pg_stat_replication"),
+        pid,
+        "the walsender was replaced: pgferry was timed out\n{}",
+        f.log()
+    );
+    assert!(!pg.log().contains("replication timeout"), "{}", pg.log());
+    assert_eq!(f.events().len(), 1);
+}

@@ -16,8 +16,10 @@
 //!   truth; on start it drops a torn last line and skips what it already holds.
 //! - `jsonl` to stdout: at-least-once (a restart can repeat the transactions
 //!   after the last checkpoint).
+//! - `null`: discards everything (benchmarks); checkpoints still advance.
 
 pub mod jsonl;
+pub mod null;
 
 use std::sync::Arc;
 
@@ -73,5 +75,6 @@ impl TableFilter {
 pub async fn build(cfg: &crate::config::SinkConfig) -> Result<Box<dyn Sink>, SinkError> {
     match cfg {
         crate::config::SinkConfig::Jsonl(c) => Ok(Box::new(jsonl::JsonlSink::open(c)?)),
+        crate::config::SinkConfig::Null(_) => Ok(Box::new(null::NullSink)),
     }
 }
