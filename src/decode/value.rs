@@ -379,7 +379,7 @@ fn write_timestamp(text: &[u8], with_tz: bool, out: &mut Vec<u8>) -> Result<(), 
         let mm = parts.next().unwrap_or(b"00");
         let ss = parts.next();
         let ok = |p: &[u8]| p.len() == 2 && p.iter().all(u8::is_ascii_digit);
-        if !ok(hh) || !ok(mm) || !ss.map_or(true, ok) || parts.next().is_some() {
+        if !ok(hh) || !ok(mm) || !ss.is_none_or(ok) || parts.next().is_some() {
             return Err(malformed(KIND, "bad UTC offset"));
         }
         out.push(off[0]);
