@@ -217,6 +217,14 @@ impl SinkConfig {
         }
     }
 
+    /// Stop pgferry when the sink has been failing this long (`None`: retry forever).
+    pub fn max_failure_secs(&self) -> Option<u64> {
+        match self {
+            SinkConfig::Jsonl(c) => c.max_failure_secs,
+            SinkConfig::Null(_) => None,
+        }
+    }
+
     /// The tables this sink receives (`None`: all of `[source].tables`).
     pub fn tables(&self) -> Option<&[String]> {
         match self {

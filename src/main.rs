@@ -151,6 +151,10 @@ async fn run(config: &Config) -> anyhow::Result<std::process::ExitCode> {
                 return Ok(std::process::ExitCode::SUCCESS);
             }
             Err(SourceError::Fatal(msg)) => anyhow::bail!(msg),
+            Err(SourceError::Rejoin) => {
+                tracing::info!("restarting the session so a recovered sink catches up");
+                continue;
+            }
             Err(SourceError::Transient(msg)) => {
                 if *stop_rx.borrow() {
                     return Ok(std::process::ExitCode::SUCCESS);

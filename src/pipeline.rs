@@ -17,9 +17,16 @@
 //! - channels are bounded, and committed transactions held in memory are
 //!   bounded by a byte budget, so a slow sink slows the source down
 //!   (backpressure) instead of growing memory;
-//! - nothing flows backwards but acknowledgements, through [`Progress`].
+//! - nothing flows backwards but acknowledgements, through [`Progress`];
+//! - sinks are isolated: a sink that is failing (retrying) and whose channel
+//!   is full is *detached* instead of blocking the others. The slot keeps the
+//!   WAL from that sink's checkpoint (the flush position is the minimum), so
+//!   nothing is lost: once the sink recovers and drains its channel it asks
+//!   for a *rejoin*, the session restarts from the minimum checkpoint, and the
+//!   sinks that are ahead skip what they already applied. The WAL retained by
+//!   the slot is the detached sink's queue; no other disk queue is needed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +56,8 @@ pub struct Progress {
     sinks: Vec<AtomicU64>,
     /// Woken whenever a checkpoint moves.
     pub changed: tokio::sync::Notify,
+    /// A detached sink recovered and wants the session replayed from its checkpoint.
+    pub rejoin: tokio::sync::Notify,
 }
 
 impl Progress {
@@ -57,6 +66,7 @@ impl Progress {
             received: AtomicU64::new(0),
             sinks: checkpoints.iter().map(|l| AtomicU64::new(l.0)).collect(),
             changed: tokio::sync::Notify::new(),
+            rejoin: tokio::sync::Notify::new(),
         })
     }
 
@@ -107,6 +117,58 @@ impl Budget {
     }
 }
 
+/// Health of one sink, shared by its task and the fan-out.
+#[derive(Debug, Default)]
+pub struct SinkState {
+    /// The sink's last attempt failed and it is retrying.
+    pub failing: AtomicBool,
+    /// The fan-out stopped feeding it; it will be replayed from its checkpoint.
+    pub detached: AtomicBool,
+}
+
+/// The source's end of one sink task.
+#[derive(Debug, Clone)]
+pub struct SinkLink {
+    pub name: String,
+    pub tx: mpsc::Sender<Item>,
+    pub state: Arc<SinkState>,
+}
+
+/// The channel to a sink task is closed: the task stopped.
+#[derive(Debug)]
+pub struct SinkGone(pub String);
+
+/// Hands `item` to every attached sink. Waits while a healthy sink is busy
+/// (backpressure), but detaches a sink that is failing and full, so the
+/// others keep flowing.
+pub async fn fan_out(links: &[SinkLink], item: Item) -> Result<(), SinkGone> {
+    for link in links {
+        if link.state.detached.load(Ordering::Acquire) {
+            continue;
+        }
+        match link.tx.try_send(item.clone()) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(SinkGone(link.name.clone())),
+            Err(mpsc::error::TrySendError::Full(_)) => {}
+        }
+        loop {
+            if link.state.failing.load(Ordering::Acquire) {
+                link.state.detached.store(true, Ordering::Release);
+                tracing::warn!(sink = %link.name, "sink is failing and its queue is full: detached; the other sinks go on, and it will be replayed from its checkpoint when it recovers");
+                break;
+            }
+            tokio::select! {
+                r = link.tx.send(item.clone()) => {
+                    r.map_err(|_| SinkGone(link.name.clone()))?;
+                    break;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Settings of one sink task.
 pub struct SinkTask {
     pub index: usize,
@@ -120,6 +182,12 @@ pub struct SinkTask {
     pub checkpoint: Lsn,
     pub progress: Arc<Progress>,
     pub batch_max_events: usize,
+    pub state: Arc<SinkState>,
+    /// Stop pgferry when the sink has failed for this long (`None`: retry forever).
+    pub max_failure: Option<Duration>,
+    /// Turns true when the session ends: a sink that is retrying gives up
+    /// (its batch is not checkpointed, so it is replayed next session).
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// One exponential backoff with jitter, used for every retry in pgferry.
@@ -178,7 +246,9 @@ impl SinkTask {
                 }
             }
             if !batch.is_empty() {
-                self.apply_with_retry(&batch).await?;
+                if !self.apply_with_retry(&batch).await? {
+                    break;
+                }
                 if let Some(last) = batch.last() {
                     applied = applied.max(last.meta.end_lsn);
                 }
@@ -199,6 +269,13 @@ impl SinkTask {
                 durable = applied;
                 self.progress.set_sink(self.index, durable);
             }
+            if self.state.detached.load(Ordering::Acquire) && self.rx.is_empty() {
+                tracing::info!(sink = %self.name, at = %durable, "detached sink recovered; asking for a replay from its checkpoint");
+                self.progress.rejoin.notify_one();
+                // Nothing more will arrive for it in this session.
+                while self.rx.recv().await.is_some() {}
+                break;
+            }
         }
         self.sink
             .close()
@@ -206,18 +283,45 @@ impl SinkTask {
             .map_err(|e| format!("sink {:?}: closing failed: {e}", self.name))
     }
 
-    async fn apply_with_retry(&mut self, batch: &[Arc<Transaction>]) -> Result<(), String> {
+    /// `Ok(true)`: applied. `Ok(false)`: the session ended while retrying.
+    async fn apply_with_retry(&mut self, batch: &[Arc<Transaction>]) -> Result<bool, String> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut attempt = 0u32;
+        let mut failing_since: Option<std::time::Instant> = None;
         loop {
             match self.sink.apply(batch).await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if attempt > 0 {
+                        tracing::info!(sink = %self.name, attempts = attempt + 1, "sink recovered");
+                    }
+                    self.state.failing.store(false, Ordering::Release);
+                    return Ok(true);
+                }
                 Err(SinkError::Fatal(m)) => return Err(format!("sink {:?}: {m}", self.name)),
                 Err(SinkError::Transient(m)) => {
                     attempt += 1;
+                    self.state.failing.store(true, Ordering::Release);
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    if let Some(max) = self.max_failure {
+                        if since.elapsed() >= max {
+                            return Err(format!(
+                                "sink {:?} has been failing for {} s (last error: {m}); it is configured to stop after max_failure_secs = {}. \
+                                 Fix the destination and start pgferry again: it resumes from the sink's checkpoint",
+                                self.name,
+                                since.elapsed().as_secs(),
+                                max.as_secs()
+                            ));
+                        }
+                    }
                     let delay = backoff.next_delay();
                     tracing::warn!(sink = %self.name, attempt, error = %m, retry_in_ms = delay.as_millis() as u64, "sink batch failed; retrying");
-                    tokio::time::sleep(delay).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.stop.wait_for(|s| *s) => {
+                            tracing::warn!(sink = %self.name, "session ending while the sink is failing: its batch will be replayed");
+                            return Ok(false);
+                        }
+                    }
                 }
             }
         }
@@ -227,6 +331,179 @@ impl SinkTask {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{Changes, TxnMeta};
+    use std::sync::Mutex;
+
+    /// An in-memory sink: records applied end LSNs; fails while `broken` is set.
+    struct MemSink {
+        applied: Arc<Mutex<Vec<Lsn>>>,
+        broken: Arc<AtomicBool>,
+    }
+
+    #[async_trait::async_trait]
+    impl Sink for MemSink {
+        async fn apply(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
+            if self.broken.load(Ordering::Acquire) {
+                return Err(SinkError::Transient("down".into()));
+            }
+            let mut a = self.applied.lock().unwrap();
+            a.extend(batch.iter().map(|t| t.meta.end_lsn));
+            Ok(())
+        }
+    }
+
+    fn txn(end: u64) -> Arc<Transaction> {
+        Arc::new(Transaction {
+            meta: TxnMeta {
+                xid: end as u32,
+                commit_lsn: Lsn(end - 1),
+                end_lsn: Lsn(end),
+                commit_time: 0,
+            },
+            changes: Changes::Memory(Vec::new()),
+            messages: Vec::new(),
+            aborted_subxids: Vec::new(),
+            mem_bytes: 0,
+            _budget: None,
+        })
+    }
+
+    struct Harness {
+        links: Vec<SinkLink>,
+        applied: Vec<Arc<Mutex<Vec<Lsn>>>>,
+        broken: Vec<Arc<AtomicBool>>,
+        progress: Arc<Progress>,
+        tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+        stop: tokio::sync::watch::Sender<bool>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn harness(n: usize, max_failure: Option<Duration>) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path()).unwrap();
+        let progress = Progress::new(&vec![Lsn::ZERO; n]);
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let mut h = Harness {
+            links: vec![],
+            applied: vec![],
+            broken: vec![],
+            progress: progress.clone(),
+            tasks: vec![],
+            stop,
+            _dir: dir,
+        };
+        for i in 0..n {
+            let (tx, rx) = mpsc::channel(4);
+            let state = Arc::new(SinkState::default());
+            let applied = Arc::new(Mutex::new(Vec::new()));
+            let broken = Arc::new(AtomicBool::new(false));
+            h.links.push(SinkLink {
+                name: format!("s{i}"),
+                tx,
+                state: state.clone(),
+            });
+            let task = SinkTask {
+                index: i,
+                name: format!("s{i}"),
+                sink: Box::new(MemSink {
+                    applied: applied.clone(),
+                    broken: broken.clone(),
+                }),
+                rx,
+                store: store.clone(),
+                slot: "slot".into(),
+                system_identifier: "1".into(),
+                checkpoint: Lsn::ZERO,
+                progress: progress.clone(),
+                batch_max_events: 8,
+                state,
+                max_failure,
+                stop: stop_rx.clone(),
+            };
+            h.tasks.push(tokio::spawn(task.run()));
+            h.applied.push(applied);
+            h.broken.push(broken);
+        }
+        h
+    }
+
+    #[tokio::test]
+    async fn a_failing_sink_is_detached_while_the_others_flow_then_asks_to_rejoin() {
+        let h = harness(2, None);
+        h.broken[1].store(true, Ordering::Release);
+        for end in 1..=200u64 {
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                fan_out(&h.links, Item::Txn(txn(end))),
+            )
+            .await
+            .expect("a failing sink must not block the healthy one")
+            .unwrap();
+        }
+        // The healthy sink got everything, in order; the broken one was detached.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while h.progress.sink(0) < Lsn(200) {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            *h.applied[0].lock().unwrap(),
+            (1..=200).map(Lsn).collect::<Vec<_>>()
+        );
+        assert!(h.links[1].state.detached.load(Ordering::Acquire));
+        assert!(h.applied[1].lock().unwrap().is_empty());
+        // The flush position waits for the slowest sink: WAL is kept for it.
+        assert_eq!(h.progress.confirmed(), Lsn::ZERO);
+        // It recovers, drains what it holds, and asks for a replay.
+        h.broken[1].store(false, Ordering::Release);
+        tokio::time::timeout(Duration::from_secs(40), h.progress.rejoin.notified())
+            .await
+            .expect("the recovered sink asks to rejoin");
+        let got = h.applied[1].lock().unwrap().clone();
+        assert!(!got.is_empty() && got.len() < 200, "{got:?}");
+        assert_eq!(got, (1..=got.len() as u64).map(Lsn).collect::<Vec<_>>());
+        assert_eq!(h.progress.confirmed(), Lsn(got.len() as u64));
+        drop(h.links);
+        let _ = h.stop.send(true);
+        for t in h.tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sink_failing_past_its_bound_stops_with_a_clear_error() {
+        let h = harness(1, Some(Duration::from_millis(300)));
+        h.broken[0].store(true, Ordering::Release);
+        fan_out(&h.links, Item::Txn(txn(1))).await.unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut tasks = h.tasks;
+            tasks.pop().unwrap().await.unwrap()
+        })
+        .await
+        .unwrap()
+        .unwrap_err();
+        assert!(
+            err.contains("has been failing") && err.contains("max_failure_secs"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_retrying_sink_gives_up_when_the_session_ends_without_checkpointing() {
+        let h = harness(1, None);
+        h.broken[0].store(true, Ordering::Release);
+        fan_out(&h.links, Item::Txn(txn(1))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = h.stop.send(true);
+        drop(h.links);
+        let mut tasks = h.tasks;
+        tokio::time::timeout(Duration::from_secs(5), tasks.pop().unwrap())
+            .await
+            .expect("stops promptly")
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.progress.confirmed(), Lsn::ZERO);
+    }
 
     #[test]
     fn backoff_doubles_to_its_cap_with_bounded_jitter() {

@@ -29,7 +29,7 @@ use crate::conn::{self, wire::ConnError, StartOptions, WriteSide};
 use crate::decode::assembler::Assembler;
 use crate::decode::types::TypeRegistry;
 use crate::lsn::Lsn;
-use crate::pipeline::{Budget, Item, Progress, SinkTask};
+use crate::pipeline::{fan_out, Budget, Item, Progress, SinkLink, SinkState, SinkTask};
 use crate::protocol::pgoutput::{self, LogicalMessage};
 use crate::protocol::replication::{self, ReplicationMessage};
 
@@ -40,6 +40,10 @@ pub enum SourceError {
     Transient(String),
     #[error("{0}")]
     Fatal(String),
+    /// A detached sink recovered: start a new session at once, from the
+    /// minimum checkpoint.
+    #[error("a detached sink recovered; replaying from its checkpoint")]
+    Rejoin,
 }
 
 impl From<ConnError> for SourceError {
@@ -284,6 +288,7 @@ pub async fn run(config: &Config, mut shutdown: watch::Receiver<bool>) -> Result
 
     // Sinks.
     let progress = Progress::new(&checkpoints);
+    let (sinks_stop_tx, sinks_stop) = watch::channel(false);
     let mut senders = Vec::new();
     let mut tasks = Vec::new();
     for (i, sc) in config.sinks.iter().enumerate() {
@@ -291,7 +296,12 @@ pub async fn run(config: &Config, mut shutdown: watch::Receiver<bool>) -> Result
             .await
             .map_err(|e| fatal(e.to_string()))?;
         let (tx, rx) = mpsc::channel(64);
-        senders.push(tx);
+        let state = Arc::new(SinkState::default());
+        senders.push(SinkLink {
+            name: sc.name().to_string(),
+            tx,
+            state: state.clone(),
+        });
         let task = SinkTask {
             index: i,
             name: sc.name().to_string(),
@@ -303,6 +313,9 @@ pub async fn run(config: &Config, mut shutdown: watch::Receiver<bool>) -> Result
             checkpoint: checkpoints[i],
             progress: progress.clone(),
             batch_max_events: config.pipeline.batch_max_events,
+            state,
+            max_failure: sc.max_failure_secs().map(Duration::from_secs),
+            stop: sinks_stop.clone(),
         };
         tasks.push(tokio::spawn(task.run()));
     }
@@ -363,6 +376,9 @@ pub async fn run(config: &Config, mut shutdown: watch::Receiver<bool>) -> Result
                     tracing::info!("shutdown requested: finishing the batches in flight");
                     return Ok(());
                 }
+                _ = progress.rejoin.notified() => {
+                    return Err(SourceError::Rejoin);
+                }
             };
             match m.tag {
                 b'd' => {}
@@ -402,11 +418,7 @@ pub async fn run(config: &Config, mut shutdown: watch::Receiver<bool>) -> Result
                     if let Some(mut txn) = committed {
                         budget.admit(&mut txn).await;
                         let txn = Arc::new(txn);
-                        for tx in &senders {
-                            if tx.send(Item::Txn(txn.clone())).await.is_err() {
-                                return Err(fatal("a sink stopped"));
-                            }
-                        }
+                        fan_out(&senders, Item::Txn(txn)).await.map_err(|g| fatal(format!("sink {:?} stopped", g.0)))?;
                     }
                 }
                 ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
@@ -422,11 +434,7 @@ pub async fn run(config: &Config, mut shutdown: watch::Receiver<bool>) -> Result
                     {
                         last_idle = wal_end;
                         last_idle_at = Instant::now();
-                        for tx in &senders {
-                            if tx.send(Item::Idle(wal_end)).await.is_err() {
-                                return Err(fatal("a sink stopped"));
-                            }
-                        }
+                        fan_out(&senders, Item::Idle(wal_end)).await.map_err(|g| fatal(format!("sink {:?} stopped", g.0)))?;
                     }
                 }
             }
@@ -434,8 +442,10 @@ pub async fn run(config: &Config, mut shutdown: watch::Receiver<bool>) -> Result
     }
     .await;
 
-    // Drain: the sinks finish what they hold and checkpoint it.
+    // Drain: healthy sinks finish what they hold and checkpoint it; a sink
+    // that is retrying gives up (it is replayed from its checkpoint).
     drop(senders);
+    let _ = sinks_stop_tx.send(true);
     let mut sink_error = None;
     for t in tasks {
         match t.await {

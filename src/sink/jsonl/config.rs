@@ -14,6 +14,10 @@ pub struct JsonlConfig {
     /// lose acknowledged lines; a process crash cannot.
     #[serde(default = "yes")]
     pub fsync: bool,
+    /// Stop pgferry with an error once the sink has been failing (retrying)
+    /// this many seconds. Default: keep retrying forever.
+    #[serde(default)]
+    pub max_failure_secs: Option<u64>,
     /// Only these `schema.table`s (default: all of `source.tables`).
     #[serde(default)]
     pub tables: Option<Vec<String>>,
