@@ -226,10 +226,11 @@ impl SinkConfig {
     }
 
     /// The tables this sink receives (`None`: all of `[source].tables`).
-    pub fn tables(&self) -> Option<&[String]> {
+    /// Sinks with per-table options return the keys of their `tables` map.
+    pub fn tables(&self) -> Option<Vec<String>> {
         match self {
-            SinkConfig::Jsonl(c) => c.tables.as_deref(),
-            SinkConfig::Null(c) => c.tables.as_deref(),
+            SinkConfig::Jsonl(c) => c.tables.clone(),
+            SinkConfig::Null(c) => c.tables.clone(),
         }
     }
 }
@@ -360,10 +361,10 @@ impl Config {
                 ));
             }
             if let Some(tables) = sink.tables() {
-                for (j, t) in tables.iter().enumerate() {
+                for t in &tables {
                     if !s.tables.contains(t) {
                         return Err(key_err(
-                            format!("sink[{i}].tables[{j}]"),
+                            format!("sink[{i}].tables.{t:?}"),
                             format!(
                                 "{t:?} is not in source.tables; add it there or remove it here"
                             ),

@@ -153,6 +153,26 @@ impl Row {
         }
     }
 
+    /// The value of column `i` as text: a JSON string's content, or the JSON
+    /// text of any other value (`42`, `true`, `{"a": 1}`). `None` for NULL,
+    /// unchanged or out of range.
+    pub fn text(&self, i: usize) -> Option<std::borrow::Cow<'_, str>> {
+        let json = self.json(i)?;
+        if json.first() == Some(&b'"') {
+            if !json.contains(&b'\\') {
+                return std::str::from_utf8(json.get(1..json.len() - 1)?)
+                    .ok()
+                    .map(std::borrow::Cow::Borrowed);
+            }
+            return serde_json::from_slice::<String>(json)
+                .ok()
+                .map(std::borrow::Cow::Owned);
+        }
+        std::str::from_utf8(json)
+            .ok()
+            .map(std::borrow::Cow::Borrowed)
+    }
+
     pub fn cell(&self, i: usize) -> Cell {
         self.cells.get(i).copied().unwrap_or(Cell::Null)
     }

@@ -19,6 +19,7 @@
 //! - `null`: discards everything (benchmarks); checkpoints still advance.
 
 pub mod jsonl;
+pub mod key;
 pub mod null;
 
 use std::sync::Arc;
@@ -58,10 +59,8 @@ pub struct TableFilter {
 }
 
 impl TableFilter {
-    pub fn new(only: Option<&[String]>) -> Self {
-        TableFilter {
-            only: only.map(|t| t.to_vec()),
-        }
+    pub fn new(only: Option<Vec<String>>) -> Self {
+        TableFilter { only }
     }
 
     pub fn accepts(&self, qualified: &str) -> bool {

@@ -25,7 +25,7 @@ pub struct JsonlSink {
 
 impl JsonlSink {
     pub fn open(cfg: &JsonlConfig) -> Result<JsonlSink, SinkError> {
-        let filter = TableFilter::new(cfg.tables.as_deref());
+        let filter = TableFilter::new(cfg.tables.clone());
         if cfg.path.as_os_str() == "-" {
             return Ok(JsonlSink {
                 out: Out::Stdout(std::io::stdout()),

@@ -1,0 +1,284 @@
+//! Keys and document ids built from a row: templates such as
+//! `"product:{id}"` or `"{tenant_id}:{id}"`.
+//!
+//! Collision-freedom: a column value is inserted with `%` and every character
+//! that occurs in the template's literal text percent-encoded (`:` → `%3A`,
+//! `%` → `%25`, using the UTF-8 bytes). A value can therefore never produce a
+//! separator, and two different value tuples always give two different keys:
+//! `{a}:{b}` with (`x:y`, `z`) gives `x%3Ay:z`, with (`x`, `y:z`) gives `x:y%3Az`.
+//!
+//! A value is its text: a JSON string's content (unescaped), or the JSON text
+//! of anything else (`42`, `true`, `1.50`).
+
+use std::borrow::Cow;
+
+use crate::event::{Cell, RelationInfo, Row};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Lit(String),
+    Col(String),
+}
+
+/// A parsed key template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyTemplate {
+    parts: Vec<Part>,
+    /// Characters to escape in values: `%` plus those of the literal parts.
+    special: Vec<char>,
+}
+
+/// Why a key could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("key template {template:?}: {reason}")]
+    Template { template: String, reason: String },
+    #[error("column {column:?} of {table} is not in the table")]
+    NoColumn { column: String, table: String },
+    #[error("key column {column:?} of {table} is NULL")]
+    Null { column: String, table: String },
+    #[error(
+        "key column {column:?} of {table} is an unchanged TOAST value that the server did not send"
+    )]
+    Unchanged { column: String, table: String },
+}
+
+impl KeyTemplate {
+    /// Parses `text`; `{{` and `}}` stand for literal braces.
+    pub fn parse(text: &str) -> Result<KeyTemplate, KeyError> {
+        let err = |reason: &str| KeyError::Template {
+            template: text.to_string(),
+            reason: reason.to_string(),
+        };
+        let mut parts = Vec::new();
+        let mut lit = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    lit.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    lit.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => name.push(c),
+                            None => return Err(err("a '{' is not closed")),
+                        }
+                    }
+                    if name.is_empty() {
+                        return Err(err("empty column name in {}"));
+                    }
+                    if !lit.is_empty() {
+                        parts.push(Part::Lit(std::mem::take(&mut lit)));
+                    }
+                    parts.push(Part::Col(name));
+                }
+                '}' => return Err(err("a '}' without '{' (write '}}' for a literal brace)")),
+                c => lit.push(c),
+            }
+        }
+        if !lit.is_empty() {
+            parts.push(Part::Lit(lit));
+        }
+        if !parts.iter().any(|p| matches!(p, Part::Col(_))) {
+            return Err(err("names no column; use e.g. \"product:{id}\""));
+        }
+        let mut special = vec!['%'];
+        for p in &parts {
+            if let Part::Lit(l) = p {
+                for c in l.chars() {
+                    if !special.contains(&c) {
+                        special.push(c);
+                    }
+                }
+            }
+        }
+        Ok(KeyTemplate { parts, special })
+    }
+
+    /// The default: the relation's key columns joined by `:`.
+    pub fn for_key_columns(rel: &RelationInfo) -> Result<KeyTemplate, KeyError> {
+        let cols: Vec<String> = rel
+            .columns
+            .iter()
+            .filter(|c| c.is_key)
+            .map(|c| format!("{{{}}}", c.name.replace('{', "{{").replace('}', "}}")))
+            .collect();
+        if cols.is_empty() {
+            return Err(KeyError::Template {
+                template: String::new(),
+                reason: format!(
+                    "{} has no replica identity key; give it a primary key or configure a key template",
+                    rel.qualified
+                ),
+            });
+        }
+        let mut t = Self::parse(&cols.join(":"))?;
+        if !t.special.contains(&':') {
+            t.special.push(':');
+        }
+        Ok(t)
+    }
+
+    /// The column names the template uses.
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Col(c) => Some(c.as_str()),
+            Part::Lit(_) => None,
+        })
+    }
+
+    /// Renders the key for `row` of `rel`.
+    pub fn render(&self, rel: &RelationInfo, row: &Row) -> Result<String, KeyError> {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Lit(l) => out.push_str(l),
+                Part::Col(name) => {
+                    let i = rel
+                        .columns
+                        .iter()
+                        .position(|c| &c.name == name)
+                        .ok_or_else(|| KeyError::NoColumn {
+                            column: name.clone(),
+                            table: rel.qualified.clone(),
+                        })?;
+                    match row.cell(i) {
+                        Cell::Null => {
+                            return Err(KeyError::Null {
+                                column: name.clone(),
+                                table: rel.qualified.clone(),
+                            })
+                        }
+                        Cell::Unchanged => {
+                            return Err(KeyError::Unchanged {
+                                column: name.clone(),
+                                table: rel.qualified.clone(),
+                            })
+                        }
+                        Cell::Value { .. } => {
+                            let text = row.text(i).unwrap_or(Cow::Borrowed(""));
+                            escape_into(&text, &self.special, &mut out);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn escape_into(value: &str, special: &[char], out: &mut String) {
+    for c in value.chars() {
+        if special.contains(&c) {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel() -> RelationInfo {
+        RelationInfo::new(
+            1,
+            "public".into(),
+            "t".into(),
+            b'd',
+            vec![
+                ("tenant".into(), 25, true),
+                ("id".into(), 23, true),
+                ("v".into(), 25, false),
+            ],
+        )
+    }
+
+    fn row(vals: &[Option<&str>]) -> Row {
+        let mut r = Row::default();
+        for v in vals {
+            match v {
+                None => r.cells.push(Cell::Null),
+                Some(json) => {
+                    let start = r.buf.len() as u32;
+                    r.buf.extend_from_slice(json.as_bytes());
+                    r.cells.push(Cell::Value {
+                        start,
+                        end: r.buf.len() as u32,
+                    });
+                }
+            }
+        }
+        r
+    }
+
+    #[test]
+    fn renders_composite_keys_without_collisions() {
+        let t = KeyTemplate::parse("{tenant}:{id}").unwrap();
+        let a = t
+            .render(&rel(), &row(&[Some("\"x:y\""), Some("1"), None]))
+            .unwrap();
+        let b = t
+            .render(&rel(), &row(&[Some("\"x\""), Some("\"y:1\""), None]))
+            .unwrap();
+        assert_eq!(a, "x%3Ay:1");
+        assert_eq!(b, "x:y%3A1");
+        assert_ne!(a, b);
+        let c = t
+            .render(&rel(), &row(&[Some("\"50%\""), Some("2"), None]))
+            .unwrap();
+        assert_eq!(c, "50%25:2");
+        let p = KeyTemplate::parse("product:{id}").unwrap();
+        assert_eq!(
+            p.render(&rel(), &row(&[Some("\"a\""), Some("42"), None]))
+                .unwrap(),
+            "product:42"
+        );
+    }
+
+    #[test]
+    fn default_template_joins_key_columns() {
+        let t = KeyTemplate::for_key_columns(&rel()).unwrap();
+        assert_eq!(
+            t.render(&rel(), &row(&[Some("\"a:b\""), Some("7"), None]))
+                .unwrap(),
+            "a%3Ab:7"
+        );
+    }
+
+    #[test]
+    fn bad_templates_and_missing_values_are_errors() {
+        assert!(KeyTemplate::parse("product:").is_err());
+        assert!(KeyTemplate::parse("{id").is_err());
+        assert!(KeyTemplate::parse("id}").is_err());
+        assert_eq!(
+            KeyTemplate::parse("{{x}}:{id}")
+                .unwrap()
+                .columns()
+                .collect::<Vec<_>>(),
+            ["id"]
+        );
+        let t = KeyTemplate::parse("{nope}").unwrap();
+        assert!(matches!(
+            t.render(&rel(), &row(&[None, None, None])),
+            Err(KeyError::NoColumn { .. })
+        ));
+        let t = KeyTemplate::parse("{id}").unwrap();
+        assert!(matches!(
+            t.render(&rel(), &row(&[None, None, None])),
+            Err(KeyError::Null { .. })
+        ));
+    }
+}
