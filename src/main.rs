@@ -39,6 +39,10 @@ enum Command {
     Run {
         #[arg(long, short)]
         config: PathBuf,
+        /// Stop cleanly once every sink has applied everything up to this
+        /// LSN (X/Y). For benchmarks and scripts.
+        #[arg(long)]
+        until: Option<pgferry::lsn::Lsn>,
     },
     /// Validate the config and the source server; print every check as OK or FAIL.
     Check {
@@ -109,7 +113,7 @@ fn main() -> std::process::ExitCode {
 
 async fn dispatch(cmd: Command) -> anyhow::Result<std::process::ExitCode> {
     match cmd {
-        Command::Run { config } => run(&load(&config)?).await,
+        Command::Run { config, until } => run(&load(&config)?, until).await,
         Command::Check { config } => {
             let cfg = load(&config)?;
             let ok = pgferry::check::run(&cfg, &mut std::io::stdout()).await;
@@ -136,7 +140,7 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Config::load(path).with_context(|| format!("invalid configuration in {}", path.display()))
 }
 
-async fn run(config: &Config) -> anyhow::Result<std::process::ExitCode> {
+async fn run(config: &Config, until: Option<pgferry::lsn::Lsn>) -> anyhow::Result<std::process::ExitCode> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -145,7 +149,7 @@ async fn run(config: &Config) -> anyhow::Result<std::process::ExitCode> {
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let started = std::time::Instant::now();
-        match source::run(config, stop_rx.clone()).await {
+        match source::run(config, stop_rx.clone(), until).await {
             Ok(()) => {
                 tracing::info!("stopped cleanly");
                 return Ok(std::process::ExitCode::SUCCESS);

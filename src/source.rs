@@ -198,7 +198,14 @@ async fn ensure_publication(
 
 /// Runs one replication session until `shutdown` turns true (returns Ok) or
 /// an error ends it.
-pub async fn run(config: &Config, mut shutdown: watch::Receiver<bool>) -> Result<(), SourceError> {
+///
+/// With `until`, the session also ends (Ok) once every sink has applied
+/// everything up to that position: a benchmarking and scripting aid.
+pub async fn run(
+    config: &Config,
+    mut shutdown: watch::Receiver<bool>,
+    until: Option<Lsn>,
+) -> Result<(), SourceError> {
     let s = &config.source;
     let pg: tokio_postgres::Config = s
         .url
@@ -370,8 +377,13 @@ pub async fn run(config: &Config, mut shutdown: watch::Receiver<bool>) -> Result
     let mut last_idle_at = Instant::now();
     let result: Result<(), SourceError> = async {
         loop {
+            if until.is_some_and(|u| progress.confirmed() >= u) {
+                tracing::info!(until = %until.unwrap_or_default(), "every sink reached the --until position");
+                return Ok(());
+            }
             let m = tokio::select! {
                 m = reader.next() => m?,
+                _ = progress.changed.notified(), if until.is_some() => continue,
                 _ = shutdown.changed() => {
                     tracing::info!("shutdown requested: finishing the batches in flight");
                     return Ok(());
