@@ -141,7 +141,7 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
         match row {
             Ok(None) => r.fail(
                 format!("table {name} does not exist"),
-                format!("create it, or remove it from source.tables"),
+                "create it, or remove it from source.tables",
             ),
             Err(e) => r.fail(
                 format!("cannot inspect {name}: {e}"),

@@ -391,10 +391,8 @@ fn substitute(
     env: &impl Fn(&str) -> Option<String>,
 ) -> Result<(), ConfigError> {
     match value {
-        toml::Value::String(s) => {
-            if s.contains("${") {
-                *s = expand(s, &path.join("."), env)?;
-            }
+        toml::Value::String(s) if s.contains("${") => {
+            *s = expand(s, &path.join("."), env)?;
         }
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {
