@@ -270,8 +270,20 @@ impl Config {
         })?;
         substitute(&mut value, &mut Vec::new(), &env)?;
         let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
-            let key = e.path().to_string();
-            key_err(key, e.into_inner().to_string())
+            let mut key = e.path().to_string();
+            // The message alone: the error's Display repeats the key ("in `sink`").
+            let message = e.into_inner().message().to_string();
+            // Inside a `[[sink]]` (an internally tagged enum) the path stops at
+            // `sink[0]`; complete it with the unknown key, as for other tables.
+            if let Some(field) = message
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+            {
+                if key.rsplit(['.', '[']).next() != Some(field) {
+                    key = format!("{key}.{field}");
+                }
+            }
+            key_err(key, message)
         })?;
         config.validate()?;
         Ok(config)
@@ -488,11 +500,11 @@ path = "changes.jsonl"           # "-" for stdout
     fn unknown_keys_are_rejected_with_their_path() {
         let bad = EXAMPLE.replace("slot = \"pgferry\"", "slott = \"pgferry\"");
         let e = parse(&bad).unwrap_err().to_string();
-        assert!(e.contains("source"), "{e}");
-        assert!(e.contains("slott"), "{e}");
+        assert!(e.contains("`source.slott`"), "{e}");
         let bad = EXAMPLE.replace("path = ", "paht = ");
         let e = parse(&bad).unwrap_err().to_string();
-        assert!(e.contains("sink[0]") && e.contains("paht"), "{e}");
+        assert!(e.contains("`sink[0].paht`"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
     }
 
     #[test]

@@ -58,15 +58,23 @@ impl From<ConnError> for SourceError {
 
 impl From<tokio_postgres::Error> for SourceError {
     fn from(e: tokio_postgres::Error) -> Self {
-        let transient = e.is_closed()
-            || e.as_db_error().is_none()
-            || e.code().is_some_and(|c| {
-                let c = c.code();
+        // tokio-postgres's Display omits the cause ("invalid configuration"),
+        // so the cause is named here ("...: password missing").
+        let cause = std::error::Error::source(&e);
+        let transient = match e.as_db_error() {
+            Some(db) => {
+                let c = db.code().code();
                 c.starts_with("57P") || c.starts_with("08") || c.starts_with("53")
-            });
-        let msg = match e.as_db_error() {
-            Some(db) => format!("Postgres error {}: {}", db.code().code(), db.message()),
-            None => format!("Postgres connection error: {e}"),
+            }
+            // Lost connection, I/O, timeout: retry. A cause that is not I/O is a
+            // configuration or authentication problem (e.g. the server asks for
+            // a password the URL lacks) that no retry can fix.
+            None => e.is_closed() || cause.map_or(true, |c| c.is::<std::io::Error>()),
+        };
+        let msg = match (e.as_db_error(), cause) {
+            (Some(db), _) => format!("Postgres error {}: {}", db.code().code(), db.message()),
+            (None, Some(c)) => format!("Postgres connection error: {e}: {c}"),
+            (None, None) => format!("Postgres connection error: {e}"),
         };
         if transient {
             SourceError::Transient(msg)

@@ -38,9 +38,21 @@ impl FerryDir {
         extra_source: &str,
         extra: &str,
     ) -> PathBuf {
+        self.write_config_slot(url, "pgferry", tables, extra_source, extra)
+    }
+
+    /// [`FerryDir::write_config`] with another slot name.
+    pub fn write_config_slot(
+        &self,
+        url: &str,
+        slot: &str,
+        tables: &[&str],
+        extra_source: &str,
+        extra: &str,
+    ) -> PathBuf {
         let tables: Vec<String> = tables.iter().map(|t| format!("\"{t}\"")).collect();
         let text = format!(
-            "[source]\nurl = \"{url}\"\nslot = \"pgferry\"\npublication = \"pgferry\"\ntables = [{}]\n{extra_source}\n\n\
+            "[source]\nurl = \"{url}\"\nslot = \"{slot}\"\npublication = \"pgferry\"\ntables = [{}]\n{extra_source}\n\n\
              [checkpoint]\ndir = \"{}\"\n\n[[sink]]\nname = \"changes\"\ntype = \"jsonl\"\npath = \"{}\"\n{extra}\n",
             tables.join(", "),
             self.path("state").display(),
@@ -73,6 +85,31 @@ impl FerryDir {
             cmd.env(k, v);
         }
         cmd.spawn().expect("start pgferry")
+    }
+
+    /// Runs a one-shot command (`check`, `slot status`, ...) with the config
+    /// to completion (at most 60 s) and returns its exit status and output.
+    pub fn command(&self, args: &[&str], env: &[(&str, &str)]) -> CommandOutput {
+        let out = self.path("command.stdout");
+        let err = self.path("command.stderr");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgferry"));
+        cmd.args(args)
+            .arg("--config")
+            .arg(self.path("pgferry.toml"))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(&err).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start pgferry");
+        let status = wait_timeout(&mut child, Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("pgferry {args:?} did not finish within 60 s"));
+        CommandOutput {
+            status,
+            stdout: std::fs::read_to_string(&out).unwrap(),
+            stderr: std::fs::read_to_string(&err).unwrap(),
+        }
     }
 
     pub fn run(&self) -> Child {
@@ -114,6 +151,14 @@ impl FerryDir {
     }
 }
 
+/// What a finished one-shot command printed.
+#[derive(Debug)]
+pub struct CommandOutput {
+    pub status: std::process::ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
 pub fn read_jsonl(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     // Only complete lines: a writer may be in the middle of the last one.
@@ -127,11 +172,20 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
 
 /// Sends SIGTERM and waits for the exit status.
 pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    signal(child, "TERM")
+}
+
+/// Sends SIGINT (Ctrl-C) and waits for the exit status.
+pub fn interrupt(child: &mut Child) -> std::process::ExitStatus {
+    signal(child, "INT")
+}
+
+fn signal(child: &mut Child, sig: &str) -> std::process::ExitStatus {
     let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{sig}"), &child.id().to_string()])
         .status();
     wait_timeout(child, Duration::from_secs(30))
-        .expect("pgferry did not exit within 30 s of SIGTERM")
+        .unwrap_or_else(|| panic!("pgferry did not exit within 30 s of SIG{sig}"))
 }
 
 /// Kills with SIGKILL (kill -9).
