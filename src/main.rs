@@ -140,7 +140,10 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Config::load(path).with_context(|| format!("invalid configuration in {}", path.display()))
 }
 
-async fn run(config: &Config, until: Option<pgferry::lsn::Lsn>) -> anyhow::Result<std::process::ExitCode> {
+async fn run(
+    config: &Config,
+    until: Option<pgferry::lsn::Lsn>,
+) -> anyhow::Result<std::process::ExitCode> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -69,7 +69,7 @@ impl From<tokio_postgres::Error> for SourceError {
             // Lost connection, I/O, timeout: retry. A cause that is not I/O is a
             // configuration or authentication problem (e.g. the server asks for
             // a password the URL lacks) that no retry can fix.
-            None => e.is_closed() || cause.map_or(true, |c| c.is::<std::io::Error>()),
+            None => e.is_closed() || cause.is_none_or(|c| c.is::<std::io::Error>()),
         };
         let msg = match (e.as_db_error(), cause) {
             (Some(db), _) => format!("Postgres error {}: {}", db.code().code(), db.message()),

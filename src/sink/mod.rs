@@ -66,7 +66,7 @@ impl TableFilter {
     pub fn accepts(&self, qualified: &str) -> bool {
         self.only
             .as_ref()
-            .map_or(true, |t| t.iter().any(|n| n == qualified))
+            .is_none_or(|t| t.iter().any(|n| n == qualified))
     }
 }
 
