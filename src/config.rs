@@ -187,6 +187,10 @@ pub struct PipelineConfig {
     /// Largest number of change events handed to a sink in one batch.
     #[serde(default = "default_batch_events")]
     pub batch_max_events: usize,
+    /// Least milliseconds between two checkpoints of a sink. Each checkpoint
+    /// makes the sink durable (e.g. an fsync) and lets the slot advance.
+    #[serde(default = "default_checkpoint_ms")]
+    pub checkpoint_interval_ms: u64,
 }
 
 impl Default for PipelineConfig {
@@ -195,6 +199,7 @@ impl Default for PipelineConfig {
             memory_limit_mb: default_memory_mb(),
             spill_dir: None,
             batch_max_events: default_batch_events(),
+            checkpoint_interval_ms: default_checkpoint_ms(),
         }
     }
 }
@@ -243,6 +248,9 @@ fn ten() -> u64 {
 }
 fn default_memory_mb() -> u64 {
     16
+}
+fn default_checkpoint_ms() -> u64 {
+    100
 }
 fn default_batch_events() -> usize {
     8192

@@ -12,8 +12,10 @@
 //!   commit order; transactions at or below the sink's checkpoint are skipped,
 //!   so a transaction sent again after a reconnect or restart is not applied
 //!   twice by the pipeline;
-//! - a sink's checkpoint is written only after `apply` returned `Ok`, and the
-//!   flush position told to Postgres is the minimum over all sinks;
+//! - a sink's checkpoint is written only after `apply` and then `flush`
+//!   returned `Ok`, at most every `checkpoint_interval` (and when the session
+//!   ends), and the flush position told to Postgres is the minimum over all
+//!   sinks;
 //! - channels are bounded, and committed transactions held in memory are
 //!   bounded by a byte budget, so a slow sink slows the source down
 //!   (backpressure) instead of growing memory;
@@ -182,6 +184,8 @@ pub struct SinkTask {
     pub checkpoint: Lsn,
     pub progress: Arc<Progress>,
     pub batch_max_events: usize,
+    /// Least time between two checkpoints (each one flushes the sink).
+    pub checkpoint_interval: Duration,
     pub state: Arc<SinkState>,
     /// Stop pgferry when the sink has failed for this long (`None`: retry forever).
     pub max_failure: Option<Duration>,
@@ -216,11 +220,28 @@ impl SinkTask {
     pub async fn run(mut self) -> Result<(), String> {
         let mut applied = self.checkpoint;
         let mut durable = self.checkpoint;
+        let mut last_checkpoint = tokio::time::Instant::now();
         let mut batch: Vec<Arc<Transaction>> = Vec::new();
         loop {
-            let Some(first) = self.rx.recv().await else {
-                break;
+            // With progress not yet checkpointed, wait for more only until
+            // the checkpoint is due.
+            let next = if applied > durable {
+                let due = last_checkpoint + self.checkpoint_interval;
+                match tokio::time::timeout_at(due, self.rx.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        if !self.checkpoint(applied).await? {
+                            break;
+                        }
+                        durable = applied;
+                        last_checkpoint = tokio::time::Instant::now();
+                        continue;
+                    }
+                }
+            } else {
+                self.rx.recv().await
             };
+            let Some(first) = next else { break };
             let mut idle = None;
             let mut events = 0usize;
             let mut push =
@@ -257,19 +278,17 @@ impl SinkTask {
             if let Some(l) = idle {
                 applied = applied.max(l);
             }
-            if applied > durable {
-                self.store
-                    .save(&Checkpoint {
-                        sink: self.name.clone(),
-                        slot: self.slot.clone(),
-                        system_identifier: self.system_identifier.clone(),
-                        lsn: applied,
-                    })
-                    .map_err(|e| format!("sink {:?}: {e}", self.name))?;
+            if applied > durable && last_checkpoint.elapsed() >= self.checkpoint_interval {
+                if !self.checkpoint(applied).await? {
+                    break;
+                }
                 durable = applied;
-                self.progress.set_sink(self.index, durable);
+                last_checkpoint = tokio::time::Instant::now();
             }
             if self.state.detached.load(Ordering::Acquire) && self.rx.is_empty() {
+                if applied > durable && self.checkpoint(applied).await? {
+                    durable = applied;
+                }
                 tracing::info!(sink = %self.name, at = %durable, "detached sink recovered; asking for a replay from its checkpoint");
                 self.progress.rejoin.notify_one();
                 // Nothing more will arrive for it in this session.
@@ -277,10 +296,47 @@ impl SinkTask {
                 break;
             }
         }
+        // Clean end of the session: make the rest durable and checkpoint it.
+        // A sink that still fails gives up at once (`stop` is set by then).
+        if applied > durable {
+            self.checkpoint(applied).await?;
+        }
         self.sink
             .close()
             .await
             .map_err(|e| format!("sink {:?}: closing failed: {e}", self.name))
+    }
+
+    /// Flushes the sink (retrying transient failures) and saves the
+    /// checkpoint. `Ok(false)`: the session ended while the flush was failing.
+    async fn checkpoint(&mut self, lsn: Lsn) -> Result<bool, String> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            match self.sink.flush().await {
+                Ok(()) => break,
+                Err(SinkError::Fatal(m)) => return Err(format!("sink {:?}: {m}", self.name)),
+                Err(SinkError::Transient(m)) => {
+                    self.state.failing.store(true, Ordering::Release);
+                    let delay = backoff.next_delay();
+                    tracing::warn!(sink = %self.name, error = %m, retry_in_ms = delay.as_millis() as u64, "sink flush failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.stop.wait_for(|s| *s) => return Ok(false),
+                    }
+                }
+            }
+        }
+        self.state.failing.store(false, Ordering::Release);
+        self.store
+            .save(&Checkpoint {
+                sink: self.name.clone(),
+                slot: self.slot.clone(),
+                system_identifier: self.system_identifier.clone(),
+                lsn,
+            })
+            .map_err(|e| format!("sink {:?}: {e}", self.name))?;
+        self.progress.set_sink(self.index, lsn);
+        Ok(true)
     }
 
     /// `Ok(true)`: applied. `Ok(false)`: the session ended while retrying.
@@ -416,6 +472,7 @@ mod tests {
                 checkpoint: Lsn::ZERO,
                 progress: progress.clone(),
                 batch_max_events: 8,
+                checkpoint_interval: Duration::from_millis(20),
                 state,
                 max_failure,
                 stop: stop_rx.clone(),

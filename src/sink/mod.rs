@@ -1,8 +1,8 @@
 //! Sinks: where committed transactions go.
 //!
-//! A sink receives batches of whole transactions, in commit order, and says
-//! when a batch is durably applied. Only then does the pipeline checkpoint the
-//! batch's last `end_lsn` for that sink. Each sink lives in its own folder
+//! A sink receives batches of whole transactions, in commit order; the
+//! pipeline asks it to make what it applied durable (`flush`) and only then
+//! checkpoints the last `end_lsn` applied for that sink. Each sink lives in its own folder
 //! with its config struct (`deny_unknown_fields`, one doc comment per field:
 //! those are the user docs) and its implementation.
 //!
@@ -40,14 +40,23 @@ pub enum SinkError {
 /// A destination for committed transactions.
 #[async_trait::async_trait]
 pub trait Sink: Send {
-    /// Applies a batch of committed transactions, in commit order. `Ok`
-    /// means durably applied. Called again with the same or overlapping
-    /// transactions after an error or a restart, so it must be idempotent.
+    /// Applies a batch of committed transactions, in commit order. Called
+    /// again with the same or overlapping transactions after an error or a
+    /// restart, so it must be idempotent.
     async fn apply(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError>;
+
+    /// Makes everything applied so far durable. The pipeline calls it before
+    /// it checkpoints (at most every `pipeline.checkpoint_interval_ms`), so
+    /// a sink with an expensive durability step (an `fsync`) pays it once per
+    /// checkpoint, not once per batch. Sinks whose `apply` is durable by
+    /// itself keep the default.
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        Ok(())
+    }
 
     /// Flushes and releases resources at shutdown.
     async fn close(&mut self) -> Result<(), SinkError> {
-        Ok(())
+        self.flush().await
     }
 }
 

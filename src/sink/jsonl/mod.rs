@@ -6,8 +6,8 @@
 //! transaction's events made it. A transaction delivered again is skipped if
 //! it is older, and only its missing tail is written if it is the same. So
 //! after any crash the file has no gap and no duplicate, whatever the
-//! checkpoint says. Each batch is written with one `write` and made durable
-//! with `fsync` before it is acknowledged.
+//! checkpoint says. Each batch is written with one `write`; `flush` makes the
+//! file durable with `fsync` before the pipeline checkpoints it.
 
 mod config;
 mod sink;

@@ -211,6 +211,10 @@ impl Sink for JsonlSink {
                 }
             }
         }
+        self.flush_buf()
+    }
+
+    async fn flush(&mut self) -> Result<(), SinkError> {
         self.flush_buf()?;
         if self.fsync {
             if let Out::File(f) = &self.out {
