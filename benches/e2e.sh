@@ -99,8 +99,10 @@ t0=$(now)
 MSGS="$("${PSQL[@]}" -c "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('peek', '$END', NULL, 'proto_version', '2', 'publication_names', 'bench', 'messages', 'true', 'streaming', 'on')")"
 t1=$(now); PEEK=$(secs "$t0" "$t1")
 
+RWRAP=()
+if [ -n "${PERF_DIR:-}" ]; then RWRAP=(perf record -q -a -e cpu-clock -F 2000 -g -o "$PERF_DIR/recv.perf.data" --); fi
 t0=$(now)
-"$PGBIN/pg_recvlogical" -h 127.0.0.1 -p "$PORT" -U postgres -d postgres --slot recv --start -E "$END" --no-loop -f /dev/null \
+"${RWRAP[@]}" "$PGBIN/pg_recvlogical" -h 127.0.0.1 -p "$PORT" -U postgres -d postgres --slot recv --start -E "$END" --no-loop -f /dev/null \
   -o proto_version=2 -o publication_names=bench -o messages=true -o streaming=on
 t1=$(now); RECV=$(secs "$t0" "$t1")
 
@@ -111,17 +113,20 @@ url = "postgres://postgres@127.0.0.1:$PORT/postgres"
 slot = "$1"
 publication = "bench"
 tables = ["public.items", "public.marker"]
+${FERRY_SOURCE_EXTRA:-}
 [checkpoint]
 dir = "$WORK/state-$1"
 $2
 TOML
   local wrap=()
-  if [ -n "${PERF_DIR:-}" ]; then wrap=(perf record -q -e cpu-clock -F 2000 -g -o "$PERF_DIR/$1.perf.data" --); fi
+  if [ -n "${PERF_DIR:-}" ]; then wrap=(perf record -q -a -e cpu-clock -F 2000 -g -o "$PERF_DIR/$1.perf.data" --); fi
   /usr/bin/time -f "%M" -o "$WORK/$1.rss" "${wrap[@]}" "$BIN" --log-format json run --config "$WORK/$1.toml" --until "$UNTIL" 2>"$WORK/$1.log"
 }
 t0=$(now); ferry ferry_null $'[[sink]]\nname = "null"\ntype = "null"'; t1=$(now); NULLS=$(secs "$t0" "$t1")
 t0=$(now); ferry ferry_jsonl $'[[sink]]\nname = "jsonl"\ntype = "jsonl"\npath = "'"$WORK"'/out.jsonl"'; t1=$(now); JSONLS=$(secs "$t0" "$t1")
 LINES=$(wc -l <"$WORK/out.jsonl")
+reads() { grep -o '"reads":[0-9]*' "$WORK/$1.log" | tail -1 | cut -d: -f2; }
+echo "== pgferry read() calls: null $(reads ferry_null), jsonl $(reads ferry_jsonl)" >&2
 [ "$LINES" -ge "$CHANGES" ] || { echo "pgferry wrote $LINES lines, expected $CHANGES" >&2; exit 1; }
 
 rate() { python3 -c "print(f'{$CHANGES / $1:,.0f}')"; }

@@ -76,6 +76,15 @@ pub struct SourceConfig {
     /// Capped to half of the server's `wal_sender_timeout`. Default 10.
     #[serde(default = "ten")]
     pub status_interval_secs: u64,
+    /// Socket receive buffer of the replication connection, in KiB (default:
+    /// the kernel's autotuning). A bounded buffer lets the walsender batch its
+    /// writes when pgferry reads in bursts.
+    #[serde(default)]
+    pub recv_buffer_kb: Option<u32>,
+    /// After a short read, wait this many microseconds before the next read,
+    /// so the server's small writes are received together (default 0: off).
+    #[serde(default)]
+    pub read_coalesce_us: u64,
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -89,6 +98,8 @@ impl std::fmt::Debug for SourceConfig {
             .field("create_publication", &self.create_publication)
             .field("streaming", &self.streaming)
             .field("status_interval_secs", &self.status_interval_secs)
+            .field("recv_buffer_kb", &self.recv_buffer_kb)
+            .field("read_coalesce_us", &self.read_coalesce_us)
             .finish()
     }
 }

@@ -222,7 +222,8 @@ pub async fn run(
     let client = sql_connect(config).await?;
     ensure_publication(&client, config).await?;
 
-    let mut repl = conn::connect(&pg).await?;
+    let mut repl =
+        conn::connect_with(&pg, s.recv_buffer_kb.map(|k| k.saturating_mul(1024))).await?;
     let system = repl.identify_system().await?;
     let version = repl.server_version_num().unwrap_or(0);
     if version < 100000 {
@@ -370,6 +371,8 @@ pub async fn run(
         "pgferry streaming"
     );
     let (mut reader, writer) = repl.start_replication(&opts).await?;
+    reader.set_coalesce(Duration::from_micros(s.read_coalesce_us));
+    let started = Instant::now();
     progress.received.store(start.0, Ordering::Release);
 
     let (reply_tx, reply_rx) = mpsc::channel::<()>(4);
@@ -477,6 +480,12 @@ pub async fn run(
     }
     let _ = stop_tx.send(true);
     let _ = feedback.await;
+    tracing::info!(
+        reads = reader.reads,
+        bytes = reader.bytes,
+        seconds = started.elapsed().as_secs_f64(),
+        "session statistics"
+    );
     if let Some(e) = sink_error {
         return Err(fatal(e));
     }

@@ -62,7 +62,15 @@ pub struct ReplicationConn {
 
 /// Opens a replication connection to the server named by `config`.
 pub async fn connect(config: &tokio_postgres::Config) -> Result<ReplicationConn, ConnError> {
-    let stream = open_stream(config).await?;
+    connect_with(config, None).await
+}
+
+/// Like [`connect`], with an explicit socket receive buffer (bytes) for TCP.
+pub async fn connect_with(
+    config: &tokio_postgres::Config,
+    recv_buffer: Option<u32>,
+) -> Result<ReplicationConn, ConnError> {
+    let stream = open_stream(config, recv_buffer).await?;
     let (r, w) = tokio::io::split(stream);
     let user = config
         .get_user()
@@ -84,7 +92,10 @@ pub async fn connect(config: &tokio_postgres::Config) -> Result<ReplicationConn,
     Ok(ReplicationConn { conn })
 }
 
-async fn open_stream(config: &tokio_postgres::Config) -> Result<BoxStream, ConnError> {
+async fn open_stream(
+    config: &tokio_postgres::Config,
+    recv_buffer: Option<u32>,
+) -> Result<BoxStream, ConnError> {
     if !matches!(
         config.get_ssl_mode(),
         tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer
@@ -99,7 +110,7 @@ async fn open_stream(config: &tokio_postgres::Config) -> Result<BoxStream, ConnE
     for (i, host) in hosts.iter().enumerate() {
         let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
         let res: std::io::Result<BoxStream> = match host {
-            Host::Tcp(h) => match tokio::net::TcpStream::connect((h.as_str(), port)).await {
+            Host::Tcp(h) => match tcp_connect(h, port, recv_buffer).await {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
                     Ok(Box::pin(s))
@@ -127,6 +138,34 @@ async fn open_stream(config: &tokio_postgres::Config) -> Result<BoxStream, ConnE
     Err(ConnError::Io(last.unwrap_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::NotFound, "no host to connect to")
     })))
+}
+
+async fn tcp_connect(
+    host: &str,
+    port: u16,
+    recv_buffer: Option<u32>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        if let Some(n) = recv_buffer {
+            socket.set_recv_buffer_size(n)?;
+        }
+        match socket.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{host} resolves to no address"),
+        )
+    }))
 }
 
 /// Quotes an identifier for a replication command.

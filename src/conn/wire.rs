@@ -122,6 +122,13 @@ pub struct Reader<R> {
     buf: BytesMut,
     /// How much to ask the kernel for at once.
     read_size: usize,
+    /// After a short read, wait this long before reading again, so that the
+    /// server's many small writes arrive as one read (zero: off).
+    coalesce: std::time::Duration,
+    last_short_read: Option<tokio::time::Instant>,
+    /// `read` calls made and bytes received, for statistics.
+    pub reads: u64,
+    pub bytes: u64,
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
@@ -130,7 +137,16 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             io,
             buf: BytesMut::with_capacity(1 << 20),
             read_size: 1 << 20,
+            coalesce: std::time::Duration::ZERO,
+            last_short_read: None,
+            reads: 0,
+            bytes: 0,
         }
+    }
+
+    /// Sets the pause after a short read (see the field's doc).
+    pub fn set_coalesce(&mut self, d: std::time::Duration) {
+        self.coalesce = d;
     }
 
     /// The next complete message, reading from the socket only when the
@@ -143,7 +159,15 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
                 self.buf.reserve(self.read_size);
             }
+            if let Some(at) = self.last_short_read.take() {
+                tokio::time::sleep_until(at + self.coalesce).await;
+            }
             let n = self.io.read_buf(&mut self.buf).await?;
+            self.reads += 1;
+            self.bytes += n as u64;
+            if !self.coalesce.is_zero() && n < self.read_size / 16 {
+                self.last_short_read = Some(tokio::time::Instant::now());
+            }
             if n == 0 {
                 return Err(ConnError::Closed);
             }
