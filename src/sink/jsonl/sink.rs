@@ -21,6 +21,8 @@ pub struct JsonlSink {
     last_commit: Lsn,
     last_count: u64,
     buf: Vec<u8>,
+    /// A write failed: re-read the file's tail before writing again.
+    needs_recovery: bool,
 }
 
 impl JsonlSink {
@@ -34,6 +36,7 @@ impl JsonlSink {
                 last_commit: Lsn::ZERO,
                 last_count: 0,
                 buf: Vec::new(),
+                needs_recovery: false,
             });
         }
         let fatal = |e: std::io::Error| {
@@ -62,21 +65,74 @@ impl JsonlSink {
             last_commit,
             last_count,
             buf: Vec::with_capacity(1 << 20),
+            needs_recovery: false,
         })
     }
 
-    /// Writes what is buffered (one write call) and makes it durable.
+    /// Writes what is buffered (one write call).
     fn flush_buf(&mut self) -> Result<(), SinkError> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let res = match &mut self.out {
-            Out::Stdout(s) => s.write_all(&self.buf).and_then(|_| s.flush()),
-            Out::File(f) => f.write_all(&self.buf),
-        };
-        self.buf.clear();
-        res.map_err(|e| SinkError::Transient(format!("jsonl write failed: {e}")))
+        write_out(&mut self.out, &mut self.buf).map_err(write_err)
     }
+
+    fn write_batch(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
+        for txn in batch {
+            let commit = txn.meta.commit_lsn;
+            if commit < self.last_commit {
+                continue;
+            }
+            let mut skip = if commit == self.last_commit {
+                self.last_count
+            } else {
+                0
+            };
+            let mut written = 0u64;
+            let (filter, buf, out) = (&self.filter, &mut self.buf, &mut self.out);
+            txn.for_each_change(|c| {
+                if !filter.accepts(&c.rel.qualified) {
+                    return Ok(());
+                }
+                written += 1;
+                if skip > 0 {
+                    skip -= 1;
+                    return Ok(());
+                }
+                c.write_json(&txn.meta, buf);
+                buf.push(b'\n');
+                // Memory stays bounded for huge transactions: write as we go.
+                if buf.len() >= 4 << 20 {
+                    write_out(out, buf)?;
+                }
+                Ok(())
+            })
+            .map_err(write_err)?;
+            if written > 0 {
+                if commit == self.last_commit {
+                    self.last_count = self.last_count.max(written);
+                } else {
+                    self.last_commit = commit;
+                    self.last_count = written;
+                }
+            }
+        }
+        self.flush_buf()
+    }
+}
+
+fn write_err(e: std::io::Error) -> SinkError {
+    SinkError::Transient(format!("jsonl write failed: {e}"))
+}
+
+/// Writes and clears `buf`.
+fn write_out(out: &mut Out, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let res = match out {
+        Out::Stdout(s) => s.write_all(buf).and_then(|_| s.flush()),
+        Out::File(f) => f.write_all(buf),
+    };
+    buf.clear();
+    res
 }
 
 /// Cuts a torn last line; returns the newest transaction's `commit_lsn` in the
@@ -161,57 +217,26 @@ fn commit_lsn_of(line: &[u8]) -> Option<Lsn> {
 #[async_trait::async_trait]
 impl Sink for JsonlSink {
     async fn apply(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
-        for txn in batch {
-            let commit = txn.meta.commit_lsn;
-            if commit < self.last_commit {
-                continue;
+        if self.needs_recovery {
+            // A write failed part-way: the file, not our counters, says what
+            // it holds now.
+            if let Out::File(f) = &mut self.out {
+                let (commit, count) = recover(f)
+                    .and_then(|r| f.seek(SeekFrom::End(0)).map(|_| r))
+                    .map_err(|e| {
+                        SinkError::Transient(format!("jsonl recovery after a failed write: {e}"))
+                    })?;
+                self.last_commit = commit;
+                self.last_count = count;
             }
-            let mut skip = if commit == self.last_commit {
-                self.last_count
-            } else {
-                0
-            };
-            let mut written = 0u64;
-            let filter = &self.filter;
-            let buf = &mut self.buf;
-            let mut overflow: Vec<Vec<u8>> = Vec::new();
-            txn.for_each_change(|c| {
-                if !filter.accepts(&c.rel.qualified) {
-                    return Ok(());
-                }
-                written += 1;
-                if skip > 0 {
-                    skip -= 1;
-                    return Ok(());
-                }
-                c.write_json(&txn.meta, buf);
-                buf.push(b'\n');
-                // Keep memory bounded for huge transactions: hand full
-                // buffers over to be written.
-                if buf.len() >= 4 << 20 {
-                    overflow.push(std::mem::take(buf));
-                }
-                Ok(())
-            })
-            .map_err(|e| SinkError::Transient(format!("reading spilled transaction: {e}")))?;
-            if !overflow.is_empty() {
-                let tail = std::mem::take(&mut self.buf);
-                for chunk in overflow {
-                    self.buf = chunk;
-                    self.flush_buf()?;
-                }
-                self.buf = tail;
-            }
-            if written > 0 {
-                if commit == self.last_commit {
-                    self.last_count = self.last_count.max(written);
-                } else {
-                    self.last_commit = commit;
-                    self.last_count = written;
-                }
-            }
+            self.buf.clear();
+            self.needs_recovery = false;
         }
-        self.flush_buf()
+        let res = self.write_batch(batch);
+        if res.is_err() {
+            self.needs_recovery = true;
+        }
+        res
     }
 
     async fn flush(&mut self) -> Result<(), SinkError> {
@@ -300,5 +325,97 @@ mod tests {
             .open(&path)
             .unwrap();
         assert_eq!(recover(&mut f).unwrap(), (Lsn(1 << 32), n as u64));
+    }
+
+    fn txn(commit: u64, n: usize) -> Arc<Transaction> {
+        use crate::event::{Cell, Change, Changes, Op, RelationInfo, Row, TxnMeta};
+        let rel = Arc::new(RelationInfo::new(
+            1,
+            "public".into(),
+            "t".into(),
+            b'd',
+            vec![("id".into(), 23, true)],
+        ));
+        let changes = (0..n)
+            .map(|i| {
+                let buf = i.to_string().into_bytes();
+                Change {
+                    op: Op::Insert,
+                    rel: rel.clone(),
+                    lsn: Lsn(commit - 100 + i as u64),
+                    xid: 9,
+                    before: None,
+                    after: Some(Row {
+                        cells: vec![Cell::Value {
+                            start: 0,
+                            end: buf.len() as u32,
+                        }],
+                        buf,
+                    }),
+                }
+            })
+            .collect();
+        Arc::new(Transaction {
+            meta: TxnMeta {
+                xid: 9,
+                commit_lsn: Lsn(commit),
+                end_lsn: Lsn(commit + 8),
+                commit_time: 0,
+            },
+            changes: Changes::Memory(changes),
+            messages: Vec::new(),
+            aborted_subxids: Vec::new(),
+            mem_bytes: 0,
+            _budget: None,
+        })
+    }
+
+    fn ids(path: &std::path::Path) -> Vec<(String, u64)> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (
+                    v["commit_lsn"].as_str().unwrap().to_string(),
+                    v["key"]["id"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn replays_after_a_crash_leave_no_gap_and_no_duplicate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let cfg = JsonlConfig {
+            name: "j".into(),
+            path: path.clone(),
+            fsync: true,
+            max_failure_secs: None,
+            tables: None,
+        };
+        let (a, b, c) = (txn(1000, 3), txn(2000, 4), txn(3000, 2));
+        let mut sink = JsonlSink::open(&cfg).unwrap();
+        sink.apply(&[a.clone(), b.clone()]).await.unwrap();
+        sink.flush().await.unwrap();
+        drop(sink);
+        // A crash in the middle of transaction b: only two of its four lines
+        // made it, the third is torn.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let keep: Vec<&str> = text.lines().take(5).collect();
+        std::fs::write(&path, format!("{}\n{{\"op\":\"ins", keep.join("\n"))).unwrap();
+        // The server sends a, b and c again (the checkpoint was behind).
+        let mut sink = JsonlSink::open(&cfg).unwrap();
+        sink.apply(&[a.clone()]).await.unwrap();
+        sink.apply(&[b.clone(), c.clone()]).await.unwrap();
+        sink.apply(&[c]).await.unwrap();
+        sink.flush().await.unwrap();
+        let got = ids(&path);
+        let want: Vec<(String, u64)> = [("0/3E8", 3), ("0/7D0", 4), ("0/BB8", 2)]
+            .iter()
+            .flat_map(|(l, n)| (0..*n).map(move |i| (l.to_string(), i)))
+            .collect();
+        assert_eq!(got, want);
     }
 }
