@@ -407,7 +407,7 @@ mod tests {
         std::fs::write(&path, format!("{}\n{{\"op\":\"ins", keep.join("\n"))).unwrap();
         // The server sends a, b and c again (the checkpoint was behind).
         let mut sink = JsonlSink::open(&cfg).unwrap();
-        sink.apply(&[a.clone()]).await.unwrap();
+        sink.apply(std::slice::from_ref(&a)).await.unwrap();
         sink.apply(&[b.clone(), c.clone()]).await.unwrap();
         sink.apply(&[c]).await.unwrap();
         sink.flush().await.unwrap();
