@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-ensure_packages postgresql postgresql-contrib util-linux
+ensure_packages postgresql postgresql-contrib redis-server util-linux
 ensure_cargo
 export PGFERRY_PG_BIN="${PGFERRY_PG_BIN:-$(pg_bin)}"
 # Debian's package starts a cluster of its own; the tests never use it.
