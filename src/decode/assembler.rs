@@ -372,7 +372,9 @@ impl Assembler {
             });
         }
         let mut row = Row {
-            buf: Vec::with_capacity(16 * t.len()),
+            // The wire bytes (values plus 5 bytes of framing per column)
+            // are a close upper bound of the rendered JSON for most rows.
+            buf: Vec::with_capacity(t.raw().len() + 4 * t.len()),
             cells: Vec::with_capacity(t.len()),
         };
         for (col, v) in rel.columns.iter().zip(t.iter()) {
