@@ -176,7 +176,7 @@ fn encode_capture(records: &[(Lsn, Bytes)]) -> Vec<u8> {
 }
 
 /// Parses every record in order, tracking stream blocks; panics on any error.
-fn parse_all(records: &[(Lsn, Bytes)], mut ctx: ParseContext) -> Vec<LogicalMessage> {
+fn parse_all(records: &[(Lsn, Bytes)], mut ctx: ParseContext) -> Vec<LogicalMessage<'_>> {
     records
         .iter()
         .enumerate()

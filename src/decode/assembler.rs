@@ -21,6 +21,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::decode::types::TypeRegistry;
 use crate::decode::value;
 use crate::event::{
@@ -109,10 +111,15 @@ impl Assembler {
     }
 
     /// Feeds one message; `lsn` is the XLogData start position that carried it.
+    ///
+    /// Row messages borrow the XLogData buffer; their values are rendered
+    /// here, so nothing borrowed outlives the call. A logical decoding
+    /// message's content is copied, so a held transaction never pins the
+    /// (possibly much larger) network read buffer it came in.
     pub fn handle(
         &mut self,
         lsn: Lsn,
-        msg: LogicalMessage,
+        msg: LogicalMessage<'_>,
     ) -> Result<Option<Transaction>, AssembleError> {
         let proto = |what: String| AssembleError::Protocol { lsn, what };
         match msg {
@@ -226,7 +233,7 @@ impl Assembler {
                     let msg = EventMessage {
                         lsn: m.lsn,
                         prefix: String::from_utf8_lossy(&m.prefix).into_owned(),
-                        content: m.content.clone(),
+                        content: Bytes::copy_from_slice(&m.content),
                     };
                     self.builder(lsn)?.messages.push(msg);
                 }
@@ -342,7 +349,7 @@ impl Assembler {
     fn old_row(
         &self,
         rel: &RelationInfo,
-        old: &OldTuple,
+        old: &OldTuple<'_>,
         lsn: Lsn,
     ) -> Result<(BeforeKind, Row), AssembleError> {
         Ok(match old {
@@ -352,7 +359,7 @@ impl Assembler {
     }
 
     /// Renders a tuple into a row image, each value as `to_jsonb()` would.
-    fn row(&self, rel: &RelationInfo, t: &TupleData, lsn: Lsn) -> Result<Row, AssembleError> {
+    fn row(&self, rel: &RelationInfo, t: &TupleData<'_>, lsn: Lsn) -> Result<Row, AssembleError> {
         if t.len() != rel.columns.len() {
             return Err(AssembleError::Protocol {
                 lsn,
@@ -365,7 +372,9 @@ impl Assembler {
             });
         }
         let mut row = Row {
-            buf: Vec::with_capacity(16 * t.len()),
+            // The wire bytes (values plus 5 bytes of framing per column)
+            // are a close upper bound of the rendered JSON for most rows.
+            buf: Vec::with_capacity(t.raw().len() + 4 * t.len()),
             cells: Vec::with_capacity(t.len()),
         };
         for (col, v) in rel.columns.iter().zip(t.iter()) {

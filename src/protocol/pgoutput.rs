@@ -21,8 +21,13 @@
 //! - **Errors name the place.** A [`DecodeError`] carries the message kind (the
 //!   variant name, such as `"Insert"`; `"unknown"` for a bad or missing tag) and
 //!   the byte offset in the message where parsing failed.
-//! - **Zero-copy.** Names, prefixes, origin names, GIDs, message contents and
-//!   tuple bytes are [`Bytes::slice`]s of the input: they share its buffer.
+//! - **Zero-copy, and no refcount per row.** Tuple bytes (the payload of
+//!   Insert, Update and Delete, by far the most frequent messages) are plain
+//!   `&'a [u8]` borrows of the input, so parsing a row message touches no
+//!   atomic reference count: a [`LogicalMessage`] borrows the buffer it was
+//!   parsed from. Names, prefixes, origin names, GIDs and message contents of
+//!   the rarer messages are [`Bytes::slice`]s of the input: they share its
+//!   buffer and may outlive the borrow.
 //! - **Tuples are validated once.** A [`TupleData`] holds the column entries
 //!   after the Int16 count as one slice, fully checked by the parser. Walking it
 //!   with [`TupleData::iter`] re-reads those bytes without allocating and without
@@ -62,17 +67,17 @@ pub struct ParseContext {
     pub parallel_stream_abort: bool,
 }
 
-/// One pgoutput message.
+/// One pgoutput message. Row messages borrow the input buffer (`'a`).
 #[derive(Debug, Clone)]
-pub enum LogicalMessage {
+pub enum LogicalMessage<'a> {
     Begin(Begin),
     Commit(Commit),
     Origin(Origin),
     Relation(Relation),
     Type(TypeMessage),
-    Insert(Insert),
-    Update(Update),
-    Delete(Delete),
+    Insert(Insert<'a>),
+    Update(Update<'a>),
+    Delete(Delete<'a>),
     Truncate(Truncate),
     Message(Message),
     StreamStart(StreamStart),
@@ -148,40 +153,40 @@ pub struct TypeMessage {
     pub name: Bytes,
 }
 
-#[derive(Debug, Clone)]
-pub struct Insert {
+#[derive(Debug, Clone, Copy)]
+pub struct Insert<'a> {
     pub xid: Option<u32>,
     pub relation_oid: u32,
-    pub new: TupleData,
+    pub new: TupleData<'a>,
 }
 
-#[derive(Debug, Clone)]
-pub struct Update {
+#[derive(Debug, Clone, Copy)]
+pub struct Update<'a> {
     pub xid: Option<u32>,
     pub relation_oid: u32,
     /// The old tuple: `K` (key columns only) or `O` (the whole old row), if sent.
-    pub old: Option<OldTuple>,
-    pub new: TupleData,
+    pub old: Option<OldTuple<'a>>,
+    pub new: TupleData<'a>,
 }
 
-#[derive(Debug, Clone)]
-pub struct Delete {
+#[derive(Debug, Clone, Copy)]
+pub struct Delete<'a> {
     pub xid: Option<u32>,
     pub relation_oid: u32,
     /// A delete always carries `K` or `O`.
-    pub old: OldTuple,
+    pub old: OldTuple<'a>,
 }
 
-#[derive(Debug, Clone)]
-pub enum OldTuple {
+#[derive(Debug, Clone, Copy)]
+pub enum OldTuple<'a> {
     /// `K`: only the replica identity columns carry values; others are null.
-    Key(TupleData),
+    Key(TupleData<'a>),
     /// `O`: the whole old row (REPLICA IDENTITY FULL).
-    Full(TupleData),
+    Full(TupleData<'a>),
 }
 
-impl OldTuple {
-    pub fn tuple(&self) -> &TupleData {
+impl<'a> OldTuple<'a> {
+    pub fn tuple(&self) -> &TupleData<'a> {
         match self {
             OldTuple::Key(t) | OldTuple::Full(t) => t,
         }
@@ -282,13 +287,14 @@ pub struct RollbackPrepared {
 }
 
 /// The column values of one tuple, validated at parse time and kept as one
-/// slice of the input. Iterating it allocates nothing.
-#[derive(Debug, Clone)]
-pub struct TupleData {
+/// borrowed slice of the input. Making, copying and iterating it allocates
+/// nothing and touches no reference count.
+#[derive(Debug, Clone, Copy)]
+pub struct TupleData<'a> {
     /// Number of columns (Int16 on the wire, never negative after validation).
     ncols: u16,
     /// The bytes of the column entries, right after the Int16 count.
-    data: Bytes,
+    data: &'a [u8],
 }
 
 /// One column of a [`TupleData`].
@@ -304,7 +310,7 @@ pub enum TupleValue<'a> {
     Binary(&'a [u8]),
 }
 
-impl TupleData {
+impl<'a> TupleData<'a> {
     pub fn len(&self) -> usize {
         self.ncols as usize
     }
@@ -314,21 +320,30 @@ impl TupleData {
     }
 
     /// The columns in order. Infallible: the layout was validated by the parser.
-    pub fn iter(&self) -> TupleIter<'_> {
+    #[inline]
+    pub fn iter(&self) -> TupleIter<'a> {
         TupleIter {
-            rest: &self.data,
+            rest: self.data,
             left: self.ncols,
         }
     }
 
     /// The raw column entries as sent (after the Int16 count): one
     /// `Byte1 kind [Int32 len, bytes]` per column.
-    pub fn raw(&self) -> &Bytes {
-        &self.data
+    pub fn raw(&self) -> &'a [u8] {
+        self.data
     }
 }
 
-impl<'a> IntoIterator for &'a TupleData {
+impl<'a> IntoIterator for &TupleData<'a> {
+    type Item = TupleValue<'a>;
+    type IntoIter = TupleIter<'a>;
+    fn into_iter(self) -> TupleIter<'a> {
+        self.iter()
+    }
+}
+
+impl<'a> IntoIterator for TupleData<'a> {
     type Item = TupleValue<'a>;
     type IntoIter = TupleIter<'a>;
     fn into_iter(self) -> TupleIter<'a> {
@@ -465,7 +480,7 @@ fn kind_of_tag(t: u8) -> Option<&'static str> {
     })
 }
 
-impl LogicalMessage {
+impl LogicalMessage<'_> {
     /// The variant name, such as `"Insert"` (the same name [`DecodeError::kind`] uses).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -505,7 +520,7 @@ impl ParseContext {
     /// Updates the context after `msg` was parsed: Stream Start opens a stream
     /// block, Stream Stop closes it. Call it for every message, in order.
     #[inline]
-    pub fn observe(&mut self, msg: &LogicalMessage) {
+    pub fn observe(&mut self, msg: &LogicalMessage<'_>) {
         match msg {
             LogicalMessage::StreamStart(_) => self.in_stream = true,
             LogicalMessage::StreamStop => self.in_stream = false,
@@ -520,7 +535,10 @@ impl ParseContext {
 }
 
 /// Parses one pgoutput message: the payload of one XLogData.
-pub fn parse(buf: &Bytes, ctx: ParseContext) -> Result<LogicalMessage, DecodeError> {
+///
+/// The row messages (Insert, Update, Delete) borrow `buf`; every other field
+/// is owned or a [`Bytes`] slice of it.
+pub fn parse<'a>(buf: &'a Bytes, ctx: ParseContext) -> Result<LogicalMessage<'a>, DecodeError> {
     let Some(&t) = buf.first() else {
         return Err(DecodeError::new("unknown", 0, "empty message"));
     };
@@ -632,7 +650,7 @@ fn stream_xid(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Option<u32>, Deco
 }
 
 #[inline(always)]
-fn insert(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Insert, DecodeError> {
+fn insert<'a>(c: &mut Cursor<'a>, ctx: ParseContext) -> Result<Insert<'a>, DecodeError> {
     let xid = stream_xid(c, ctx)?;
     let relation_oid = c.u32("relation oid")?;
     expect_marker(c, &[TUPLE_NEW])?;
@@ -645,7 +663,7 @@ fn insert(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Insert, DecodeError> 
 }
 
 #[inline(always)]
-fn update(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Update, DecodeError> {
+fn update<'a>(c: &mut Cursor<'a>, ctx: ParseContext) -> Result<Update<'a>, DecodeError> {
     let xid = stream_xid(c, ctx)?;
     let relation_oid = c.u32("relation oid")?;
     let old = match expect_marker(c, &[TUPLE_KEY, TUPLE_OLD, TUPLE_NEW])? {
@@ -666,7 +684,7 @@ fn update(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Update, DecodeError> 
 }
 
 #[inline(always)]
-fn delete(c: &mut Cursor<'_>, ctx: ParseContext) -> Result<Delete, DecodeError> {
+fn delete<'a>(c: &mut Cursor<'a>, ctx: ParseContext) -> Result<Delete<'a>, DecodeError> {
     let xid = stream_xid(c, ctx)?;
     let relation_oid = c.u32("relation oid")?;
     let old = if expect_marker(c, &[TUPLE_KEY, TUPLE_OLD])? == TUPLE_KEY {
@@ -721,7 +739,7 @@ enum TupleFault {
 
 /// Reads an Int16 column count and validates the column entries that follow.
 #[inline(always)]
-fn tuple(c: &mut Cursor<'_>) -> Result<TupleData, DecodeError> {
+fn tuple<'a>(c: &mut Cursor<'a>) -> Result<TupleData<'a>, DecodeError> {
     let count_at = c.offset();
     let ncols = c.i16("column count")?;
     if ncols < 0 {
@@ -733,7 +751,7 @@ fn tuple(c: &mut Cursor<'_>) -> Result<TupleData, DecodeError> {
         Ok(used) => used,
         Err((rel, fault)) => return Err(tuple_error(c, body_at + rel, fault)),
     };
-    let data = c.bytes(used, "tuple data")?;
+    let data = c.take(used, "tuple data")?;
     Ok(TupleData { ncols, data })
 }
 
@@ -1136,9 +1154,10 @@ mod tests {
         v
     }
 
-    fn ok(w: &W, ctx: ParseContext) -> LogicalMessage {
-        let buf = w.bytes();
-        match parse(&buf, ctx) {
+    /// Parses `w`; the message borrows a buffer leaked for the test's sake.
+    fn ok(w: &W, ctx: ParseContext) -> LogicalMessage<'static> {
+        let buf: &'static Bytes = Box::leak(Box::new(w.bytes()));
+        match parse(buf, ctx) {
             Ok(m) => m,
             Err(e) => panic!("{e} for {:?}", w.0),
         }
@@ -1708,10 +1727,7 @@ mod tests {
             b"t\xff\xff\xff\xffabc",
             b"n?",
         ] {
-            let t = TupleData {
-                ncols: 3,
-                data: Bytes::copy_from_slice(data),
-            };
+            let t = TupleData { ncols: 3, data };
             assert!(t.iter().count() < 3);
             let mut it = t.iter();
             while it.next().is_some() {}
