@@ -207,6 +207,8 @@ pub enum SinkConfig {
     Jsonl(crate::sink::jsonl::JsonlConfig),
     /// Discards everything (benchmarks).
     Null(crate::sink::null::NullConfig),
+    /// Keeps Redis keys in step with the tables (json, hash or invalidate).
+    Redis(crate::sink::redis::RedisConfig),
 }
 
 impl SinkConfig {
@@ -214,6 +216,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Jsonl(c) => &c.name,
             SinkConfig::Null(c) => &c.name,
+            SinkConfig::Redis(c) => &c.name,
         }
     }
 
@@ -222,6 +225,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Jsonl(c) => c.max_failure_secs,
             SinkConfig::Null(_) => None,
+            SinkConfig::Redis(c) => c.max_failure_secs,
         }
     }
 
@@ -231,6 +235,15 @@ impl SinkConfig {
         match self {
             SinkConfig::Jsonl(c) => c.tables.clone(),
             SinkConfig::Null(c) => c.tables.clone(),
+            SinkConfig::Redis(c) => Some(c.tables.keys().cloned().collect()),
+        }
+    }
+
+    /// Checks a sink's own options. The error is `(key below the sink, message)`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        match self {
+            SinkConfig::Redis(c) => c.validate(),
+            SinkConfig::Jsonl(_) | SinkConfig::Null(_) => Ok(()),
         }
     }
 }
@@ -360,6 +373,8 @@ impl Config {
                     ),
                 ));
             }
+            sink.validate()
+                .map_err(|(k, m)| key_err(format!("sink[{i}].{k}"), m))?;
             if let Some(tables) = sink.tables() {
                 for t in &tables {
                     if !s.tables.contains(t) {
