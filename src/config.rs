@@ -538,6 +538,66 @@ path = "changes.jsonl"           # "-" for stdout
     }
 
     #[test]
+    fn the_documented_redis_sink_parses() {
+        let t = EXAMPLE.replace(
+            "tables = [\"public.products\"]",
+            "tables = [\"public.products\", \"public.accounts\"]",
+        ) + r#"
+[[sink]]
+name = "cache"
+type = "redis"
+url = "redis://app:${PG_PASSWORD}@127.0.0.1:6379/2"
+max_failure_secs = 600
+[sink.tables."public.products"]
+key = "product:{id}"
+mode = "json"            # json | hash | invalidate
+ttl_seconds = 3600       # optional
+[sink.tables."public.accounts"]
+key = "acct:{tenant_id}:{id}"
+mode = "hash"
+"#;
+        let c = parse(&t).unwrap();
+        let s = &c.sinks[1];
+        assert_eq!(s.name(), "cache");
+        assert_eq!(s.max_failure_secs(), Some(600));
+        assert_eq!(
+            s.tables(),
+            Some(vec![
+                "public.accounts".to_string(),
+                "public.products".to_string()
+            ])
+        );
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("s3cr3t") && dbg.contains("redis://app:***@127.0.0.1:6379/2"),
+            "{dbg}"
+        );
+        // Errors name the key below the sink.
+        let e = parse(&t.replace("key = \"product:{id}\"", "key = \"product:{id\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sink[1].tables.\"public.products\".key"), "{e}");
+        let e = parse(&t.replace("mode = \"json\"", "mode = \"list\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sink[1]") && e.contains("list"), "{e}");
+        let e = parse(&t.replace("ttl_seconds", "ttl_secs"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ttl_secs"), "{e}");
+        let e = parse(&t.replace(
+            "[sink.tables.\"public.accounts\"]",
+            "[sink.tables.\"public.nope\"]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("public.nope") && e.contains("source.tables"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn invalid_values_name_the_key_and_the_fix() {
         let e = parse(&EXAMPLE.replace("\"public.products\"", "\"a.b.c\""))
             .unwrap_err()

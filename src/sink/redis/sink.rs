@@ -466,3 +466,330 @@ impl Sink for RedisSink {
         res
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Against a real `redis-server` (started here, on a free port), with
+    //! transactions built by hand: what end-to-end tests cannot force, such
+    //! as a replay of transactions Redis already holds.
+
+    use super::*;
+    use crate::event::{BeforeKind, Cell, Change, Op, RelationInfo, Row, TxnMeta};
+    use crate::lsn::Lsn;
+    use std::process::{Child, Command, Stdio};
+
+    struct Server {
+        child: Child,
+        port: u16,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Server {
+        fn start() -> Server {
+            let dir = tempfile::tempdir().unwrap();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let bin =
+                std::env::var("PGFERRY_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+            let child = Command::new(bin)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server is needed for these tests: apt-get install redis-server, or set PGFERRY_REDIS_SERVER");
+            let s = Server {
+                child,
+                port,
+                _dir: dir,
+            };
+            for _ in 0..200 {
+                if let Ok(mut c) = s.conn() {
+                    if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                        return s;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+            panic!("redis-server did not start");
+        }
+
+        fn url(&self) -> String {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+
+        fn conn(&self) -> redis::RedisResult<redis::Connection> {
+            redis::Client::open(self.url())?.get_connection()
+        }
+
+        /// Every key and its value (strings; hashes as sorted field=value lists).
+        fn dump(&self) -> Vec<(String, String)> {
+            let mut c = self.conn().unwrap();
+            let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut c).unwrap();
+            keys.sort();
+            keys.into_iter()
+                .map(|k| {
+                    let t: String = redis::cmd("TYPE").arg(&k).query(&mut c).unwrap();
+                    let v = match t.as_str() {
+                        "string" => redis::cmd("GET").arg(&k).query(&mut c).unwrap(),
+                        "hash" => {
+                            let m: std::collections::BTreeMap<String, String> =
+                                redis::cmd("HGETALL").arg(&k).query(&mut c).unwrap();
+                            format!("{m:?}")
+                        }
+                        "set" => {
+                            let mut m: Vec<String> =
+                                redis::cmd("SMEMBERS").arg(&k).query(&mut c).unwrap();
+                            m.sort();
+                            format!("{m:?}")
+                        }
+                        other => other.to_string(),
+                    };
+                    (k, v)
+                })
+                .collect()
+        }
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn rel() -> Arc<RelationInfo> {
+        Arc::new(RelationInfo::new(
+            7,
+            "public".into(),
+            "docs".into(),
+            b'd',
+            vec![
+                ("id".into(), 23, true),
+                ("body".into(), 25, false),
+                ("n".into(), 1700, false),
+            ],
+        ))
+    }
+
+    /// `None`: unchanged TOAST; `Some(None)`: NULL; `Some(Some(json))`.
+    fn row(cells: &[Option<Option<&str>>]) -> Row {
+        let mut r = Row::default();
+        for c in cells {
+            match c {
+                None => r.cells.push(Cell::Unchanged),
+                Some(None) => r.cells.push(Cell::Null),
+                Some(Some(json)) => {
+                    let start = r.buf.len() as u32;
+                    r.buf.extend_from_slice(json.as_bytes());
+                    r.cells.push(Cell::Value {
+                        start,
+                        end: r.buf.len() as u32,
+                    });
+                }
+            }
+        }
+        r
+    }
+
+    fn change(op: Op, before: Option<Row>, after: Option<Row>) -> Change {
+        Change {
+            op,
+            rel: rel(),
+            lsn: Lsn(1),
+            xid: 1,
+            before: before.map(|r| (BeforeKind::Key, r)),
+            after,
+        }
+    }
+
+    fn txn(commit: u64, changes: Vec<Change>) -> Arc<Transaction> {
+        Arc::new(Transaction {
+            meta: TxnMeta {
+                xid: commit as u32,
+                commit_lsn: Lsn(commit),
+                end_lsn: Lsn(commit + 1),
+                commit_time: 0,
+            },
+            changes: Changes::Memory(changes),
+            messages: Vec::new(),
+            aborted_subxids: Vec::new(),
+            mem_bytes: 0,
+            _budget: None,
+        })
+    }
+
+    async fn sink(url: &str, mode: &str) -> RedisSink {
+        let cfg: RedisConfig = toml::from_str(&format!(
+            "name = \"t\"\nurl = \"{url}\"\ntimeout_secs = 2\n[tables.\"public.docs\"]\nkey = \"doc:{{id}}\"\nmode = \"{mode}\"\n"
+        ))
+        .unwrap();
+        RedisSink::open(&cfg).await.unwrap()
+    }
+
+    /// id 1 moves to 10 without sending its TOASTed body, then a new id 1
+    /// is inserted. Replaying the move on the final state would copy the
+    /// new row's body into doc:10; the position in Redis prevents it.
+    #[tokio::test]
+    async fn replays_of_applied_transactions_are_skipped() {
+        let s = Server::start();
+        for mode in ["json", "hash"] {
+            let _: () = redis::cmd("FLUSHALL")
+                .query(&mut s.conn().unwrap())
+                .unwrap();
+            let t0 = txn(
+                100,
+                vec![change(
+                    Op::Insert,
+                    None,
+                    Some(row(&[
+                        Some(Some("1")),
+                        Some(Some("\"old body\"")),
+                        Some(Some("1.50")),
+                    ])),
+                )],
+            );
+            let t1 = txn(
+                200,
+                vec![change(
+                    Op::Update,
+                    Some(row(&[Some(Some("1")), Some(None), Some(None)])),
+                    Some(row(&[Some(Some("10")), None, Some(Some("2.50"))])),
+                )],
+            );
+            let t2 = txn(
+                300,
+                vec![change(
+                    Op::Insert,
+                    None,
+                    Some(row(&[
+                        Some(Some("1")),
+                        Some(Some("\"new body\"")),
+                        Some(Some("3")),
+                    ])),
+                )],
+            );
+            let mut a = sink(&s.url(), mode).await;
+            a.apply(&[t0.clone(), t1.clone(), t2.clone()])
+                .await
+                .unwrap();
+            let once = s.dump();
+            let doc10 = once.iter().find(|(k, _)| k == "doc:10").unwrap();
+            assert!(
+                doc10.1.contains("old body") && doc10.1.contains("2.50"),
+                "{once:?}"
+            );
+            if mode == "json" {
+                assert_eq!(doc10.1, r#"{"id":10,"body":"old body","n":2.50}"#);
+            }
+            // A restarted pgferry replays from an older checkpoint.
+            let mut b = sink(&s.url(), mode).await;
+            b.apply(&[t1.clone(), t2.clone()]).await.unwrap();
+            assert_eq!(s.dump(), once, "{mode}: replay from t1");
+            b.apply(&[t0, t1, t2]).await.unwrap();
+            assert_eq!(s.dump(), once, "{mode}: replay from t0");
+        }
+    }
+
+    /// A transaction split into units resumes after the last one applied.
+    #[tokio::test]
+    async fn a_position_inside_a_transaction_skips_its_applied_changes() {
+        let s = Server::start();
+        let n = 50u64;
+        let changes: Vec<Change> = (1..=n)
+            .map(|i| {
+                let id = i.to_string();
+                change(
+                    Op::Insert,
+                    None,
+                    Some(row(&[
+                        Some(Some(&id)),
+                        Some(Some("\"b\"")),
+                        Some(Some("1")),
+                    ])),
+                )
+            })
+            .collect();
+        let t = txn(500, changes);
+        let mut c = s.conn().unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("pgferry:t:position")
+            .arg("0/1F4 20")
+            .query(&mut c)
+            .unwrap();
+        sink(&s.url(), "json").await.apply(&[t]).await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg("doc:*").query(&mut c).unwrap();
+        assert_eq!(keys.len() as u64, n - 20);
+        assert!(!keys.contains(&"doc:20".to_string()) && keys.contains(&"doc:21".to_string()));
+        let p: String = redis::cmd("GET")
+            .arg("pgferry:t:position")
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(p, "0/1F4 50");
+    }
+
+    #[tokio::test]
+    async fn a_key_of_the_wrong_type_is_fatal_and_the_position_is_not_advanced() {
+        let s = Server::start();
+        let mut c = s.conn().unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("pgferry:t:keys:public.docs")
+            .arg("not a set")
+            .query(&mut c)
+            .unwrap();
+        let t = txn(
+            100,
+            vec![change(
+                Op::Insert,
+                None,
+                Some(row(&[
+                    Some(Some("1")),
+                    Some(Some("\"b\"")),
+                    Some(Some("1")),
+                ])),
+            )],
+        );
+        let err = sink(&s.url(), "json").await.apply(&[t]).await.unwrap_err();
+        match err {
+            SinkError::Fatal(m) => assert!(m.contains("WRONGTYPE") && m.contains("SADD"), "{m}"),
+            other => panic!("expected fatal, got {other:?}"),
+        }
+        let p: Option<String> = redis::cmd("GET")
+            .arg("pgferry:t:position")
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(p, None, "the position must not claim the failed unit");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_server_is_transient() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let t = txn(
+            100,
+            vec![change(
+                Op::Insert,
+                None,
+                Some(row(&[
+                    Some(Some("1")),
+                    Some(Some("\"b\"")),
+                    Some(Some("1")),
+                ])),
+            )],
+        );
+        let mut s = sink(&format!("redis://127.0.0.1:{port}"), "json").await;
+        assert!(matches!(
+            s.apply(&[t.clone()]).await,
+            Err(SinkError::Transient(_))
+        ));
+        // A batch without a change for its tables does not need Redis at all.
+        assert!(s.apply(&[txn(200, Vec::new())]).await.is_ok());
+    }
+}
