@@ -786,7 +786,7 @@ mod tests {
         );
         let mut s = sink(&format!("redis://127.0.0.1:{port}"), "json").await;
         assert!(matches!(
-            s.apply(&[t.clone()]).await,
+            s.apply(std::slice::from_ref(&t)).await,
             Err(SinkError::Transient(_))
         ));
         // A batch without a change for its tables does not need Redis at all.
