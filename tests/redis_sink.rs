@@ -691,3 +691,38 @@ fn bad_redis_configs_are_rejected_at_load_naming_the_key() {
         );
     }
 }
+
+#[test]
+fn rediss_with_a_private_ca_an_acl_user_and_a_database_number() {
+    let pg = TestPg::start();
+    let r = TestRedis::tls_with_acl(3);
+    pg.sql(PRODUCTS);
+    let f = FerryDir::new();
+    let ca = r.ca_pem.clone().unwrap();
+    f.write_config(
+        &pg.url(),
+        &["public.products"],
+        "",
+        &redis_sink(
+            &r.url(),
+            &[("public.products", "product:{id}", "json", None)],
+            &format!("tls_ca_file = \"{}\"", ca.display()),
+        ),
+    );
+    let mut g = support::ferry::start_streaming(&pg, &f);
+    pg.sql("INSERT INTO products (id, name, price) VALUES (1, 'tls', 1.50), (2, 'x', 2)");
+    pg.sql("DELETE FROM products WHERE id = 2");
+    // The harness connection uses the same URL, so it reads database 3.
+    let tables: [Expect; 1] = [("public.products", &id_key("product:"), Mode::Json)];
+    wait_synced(&pg, &r, &f, &tables);
+    let mut c = r.conn();
+    let _: () = ::redis::cmd("SELECT").arg(0).query(&mut c).unwrap();
+    let in_db0: i64 = ::redis::cmd("DBSIZE").query(&mut c).unwrap();
+    assert_eq!(in_db0, 0, "everything went to database 3");
+    let st = terminate(&mut g.0);
+    assert!(st.success());
+    assert!(
+        !f.log().contains("s3cret"),
+        "the password never reaches the log"
+    );
+}

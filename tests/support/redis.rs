@@ -15,6 +15,12 @@ pub struct TestRedis {
     pub dir: tempfile::TempDir,
     pub port: u16,
     child: Option<Child>,
+    /// Extra server arguments (TLS, ACL users).
+    args: Vec<String>,
+    /// The URL clients use.
+    url: String,
+    /// PEM of the CA that signed the server's certificate (TLS only).
+    pub ca_pem: Option<PathBuf>,
 }
 
 /// `$PGFERRY_REDIS_SERVER`, or `redis-server` from the PATH.
@@ -30,10 +36,127 @@ impl TestRedis {
             .prefix("pgferry-redis-")
             .tempdir()
             .expect("temp dir");
+        let port = super::pg::free_port();
         let mut r = TestRedis {
             dir,
-            port: super::pg::free_port(),
+            port,
             child: None,
+            args: vec!["--port".into(), port.to_string()],
+            url: format!("redis://127.0.0.1:{port}"),
+            ca_pem: None,
+        };
+        r.start();
+        r
+    }
+
+    /// A server that only speaks TLS (certificate for `localhost`, signed
+    /// by a CA made here) and requires the ACL user `app` / `s3cret`.
+    /// Clients use database `db`.
+    pub fn tls_with_acl(db: u8) -> TestRedis {
+        let dir = tempfile::Builder::new()
+            .prefix("pgferry-redis-")
+            .tempdir()
+            .expect("temp dir");
+        let p = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl is needed to make test certificates");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=pgferry test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &p("ca.key"),
+            "-out",
+            &p("ca.pem"),
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &p("server.key"),
+            "-out",
+            &p("server.csr"),
+        ]);
+        std::fs::write(
+            p("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &p("server.csr"),
+            "-CA",
+            &p("ca.pem"),
+            "-CAkey",
+            &p("ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &p("ext.cnf"),
+            "-out",
+            &p("server.pem"),
+        ]);
+        let port = super::pg::free_port();
+        let args: Vec<String> = [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &p("server.pem"),
+            "--tls-key-file",
+            &p("server.key"),
+            "--tls-ca-cert-file",
+            &p("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "app",
+            "on",
+            ">s3cret",
+            "~*",
+            "&*",
+            "+@all",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut r = TestRedis {
+            ca_pem: Some(dir.path().join("ca.pem")),
+            dir,
+            port,
+            child: None,
+            args,
+            url: format!("rediss://app:s3cret@localhost:{port}/{db}"),
         };
         r.start();
         r
@@ -48,7 +171,7 @@ impl TestRedis {
             .open(self.dir.path().join("redis.log"))
             .unwrap();
         let child = Command::new(server_bin())
-            .args(["--port", &self.port.to_string()])
+            .args(&self.args)
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
@@ -113,11 +236,23 @@ impl TestRedis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        self.url.clone()
     }
 
     fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
-        let client = redis::Client::open(self.url())?;
+        let client = match &self.ca_pem {
+            Some(ca) => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                redis::Client::build_with_tls(
+                    self.url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(std::fs::read(ca).unwrap()),
+                    },
+                )?
+            }
+            None => redis::Client::open(self.url.as_str())?,
+        };
         client.get_connection_with_timeout(Duration::from_secs(2))
     }
 
