@@ -298,14 +298,21 @@ impl Builder {
             }
             Mode::Hash => {
                 self.cmd("DEL", &[key.as_bytes()]);
-                self.pipe.cmd("HSET").arg(&key);
+                let mut hset = redis::cmd("HSET");
+                hset.arg(&key);
+                let mut fields = 0;
                 for (i, col) in c.rel.columns.iter().enumerate() {
                     if let Some(text) = after.text(i) {
                         self.bytes += col.name.len() + text.len();
-                        self.pipe.arg(&col.name).arg(text.as_bytes());
+                        hset.arg(&col.name).arg(text.as_bytes());
+                        fields += 1;
                     }
                 }
-                self.kinds.push(Kind::Plain);
+                // A row of NULLs only (never with a key column) has no hash.
+                if fields > 0 {
+                    self.pipe.add_command(hset);
+                    self.kinds.push(Kind::Plain);
+                }
                 if let Some(ttl) = rule.ttl {
                     self.cmd(
                         "EXPIRE",

@@ -243,6 +243,7 @@ impl RedisSink {
         }
         tracing::debug!(sink = %self.name, changes = unit.changes, commands = n, commit = %unit.position.commit, "applied to Redis");
         self.position = Some(unit.position);
+        self.had_position = true;
         Ok(())
     }
 
