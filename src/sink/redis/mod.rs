@@ -73,6 +73,10 @@
 //! body). With the position, Redis sees each command once; commands may
 //! still be *sent* more than once (at-least-once on the wire).
 //!
+//! Commit LSNs only grow within one cluster's history: after pointing the
+//! sink at another cluster or restoring Postgres to an earlier point in
+//! time, the position key must be deleted (documented for operators).
+//!
 //! If Redis loses its data (restart without persistence, `FLUSHALL`), the
 //! position goes too: pgferry warns, and the cache is rebuilt by the changes
 //! that follow. pgferry has no snapshot: rows that do not change stay
