@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine: installs what is missing,
 # then runs formatting and lint checks and every test (unit, integration
-# against throwaway Postgres clusters, fixture and fidelity tests).
+# against throwaway Postgres clusters and Redis servers, fixture and fidelity tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-ensure_packages postgresql postgresql-contrib redis-server util-linux
+ensure_packages postgresql postgresql-contrib util-linux redis-server openssl
 ensure_cargo
 export PGFERRY_PG_BIN="${PGFERRY_PG_BIN:-$(pg_bin)}"
 # Debian's package starts a cluster of its own; the tests never use it.

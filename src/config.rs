@@ -223,6 +223,8 @@ pub enum SinkConfig {
     Jsonl(crate::sink::jsonl::JsonlConfig),
     /// Discards everything (benchmarks).
     Null(crate::sink::null::NullConfig),
+    /// Keeps Redis keys in step with the tables (json, hash or invalidate).
+    Redis(crate::sink::redis::RedisConfig),
 }
 
 impl SinkConfig {
@@ -230,6 +232,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Jsonl(c) => &c.name,
             SinkConfig::Null(c) => &c.name,
+            SinkConfig::Redis(c) => &c.name,
         }
     }
 
@@ -238,6 +241,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Jsonl(c) => c.max_failure_secs,
             SinkConfig::Null(_) => None,
+            SinkConfig::Redis(c) => c.max_failure_secs,
         }
     }
 
@@ -247,6 +251,15 @@ impl SinkConfig {
         match self {
             SinkConfig::Jsonl(c) => c.tables.clone(),
             SinkConfig::Null(c) => c.tables.clone(),
+            SinkConfig::Redis(c) => Some(c.tables.keys().cloned().collect()),
+        }
+    }
+
+    /// Checks a sink's own options. The error is `(key below the sink, message)`.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        match self {
+            SinkConfig::Redis(c) => c.validate(),
+            SinkConfig::Jsonl(_) | SinkConfig::Null(_) => Ok(()),
         }
     }
 }
@@ -391,6 +404,8 @@ impl Config {
                     ),
                 ));
             }
+            sink.validate()
+                .map_err(|(k, m)| key_err(format!("sink[{i}].{k}"), m))?;
             if let Some(tables) = sink.tables() {
                 for t in &tables {
                     if !s.tables.contains(t) {
@@ -550,6 +565,66 @@ path = "changes.jsonl"           # "-" for stdout
         assert_eq!(
             redact_url("postgres://u@h/d?password=p&sslmode=disable"),
             "postgres://u@h/d?password=***&sslmode=disable"
+        );
+    }
+
+    #[test]
+    fn the_documented_redis_sink_parses() {
+        let t = EXAMPLE.replace(
+            "tables = [\"public.products\"]",
+            "tables = [\"public.products\", \"public.accounts\"]",
+        ) + r#"
+[[sink]]
+name = "cache"
+type = "redis"
+url = "redis://app:${PG_PASSWORD}@127.0.0.1:6379/2"
+max_failure_secs = 600
+[sink.tables."public.products"]
+key = "product:{id}"
+mode = "json"            # json | hash | invalidate
+ttl_seconds = 3600       # optional
+[sink.tables."public.accounts"]
+key = "acct:{tenant_id}:{id}"
+mode = "hash"
+"#;
+        let c = parse(&t).unwrap();
+        let s = &c.sinks[1];
+        assert_eq!(s.name(), "cache");
+        assert_eq!(s.max_failure_secs(), Some(600));
+        assert_eq!(
+            s.tables(),
+            Some(vec![
+                "public.accounts".to_string(),
+                "public.products".to_string()
+            ])
+        );
+        let dbg = format!("{c:?}");
+        assert!(
+            !dbg.contains("s3cr3t") && dbg.contains("redis://app:***@127.0.0.1:6379/2"),
+            "{dbg}"
+        );
+        // Errors name the key below the sink.
+        let e = parse(&t.replace("key = \"product:{id}\"", "key = \"product:{id\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sink[1].tables.\"public.products\".key"), "{e}");
+        let e = parse(&t.replace("mode = \"json\"", "mode = \"list\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sink[1]") && e.contains("list"), "{e}");
+        let e = parse(&t.replace("ttl_seconds", "ttl_secs"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("ttl_secs"), "{e}");
+        let e = parse(&t.replace(
+            "[sink.tables.\"public.accounts\"]",
+            "[sink.tables.\"public.nope\"]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("public.nope") && e.contains("source.tables"),
+            "{e}"
         );
     }
 

@@ -135,6 +135,74 @@ impl KeyTemplate {
         })
     }
 
+    /// The literal text before the first column (`"product:"` for
+    /// `"product:{id}"`); empty when the template starts with a column.
+    pub fn literal_prefix(&self) -> &str {
+        match self.parts.first() {
+            Some(Part::Lit(l)) => l,
+            _ => "",
+        }
+    }
+
+    /// A Redis `SCAN MATCH` glob that matches every key the template can
+    /// render: literal text escaped, each column a `*`. It can match other
+    /// keys too; confirm with [`KeyTemplate::matches`].
+    pub fn glob(&self) -> String {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Lit(l) => {
+                    for c in l.chars() {
+                        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                            out.push('\\');
+                        }
+                        out.push(c);
+                    }
+                }
+                Part::Col(_) => out.push('*'),
+            }
+        }
+        out
+    }
+
+    /// True when `key` has the shape of a key this template renders: its
+    /// literal parts in order, and between them escaped values (no
+    /// character of the literal text, `%` only as a `%XX` escape).
+    pub fn matches(&self, key: &str) -> bool {
+        let mut rest = key;
+        for p in &self.parts {
+            match p {
+                Part::Lit(l) => match rest.strip_prefix(l.as_str()) {
+                    Some(r) => rest = r,
+                    None => return false,
+                },
+                Part::Col(_) => {
+                    let b = rest.as_bytes();
+                    let mut i = 0;
+                    loop {
+                        match rest[i..].chars().next() {
+                            None => break,
+                            Some('%') => {
+                                if b.len() >= i + 3
+                                    && b[i + 1].is_ascii_hexdigit()
+                                    && b[i + 2].is_ascii_hexdigit()
+                                {
+                                    i += 3;
+                                } else {
+                                    break;
+                                }
+                            }
+                            Some(c) if self.special.contains(&c) => break,
+                            Some(c) => i += c.len_utf8(),
+                        }
+                    }
+                    rest = &rest[i..];
+                }
+            }
+        }
+        rest.is_empty()
+    }
+
     /// Renders the key for `row` of `rel`.
     pub fn render(&self, rel: &RelationInfo, row: &Row) -> Result<String, KeyError> {
         let mut out = String::new();
@@ -246,6 +314,22 @@ mod tests {
                 .unwrap(),
             "product:42"
         );
+    }
+
+    #[test]
+    fn globs_and_structural_matches() {
+        let t = KeyTemplate::parse("p[1]:{tenant}:{id}").unwrap();
+        assert_eq!(t.literal_prefix(), "p[1]:");
+        assert_eq!(t.glob(), "p\\[1\\]:*:*");
+        let key = t
+            .render(&rel(), &row(&[Some("\"x:y%\""), Some("7"), None]))
+            .unwrap();
+        assert!(t.matches(&key), "{key}");
+        assert!(t.matches("p[1]::"));
+        assert!(!t.matches("p[1]:a:b:c"));
+        assert!(!t.matches("p[1]:a%zz:b"));
+        assert!(!t.matches("q[1]:a:b"));
+        assert_eq!(KeyTemplate::parse("{id}").unwrap().literal_prefix(), "");
     }
 
     #[test]

@@ -17,10 +17,14 @@
 //! - `jsonl` to stdout: at-least-once (a restart can repeat the transactions
 //!   after the last checkpoint).
 //! - `null`: discards everything (benchmarks); checkpoints still advance.
+//! - `redis`: effectively-once final state: each `MULTI` also records the
+//!   position it brings Redis to, and transactions Redis already holds are
+//!   skipped (commands are at-least-once on the wire).
 
 pub mod jsonl;
 pub mod key;
 pub mod null;
+pub mod redis;
 
 use std::sync::Arc;
 
@@ -84,5 +88,6 @@ pub async fn build(cfg: &crate::config::SinkConfig) -> Result<Box<dyn Sink>, Sin
     match cfg {
         crate::config::SinkConfig::Jsonl(c) => Ok(Box::new(jsonl::JsonlSink::open(c)?)),
         crate::config::SinkConfig::Null(_) => Ok(Box::new(null::NullSink)),
+        crate::config::SinkConfig::Redis(c) => Ok(Box::new(redis::RedisSink::open(c).await?)),
     }
 }

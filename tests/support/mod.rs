@@ -4,4 +4,5 @@
 
 pub mod ferry;
 pub mod pg;
+pub mod redis;
 pub mod types_fixture;
