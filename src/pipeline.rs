@@ -182,6 +182,10 @@ pub struct SinkTask {
     pub checkpoint: Lsn,
     pub progress: Arc<Progress>,
     pub batch_max_events: usize,
+    /// Time-based batching: how long to wait for more transactions after the
+    /// first one of a batch while the batch holds fewer than `.1` events.
+    /// `None`: a batch is what is already queued (no waiting).
+    pub linger: Option<(Duration, usize)>,
     pub state: Arc<SinkState>,
     /// Stop pgferry when the sink has failed for this long (`None`: retry forever).
     pub max_failure: Option<Duration>,
@@ -243,6 +247,19 @@ impl SinkTask {
                 match self.rx.try_recv() {
                     Ok(item) => push(item, &mut batch, &mut events),
                     Err(_) => break,
+                }
+            }
+            // Time-based batching: nothing is acknowledged before `apply`
+            // returns, so waiting here only delays this batch (bounded by
+            // the linger time) to send fewer, fuller requests.
+            if let Some((linger, target)) = self.linger {
+                let deadline = tokio::time::Instant::now() + linger;
+                let target = target.min(self.batch_max_events);
+                while !batch.is_empty() && events < target {
+                    match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                        Ok(Some(item)) => push(item, &mut batch, &mut events),
+                        Ok(None) | Err(_) => break,
+                    }
                 }
             }
             if !batch.is_empty() {
@@ -416,6 +433,7 @@ mod tests {
                 checkpoint: Lsn::ZERO,
                 progress: progress.clone(),
                 batch_max_events: 8,
+                linger: None,
                 state,
                 max_failure,
                 stop: stop_rx.clone(),

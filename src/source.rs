@@ -313,6 +313,7 @@ pub async fn run(config: &Config, mut shutdown: watch::Receiver<bool>) -> Result
             checkpoint: checkpoints[i],
             progress: progress.clone(),
             batch_max_events: config.pipeline.batch_max_events,
+            linger: sc.linger(),
             state,
             max_failure: sc.max_failure_secs().map(Duration::from_secs),
             stop: sinks_stop.clone(),

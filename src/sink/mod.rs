@@ -17,7 +17,11 @@
 //! - `jsonl` to stdout: at-least-once (a restart can repeat the transactions
 //!   after the last checkpoint).
 //! - `null`: discards everything (benchmarks); checkpoints still advance.
+//! - `elasticsearch` (alias `opensearch`): effectively-once per document:
+//!   every write carries the change's LSN as an external version, so the
+//!   changes a restart sends again cannot overwrite newer documents.
 
+pub mod elasticsearch;
 pub mod jsonl;
 pub mod key;
 pub mod null;
@@ -75,5 +79,8 @@ pub async fn build(cfg: &crate::config::SinkConfig) -> Result<Box<dyn Sink>, Sin
     match cfg {
         crate::config::SinkConfig::Jsonl(c) => Ok(Box::new(jsonl::JsonlSink::open(c)?)),
         crate::config::SinkConfig::Null(_) => Ok(Box::new(null::NullSink)),
+        crate::config::SinkConfig::Elasticsearch(c) => {
+            Ok(Box::new(elasticsearch::ElasticsearchSink::open(c)?))
+        }
     }
 }
