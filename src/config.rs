@@ -597,7 +597,10 @@ index = "products"
             panic!("{:?}", c.sinks[1]);
         };
         assert_eq!(c.sinks[1].name(), "search");
-        assert_eq!(c.sinks[1].tables(), Some(vec!["public.products".to_string()]));
+        assert_eq!(
+            c.sinks[1].tables(),
+            Some(vec!["public.products".to_string()])
+        );
         assert_eq!(es.index_for("public.products").as_deref(), Some("products"));
         assert_eq!(es.batch_max_docs, 1000);
         assert_eq!(
@@ -674,7 +677,10 @@ index = "products"
             )
         );
         let dbg = format!("{:?}", parse(&t).unwrap());
-        assert!(!dbg.contains("s3cr3t") && dbg.contains("api_key: Some(\"***\")"), "{dbg}");
+        assert!(
+            !dbg.contains("s3cr3t") && dbg.contains("api_key: Some(\"***\")"),
+            "{dbg}"
+        );
     }
 
     #[test]
@@ -685,14 +691,20 @@ index = "products"
                 .to_string()
         };
         let e = bad("index = \"products\"", "index = \"Pro ducts\"");
-        assert!(e.contains("sink[1].tables.\"public.products\".index"), "{e}");
+        assert!(
+            e.contains("sink[1].tables.\"public.products\".index"),
+            "{e}"
+        );
         let e = bad("index = \"products\"", "index = \"{db}_x\"");
         assert!(e.contains("placeholder"), "{e}");
         let e = bad("index = \"products\"", "indx = \"products\"");
         assert!(e.contains("indx"), "{e}");
         let e = bad("public.products\"]\n", "public.orders\"]\n");
         assert!(e.contains("not in source.tables"), "{e}");
-        let e = bad("url = \"http://127.0.0.1:9200\"", "url = \"127.0.0.1:9200\"");
+        let e = bad(
+            "url = \"http://127.0.0.1:9200\"",
+            "url = \"127.0.0.1:9200\"",
+        );
         assert!(e.contains("sink[1].url"), "{e}");
         let e = bad(
             "url = \"http://127.0.0.1:9200\"",

@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod ferry;
+pub mod opensearch;
 pub mod pg;
 pub mod types_fixture;

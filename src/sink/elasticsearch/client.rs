@@ -64,7 +64,8 @@ impl Client {
         let mut pass = cfg.password.clone();
         if !base.username().is_empty() {
             let decode = |s: &str| {
-                percent_decode(s).ok_or_else(|| "url: the credentials are not valid UTF-8".to_string())
+                percent_decode(s)
+                    .ok_or_else(|| "url: the credentials are not valid UTF-8".to_string())
             };
             user = Some(decode(base.username())?);
             pass = Some(decode(base.password().unwrap_or(""))?);
@@ -105,10 +106,13 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(30))
             .user_agent(concat!("pgferry/", env!("CARGO_PKG_VERSION")));
         if let Some(path) = &cfg.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            let pem =
+                std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                format!("ca_file {}: not a PEM certificate file: {e}", path.display())
+                format!(
+                    "ca_file {}: not a PEM certificate file: {e}",
+                    path.display()
+                )
             })?;
             if certs.is_empty() {
                 return Err(format!(
@@ -156,15 +160,14 @@ impl Client {
         }
         let what = format!("{method} {}", url.path());
         let resp = req.send().await.map_err(|e| {
-            SinkError::Transient(format!(
-                "{what} on {}: {}",
-                self.base,
-                error_chain(&e)
-            ))
+            SinkError::Transient(format!("{what} on {}: {}", self.base, error_chain(&e)))
         })?;
         let status = resp.status();
         let body = resp.bytes().await.map_err(|e| {
-            SinkError::Transient(format!("{what}: reading the response failed: {}", error_chain(&e)))
+            SinkError::Transient(format!(
+                "{what}: reading the response failed: {}",
+                error_chain(&e)
+            ))
         })?;
         Ok((status, body))
     }
@@ -178,7 +181,12 @@ impl Client {
         body: Option<&Value>,
     ) -> Result<Value, SinkError> {
         let what = format!("{method} /{}", segments.join("/"));
-        let body = body.map(|b| (serde_json::to_vec(b).unwrap_or_default(), "application/json"));
+        let body = body.map(|b| {
+            (
+                serde_json::to_vec(b).unwrap_or_default(),
+                "application/json",
+            )
+        });
         let (status, bytes) = self.call(method, segments, query, body).await?;
         if !status.is_success() {
             return Err(status_error(&what, status, &bytes));
@@ -205,9 +213,8 @@ impl Client {
         if !status.is_success() {
             return Err(status_error("POST /_bulk", status, &bytes));
         }
-        let resp: Resp = serde_json::from_slice(&bytes).map_err(|e| {
-            SinkError::Transient(format!("POST /_bulk: unexpected response ({e})"))
-        })?;
+        let resp: Resp = serde_json::from_slice(&bytes)
+            .map_err(|e| SinkError::Transient(format!("POST /_bulk: unexpected response ({e})")))?;
         Ok(resp
             .items
             .into_iter()
@@ -268,15 +275,17 @@ impl Client {
                 Method::PUT,
                 &[index],
                 &[],
-                Some((serde_json::to_vec(body).unwrap_or_default(), "application/json")),
+                Some((
+                    serde_json::to_vec(body).unwrap_or_default(),
+                    "application/json",
+                )),
             )
             .await?;
         if status.is_success() {
             return Ok(());
         }
         let text = String::from_utf8_lossy(&bytes);
-        if status == StatusCode::BAD_REQUEST && text.contains("resource_already_exists_exception")
-        {
+        if status == StatusCode::BAD_REQUEST && text.contains("resource_already_exists_exception") {
             return Ok(());
         }
         if status == StatusCode::BAD_REQUEST {
@@ -325,7 +334,11 @@ impl Client {
             return Ok(None);
         }
         if !status.is_success() {
-            return Err(status_error(&format!("POST /{index}/_search"), status, &bytes));
+            return Err(status_error(
+                &format!("POST /{index}/_search"),
+                status,
+                &bytes,
+            ));
         }
         Ok(Some(parse_hits(&bytes)?))
     }

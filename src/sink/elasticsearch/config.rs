@@ -183,7 +183,10 @@ impl ElasticsearchConfig {
         if url.scheme() != "http" && url.scheme() != "https" {
             return e(
                 "url",
-                format!("scheme {:?} is not supported; use http or https", url.scheme()),
+                format!(
+                    "scheme {:?} is not supported; use http or https",
+                    url.scheme()
+                ),
             );
         }
         if url.query().is_some() || url.fragment().is_some() {
@@ -241,7 +244,10 @@ impl ElasticsearchConfig {
             }
             let index = render_index(template, &schema, &table);
             if let Err(m) = check_index_name(&index) {
-                return e(&key("index"), format!("gives index name {index:?}, which {m}"));
+                return e(
+                    &key("index"),
+                    format!("gives index name {index:?}, which {m}"),
+                );
             }
             if let Some(cols) = &t.columns {
                 if cols.is_empty() {

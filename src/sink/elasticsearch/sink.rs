@@ -292,7 +292,11 @@ impl ElasticsearchSink {
             event: event.clone(),
         };
         let Some(row) = c.key_row() else {
-            return self.reject_change(&plan, &event, "the change carries no row with the key (replica identity NOTHING?)");
+            return self.reject_change(
+                &plan,
+                &event,
+                "the change carries no row with the key (replica identity NOTHING?)",
+            );
         };
         let id = match plan.key.render(&c.rel, row) {
             Ok(id) => id,
@@ -724,6 +728,8 @@ impl ElasticsearchSink {
 #[async_trait::async_trait]
 impl Sink for ElasticsearchSink {
     async fn apply(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
+        // Rejections of a chunk that failed last time are found again now.
+        self.dead_buf.clear();
         let mut chunk = Chunk::default();
         for txn in batch {
             let mut stream = ChangeStream::new(txn);
@@ -804,8 +810,7 @@ impl<'a> ChangeStream<'a> {
 fn same_shape(a: &RelationInfo, b: &RelationInfo) -> bool {
     a.qualified == b.qualified
         && a.columns.len() == b.columns.len()
-        && a
-            .columns
+        && a.columns
             .iter()
             .zip(&b.columns)
             .all(|(x, y)| x.name == y.name && x.is_key == y.is_key)
@@ -966,7 +971,10 @@ mod tests {
     #[test]
     fn bulk_lines_carry_the_external_version_in_the_action() {
         let mut out = Vec::new();
-        write_bulk_op(&pending("a\"b", 42, Action::Index(b"{\"x\":1}".to_vec())), &mut out);
+        write_bulk_op(
+            &pending("a\"b", 42, Action::Index(b"{\"x\":1}".to_vec())),
+            &mut out,
+        );
         write_bulk_op(&pending("c", 43, Action::Delete), &mut out);
         write_bulk_op(&pending("d", 44, Action::Skip), &mut out);
         assert_eq!(
@@ -989,6 +997,58 @@ mod tests {
         let ops = c.take();
         assert_eq!(ops.len(), 2);
         assert!(c.latest.is_empty() && c.bytes == 0);
+    }
+
+    #[tokio::test]
+    async fn spilled_changes_stream_in_order_without_aborted_subtransactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let rel = rel();
+        let change = |i: u64, xid: u32| Change {
+            op: Op::Insert,
+            rel: rel.clone(),
+            lsn: crate::lsn::Lsn(i),
+            xid,
+            before: None,
+            after: Some(row(&[Some(&i.to_string()), None, None], &[])),
+        };
+        let mut w = crate::spill::SpillWriter::create(dir.path(), 1).unwrap();
+        for i in 0..600 {
+            w.append(&change(i, if i % 7 == 0 { 2 } else { 1 }))
+                .unwrap();
+        }
+        let txn = Arc::new(Transaction {
+            meta: TxnMeta {
+                xid: 1,
+                commit_lsn: crate::lsn::Lsn(1000),
+                end_lsn: crate::lsn::Lsn(1001),
+                commit_time: 0,
+            },
+            changes: Changes::Spilled {
+                reader: w.finish().unwrap(),
+                tail: (600..610).map(|i| change(i, 1)).collect(),
+            },
+            messages: Vec::new(),
+            aborted_subxids: vec![2],
+            mem_bytes: 0,
+            _budget: None,
+        });
+        let mut want = Vec::new();
+        txn.for_each_change(|c| {
+            want.push(c.lsn.0);
+            Ok(())
+        })
+        .unwrap();
+        let mut got = Vec::new();
+        let mut s = ChangeStream::new(&txn);
+        while let Some(c) = s.next().await {
+            got.push(c.unwrap().lsn.0);
+        }
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 610 - 86);
+        // Dropping a stream half-way stops the reader thread.
+        let mut s = ChangeStream::new(&txn);
+        assert!(s.next().await.is_some());
+        drop(s);
     }
 
     #[test]
