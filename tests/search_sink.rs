@@ -436,6 +436,43 @@ fn node_outage_under_load_then_pgferry_catches_up() {
     assert!(terminate(&mut ferry.0).success(), "{}", f.log());
 }
 
+#[test]
+fn failed_bulk_items_are_sent_again_until_they_succeed() {
+    let node = node();
+    let _shared = node.shared();
+    let pg = TestPg::start();
+    pg.sql("CREATE TABLE blocked (id int PRIMARY KEY, v text)");
+    let f = FerryDir::new();
+    let tables = [Table::new("blocked", &["id"], "retry_blocked")];
+    write_config(&pg, &f, node, &tables, "pgferry", "", "");
+    let mut g = start(&pg, &f);
+    pg.sql("INSERT INTO blocked VALUES (1, 'before')");
+    wait_equal(&pg, node, &f, &[&tables[0]]);
+    // A write block makes every item fail with 403 cluster_block_exception.
+    let block = |on: bool| {
+        let (st, body) = node.req(
+            "PUT",
+            "/retry_blocked/_settings",
+            Some(&json!({"index": {"blocks": {"write": on}}})),
+        );
+        assert_eq!(st, 200, "{body}");
+    };
+    block(true);
+    pg.sql("INSERT INTO blocked SELECT i, 'during' FROM generate_series(2, 50) i");
+    pg.sql("UPDATE blocked SET v = 'changed' WHERE id = 1");
+    let deadline = Instant::now() + T;
+    while !f.log().contains("sending them again") {
+        assert!(Instant::now() < deadline, "{}", tail(&f.log(), 20));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(node.count("retry_blocked"), 1, "nothing passes the block");
+    block(false);
+    wait_equal(&pg, node, &f, &[&tables[0]]);
+    assert!(!f.path("state/search.dead-letter.jsonl").exists());
+    assert!(terminate(&mut g.0).success(), "{}", f.log());
+}
+
 fn dead_letters(path: &PathBuf) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()

@@ -596,40 +596,36 @@ impl ElasticsearchSink {
             let mut last = String::new();
             for (&i, r) in todo.iter().zip(&results) {
                 let p = &ops[i];
-                let t = r.error_type();
                 let is_delete = matches!(p.action, Action::Delete);
-                if (200..300).contains(&r.status) {
-                    if is_delete {
-                        self.stats.deleted += 1;
-                    } else {
-                        self.stats.indexed += 1;
+                match outcome(is_delete, r) {
+                    Outcome::Applied if is_delete => self.stats.deleted += 1,
+                    Outcome::Applied => self.stats.indexed += 1,
+                    Outcome::Older => self.stats.older += 1,
+                    Outcome::Gone => {}
+                    Outcome::NoIndex => {
+                        self.known.remove(&*p.index);
+                        retry.push(i);
+                        last = describe_error(r.error.as_ref().unwrap_or(&Value::Null));
                     }
-                } else if r.status == 409 && t == "version_conflict_engine_exception" {
-                    // The index holds this version or a newer one: a replay.
-                    self.stats.older += 1;
-                } else if is_delete && r.status == 404 {
-                    // Already gone (or its index is).
-                } else if r.status == 404 && t == "index_not_found_exception" {
-                    self.known.remove(&*p.index);
-                    retry.push(i);
-                    last = describe_error(r.error.as_ref().unwrap_or(&Value::Null));
-                } else if r.status == 429 || r.status >= 500 || t == "cluster_block_exception" {
-                    retry.push(i);
-                    last = format!(
-                        "{} {}",
-                        r.status,
-                        describe_error(r.error.as_ref().unwrap_or(&Value::Null))
-                    );
-                } else {
-                    let error = r.error.clone().unwrap_or(Value::Null);
-                    self.reject(
-                        &p.index,
-                        Some(&p.id),
-                        p.action.name(),
-                        Some(r.status),
-                        &error,
-                        &p.event,
-                    )?;
+                    Outcome::Retry => {
+                        retry.push(i);
+                        last = format!(
+                            "{} {}",
+                            r.status,
+                            describe_error(r.error.as_ref().unwrap_or(&Value::Null))
+                        );
+                    }
+                    Outcome::Rejected => {
+                        let error = r.error.clone().unwrap_or(Value::Null);
+                        self.reject(
+                            &p.index,
+                            Some(&p.id),
+                            p.action.name(),
+                            Some(r.status),
+                            &error,
+                            &p.event,
+                        )?;
+                    }
                 }
             }
             if retry.is_empty() {
@@ -804,6 +800,36 @@ impl<'a> ChangeStream<'a> {
                 .map(|c| Ok(Cow::Borrowed(c))),
             ChangeStream::Spilled(rx) => rx.recv().await.map(|r| r.map(Cow::Owned)),
         }
+    }
+}
+
+/// What one answered bulk item means.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Applied,
+    /// A 409 version conflict: the index holds this version or a newer one
+    /// (a replay). Success.
+    Older,
+    /// A delete of a document (or index) that is not there. Success.
+    Gone,
+    /// The index is missing: create it again, then retry.
+    NoIndex,
+    /// Overloaded (429), failing (5xx), blocked or closed: retry with backoff.
+    Retry,
+    /// Final (a mapping error, an invalid document): dead letter or stop.
+    Rejected,
+}
+
+fn outcome(is_delete: bool, r: &ItemResult) -> Outcome {
+    let t = r.error_type();
+    match r.status {
+        200..=299 => Outcome::Applied,
+        409 if t == "version_conflict_engine_exception" => Outcome::Older,
+        404 if is_delete => Outcome::Gone,
+        404 if t == "index_not_found_exception" => Outcome::NoIndex,
+        429 | 500..=599 => Outcome::Retry,
+        _ if t == "cluster_block_exception" || t == "index_closed_exception" => Outcome::Retry,
+        _ => Outcome::Rejected,
     }
 }
 
@@ -982,6 +1008,67 @@ mod tests {
             "{\"index\":{\"_index\":\"i\",\"_id\":\"a\\\"b\",\"version\":42,\"version_type\":\"external\"}}\n{\"x\":1}\n\
              {\"delete\":{\"_index\":\"i\",\"_id\":\"c\",\"version\":43,\"version_type\":\"external\"}}\n"
         );
+    }
+
+    #[test]
+    fn bulk_item_answers_are_classified() {
+        let item = |status: u16, t: &str| ItemResult {
+            status,
+            error: (!t.is_empty()).then(|| json!({"type": t, "reason": "r"})),
+        };
+        let cases = [
+            (false, item(201, ""), Outcome::Applied),
+            (true, item(200, ""), Outcome::Applied),
+            (
+                false,
+                item(409, "version_conflict_engine_exception"),
+                Outcome::Older,
+            ),
+            (
+                true,
+                item(409, "version_conflict_engine_exception"),
+                Outcome::Older,
+            ),
+            (true, item(404, ""), Outcome::Gone),
+            (true, item(404, "index_not_found_exception"), Outcome::Gone),
+            (
+                false,
+                item(404, "index_not_found_exception"),
+                Outcome::NoIndex,
+            ),
+            (
+                false,
+                item(429, "es_rejected_execution_exception"),
+                Outcome::Retry,
+            ),
+            (
+                false,
+                item(503, "unavailable_shards_exception"),
+                Outcome::Retry,
+            ),
+            (false, item(500, ""), Outcome::Retry),
+            (false, item(403, "cluster_block_exception"), Outcome::Retry),
+            (false, item(400, "index_closed_exception"), Outcome::Retry),
+            (
+                false,
+                item(400, "mapper_parsing_exception"),
+                Outcome::Rejected,
+            ),
+            (
+                false,
+                item(400, "illegal_argument_exception"),
+                Outcome::Rejected,
+            ),
+            (false, item(409, "other"), Outcome::Rejected),
+            (
+                false,
+                item(404, "document_missing_exception"),
+                Outcome::Rejected,
+            ),
+        ];
+        for (is_delete, r, want) in cases {
+            assert_eq!(outcome(is_delete, &r), want, "{r:?}");
+        }
     }
 
     #[test]
