@@ -365,6 +365,44 @@ fn workload_tables(prefix: &str) -> [Table; 2] {
 }
 
 #[test]
+fn replica_identity_full_completes_unchanged_toast_values_from_the_old_row() {
+    let node = node();
+    let _shared = node.shared();
+    let pg = TestPg::start();
+    pg.sql(
+        "CREATE TABLE notes (id int PRIMARY KEY, body text, n int);
+         ALTER TABLE notes ALTER COLUMN body SET STORAGE EXTERNAL;
+         ALTER TABLE notes REPLICA IDENTITY FULL;
+         CREATE TABLE plain (id int PRIMARY KEY, body text, n int);
+         ALTER TABLE plain ALTER COLUMN body SET STORAGE EXTERNAL;
+         INSERT INTO notes SELECT i, repeat(md5(i::text), 300), 0 FROM generate_series(1, 20) i;
+         INSERT INTO plain SELECT i, repeat(md5(i::text), 300), 0 FROM generate_series(1, 20) i;",
+    );
+    // The rows predate the slot: the index has no document to complete.
+    let f = FerryDir::new();
+    let tables = [
+        Table::new("notes", &["id"], "full_notes").with("id_columns = [\"id\"]"),
+        Table::new("plain", &["id"], "full_plain"),
+    ];
+    write_config(&pg, &f, node, &tables, "pgferry", "", "");
+    let mut g = start(&pg, &f);
+    pg.sql("UPDATE notes SET n = 1; UPDATE plain SET n = 1;");
+    pg.sql("UPDATE notes SET id = 100 WHERE id = 1; DELETE FROM notes WHERE id = 2;");
+    // With REPLICA IDENTITY FULL the old row carries the body: whole documents.
+    wait_equal(&pg, node, &f, &[&tables[0]]);
+    // Without it, only what was sent can be indexed (and pgferry says so).
+    let deadline = Instant::now() + T;
+    while node.count("full_plain") < 20 {
+        assert!(Instant::now() < deadline, "{}", tail(&f.log(), 20));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, doc) = node.req("GET", "/full_plain/_doc/3", None);
+    assert_eq!(doc["_source"], json!({"id": 3, "n": 1}));
+    assert!(f.log().contains("found no document to complete"));
+    assert!(terminate(&mut g.0).success(), "{}", f.log());
+}
+
+#[test]
 fn kill_9_twice_during_a_workload_then_every_row_equals_its_document() {
     let node = node();
     let _shared = node.shared();

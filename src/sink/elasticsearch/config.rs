@@ -80,6 +80,11 @@ pub struct TableConfig {
     /// These columns are left out of the document.
     #[serde(default)]
     pub exclude_columns: Vec<String>,
+    /// The columns whose values make the document id (joined by `:`, escaped).
+    /// Default: the table's replica identity key (its primary key). Required
+    /// for a table with `REPLICA IDENTITY FULL`, where every column is key.
+    #[serde(default)]
+    pub id_columns: Option<Vec<String>>,
     /// Create-index body for this table's index (overrides the sink's `mapping_file`).
     #[serde(default)]
     pub mapping_file: Option<PathBuf>,
@@ -248,6 +253,15 @@ impl ElasticsearchConfig {
                     &key("index"),
                     format!("gives index name {index:?}, which {m}"),
                 );
+            }
+            if let Some(cols) = &t.id_columns {
+                if cols.is_empty() {
+                    return e(
+                        &key("id_columns"),
+                        "is empty; list the columns of the document id, or remove it to use the key"
+                            .into(),
+                    );
+                }
             }
             if let Some(cols) = &t.columns {
                 if cols.is_empty() {

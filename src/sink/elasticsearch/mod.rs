@@ -9,7 +9,9 @@
 //!   [`KeyTemplate::for_key_columns`](crate::sink::key::KeyTemplate): one key
 //!   column gives its value as text (`42`, `abc`); a composite key joins the
 //!   values with `:`, each value with `%` and `:` percent-encoded (`a:b` and
-//!   `c` give `a%3Ab:c`), so two keys never share an id.
+//!   `c` give `a%3Ab:c`), so two keys never share an id. `id_columns` picks
+//!   other columns; a `REPLICA IDENTITY FULL` table needs it (every column
+//!   is key there).
 //! - **Document**: the row as `to_jsonb(row)` gives it, limited to the
 //!   table's `columns` / `exclude_columns`.
 //! - **Versions**: every write is an `index` or `delete` with
@@ -29,7 +31,8 @@
 //!   conflict. The cost is one `_mget` per bulk request that holds such
 //!   updates, and it assumes pgferry is the only writer of these documents.
 //!   When there is no document to complete (the row predates the sink), the
-//!   sent columns alone are indexed, with a warning.
+//!   sent columns alone are indexed, with a warning. With `REPLICA IDENTITY
+//!   FULL` none of this is needed: the old row, sent whole, fills them in.
 //! - **Truncate**: `_delete_by_query` is not everywhere (OpenSearch without
 //!   the reindex module lacks it), and dropping the index would lose its
 //!   mapping, settings and aliases and leave searches failing meanwhile. The

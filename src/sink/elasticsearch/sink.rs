@@ -10,7 +10,9 @@ use serde_json::{json, Map, Value};
 
 use super::client::{describe_error, Client, ItemResult};
 use super::config::{render_index, ElasticsearchConfig, OnError};
-use crate::event::{Cell, Change, Changes, Op, RelationInfo, Row, Transaction, TxnMeta};
+use crate::event::{
+    BeforeKind, Cell, Change, Changes, Op, RelationInfo, Row, Transaction, TxnMeta,
+};
 use crate::pipeline::Backoff;
 use crate::sink::key::KeyTemplate;
 use crate::sink::{Sink, SinkError};
@@ -22,6 +24,7 @@ const ITEM_RETRY_FOR: Duration = Duration::from_secs(60);
 /// Where one configured table goes.
 struct Route {
     index: Arc<str>,
+    id_columns: Option<Vec<String>>,
     columns: Option<Vec<String>>,
     exclude: Vec<String>,
     /// Other configured tables that write to the same index.
@@ -131,6 +134,8 @@ struct Stats {
     deleted: u64,
     /// Operations the index already had a newer (or the same) version of.
     older: u64,
+    /// Updates with unchanged TOAST columns completed from a document read back.
+    completed_by_read: u64,
     dead_letters: u64,
 }
 
@@ -202,6 +207,7 @@ impl ElasticsearchSink {
                 qualified,
                 Route {
                     index,
+                    id_columns: t.id_columns.clone(),
                     columns: t.columns.clone(),
                     exclude: t.exclude_columns.clone(),
                     shared_with: Vec::new(),
@@ -248,12 +254,37 @@ impl ElasticsearchSink {
             }
         }
         let route = &self.routes[&rel.qualified];
-        let key = KeyTemplate::for_key_columns(rel).map_err(|e| {
+        let fatal = |m: String| {
             SinkError::Fatal(format!(
-                "sink {:?}: table {}: {e}. Documents need an id: give the table a primary key (or REPLICA IDENTITY USING INDEX), or remove it from the sink's tables",
+                "sink {:?}: table {}: {m}",
                 self.name, rel.qualified
             ))
-        })?;
+        };
+        let key = match &route.id_columns {
+            Some(cols) => {
+                if let Some(c) = cols
+                    .iter()
+                    .find(|c| !rel.columns.iter().any(|rc| &rc.name == *c))
+                {
+                    return Err(fatal(format!(
+                        "id_columns names {c:?}, which is not a column of the table"
+                    )));
+                }
+                KeyTemplate::for_columns(cols).map_err(|e| fatal(e.to_string()))?
+            }
+            None if rel.replica_identity == b'f' => {
+                return Err(fatal(
+                    "it has REPLICA IDENTITY FULL, so every column is part of its replication key and cannot make a document id; \
+                     set id_columns (its primary key) in [sink.tables.\"{table}\"]"
+                        .replace("{table}", &rel.qualified),
+                ))
+            }
+            None => KeyTemplate::for_key_columns(rel).map_err(|e| {
+                fatal(format!(
+                    "{e}. Documents need an id: give the table a primary key (or REPLICA IDENTITY USING INDEX), set id_columns, or remove it from the sink's tables"
+                ))
+            })?,
+        };
         let include: Vec<bool> = rel
             .columns
             .iter()
@@ -291,7 +322,17 @@ impl ElasticsearchSink {
             action,
             event: event.clone(),
         };
-        let Some(row) = c.key_row() else {
+        // With REPLICA IDENTITY FULL the old row holds the values of the
+        // unchanged TOAST columns (the server sends it detoasted).
+        let filled = match (&c.before, &c.after) {
+            (Some((BeforeKind::Full, before)), Some(after))
+                if c.op == Op::Update && after.cells.contains(&Cell::Unchanged) =>
+            {
+                Some(fill_unchanged(after, before))
+            }
+            _ => None,
+        };
+        let Some(row) = filled.as_ref().or(c.key_row()) else {
             return self.reject_change(
                 &plan,
                 &event,
@@ -514,6 +555,7 @@ impl ElasticsearchSink {
                     self.stats.older += 1;
                     Action::Skip
                 } else {
+                    self.stats.completed_by_read += 1;
                     let mut doc = f.source.unwrap_or_default();
                     doc.extend(overlay);
                     Action::Index(serde_json::to_vec(&doc).unwrap_or_default())
@@ -753,7 +795,7 @@ impl Sink for ElasticsearchSink {
     async fn close(&mut self) -> Result<(), SinkError> {
         self.sync_dead()?;
         tracing::info!(sink = %self.name, indexed = self.stats.indexed, deleted = self.stats.deleted,
-            older_skipped = self.stats.older, dead_letters = self.stats.dead_letters, "elasticsearch sink closed");
+            older_skipped = self.stats.older, completed_by_read = self.stats.completed_by_read, dead_letters = self.stats.dead_letters, "elasticsearch sink closed");
         Ok(())
     }
 }
@@ -873,6 +915,32 @@ pub fn write_doc(rel: &RelationInfo, row: &Row, include: &[bool], out: &mut Vec<
     out.push(b'}');
 }
 
+/// `row` with its unchanged cells taken from `from` (a full old row).
+fn fill_unchanged(row: &Row, from: &Row) -> Row {
+    let mut out = Row {
+        buf: row.buf.clone(),
+        cells: row.cells.clone(),
+    };
+    for (i, cell) in out.cells.iter_mut().enumerate() {
+        if *cell != Cell::Unchanged {
+            continue;
+        }
+        *cell = match from.cell(i) {
+            Cell::Value { .. } => {
+                let v = from.json(i).unwrap_or(b"null");
+                let start = out.buf.len() as u32;
+                out.buf.extend_from_slice(v);
+                Cell::Value {
+                    start,
+                    end: out.buf.len() as u32,
+                }
+            }
+            other => other,
+        };
+    }
+    out
+}
+
 /// The included columns that were sent, as a map, and their JSON size.
 fn overlay(rel: &RelationInfo, row: &Row, include: &[bool]) -> (Map<String, Value>, usize) {
     let mut m = Map::new();
@@ -980,6 +1048,16 @@ mod tests {
         out.clear();
         write_doc(&rel(), &r, &[true, true, true], &mut out);
         assert_eq!(out, br#"{"id":1,"n":5}"#);
+        // A full old row fills in the unchanged value.
+        let old = row(&[Some("1"), Some("\"long\""), Some("4")], &[]);
+        out.clear();
+        write_doc(
+            &rel(),
+            &fill_unchanged(&r, &old),
+            &[true, true, true],
+            &mut out,
+        );
+        assert_eq!(out, br#"{"id":1,"body":"long","n":5}"#);
         let (m, _) = overlay(&rel(), &r, &[true, true, true]);
         assert_eq!(Value::Object(m), json!({"id": 1, "n": 5}));
     }
@@ -1008,6 +1086,56 @@ mod tests {
             "{\"index\":{\"_index\":\"i\",\"_id\":\"a\\\"b\",\"version\":42,\"version_type\":\"external\"}}\n{\"x\":1}\n\
              {\"delete\":{\"_index\":\"i\",\"_id\":\"c\",\"version\":43,\"version_type\":\"external\"}}\n"
         );
+    }
+
+    #[test]
+    fn id_columns_escape_like_the_default_key() {
+        let t = KeyTemplate::for_columns(&["body", "id"]).unwrap();
+        let r = row(&[Some("7"), Some("\"a:b%\""), None], &[]);
+        assert_eq!(t.render(&rel(), &r).unwrap(), "a%3Ab%25:7");
+        let t = KeyTemplate::for_columns(&["id"]).unwrap();
+        let r = row(&[Some("\"x:y\""), None, None], &[]);
+        assert_eq!(t.render(&rel(), &r).unwrap(), "x%3Ay");
+    }
+
+    #[test]
+    fn a_full_identity_table_needs_id_columns() {
+        let cfg: ElasticsearchConfig = toml::from_str(
+            "name = \"s\"\nurl = \"http://127.0.0.1:1\"\n[tables.\"public.docs\"]\n[tables.\"public.other\"]\nid_columns = [\"n\", \"id\"]\n",
+        )
+        .unwrap();
+        let mut sink = ElasticsearchSink::open(&cfg).unwrap();
+        let cols = || {
+            vec![
+                ("id".to_string(), 23, true),
+                ("body".to_string(), 25, true),
+                ("n".to_string(), 23, true),
+            ]
+        };
+        let full = Arc::new(RelationInfo::new(
+            1,
+            "public".into(),
+            "docs".into(),
+            b'f',
+            cols(),
+        ));
+        match sink.plan(&full) {
+            Err(SinkError::Fatal(m)) => {
+                assert!(m.contains("id_columns") && m.contains("FULL"), "{m}")
+            }
+            _ => panic!("a FULL table without id_columns must stop"),
+        }
+        let other = Arc::new(RelationInfo::new(
+            2,
+            "public".into(),
+            "other".into(),
+            b'f',
+            cols(),
+        ));
+        let plan = sink.plan(&other).unwrap();
+        let r = row(&[Some("7"), Some("\"b\""), Some("3")], &[]);
+        assert_eq!(plan.key.render(&other, &r).unwrap(), "3:7");
+        assert_eq!(&*plan.index, "public.other");
     }
 
     #[test]
