@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use support::ferry::{kill9, terminate, wait_active, FerryDir, Guard};
 use support::opensearch::{node, Node};
 use support::pg::TestPg;
+use support::tls_proxy::TlsProxy;
 
 const T: Duration = Duration::from_secs(120);
 
@@ -509,6 +510,53 @@ fn failed_bulk_items_are_sent_again_until_they_succeed() {
     wait_equal(&pg, node, &f, &[&tables[0]]);
     assert!(!f.path("state/search.dead-letter.jsonl").exists());
     assert!(terminate(&mut g.0).success(), "{}", f.log());
+}
+
+#[test]
+fn https_with_a_custom_ca_and_basic_auth_and_a_wrong_password_stops() {
+    let node = node();
+    let _shared = node.shared();
+    let pg = TestPg::start();
+    pg.sql("CREATE TABLE secure (id int PRIMARY KEY, v text)");
+    let f = FerryDir::new();
+    // "pgferry:s3cret-pw"
+    let proxy = TlsProxy::start(f.dir.path(), node.port, "Basic cGdmZXJyeTpzM2NyZXQtcHc=");
+    let tables = [Table::new("secure", &["id"], "tls_secure")];
+    let sink = format!(
+        "username = \"pgferry\"\npassword = \"${{SEARCH_PASSWORD}}\"\nca_file = \"{}\"",
+        proxy.ca_file.display()
+    );
+    write_config(&pg, &f, node, &tables, "pgferry", &sink, "");
+    let cfg = std::fs::read_to_string(f.path("pgferry.toml")).unwrap();
+    let cfg = cfg.replace(
+        &format!("url = \"{}\"", node.url()),
+        &format!("url = \"https://localhost:{}\"", proxy.port),
+    );
+    std::fs::write(f.path("pgferry.toml"), cfg).unwrap();
+    let run = |password: &str| Guard(f.spawn_env(&["run"], &[("SEARCH_PASSWORD", password)]));
+
+    let mut g = run("s3cret-pw");
+    wait_active(&pg, &f, "pgferry");
+    pg.sql("INSERT INTO secure SELECT i, 'v' || i FROM generate_series(1, 20) i");
+    wait_equal(&pg, node, &f, &[&tables[0]]);
+    assert!(terminate(&mut g.0).success(), "{}", f.log());
+    assert!(proxy.authorized.load(Ordering::Relaxed) > 0);
+    assert_eq!(proxy.refused.load(Ordering::Relaxed), 0);
+
+    // A wrong password: pgferry stops and says what to check.
+    let mut g = run("wrong-pw");
+    wait_active(&pg, &f, "pgferry");
+    pg.sql("INSERT INTO secure VALUES (21, 'v21')");
+    let st = support::ferry::wait_timeout(&mut g.0, T).expect("pgferry stops");
+    assert!(!st.success());
+    let log = f.log();
+    assert!(
+        log.contains("authentication failed") && log.contains("username/password"),
+        "{}",
+        tail(&log, 10)
+    );
+    assert!(proxy.refused.load(Ordering::Relaxed) > 0);
+    assert!(!log.contains("s3cret-pw") && !log.contains("wrong-pw"));
 }
 
 fn dead_letters(path: &PathBuf) -> Vec<Value> {

@@ -5,4 +5,5 @@
 pub mod ferry;
 pub mod opensearch;
 pub mod pg;
+pub mod tls_proxy;
 pub mod types_fixture;

@@ -531,6 +531,100 @@ mod tests {
         }
     }
 
+    /// Answers one request with `status` and returns the request's head.
+    fn one_shot_server(status: &'static str) -> (u16, std::thread::JoinHandle<String>) {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).unwrap();
+                head.extend_from_slice(&buf[..n]);
+            }
+            let body = r#"{"error":{"type":"security_exception","reason":"nope"}}"#;
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            String::from_utf8_lossy(&head).to_string()
+        });
+        (port, h)
+    }
+
+    fn cfg(extra: &str, url: &str) -> ElasticsearchConfig {
+        toml::from_str(&format!(
+            "name = \"s\"\nurl = \"{url}\"\n{extra}\n[tables.\"public.t\"]\n"
+        ))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn credentials_travel_in_the_authorization_header_only() {
+        // An "id:key" API key is base64-encoded.
+        let (port, h) = one_shot_server("200 OK");
+        let c = Client::new(&cfg(
+            "api_key = \"kid:ksecret\"",
+            &format!("http://127.0.0.1:{port}"),
+        ))
+        .unwrap();
+        c.index_exists("x").await.unwrap();
+        let head = h.join().unwrap();
+        assert!(head.starts_with("HEAD /x HTTP/1.1"), "{head}");
+        assert!(
+            head.contains(&format!("ApiKey {}", base64(b"kid:ksecret"))),
+            "{head}"
+        );
+        // Credentials in the URL become basic auth and leave the URL; a 401 stops.
+        let (port, h) = one_shot_server("401 Unauthorized");
+        let c = Client::new(&cfg(
+            "",
+            &format!("http://u%40x:p%3Ass@127.0.0.1:{port}/prefix"),
+        ))
+        .unwrap();
+        let err = c.index_exists("idx").await.unwrap_err();
+        let head = h.join().unwrap();
+        assert!(head.starts_with("HEAD /prefix/idx HTTP/1.1"), "{head}");
+        assert!(
+            head.contains(&format!("Basic {}", base64(b"u@x:p:ss"))),
+            "{head}"
+        );
+        let SinkError::Fatal(m) = err else {
+            panic!("{err}")
+        };
+        assert!(
+            m.contains("authentication failed") && !m.contains("p%3Ass"),
+            "{m}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_cluster_is_transient_and_a_bad_ca_file_is_refused() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let c = Client::new(&cfg("", &format!("http://127.0.0.1:{port}"))).unwrap();
+        assert!(matches!(
+            c.index_exists("x").await,
+            Err(SinkError::Transient(_))
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").unwrap();
+        let e = Client::new(&cfg(
+            &format!("ca_file = \"{}\"", ca.display()),
+            "https://h:9200",
+        ))
+        .err()
+        .unwrap();
+        assert!(e.contains("ca_file") && e.contains("PEM"), "{e}");
+    }
+
     #[test]
     fn percent_decoding() {
         assert_eq!(percent_decode("a%3Ab%40c").as_deref(), Some("a:b@c"));
