@@ -225,6 +225,9 @@ pub enum SinkConfig {
     Null(crate::sink::null::NullConfig),
     /// Keeps Redis keys in step with the tables (json, hash or invalidate).
     Redis(crate::sink::redis::RedisConfig),
+    /// Documents in Elasticsearch or OpenSearch indices.
+    #[serde(alias = "opensearch")]
+    Elasticsearch(crate::sink::elasticsearch::ElasticsearchConfig),
 }
 
 impl SinkConfig {
@@ -233,6 +236,7 @@ impl SinkConfig {
             SinkConfig::Jsonl(c) => &c.name,
             SinkConfig::Null(c) => &c.name,
             SinkConfig::Redis(c) => &c.name,
+            SinkConfig::Elasticsearch(c) => &c.name,
         }
     }
 
@@ -242,6 +246,20 @@ impl SinkConfig {
             SinkConfig::Jsonl(c) => c.max_failure_secs,
             SinkConfig::Null(_) => None,
             SinkConfig::Redis(c) => c.max_failure_secs,
+            SinkConfig::Elasticsearch(c) => c.max_failure_secs,
+        }
+    }
+
+    /// How long the sink's task waits for more transactions to fill a batch,
+    /// and the batch size (in change events) that ends the wait early.
+    /// `None`: no waiting, a batch is what is queued.
+    pub fn linger(&self) -> Option<(std::time::Duration, usize)> {
+        match self {
+            SinkConfig::Elasticsearch(c) if c.batch_max_ms > 0 => Some((
+                std::time::Duration::from_millis(c.batch_max_ms),
+                c.batch_max_docs,
+            )),
+            _ => None,
         }
     }
 
@@ -252,6 +270,7 @@ impl SinkConfig {
             SinkConfig::Jsonl(c) => c.tables.clone(),
             SinkConfig::Null(c) => c.tables.clone(),
             SinkConfig::Redis(c) => Some(c.tables.keys().cloned().collect()),
+            SinkConfig::Elasticsearch(c) => Some(c.table_names()),
         }
     }
 
@@ -259,6 +278,7 @@ impl SinkConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
         match self {
             SinkConfig::Redis(c) => c.validate(),
+            SinkConfig::Elasticsearch(c) => c.validate(),
             SinkConfig::Jsonl(_) | SinkConfig::Null(_) => Ok(()),
         }
     }
@@ -317,8 +337,25 @@ impl Config {
             }
             key_err(key, message)
         })?;
+        let mut config = config;
+        config.resolve_defaults();
         config.validate()?;
         Ok(config)
+    }
+
+    /// Fills in defaults that depend on other keys.
+    fn resolve_defaults(&mut self) {
+        for sink in &mut self.sinks {
+            if let SinkConfig::Elasticsearch(c) = sink {
+                if c.dead_letter_path.is_none() {
+                    c.dead_letter_path = Some(
+                        self.checkpoint
+                            .dir
+                            .join(format!("{}.dead-letter.jsonl", c.name)),
+                    );
+                }
+            }
+        }
     }
 
     /// Checks what serde cannot: names, uniqueness, value ranges.
@@ -645,5 +682,147 @@ mode = "hash"
             .unwrap_err()
             .to_string();
         assert!(e.contains("sink[0]") && e.contains("kafka"), "{e}");
+    }
+
+    const SEARCH: &str = r#"
+[[sink]]
+name = "search"
+type = "elasticsearch"
+url = "http://127.0.0.1:9200"
+[sink.tables."public.products"]
+index = "products"
+"#;
+
+    #[test]
+    fn the_documented_search_sink_parses_with_defaults() {
+        let c = parse(&format!("{EXAMPLE}{SEARCH}")).unwrap();
+        let SinkConfig::Elasticsearch(es) = &c.sinks[1] else {
+            panic!("{:?}", c.sinks[1]);
+        };
+        assert_eq!(c.sinks[1].name(), "search");
+        assert_eq!(
+            c.sinks[1].tables(),
+            Some(vec!["public.products".to_string()])
+        );
+        assert_eq!(es.index_for("public.products").as_deref(), Some("products"));
+        assert_eq!(es.batch_max_docs, 1000);
+        assert_eq!(
+            es.dead_letter_path.as_deref(),
+            Some(Path::new("pgferry-state/search.dead-letter.jsonl"))
+        );
+        assert_eq!(
+            c.sinks[1].linger(),
+            Some((std::time::Duration::from_millis(100), 1000))
+        );
+        assert_eq!(c.sinks[0].linger(), None);
+        let os = parse(&format!(
+            "{EXAMPLE}{}",
+            SEARCH
+                .replace("\"elasticsearch\"", "\"opensearch\"")
+                .replace("index = \"products\"\n", "")
+        ))
+        .unwrap();
+        let SinkConfig::Elasticsearch(es) = &os.sinks[1] else {
+            panic!("the opensearch alias");
+        };
+        assert_eq!(
+            es.index_for("public.products").as_deref(),
+            Some("public.products")
+        );
+    }
+
+    #[test]
+    fn search_sink_secrets_never_reach_debug_output() {
+        let t = format!(
+            "{EXAMPLE}{}",
+            SEARCH.replace(
+                "url = \"http://127.0.0.1:9200\"",
+                "url = \"https://u:urlpass@h:9200\"\npassword = \"${PG_PASSWORD}\"\nusername = \"elastic\""
+            )
+        );
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(
+            e.contains("sink[1].url") && !e.contains("urlpass") && !e.contains("s3cr3t"),
+            "{e}"
+        );
+        let t = format!(
+            "{EXAMPLE}{}",
+            SEARCH.replace(
+                "url = \"http://127.0.0.1:9200\"",
+                "url = \"https://h:9200\"\npassword = \"${PG_PASSWORD}\"\nusername = \"elastic\""
+            )
+        );
+        let dbg = format!("{:?}", parse(&t).unwrap());
+        assert!(!dbg.contains("s3cr3t") && dbg.contains("elastic"), "{dbg}");
+        let t = format!(
+            "{EXAMPLE}{}",
+            SEARCH.replace(
+                "url = \"http://127.0.0.1:9200\"",
+                "url = \"https://u:urlpass@h:9200\"\napi_key = \"${PG_PASSWORD}\""
+            )
+        );
+        let e = parse(&t).unwrap_err().to_string();
+        assert!(e.contains("api_key") && !e.contains("urlpass"), "{e}");
+        let t = format!(
+            "{EXAMPLE}{}",
+            SEARCH.replace(
+                "url = \"http://127.0.0.1:9200\"",
+                "url = \"https://u:urlpass@h:9200\""
+            )
+        );
+        let dbg = format!("{:?}", parse(&t).unwrap());
+        assert!(!dbg.contains("urlpass") && dbg.contains("***@h"), "{dbg}");
+        let t = format!(
+            "{EXAMPLE}{}",
+            SEARCH.replace(
+                "url = \"http://127.0.0.1:9200\"",
+                "url = \"https://h:9200\"\napi_key = \"${PG_PASSWORD}\""
+            )
+        );
+        let dbg = format!("{:?}", parse(&t).unwrap());
+        assert!(
+            !dbg.contains("s3cr3t") && dbg.contains("api_key: Some(\"***\")"),
+            "{dbg}"
+        );
+    }
+
+    #[test]
+    fn search_sink_mistakes_name_the_key() {
+        let bad = |from: &str, to: &str| {
+            parse(&format!("{EXAMPLE}{}", SEARCH.replace(from, to)))
+                .unwrap_err()
+                .to_string()
+        };
+        let e = bad("index = \"products\"", "index = \"Pro ducts\"");
+        assert!(
+            e.contains("sink[1].tables.\"public.products\".index"),
+            "{e}"
+        );
+        let e = bad("index = \"products\"", "index = \"{db}_x\"");
+        assert!(e.contains("placeholder"), "{e}");
+        let e = bad("index = \"products\"", "indx = \"products\"");
+        assert!(e.contains("indx"), "{e}");
+        let e = bad("public.products\"]\n", "public.orders\"]\n");
+        assert!(e.contains("not in source.tables"), "{e}");
+        let e = bad(
+            "url = \"http://127.0.0.1:9200\"",
+            "url = \"127.0.0.1:9200\"",
+        );
+        assert!(e.contains("sink[1].url"), "{e}");
+        let e = bad(
+            "url = \"http://127.0.0.1:9200\"",
+            "url = \"http://h:9200\"\nusername = \"u\"",
+        );
+        assert!(e.contains("sink[1].username"), "{e}");
+        let e = bad(
+            "url = \"http://127.0.0.1:9200\"",
+            "url = \"http://h:9200\"\non_error = \"ignore\"",
+        );
+        assert!(e.contains("sink[1]") && e.contains("ignore"), "{e}");
+        let e = bad(
+            "url = \"http://127.0.0.1:9200\"",
+            "url = \"http://h:9200\"\nbatch_max_docs = 0",
+        );
+        assert!(e.contains("sink[1].batch_max_docs"), "{e}");
     }
 }

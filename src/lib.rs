@@ -12,7 +12,7 @@
 //! - [`event`]: change events, the public output format.
 //! - [`pipeline`]: sink tasks, batching, backpressure, acknowledgements.
 //! - [`checkpoint`]: per-sink progress, persisted atomically.
-//! - [`sink`]: the sinks (`jsonl`, `redis`, `null`).
+//! - [`sink`]: the sinks (`jsonl`, `redis`, `elasticsearch`, `null`).
 //! - [`source`]: one replication session, wiring the stages together.
 //! - [`config`]: the TOML configuration.
 //! - [`lsn`]: WAL positions.

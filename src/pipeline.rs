@@ -186,6 +186,10 @@ pub struct SinkTask {
     pub batch_max_events: usize,
     /// Least time between two checkpoints (each one flushes the sink).
     pub checkpoint_interval: Duration,
+    /// Time-based batching: how long to wait for more transactions after the
+    /// first one of a batch while the batch holds fewer than `.1` events.
+    /// `None`: a batch is what is already queued (no waiting).
+    pub linger: Option<(Duration, usize)>,
     pub state: Arc<SinkState>,
     /// Stop pgferry when the sink has failed for this long (`None`: retry forever).
     pub max_failure: Option<Duration>,
@@ -264,6 +268,19 @@ impl SinkTask {
                 match self.rx.try_recv() {
                     Ok(item) => push(item, &mut batch, &mut events),
                     Err(_) => break,
+                }
+            }
+            // Time-based batching: nothing is acknowledged before `apply`
+            // returns, so waiting here only delays this batch (bounded by
+            // the linger time) to send fewer, fuller requests.
+            if let Some((linger, target)) = self.linger {
+                let deadline = tokio::time::Instant::now() + linger;
+                let target = target.min(self.batch_max_events);
+                while !batch.is_empty() && events < target {
+                    match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                        Ok(Some(item)) => push(item, &mut batch, &mut events),
+                        Ok(None) | Err(_) => break,
+                    }
                 }
             }
             if !batch.is_empty() {
@@ -473,6 +490,7 @@ mod tests {
                 progress: progress.clone(),
                 batch_max_events: 8,
                 checkpoint_interval: Duration::from_millis(20),
+                linger: None,
                 state,
                 max_failure,
                 stop: stop_rx.clone(),

@@ -330,6 +330,7 @@ pub async fn run(
             progress: progress.clone(),
             batch_max_events: config.pipeline.batch_max_events,
             checkpoint_interval: Duration::from_millis(config.pipeline.checkpoint_interval_ms),
+            linger: sc.linger(),
             state,
             max_failure: sc.max_failure_secs().map(Duration::from_secs),
             stop: sinks_stop.clone(),

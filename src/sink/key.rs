@@ -105,11 +105,11 @@ impl KeyTemplate {
 
     /// The default: the relation's key columns joined by `:`.
     pub fn for_key_columns(rel: &RelationInfo) -> Result<KeyTemplate, KeyError> {
-        let cols: Vec<String> = rel
+        let cols: Vec<&str> = rel
             .columns
             .iter()
             .filter(|c| c.is_key)
-            .map(|c| format!("{{{}}}", c.name.replace('{', "{{").replace('}', "}}")))
+            .map(|c| c.name.as_str())
             .collect();
         if cols.is_empty() {
             return Err(KeyError::Template {
@@ -120,6 +120,16 @@ impl KeyTemplate {
                 ),
             });
         }
+        Self::for_columns(&cols)
+    }
+
+    /// The named columns joined by `:`, each value with `%` and `:` escaped
+    /// (also for a single column), as [`for_key_columns`](Self::for_key_columns) does.
+    pub fn for_columns<S: AsRef<str>>(names: &[S]) -> Result<KeyTemplate, KeyError> {
+        let cols: Vec<String> = names
+            .iter()
+            .map(|c| format!("{{{}}}", c.as_ref().replace('{', "{{").replace('}', "}}")))
+            .collect();
         let mut t = Self::parse(&cols.join(":"))?;
         if !t.special.contains(&':') {
             t.special.push(':');

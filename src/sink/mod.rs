@@ -20,7 +20,11 @@
 //! - `redis`: effectively-once final state: each `MULTI` also records the
 //!   position it brings Redis to, and transactions Redis already holds are
 //!   skipped (commands are at-least-once on the wire).
+//! - `elasticsearch` (alias `opensearch`): effectively-once per document:
+//!   every write carries the change's LSN as an external version, so the
+//!   changes a restart sends again cannot overwrite newer documents.
 
+pub mod elasticsearch;
 pub mod jsonl;
 pub mod key;
 pub mod null;
@@ -89,5 +93,8 @@ pub async fn build(cfg: &crate::config::SinkConfig) -> Result<Box<dyn Sink>, Sin
         crate::config::SinkConfig::Jsonl(c) => Ok(Box::new(jsonl::JsonlSink::open(c)?)),
         crate::config::SinkConfig::Null(_) => Ok(Box::new(null::NullSink)),
         crate::config::SinkConfig::Redis(c) => Ok(Box::new(redis::RedisSink::open(c).await?)),
+        crate::config::SinkConfig::Elasticsearch(c) => {
+            Ok(Box::new(elasticsearch::ElasticsearchSink::open(c)?))
+        }
     }
 }

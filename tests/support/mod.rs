@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod ferry;
+pub mod opensearch;
 pub mod pg;
 pub mod redis;
+pub mod tls_proxy;
 pub mod types_fixture;

@@ -1,0 +1,73 @@
+//! The Elasticsearch / OpenSearch sink: each row of a configured table is a
+//! document, and the index follows the table.
+//!
+//! Plain REST over HTTP(S) (`reqwest`, rustls): `_bulk` with NDJSON, `_mget`,
+//! `HEAD`/`PUT /{index}`, `_refresh` and scroll searches. No mapping types, so
+//! the same requests work on Elasticsearch 7/8 and OpenSearch 1/2.
+//!
+//! - **Document id**: the table's key columns through
+//!   [`KeyTemplate::for_key_columns`](crate::sink::key::KeyTemplate): one key
+//!   column gives its value as text (`42`, `abc`); a composite key joins the
+//!   values with `:`, each value with `%` and `:` percent-encoded (`a:b` and
+//!   `c` give `a%3Ab:c`), so two keys never share an id. `id_columns` picks
+//!   other columns; a `REPLICA IDENTITY FULL` table needs it (every column
+//!   is key there).
+//! - **Document**: the row as `to_jsonb(row)` gives it, limited to the
+//!   table's `columns` / `exclude_columns`.
+//! - **Versions**: every write is an `index` or `delete` with
+//!   `version_type=external` and `version` = the LSN of the change. The
+//!   cluster keeps the highest version, so a replay (after a crash, a retry
+//!   or a lost checkpoint) never puts older data over newer; the 409 it
+//!   answers for an older or equal version counts as success.
+//! - **Key change**: `delete` of the old id, `index` of the new one.
+//! - **Unchanged TOAST columns** (an update that did not send a large value):
+//!   the sink reads the current document (`_mget`, real time), puts the sent
+//!   columns over it and indexes the whole document with the change's LSN as
+//!   its version; when the document is already at that version or newer, the
+//!   change is skipped. Not a partial `update`: the cluster refuses versions
+//!   on bulk updates, and an unversioned update replayed over a newer
+//!   document would both overwrite newer values and raise the document's
+//!   version so that the newer write, replayed next, is refused as a
+//!   conflict. The cost is one `_mget` per bulk request that holds such
+//!   updates, and it assumes pgferry is the only writer of these documents.
+//!   When there is no document to complete (the row predates the sink), the
+//!   sent columns alone are indexed, with a warning. With `REPLICA IDENTITY
+//!   FULL` none of this is needed: the old row, sent whole, fills them in.
+//! - **Truncate**: `_delete_by_query` is not everywhere (OpenSearch without
+//!   the reindex module lacks it), and dropping the index would lose its
+//!   mapping, settings and aliases and leave searches failing meanwhile. The
+//!   sink refreshes the index, scrolls over every id and deletes each with the
+//!   truncate's LSN as external version, so rows written after the truncate
+//!   (newer versions) stay even during a replay. An index shared by several
+//!   tables cannot be truncated this way: that truncate is rejected
+//!   (`on_error`).
+//! - **Batching**: a batch from the pipeline is cut into `_bulk` requests of
+//!   at most `batch_max_docs` documents and `batch_max_bytes` bytes; only the
+//!   last operation per document in a request is sent. `batch_max_ms` is the
+//!   pipeline's linger time for this sink: after the first transaction of a
+//!   batch arrives, its task waits up to that long for more while the batch
+//!   holds fewer than `batch_max_docs` changes. Nothing is acknowledged before
+//!   it is applied, so this never weakens the guarantee.
+//! - **Errors**: a failed request (unreachable, timeout, 429, 5xx) is
+//!   transient: the pipeline retries the batch with backoff. Failed items of a
+//!   bulk answer with 429 or 5xx (or a missing index, created again) are sent
+//!   again alone, with exponential backoff and jitter, for up to a minute
+//!   before the batch is handed back as transient. Any other item error (a
+//!   mapping error, an invalid document) is final: the change and the error go
+//!   to the dead-letter file (JSON lines, `fsync`ed before the batch is
+//!   acknowledged) and the sink goes on, or pgferry stops with
+//!   `on_error = "stop"`. 401, 403 and 413 stop pgferry with what to fix.
+//! - **Indices** are created on first use (`mapping_file` as the body when
+//!   set), or used as they are when they exist.
+//!
+//! Delivery guarantee: effectively-once per document. A replay can re-send
+//! changes after the checkpoint, and the external versions make each of them
+//! a no-op, so the index converges to the table. Dead letters are
+//! at-least-once (a replayed rejected change is written again).
+
+mod client;
+mod config;
+mod sink;
+
+pub use config::{ElasticsearchConfig, OnError, TableConfig};
+pub use sink::ElasticsearchSink;
