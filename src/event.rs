@@ -228,25 +228,7 @@ impl Change {
             out.extend_from_slice(b"null");
             return;
         };
-        out.push(b'{');
-        let mut first = true;
-        for (i, col) in self.rel.columns.iter().enumerate() {
-            if !col.is_key {
-                continue;
-            }
-            let cell = row.cell(i);
-            if cell == Cell::Unchanged {
-                continue;
-            }
-            if !first {
-                out.push(b',');
-            }
-            first = false;
-            out.extend_from_slice(col.json_name.as_bytes());
-            out.push(b':');
-            out.extend_from_slice(row.json(i).unwrap_or(b"null"));
-        }
-        out.push(b'}');
+        write_object(&self.rel, row, |_, col| col.is_key, out);
     }
 
     /// Writes one JSON line (without the newline) for this change.
@@ -300,14 +282,22 @@ impl Change {
 /// Writes a row image as a JSON object; unchanged cells are left out. With
 /// `key_only`, only key columns are written (a `K` old tuple).
 pub fn write_row(rel: &RelationInfo, row: &Row, key_only: bool, out: &mut Vec<u8>) {
+    write_object(rel, row, |_, col| !key_only || col.is_key, out);
+}
+
+/// Writes the columns of `row` for which `keep(index, column)` holds as a
+/// JSON object; unchanged (unsent TOAST) cells are always left out, NULLs are
+/// written as `null`.
+pub fn write_object(
+    rel: &RelationInfo,
+    row: &Row,
+    keep: impl Fn(usize, &ColumnInfo) -> bool,
+    out: &mut Vec<u8>,
+) {
     out.push(b'{');
     let mut first = true;
     for (i, col) in rel.columns.iter().enumerate() {
-        if key_only && !col.is_key {
-            continue;
-        }
-        let cell = row.cell(i);
-        if cell == Cell::Unchanged {
+        if !keep(i, col) || row.cell(i) == Cell::Unchanged {
             continue;
         }
         if !first {

@@ -894,25 +894,12 @@ fn missing_base(sink: &str, index: &str, id: &str) {
 /// The document: the row's included columns as a JSON object (the same
 /// values as `to_jsonb(row)`); unchanged TOAST columns are left out.
 pub fn write_doc(rel: &RelationInfo, row: &Row, include: &[bool], out: &mut Vec<u8>) {
-    out.push(b'{');
-    let mut first = true;
-    for (i, col) in rel.columns.iter().enumerate() {
-        if !include.get(i).copied().unwrap_or(false) {
-            continue;
-        }
-        let cell = row.cell(i);
-        if cell == Cell::Unchanged {
-            continue;
-        }
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        out.extend_from_slice(col.json_name.as_bytes());
-        out.push(b':');
-        out.extend_from_slice(row.json(i).unwrap_or(b"null"));
-    }
-    out.push(b'}');
+    crate::event::write_object(
+        rel,
+        row,
+        |i, _| include.get(i).copied().unwrap_or(false),
+        out,
+    );
 }
 
 /// `row` with its unchanged cells taken from `from` (a full old row).
