@@ -177,6 +177,28 @@ impl Row {
         self.cells.get(i).copied().unwrap_or(Cell::Null)
     }
 
+    /// Appends a column holding `json` (one rendered JSON value).
+    pub fn push_value(&mut self, json: &[u8]) {
+        let start = self.buf.len() as u32;
+        self.buf.extend_from_slice(json);
+        self.cells.push(Cell::Value {
+            start,
+            end: self.buf.len() as u32,
+        });
+    }
+
+    /// A row from rendered JSON values; `None` is SQL NULL.
+    pub fn from_values(values: &[Option<&str>]) -> Row {
+        let mut r = Row::default();
+        for v in values {
+            match v {
+                Some(json) => r.push_value(json.as_bytes()),
+                None => r.cells.push(Cell::Null),
+            }
+        }
+        r
+    }
+
     /// Bytes held, for memory accounting.
     pub fn mem_size(&self) -> usize {
         self.buf.len() + self.cells.len() * std::mem::size_of::<Cell>()

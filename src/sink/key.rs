@@ -285,21 +285,7 @@ mod tests {
     }
 
     fn row(vals: &[Option<&str>]) -> Row {
-        let mut r = Row::default();
-        for v in vals {
-            match v {
-                None => r.cells.push(Cell::Null),
-                Some(json) => {
-                    let start = r.buf.len() as u32;
-                    r.buf.extend_from_slice(json.as_bytes());
-                    r.cells.push(Cell::Value {
-                        start,
-                        end: r.buf.len() as u32,
-                    });
-                }
-            }
-        }
-        r
+        Row::from_values(vals)
     }
 
     #[test]

@@ -1001,23 +1001,9 @@ mod tests {
     }
 
     fn row(cells: &[Option<&str>], unchanged: &[usize]) -> Row {
-        let mut r = Row::default();
-        for (i, v) in cells.iter().enumerate() {
-            if unchanged.contains(&i) {
-                r.cells.push(Cell::Unchanged);
-                continue;
-            }
-            match v {
-                None => r.cells.push(Cell::Null),
-                Some(json) => {
-                    let start = r.buf.len() as u32;
-                    r.buf.extend_from_slice(json.as_bytes());
-                    r.cells.push(Cell::Value {
-                        start,
-                        end: r.buf.len() as u32,
-                    });
-                }
-            }
+        let mut r = Row::from_values(cells);
+        for &i in unchanged {
+            r.cells[i] = Cell::Unchanged;
         }
         r
     }
