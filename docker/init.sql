@@ -1,9 +1,22 @@
+-- The worked example's table (README: "Worked example: cache-aside").
 CREATE TABLE products (
     id int PRIMARY KEY,
     name text NOT NULL,
     price numeric(10,2),
     tags text[],
     attrs jsonb,
-    updated_at timestamptz DEFAULT now()
+    description text,
+    updated_at timestamptz NOT NULL DEFAULT now()
 );
-INSERT INTO products (id, name, price, tags) VALUES (1, 'pen', 1.50, '{office}'), (2, 'ink', 12.00, '{office,refill}');
+
+-- pgferry does not snapshot tables: it streams the changes made after its
+-- slot was created. Creating the publication and the slot here, before the
+-- first rows, lets the rows below reach Redis and the index too. (pgferry
+-- would create both itself at its first start, when they are missing.)
+CREATE PUBLICATION pgferry FOR TABLE products;
+SELECT pg_create_logical_replication_slot('pgferry', 'pgoutput');
+
+INSERT INTO products (id, name, price, tags, attrs, description) VALUES
+    (1, 'pen', 1.50, '{office}', '{"color": "blue"}', 'A ballpoint pen.'),
+    (2, 'ink', 12.00, '{office,refill}', '{"ml": 50}', 'A bottle of ink for fountain pens.'),
+    (3, 'notebook', 4.25, '{office,paper}', '{"pages": 96, "ruled": true}', 'A5, 96 pages.');

@@ -568,6 +568,47 @@ path = "changes.jsonl"           # "-" for stdout
     }
 
     #[test]
+    fn the_docker_example_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker");
+        let path = dir.join("pgferry.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let c = Config::parse(&text, &path, |name| {
+            (name == "PGPASSWORD").then(|| "pw".to_string())
+        })
+        .unwrap();
+        let kinds: Vec<&str> = c
+            .sinks
+            .iter()
+            .map(|s| match s {
+                SinkConfig::Jsonl(_) => "jsonl",
+                SinkConfig::Redis(_) => "redis",
+                SinkConfig::Elasticsearch(_) => "elasticsearch",
+                SinkConfig::Null(_) => "null",
+            })
+            .collect();
+        assert_eq!(kinds, ["jsonl", "redis", "elasticsearch"]);
+        // The index body it mounts is a JSON object.
+        let mapping = std::fs::read_to_string(dir.join("products-index.json")).unwrap();
+        let mapping: serde_json::Value = serde_json::from_str(&mapping).unwrap();
+        assert!(mapping["mappings"]["properties"].is_object());
+    }
+
+    #[test]
+    fn the_readme_worked_example_is_the_docker_config() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let section = &readme[readme.find("## Worked example").unwrap()..];
+        let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+        let block = &section[start..start + section[start..].find("```").unwrap()];
+        let docker = std::fs::read_to_string(root.join("docker/pgferry.toml")).unwrap();
+        let env = |name: &str| (name == "PGPASSWORD").then(|| "pw".to_string());
+        let p = Path::new("x.toml");
+        let a = Config::parse(block, p, env).unwrap();
+        let b = Config::parse(&docker, p, env).unwrap();
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_path() {
         let bad = EXAMPLE.replace("slot = \"pgferry\"", "slott = \"pgferry\"");
         let e = parse(&bad).unwrap_err().to_string();

@@ -21,12 +21,15 @@
 //!   (backpressure) instead of growing memory;
 //! - nothing flows backwards but acknowledgements, through [`Progress`];
 //! - sinks are isolated: a sink that is failing (retrying) and whose channel
-//!   is full is *detached* instead of blocking the others. The slot keeps the
-//!   WAL from that sink's checkpoint (the flush position is the minimum), so
-//!   nothing is lost: once the sink recovers and drains its channel it asks
-//!   for a *rejoin*, the session restarts from the minimum checkpoint, and the
-//!   sinks that are ahead skip what they already applied. The WAL retained by
-//!   the slot is the detached sink's queue; no other disk queue is needed.
+//!   is full, or that is failing while the source waits for memory, is
+//!   *detached* instead of blocking the others. The slot keeps the WAL from
+//!   that sink's checkpoint (the flush position is the minimum), so nothing is
+//!   lost: a detached sink drops its queue and lets its batch stop counting
+//!   against the memory budget (it cannot hold up the others through the
+//!   budget either), and once that batch applies it asks for a *rejoin*: the
+//!   session restarts from the minimum checkpoint, and the sinks that are
+//!   ahead skip what they already applied. The WAL retained by the slot is
+//!   the detached sink's queue; no other disk queue is needed.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -111,10 +114,33 @@ impl Budget {
 
     /// Waits until `txn` fits in the budget and attaches the permit to it, so
     /// the memory is released when the last sink drops the transaction.
-    pub async fn admit(&self, txn: &mut Transaction) {
+    ///
+    /// A failing sink holds the transactions it has queued, and with large
+    /// transactions those can be the whole budget before its queue is full.
+    /// So while this waits, every sink that is failing is detached: it then
+    /// releases what it holds, and the others keep flowing.
+    pub async fn admit(&self, txn: &mut Transaction, links: &[SinkLink]) {
         let kib = ((txn.mem_bytes / 1024) as u32).clamp(1, self.total_kib);
-        if let Ok(p) = self.sem.clone().acquire_many_owned(kib).await {
-            txn._budget = Some(p);
+        let acquire = self.sem.clone().acquire_many_owned(kib);
+        tokio::pin!(acquire);
+        loop {
+            tokio::select! {
+                p = &mut acquire => {
+                    if let Ok(p) = p {
+                        txn._budget = Some(p);
+                    }
+                    return;
+                }
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    for link in links {
+                        if link.state.failing.load(Ordering::Acquire)
+                            && !link.state.detached.load(Ordering::Acquire)
+                        {
+                            link.detach("the source waits for the memory it holds");
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -126,6 +152,8 @@ pub struct SinkState {
     pub failing: AtomicBool,
     /// The fan-out stopped feeding it; it will be replayed from its checkpoint.
     pub detached: AtomicBool,
+    /// Woken on detach, so that the sink releases what it holds at once.
+    pub on_detach: tokio::sync::Notify,
 }
 
 /// The source's end of one sink task.
@@ -134,6 +162,14 @@ pub struct SinkLink {
     pub name: String,
     pub tx: mpsc::Sender<Item>,
     pub state: Arc<SinkState>,
+}
+
+impl SinkLink {
+    fn detach(&self, why: &str) {
+        self.state.detached.store(true, Ordering::Release);
+        self.state.on_detach.notify_one();
+        tracing::warn!(sink = %self.name, "sink is failing and {why}: detached; the other sinks go on, and it will be replayed from its checkpoint when it recovers");
+    }
 }
 
 /// The channel to a sink task is closed: the task stopped.
@@ -155,8 +191,7 @@ pub async fn fan_out(links: &[SinkLink], item: Item) -> Result<(), SinkGone> {
         }
         loop {
             if link.state.failing.load(Ordering::Acquire) {
-                link.state.detached.store(true, Ordering::Release);
-                tracing::warn!(sink = %link.name, "sink is failing and its queue is full: detached; the other sinks go on, and it will be replayed from its checkpoint when it recovers");
+                link.detach("its queue is full");
                 break;
             }
             tokio::select! {
@@ -284,7 +319,7 @@ impl SinkTask {
                 }
             }
             if !batch.is_empty() {
-                if !self.apply_with_retry(&batch).await? {
+                if !self.apply_with_retry(&mut batch).await? {
                     break;
                 }
                 if let Some(last) = batch.last() {
@@ -336,9 +371,8 @@ impl SinkTask {
                     self.state.failing.store(true, Ordering::Release);
                     let delay = backoff.next_delay();
                     tracing::warn!(sink = %self.name, error = %m, retry_in_ms = delay.as_millis() as u64, "sink flush failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.stop.wait_for(|s| *s) => return Ok(false),
+                    if !self.wait_to_retry(delay, &mut []).await {
+                        return Ok(false);
                     }
                 }
             }
@@ -356,8 +390,37 @@ impl SinkTask {
         Ok(true)
     }
 
+    /// Waits `delay` before the next attempt. `false`: the session ended.
+    ///
+    /// A detached sink is replayed from its checkpoint, so what it holds is
+    /// only needed to find out when the destination is back: meanwhile it
+    /// drops its queue, and the transactions of its batch stop counting
+    /// against the memory budget once no other sink holds them.
+    async fn wait_to_retry(&mut self, delay: Duration, batch: &mut [Arc<Transaction>]) -> bool {
+        let retry_at = tokio::time::Instant::now() + delay;
+        loop {
+            let detached = self.state.detached.load(Ordering::Acquire);
+            if detached {
+                while self.rx.try_recv().is_ok() {}
+                for t in batch.iter_mut() {
+                    if let Some(t) = Arc::get_mut(t) {
+                        t._budget = None;
+                    }
+                }
+            }
+            // Another sink may still hold some of them: look again soon.
+            let holding = detached && batch.iter().any(|t| t._budget.is_some());
+            tokio::select! {
+                _ = tokio::time::sleep_until(retry_at) => return true,
+                _ = self.state.on_detach.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)), if holding => {}
+                _ = self.stop.wait_for(|s| *s) => return false,
+            }
+        }
+    }
+
     /// `Ok(true)`: applied. `Ok(false)`: the session ended while retrying.
-    async fn apply_with_retry(&mut self, batch: &[Arc<Transaction>]) -> Result<bool, String> {
+    async fn apply_with_retry(&mut self, batch: &mut [Arc<Transaction>]) -> Result<bool, String> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut attempt = 0u32;
         let mut failing_since: Option<std::time::Instant> = None;
@@ -388,12 +451,9 @@ impl SinkTask {
                     }
                     let delay = backoff.next_delay();
                     tracing::warn!(sink = %self.name, attempt, error = %m, retry_in_ms = delay.as_millis() as u64, "sink batch failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.stop.wait_for(|s| *s) => {
-                            tracing::warn!(sink = %self.name, "session ending while the sink is failing: its batch will be replayed");
-                            return Ok(false);
-                        }
+                    if !self.wait_to_retry(delay, batch).await {
+                        tracing::warn!(sink = %self.name, "session ending while the sink is failing: its batch will be replayed");
+                        return Ok(false);
                     }
                 }
             }
@@ -426,7 +486,11 @@ mod tests {
     }
 
     fn txn(end: u64) -> Arc<Transaction> {
-        Arc::new(Transaction {
+        Arc::new(txn_of(end, 0))
+    }
+
+    fn txn_of(end: u64, mem_bytes: usize) -> Transaction {
+        Transaction {
             meta: TxnMeta {
                 xid: end as u32,
                 commit_lsn: Lsn(end - 1),
@@ -436,9 +500,9 @@ mod tests {
             changes: Changes::Memory(Vec::new()),
             messages: Vec::new(),
             aborted_subxids: Vec::new(),
-            mem_bytes: 0,
+            mem_bytes,
             _budget: None,
-        })
+        }
     }
 
     struct Harness {
@@ -538,6 +602,54 @@ mod tests {
         assert!(!got.is_empty() && got.len() < 200, "{got:?}");
         assert_eq!(got, (1..=got.len() as u64).map(Lsn).collect::<Vec<_>>());
         assert_eq!(h.progress.confirmed(), Lsn(got.len() as u64));
+        drop(h.links);
+        let _ = h.stop.send(true);
+        for t in h.tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_sink_that_holds_the_memory_budget_is_detached_and_releases_it() {
+        let h = harness(2, None);
+        h.broken[1].store(true, Ordering::Release);
+        // 8 KiB of budget, 3 KiB a transaction: the failing sink's batch and
+        // queue hold the whole budget long before its queue (4) is full.
+        let budget = Budget::new(8 * 1024);
+        for end in 1..=200u64 {
+            let mut t = txn_of(end, 3 * 1024);
+            tokio::time::timeout(Duration::from_secs(10), async {
+                budget.admit(&mut t, &h.links).await;
+                fan_out(&h.links, Item::Txn(Arc::new(t))).await
+            })
+            .await
+            .expect("a failing sink must not hold the budget from the healthy one")
+            .unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while h.progress.sink(0) < Lsn(200) {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            *h.applied[0].lock().unwrap(),
+            (1..=200).map(Lsn).collect::<Vec<_>>()
+        );
+        assert!(h.links[1].state.detached.load(Ordering::Acquire));
+        // The detached sink still holds its batch, but not its memory.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while budget.sem.available_permits() < 8 {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Once back, it applies that batch and asks for a replay.
+        h.broken[1].store(false, Ordering::Release);
+        tokio::time::timeout(Duration::from_secs(40), h.progress.rejoin.notified())
+            .await
+            .expect("the recovered sink asks to rejoin");
+        let got = h.applied[1].lock().unwrap().clone();
+        assert!(!got.is_empty() && got.len() < 200, "{got:?}");
+        assert_eq!(got, (1..=got.len() as u64).map(Lsn).collect::<Vec<_>>());
         drop(h.links);
         let _ = h.stop.send(true);
         for t in h.tasks {

@@ -441,7 +441,7 @@ pub async fn run(
                         tracing::info!(at = %wal_start, memory_limit_mb = config.pipeline.memory_limit_mb, "transaction spilled to disk");
                     }
                     if let Some(mut txn) = committed {
-                        budget.admit(&mut txn).await;
+                        budget.admit(&mut txn, &senders).await;
                         let txn = Arc::new(txn);
                         fan_out(&senders, Item::Txn(txn)).await.map_err(|g| fatal(format!("sink {:?} stopped", g.0)))?;
                     }
