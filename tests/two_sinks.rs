@@ -267,6 +267,27 @@ fn assert_detached_and_replayed(f: &FerryDir, sink: &str) {
         "the session was never restarted for {sink}:\n{}",
         tail(&f.log(), 40)
     );
+    // The next session replayed from that sink's checkpoint.
+    let lines: Vec<Value> = f
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let asked = lines
+        .iter()
+        .position(|v| {
+            v["fields"]["sink"] == sink
+                && v["fields"]["message"]
+                    == "detached sink recovered; asking for a replay from its checkpoint"
+        })
+        .unwrap();
+    let at = &lines[asked]["fields"]["at"];
+    let next = lines[asked..]
+        .iter()
+        .find(|v| v["fields"]["message"] == "pgferry streaming")
+        .unwrap_or_else(|| panic!("no session after the rejoin:\n{}", tail(&f.log(), 40)));
+    assert_eq!(&next["fields"]["start"], at, "{next}");
+    eprintln!("{sink}: replayed from {at}");
 }
 
 /// What the workload does besides its usual changes.
