@@ -267,6 +267,27 @@ fn assert_detached_and_replayed(f: &FerryDir, sink: &str) {
         "the session was never restarted for {sink}:\n{}",
         tail(&f.log(), 40)
     );
+    // The next session replayed from that sink's checkpoint.
+    let lines: Vec<Value> = f
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let asked = lines
+        .iter()
+        .position(|v| {
+            v["fields"]["sink"] == sink
+                && v["fields"]["message"]
+                    == "detached sink recovered; asking for a replay from its checkpoint"
+        })
+        .unwrap();
+    let at = &lines[asked]["fields"]["at"];
+    let next = lines[asked..]
+        .iter()
+        .find(|v| v["fields"]["message"] == "pgferry streaming")
+        .unwrap_or_else(|| panic!("no session after the rejoin:\n{}", tail(&f.log(), 40)));
+    assert_eq!(&next["fields"]["start"], at, "{next}");
+    eprintln!("{sink}: replayed from {at}");
 }
 
 /// What the workload does besides its usual changes.
@@ -422,8 +443,10 @@ fn mixed_workload_keeps_redis_and_the_index_equal_to_postgres() {
     assert!(txns > 100, "the workload ran only {txns} transactions");
 
     // Then each kind of change once more, in a known order.
+    // Not [1, 2.50]: the index's dynamic mapping refuses an array that
+    // mixes integers and decimals in a field it has not mapped yet.
     pg.sql(&format!(
-        "INSERT INTO products VALUES (900000001, 'big', 1.50, 0.000000000000000000001, '{{a,b}}', '{{\"k\": [1, 2.50]}}', {BIG}, now())"
+        "INSERT INTO products VALUES (900000001, 'big', 1.50, 0.000000000000000000001, '{{a,b}}', '{{\"k\": [1.25, 2.50]}}', {BIG}, now())"
     ));
     pg.sql("UPDATE products SET price = 10.10, big = 98765432109876543210.000000000001 WHERE id = 900000001");
     pg.sql("UPDATE products SET id = 900000002, attrs = NULL WHERE id = 900000001");
