@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_packages postgresql postgresql-contrib util-linux redis-server openssl
+# The search-sink tests build a small OpenSearch launcher with Maven (Java 17).
+command -v java >/dev/null 2>&1 || ensure_packages openjdk-17-jdk-headless
+command -v mvn >/dev/null 2>&1 || ensure_packages maven
 ensure_cargo
 export PGFERRY_PG_BIN="${PGFERRY_PG_BIN:-$(pg_bin)}"
 # Debian's package starts a cluster of its own; the tests never use it.
