@@ -72,13 +72,8 @@ fn kill_9_at_random_points_loses_and_duplicates_nothing() {
         let stop = stop.clone();
         let client = rt.block_on(pg.client());
         workers.push(rt.spawn(async move {
-            let mut seed = 0x9E37_79B9u32 ^ (w as u32 * 7919);
-            let mut rnd = move |n: u32| {
-                seed ^= seed << 13;
-                seed ^= seed >> 17;
-                seed ^= seed << 5;
-                seed % n
-            };
+            let mut rng = support::rng::XorShift::new(0x9E37_79B9u32 ^ (w as u32 * 7919));
+            let mut rnd = move |n: u32| rng.below(n);
             let mut next = w * 10_000_000;
             let mut txns = 0;
             while !stop.load(Ordering::Relaxed) {

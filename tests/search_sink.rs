@@ -314,13 +314,8 @@ fn start_workload(
         let stop = stop.clone();
         let client = rt.block_on(pg.client());
         workers.push(rt.spawn(async move {
-            let mut seed = 0x2545_F491u32 ^ (w as u32 * 7919 + 1);
-            let mut rnd = move |n: u32| {
-                seed ^= seed << 13;
-                seed ^= seed >> 17;
-                seed ^= seed << 5;
-                seed % n
-            };
+            let mut rng = support::rng::XorShift::new(0x2545_F491u32 ^ (w as u32 * 7919 + 1));
+            let mut rnd = move |n: u32| rng.below(n);
             let base = w * 10_000_000;
             let mut next = base;
             let mut txns = 0u32;

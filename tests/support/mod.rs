@@ -6,5 +6,6 @@ pub mod ferry;
 pub mod opensearch;
 pub mod pg;
 pub mod redis;
+pub mod rng;
 pub mod tls_proxy;
 pub mod types_fixture;
