@@ -229,6 +229,7 @@ impl Snapshots {
     ) -> Result<Snapshots, SourceError> {
         let file = StateFile::new(&config.checkpoint.dir);
         let mut st = file.load().map_err(SourceError::Fatal)?;
+        let resumed = st.active();
         let shared = Arc::new(Shared {
             config: config.snapshot.clone(),
             tables: config.source.tables.clone(),
@@ -259,7 +260,7 @@ impl Snapshots {
         } else if config.source.snapshot == SnapshotMode::Initial && !st.initial_planned {
             tracing::info!("source.snapshot = \"initial\", but the sinks already have checkpoints: no initial snapshot (use pgferry backfill to re-load a table)");
         }
-        if st.active() {
+        if resumed {
             let pending: Vec<String> = st
                 .jobs
                 .iter()

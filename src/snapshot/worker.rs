@@ -55,10 +55,12 @@ pub(crate) async fn run(shared: Arc<Shared>, n: usize) {
             }
         }
         .await;
-        shared.release(job.id, range);
         match res {
+            // The range stays taken: it is done once durable (the
+            // coordinator marks it), and must not be read again meanwhile.
             Ok(()) => backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
             Err(e) => {
+                shared.release(job.id, range);
                 if shared.stopping.load(Ordering::Acquire) {
                     return;
                 }
