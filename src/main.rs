@@ -182,10 +182,7 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Config::load(path).with_context(|| format!("invalid configuration in {}", path.display()))
 }
 
-async fn run(
-    config: &Config,
-    opts: &source::RunOptions,
-) -> anyhow::Result<std::process::ExitCode> {
+async fn run(config: &Config, opts: &source::RunOptions) -> anyhow::Result<std::process::ExitCode> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         wait_for_signal().await;

@@ -385,8 +385,14 @@ pub async fn run(
         sinks = ?config.sinks.iter().map(|c| c.name()).collect::<Vec<_>>(),
         "pgferry streaming"
     );
-    let mut snaps =
-        Snapshots::start(config, &client, progress.clone(), fresh, opts_run.exit_after_snapshot).await?;
+    let mut snaps = Snapshots::start(
+        config,
+        &client,
+        progress.clone(),
+        fresh,
+        opts_run.exit_after_snapshot,
+    )
+    .await?;
     let (mut reader, writer) = repl.start_replication(&opts).await?;
     reader.set_coalesce(Duration::from_micros(s.read_coalesce_us));
     let started = Instant::now();
@@ -473,7 +479,8 @@ pub async fn run(
                         for t in before {
                             deliver(&budget, &senders, t).await?;
                         }
-                        deliver(&budget, &senders, txn).await?;
+                        let txn = deliver(&budget, &senders, txn).await?;
+                        snaps.delivered(&txn);
                     }
                 }
                 ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
@@ -531,11 +538,17 @@ pub async fn run(
 }
 
 /// Hands one committed transaction to every sink, within the memory budget.
-async fn deliver(budget: &Budget, senders: &[SinkLink], mut txn: crate::event::Transaction) -> Result<(), SourceError> {
+async fn deliver(
+    budget: &Budget,
+    senders: &[SinkLink],
+    mut txn: crate::event::Transaction,
+) -> Result<Arc<crate::event::Transaction>, SourceError> {
     budget.admit(&mut txn, senders).await;
-    fan_out(senders, Item::Txn(Arc::new(txn)))
+    let txn = Arc::new(txn);
+    fan_out(senders, Item::Txn(txn.clone()))
         .await
-        .map_err(|g| fatal(format!("sink {:?} stopped", g.0)))
+        .map_err(|g| fatal(format!("sink {:?} stopped", g.0)))?;
+    Ok(txn)
 }
 
 /// Sends standby status updates: on a timer, when the server asks, and when

@@ -145,7 +145,10 @@ fn jsonl_rows(events: &[Value]) -> BTreeMap<String, Value> {
                 {
                     for c in unchanged {
                         let c = c.as_str().unwrap();
-                        row[c] = old.get(c).cloned().unwrap_or(Value::String("<MISSING>".into()));
+                        row[c] = old
+                            .get(c)
+                            .cloned()
+                            .unwrap_or(Value::String("<MISSING>".into()));
                     }
                 }
                 rows.insert(id, row);
@@ -169,12 +172,18 @@ fn short(v: &Value) -> String {
     }
 }
 
-fn map_diff(what: &str, want: &BTreeMap<String, Value>, got: &BTreeMap<String, Value>) -> Vec<String> {
+fn map_diff(
+    what: &str,
+    want: &BTreeMap<String, Value>,
+    got: &BTreeMap<String, Value>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for (id, row) in want {
         match got.get(id) {
             None => out.push(format!("{what}: {id} missing")),
-            Some(v) if v != row => out.push(format!("{what}: {id}: {} vs row {}", short(v), short(row))),
+            Some(v) if v != row => {
+                out.push(format!("{what}: {id}: {} vs row {}", short(v), short(row)))
+            }
             Some(_) => {}
         }
     }
@@ -186,7 +195,11 @@ fn map_diff(what: &str, want: &BTreeMap<String, Value>, got: &BTreeMap<String, V
 
 fn redis_rows(r: &TestRedis) -> BTreeMap<String, Value> {
     let mut c = r.conn();
-    let keys: Vec<String> = r.keys().into_iter().filter(|k| k.starts_with("item:")).collect();
+    let keys: Vec<String> = r
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with("item:"))
+        .collect();
     let mut out = BTreeMap::new();
     for chunk in keys.chunks(1000) {
         let got: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query(&mut c).unwrap();
@@ -290,11 +303,15 @@ fn start_workload(
                 let mut sql = String::from("BEGIN;");
                 for _ in 0..5 {
                     let i = id();
-                    sql += &format!("UPDATE items SET n = n + 1, note = 'w{w} ' || n WHERE id = {i};");
+                    sql +=
+                        &format!("UPDATE items SET n = n + 1, note = 'w{w} ' || n WHERE id = {i};");
                 }
                 // A row with a TOASTed body: other columns change, the body is not sent.
                 let i = id() / 500 * 500;
-                sql += &format!("UPDATE items SET n = n + 1, price = price + 1 WHERE id = {};", i.max(500));
+                sql += &format!(
+                    "UPDATE items SET n = n + 1, price = price + 1 WHERE id = {};",
+                    i.max(500)
+                );
                 let i = id();
                 sql += &format!("DELETE FROM items WHERE id = {i};");
                 next += 1;
@@ -408,7 +425,11 @@ fn kill_9_mid_snapshot_resumes_without_reading_finished_chunks_again() {
             st["finished"].as_array().is_none_or(|a| a.is_empty()),
             "the snapshot finished before it could be killed: {st}"
         );
-        assert!(started.elapsed() < T, "no progress: {st}\n{}", tail(&f.log(), 30));
+        assert!(
+            started.elapsed() < T,
+            "no progress: {st}\n{}",
+            tail(&f.log(), 30)
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     kill9(&mut g.0);
@@ -421,7 +442,11 @@ fn kill_9_mid_snapshot_resumes_without_reading_finished_chunks_again() {
         .unwrap()
         .iter()
         .map(|r| {
-            let k = |v: &Value| v.as_array().and_then(|a| a[0].as_str()).map(|s| s.parse().unwrap());
+            let k = |v: &Value| {
+                v.as_array()
+                    .and_then(|a| a[0].as_str())
+                    .map(|s| s.parse().unwrap())
+            };
             (k(&r["after"]), k(&r["upper"]))
         })
         .collect();
@@ -429,9 +454,10 @@ fn kill_9_mid_snapshot_resumes_without_reading_finished_chunks_again() {
         .chain(ranges.iter().map(|r| r.1).take(ranges.len() - 1))
         .collect();
     let durable = |id: i64| {
-        ranges.iter().zip(&lows).any(|((after, _), low)| {
-            after.is_some_and(|a| id <= a) && low.is_none_or(|l| id > l)
-        })
+        ranges
+            .iter()
+            .zip(&lows)
+            .any(|((after, _), low)| after.is_some_and(|a| id <= a) && low.is_none_or(|l| id > l))
     };
     let done_before = job["rows_done"].as_u64().unwrap();
     eprintln!("killed with {done_before} rows durably done; ranges {ranges:?}");
@@ -440,7 +466,11 @@ fn kill_9_mid_snapshot_resumes_without_reading_finished_chunks_again() {
     wait_snapshot_done(&f, 1);
     let txns = stop_workload(&rt, &stop, workers);
     wait_equal(&pg, &f, &s);
-    assert!(f.log().contains("resuming snapshot jobs"), "{}", tail(&f.log(), 30));
+    assert!(
+        f.log().contains("resuming snapshot jobs"),
+        "{}",
+        tail(&f.log(), 30)
+    );
     let r = reads(&read_jsonl(&f.jsonl()));
     let durable_ids: Vec<(&String, &usize)> = r
         .iter()
@@ -451,9 +481,19 @@ fn kill_9_mid_snapshot_resumes_without_reading_finished_chunks_again() {
         "{} rows below the durable bounds were read, {done_before} reported done",
         durable_ids.len()
     );
-    let again: Vec<_> = durable_ids.iter().filter(|(_, n)| **n > 1).take(5).collect();
-    assert!(again.is_empty(), "rows of finished chunks were read again: {again:?}");
-    eprintln!("{txns} workload transactions; {} rows read once before the kill", durable_ids.len());
+    let again: Vec<_> = durable_ids
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .take(5)
+        .collect();
+    assert!(
+        again.is_empty(),
+        "rows of finished chunks were read again: {again:?}"
+    );
+    eprintln!(
+        "{txns} workload transactions; {} rows read once before the kill",
+        durable_ids.len()
+    );
 }
 
 #[test]
@@ -478,7 +518,9 @@ fn a_backfill_requested_from_sql_while_the_stream_is_busy_loads_every_row() {
     let workers = start_workload(&pg, &rt, &stop, 60_000);
     std::thread::sleep(Duration::from_secs(2));
     assert!(reads(&f.events()).is_empty(), "reads before any request");
-    pg.sql(r#"SELECT pg_logical_emit_message(true, 'pgferry.backfill', '{"table": "public.items"}')"#);
+    pg.sql(
+        r#"SELECT pg_logical_emit_message(true, 'pgferry.backfill', '{"table": "public.items"}')"#,
+    );
     wait_snapshot_done(&f, 1);
     std::thread::sleep(Duration::from_secs(1));
     let txns = stop_workload(&rt, &stop, workers);
@@ -504,19 +546,43 @@ fn cli_backfill_with_where_loads_only_the_matching_rows() {
     wait_active(&pg, &f, "pgferry");
     let bad = f.command(&["backfill", "--table", "public.nope"], &[]);
     assert!(!bad.status.success());
-    assert!(bad.stderr.contains("not in source.tables"), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("not in source.tables"),
+        "{}",
+        bad.stderr
+    );
     let bad = f.command(
-        &["backfill", "--table", "public.items", "--where", "no_such_column > 1"],
+        &[
+            "backfill",
+            "--table",
+            "public.items",
+            "--where",
+            "no_such_column > 1",
+        ],
         &[],
     );
     assert!(!bad.status.success());
-    assert!(bad.stderr.contains("not a valid condition"), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("not a valid condition"),
+        "{}",
+        bad.stderr
+    );
     let ok = f.command(
-        &["backfill", "--table", "public.items", "--where", "id % 10 = 3"],
+        &[
+            "backfill",
+            "--table",
+            "public.items",
+            "--where",
+            "id % 10 = 3",
+        ],
         &[],
     );
     assert!(ok.status.success(), "{}", ok.stderr);
-    assert!(ok.stdout.contains("backfill of public.items requested"), "{}", ok.stdout);
+    assert!(
+        ok.stdout.contains("backfill of public.items requested"),
+        "{}",
+        ok.stdout
+    );
     wait_snapshot_done(&f, 1);
     let started = Instant::now();
     let r = loop {
@@ -570,7 +636,12 @@ fn a_table_without_a_key_is_copied_in_an_exported_snapshot() {
     std::thread::sleep(Duration::from_millis(500));
     stop.store(true, Ordering::Relaxed);
     let txns = rt.block_on(work).unwrap();
-    assert!(f.log().contains("copying the table in an exported snapshot"), "{}", tail(&f.log(), 20));
+    assert!(
+        f.log()
+            .contains("copying the table in an exported snapshot"),
+        "{}",
+        tail(&f.log(), 20)
+    );
     // The table as a multiset of rows, against the events replayed as one.
     let want = || {
         let mut v: Vec<String> = pg
@@ -605,7 +676,10 @@ fn a_table_without_a_key_is_copied_in_an_exported_snapshot() {
         got.sort();
         let w = want();
         if got == w {
-            eprintln!("{} rows after the copy and {txns} workload transactions", w.len());
+            eprintln!(
+                "{} rows after the copy and {txns} workload transactions",
+                w.len()
+            );
             break;
         }
         assert!(
@@ -613,7 +687,10 @@ fn a_table_without_a_key_is_copied_in_an_exported_snapshot() {
             "{} rows rebuilt, {} in the table; first differences: {:?}\n{}",
             got.len(),
             w.len(),
-            got.iter().filter(|r| !w.contains(r)).take(3).collect::<Vec<_>>(),
+            got.iter()
+                .filter(|r| !w.contains(r))
+                .take(3)
+                .collect::<Vec<_>>(),
             tail(&f.log(), 20)
         );
         std::thread::sleep(Duration::from_millis(500));

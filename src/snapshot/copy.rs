@@ -15,16 +15,6 @@ use crate::decode::types::TypeRegistry;
 use crate::decode::value;
 use crate::event::{Cell, Row};
 
-/// One row read from COPY: the rendered row, its key for matching against
-/// the stream (rendered key values, each followed by a 0 byte), and the raw
-/// text of the key columns (for the next chunk's lower bound).
-#[derive(Debug)]
-pub struct CopyRow {
-    pub row: Row,
-    pub key: Vec<u8>,
-    pub key_text: Vec<String>,
-}
-
 /// Parses and renders COPY text lines.
 pub struct RowParser<'a> {
     pub types: &'a TypeRegistry,
@@ -46,13 +36,12 @@ impl<'a> RowParser<'a> {
     }
 
     /// Parses one line (without its `\n`).
-    pub fn parse_line(&mut self, line: &[u8]) -> Result<CopyRow, String> {
+    pub fn parse_line(&mut self, line: &[u8]) -> Result<Row, String> {
         let n = self.type_oids.len();
         let mut row = Row {
             buf: Vec::with_capacity(line.len() + 4 * n),
             cells: Vec::with_capacity(n),
         };
-        let mut key_text = vec![String::new(); self.key_cols.len()];
         let mut fields = 0usize;
         for (i, field) in line.split(|&b| b == b'\t').enumerate() {
             fields += 1;
@@ -69,9 +58,6 @@ impl<'a> RowParser<'a> {
             } else {
                 field
             };
-            if let Some(k) = self.key_cols.iter().position(|&c| c == i) {
-                key_text[k] = String::from_utf8_lossy(text).into_owned();
-            }
             let start = row.buf.len();
             if value::render(self.types, oid, text, &mut row.buf).is_err() {
                 row.buf.truncate(start);
@@ -85,8 +71,20 @@ impl<'a> RowParser<'a> {
         if fields != n {
             return Err(format!("COPY row has {fields} columns, expected {n}"));
         }
-        let key = key_of(&row, self.key_cols);
-        Ok(CopyRow { row, key, key_text })
+        Ok(row)
+    }
+
+    /// The text of the key columns of a line (for the next chunk's bound).
+    pub fn key_text(&mut self, line: &[u8]) -> Result<Vec<String>, String> {
+        let fields: Vec<&[u8]> = line.split(|&b| b == b'\t').collect();
+        self.key_cols
+            .iter()
+            .map(|&c| {
+                let f = fields.get(c).ok_or("COPY row is missing a key column")?;
+                unescape(f, &mut self.scratch)?;
+                Ok(String::from_utf8_lossy(&self.scratch).into_owned())
+            })
+            .collect()
     }
 }
 
@@ -105,10 +103,6 @@ pub fn key_of_opt(row: &Row, cols: impl IntoIterator<Item = Option<usize>>) -> O
         k.push(0);
     }
     Some(k)
-}
-
-fn key_of(row: &Row, cols: &[usize]) -> Vec<u8> {
-    key_of_opt(row, cols.iter().map(|&c| Some(c))).unwrap_or_default()
 }
 
 /// Undoes COPY text escaping into `out` (cleared first).
@@ -177,18 +171,17 @@ mod tests {
         // int8, text, numeric, bool, text[]
         let oids = [20, 25, 1700, 16, 1009];
         let mut p = RowParser::new(&types, &oids, &[0]);
-        let r = p
-            .parse_line(b"42\tsay \\\"hi\\\"\\ttab\t1.50\tt\t{a,\"b c\",NULL}")
-            .unwrap();
-        assert_eq!(r.row.json(0), Some(&b"42"[..]));
-        assert_eq!(r.row.json(1), Some(&b"\"say \\\"hi\\\"\\ttab\""[..]));
-        assert_eq!(r.row.json(2), Some(&b"1.50"[..]));
-        assert_eq!(r.row.json(3), Some(&b"true"[..]));
-        assert_eq!(r.row.json(4), Some(&br#"["a", "b c", null]"#[..]));
-        assert_eq!(r.key, b"42\0");
-        assert_eq!(r.key_text, vec!["42".to_string()]);
+        let line = b"42\tsay \\\"hi\\\"\\ttab\t1.50\tt\t{a,\"b c\",NULL}";
+        let r = p.parse_line(line).unwrap();
+        assert_eq!(r.json(0), Some(&b"42"[..]));
+        assert_eq!(r.json(1), Some(&b"\"say \\\"hi\\\"\\ttab\""[..]));
+        assert_eq!(r.json(2), Some(&b"1.50"[..]));
+        assert_eq!(r.json(3), Some(&b"true"[..]));
+        assert_eq!(r.json(4), Some(&br#"["a", "b c", null]"#[..]));
+        assert_eq!(key_of_opt(&r, [Some(0)]).unwrap(), b"42\0");
+        assert_eq!(p.key_text(line).unwrap(), vec!["42".to_string()]);
         let r = p.parse_line(b"7\t\\N\t\\N\tf\t\\N").unwrap();
-        assert_eq!(r.row.cell(1), Cell::Null);
+        assert_eq!(r.cell(1), Cell::Null);
         assert!(p.parse_line(b"1\t2").is_err());
         assert!(p.parse_line(b"1\t2\t3\tt\t{}\t6").is_err());
     }

@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::copy::{key_of_opt, CopyRow};
+use super::copy::key_of_opt;
 use crate::event::{Cell, Change, Op, RelationInfo, Row};
 
 /// A chunk between its watermarks.
@@ -40,43 +40,54 @@ pub struct Window {
     pub rel: Arc<RelationInfo>,
     /// Key columns by name, in key order.
     key_names: Vec<String>,
+    key_cols: Vec<usize>,
     rows: Vec<Option<Row>>,
-    index: HashMap<Vec<u8>, usize>,
+    /// Row by key; built when the first change of the table comes (a
+    /// window the stream does not touch never hashes its keys).
+    index: Option<HashMap<Vec<u8>, usize>>,
     /// Column mapping from a stream relation (by pointer) to chunk columns:
     /// for each chunk column, the stream column index holding it.
     maps: Vec<(Arc<RelationInfo>, Vec<Option<usize>>, Vec<Option<usize>>)>,
 }
 
 impl Window {
-    pub fn new(id: String, rel: Arc<RelationInfo>, key_cols: &[usize], rows: Vec<CopyRow>) -> Self {
+    pub fn new(id: String, rel: Arc<RelationInfo>, key_cols: &[usize], rows: Vec<Row>) -> Self {
         let key_names = key_cols
             .iter()
             .map(|&c| rel.columns[c].name.clone())
             .collect();
-        let mut index = HashMap::with_capacity(rows.len());
-        let mut out = Vec::with_capacity(rows.len());
-        for (i, r) in rows.into_iter().enumerate() {
-            index.insert(r.key, i);
-            out.push(Some(r.row));
-        }
         Window {
             id,
             oid: rel.oid,
             rel,
             key_names,
-            rows: out,
-            index,
+            key_cols: key_cols.to_vec(),
+            rows: rows.into_iter().map(Some).collect(),
+            index: None,
             maps: Vec::new(),
         }
     }
 
+    fn index(&mut self) -> &mut HashMap<Vec<u8>, usize> {
+        let (rows, cols) = (&self.rows, &self.key_cols);
+        self.index.get_or_insert_with(|| {
+            rows.iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    let r = r.as_ref()?;
+                    key_of_opt(r, cols.iter().map(|&c| Some(c))).map(|k| (k, i))
+                })
+                .collect()
+        })
+    }
+
     /// Rows currently held.
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.rows.iter().filter(|r| r.is_some()).count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.len() == 0
     }
 
     /// (chunk column → stream column, key position → stream column) for a stream relation.
@@ -98,7 +109,7 @@ impl Window {
         }
         if c.op == Op::Truncate {
             self.rows.clear();
-            self.index.clear();
+            self.index = Some(HashMap::new());
             return;
         }
         let (cols, keys) = self.mapping(&c.rel);
@@ -126,7 +137,8 @@ impl Window {
                 .or_else(|| self.remove(&new_key));
                 let Some(base) = base else { return };
                 let row = overlay(&base, after, &cols);
-                self.index.insert(new_key, self.rows.len());
+                let at = self.rows.len();
+                self.index().insert(new_key, at);
                 self.rows.push(Some(row));
             }
             Op::Truncate => {}
@@ -134,7 +146,7 @@ impl Window {
     }
 
     fn remove(&mut self, key: &[u8]) -> Option<Row> {
-        let i = self.index.remove(key)?;
+        let i = self.index().remove(key)?;
         self.rows.get_mut(i).and_then(Option::take)
     }
 
@@ -144,7 +156,12 @@ impl Window {
     }
 
     /// Read events for the rows, in a transaction at `lsn`.
-    pub fn into_changes(self, rel: Arc<RelationInfo>, lsn: crate::lsn::Lsn, xid: u32) -> Vec<Change> {
+    pub fn into_changes(
+        self,
+        rel: Arc<RelationInfo>,
+        lsn: crate::lsn::Lsn,
+        xid: u32,
+    ) -> Vec<Change> {
         self.into_rows()
             .map(|row| Change {
                 op: Op::Read,
@@ -198,17 +215,12 @@ mod tests {
         ))
     }
 
-    fn crow(id: i64, v: &str, body: &str) -> CopyRow {
-        let row = Row::from_values(&[
+    fn crow(id: i64, v: &str, body: &str) -> Row {
+        Row::from_values(&[
             Some(&id.to_string()),
             Some(&format!("\"{v}\"")),
             Some(&format!("\"{body}\"")),
-        ]);
-        CopyRow {
-            key: format!("{id}\0").into_bytes(),
-            key_text: vec![id.to_string()],
-            row,
-        }
+        ])
     }
 
     fn change(op: Op, rel: &Arc<RelationInfo>, before: Option<Row>, after: Option<Row>) -> Change {
@@ -240,14 +252,24 @@ mod tests {
             "c".into(),
             r.clone(),
             &[0],
-            vec![crow(1, "a", "B1"), crow(2, "b", "B2"), crow(3, "c", "B3"), crow(4, "d", "B4")],
+            vec![
+                crow(1, "a", "B1"),
+                crow(2, "b", "B2"),
+                crow(3, "c", "B3"),
+                crow(4, "d", "B4"),
+            ],
         );
         // Update with an unchanged body: the chunk keeps its body.
         let mut after = Row::from_values(&[Some("1"), Some("\"a2\""), None]);
         after.cells[2] = Cell::Unchanged;
         w.apply(&change(Op::Update, &r, None, Some(after)));
         // Delete of 2.
-        w.apply(&change(Op::Delete, &r, Some(Row::from_values(&[Some("2"), None, None])), None));
+        w.apply(&change(
+            Op::Delete,
+            &r,
+            Some(Row::from_values(&[Some("2"), None, None])),
+            None,
+        ));
         // Key change 3 → 30, body unchanged.
         let mut after = Row::from_values(&[Some("30"), Some("\"c2\""), None]);
         after.cells[2] = Cell::Unchanged;
@@ -266,7 +288,12 @@ mod tests {
         ));
         // Another table: ignored.
         let other = rel(8);
-        w.apply(&change(Op::Delete, &other, Some(Row::from_values(&[Some("4"), None, None])), None));
+        w.apply(&change(
+            Op::Delete,
+            &other,
+            Some(Row::from_values(&[Some("4"), None, None])),
+            None,
+        ));
         assert_eq!(
             texts(w),
             vec!["4 \"d\" \"B4\"", "1 \"a2\" \"B1\"", "30 \"c2\" \"B3\""]

@@ -76,7 +76,6 @@ use crate::lsn::Lsn;
 use crate::pipeline::Progress;
 use crate::source::SourceError;
 use crate::spill::SpillReader;
-use copy::CopyRow;
 use merge::Window;
 use state::{Job, Method, Range, State, StateFile};
 use table::TableInfo;
@@ -93,7 +92,7 @@ const RECENT_XIDS: usize = 65_536;
 /// A chunk read by a worker, handed to the stream side.
 pub(crate) struct ChunkData {
     info: Arc<TableInfo>,
-    rows: Vec<CopyRow>,
+    rows: Vec<crate::event::Row>,
     /// In-progress transactions of the read's snapshot.
     xip: Vec<u32>,
 }
@@ -256,7 +255,10 @@ impl Snapshots {
             }
             st.initial_planned = true;
             file_save(&shared, &st)?;
-            tracing::info!(tables = config.source.tables.len(), "initial snapshot planned");
+            tracing::info!(
+                tables = config.source.tables.len(),
+                "initial snapshot planned"
+            );
         } else if config.source.snapshot == SnapshotMode::Initial && !st.initial_planned {
             tracing::info!("source.snapshot = \"initial\", but the sinks already have checkpoints: no initial snapshot (use pgferry backfill to re-load a table)");
         }
@@ -281,6 +283,7 @@ impl Snapshots {
                 copies: Vec::new(),
                 recent: VecDeque::new(),
                 recent_set: HashMap::new(),
+                seq: 0,
                 delivered: Lsn::ZERO,
             },
             shared,
@@ -311,6 +314,7 @@ impl Snapshots {
         relation: impl Fn(u32) -> Option<Arc<RelationInfo>>,
     ) -> Result<Vec<Transaction>, SourceError> {
         let before = self.merger.cross(Some(txn.meta.commit_lsn), None).await?;
+        self.merger.poll_pending();
         self.merger.replay(txn)?;
         let requests = self.merger.watermarks(txn, &relation).await?;
         for r in requests {
@@ -319,6 +323,11 @@ impl Snapshots {
         self.merger.remember(txn.meta.xid);
         self.merger.delivered = self.merger.delivered.max(txn.meta.end_lsn);
         Ok(before)
+    }
+
+    /// Called with each transaction once it is handed to the sinks.
+    pub fn delivered(&mut self, txn: &Arc<Transaction>) {
+        self.merger.buffer(txn);
     }
 
     /// A keepalive with nothing open: every commit before `wal_end` was seen.
@@ -415,7 +424,9 @@ async fn plan_job(
     kind: &str,
 ) -> Result<Job, SourceError> {
     let Some((schema, table)) = crate::config::split_table(qualified) else {
-        return Err(SourceError::Fatal(format!("{qualified:?} is not schema.table")));
+        return Err(SourceError::Fatal(format!(
+            "{qualified:?} is not schema.table"
+        )));
     };
     let info = table::describe(client, &schema, &table)
         .await?
@@ -445,7 +456,12 @@ async fn plan_job(
     };
     let mut ranges = Vec::new();
     let mut lower: Option<Vec<String>> = None;
-    for p in points.iter().cloned().map(Some).chain(std::iter::once(None)) {
+    for p in points
+        .iter()
+        .cloned()
+        .map(Some)
+        .chain(std::iter::once(None))
+    {
         ranges.push(Range {
             after: lower.clone(),
             upper: p.clone(),
@@ -481,9 +497,24 @@ struct PendingCopy {
     done: oneshot::Sender<Result<Lsn, Refused>>,
 }
 
+/// A chunk whose low watermark the stream passed.
 struct OpenWindow {
-    window: Window,
+    id: String,
+    state: WinState,
     done: oneshot::Sender<Result<Lsn, Refused>>,
+}
+
+enum WinState {
+    /// The worker is still reading: the window's transactions are kept (they
+    /// are shared with the sinks anyway, and count against the memory
+    /// budget) and replayed when the rows come. The stream does not wait.
+    Pending {
+        rows: oneshot::Receiver<ChunkData>,
+        /// Commit sequence number at the low watermark.
+        low_seq: u64,
+        buffered: Vec<Arc<Transaction>>,
+    },
+    Active(Window),
 }
 
 /// The stream side.
@@ -491,24 +522,108 @@ struct Merger {
     shared: Arc<Shared>,
     open: Vec<OpenWindow>,
     copies: Vec<PendingCopy>,
+    /// Commit sequence numbers of recently committed xids (oldest first).
     recent: VecDeque<u32>,
-    recent_set: HashMap<u32, u32>,
+    recent_set: HashMap<u32, u64>,
+    seq: u64,
     /// Highest end position handed to the sinks.
     delivered: Lsn,
 }
 
 impl Merger {
     fn remember(&mut self, xid: u32) {
+        self.seq += 1;
         self.recent.push_back(xid);
-        *self.recent_set.entry(xid).or_default() += 1;
+        self.recent_set.insert(xid, self.seq);
         if self.recent.len() > RECENT_XIDS {
             if let Some(old) = self.recent.pop_front() {
-                if let Some(n) = self.recent_set.get_mut(&old) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.recent_set.remove(&old);
+                if self
+                    .recent_set
+                    .get(&old)
+                    .is_some_and(|s| *s + RECENT_XIDS as u64 <= self.seq)
+                {
+                    self.recent_set.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Turns a pending window active once its rows are in: checks the read's
+    /// snapshot, then replays the transactions that committed since the low
+    /// watermark. `None`: the chunk was refused or its worker went away.
+    fn activate(&mut self, w: OpenWindow, data: ChunkData) -> Option<OpenWindow> {
+        let WinState::Pending {
+            low_seq, buffered, ..
+        } = w.state
+        else {
+            return Some(w);
+        };
+        let raced = data
+            .xip
+            .iter()
+            .find(|x| self.recent_set.get(x).is_some_and(|s| *s <= low_seq))
+            .copied();
+        if let Some(x) = raced {
+            tracing::debug!(chunk = %w.id, xid = x, "a transaction committed before the low watermark was invisible to the read: reading the chunk again");
+            let _ = w.done.send(Err(Refused::Race));
+            return None;
+        }
+        let mut window = Window::new(
+            w.id.clone(),
+            data.info.rel.clone(),
+            &data.info.key_cols,
+            data.rows,
+        );
+        for t in &buffered {
+            let res = t.for_each_change(|c| {
+                window.apply(c);
+                Ok(())
+            });
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "reading a spilled transaction for a snapshot window; the chunk is read again");
+                let _ = w.done.send(Err(Refused::Race));
+                return None;
+            }
+        }
+        Some(OpenWindow {
+            id: w.id,
+            state: WinState::Active(window),
+            done: w.done,
+        })
+    }
+
+    /// Activates the pending windows whose rows arrived.
+    fn poll_pending(&mut self) {
+        let open = std::mem::take(&mut self.open);
+        for mut w in open {
+            let got = match &mut w.state {
+                WinState::Pending { rows, .. } => match rows.try_recv() {
+                    Ok(d) => Some(Some(d)),
+                    Err(oneshot::error::TryRecvError::Empty) => None,
+                    Err(oneshot::error::TryRecvError::Closed) => Some(None),
+                },
+                WinState::Active(_) => None,
+            };
+            match got {
+                None => self.open.push(w),
+                Some(None) => {}
+                Some(Some(d)) => {
+                    if let Some(w) = self.activate(w, d) {
+                        self.open.push(w);
                     }
                 }
+            }
+        }
+    }
+
+    /// Keeps a delivered transaction for the windows still waiting for rows.
+    fn buffer(&mut self, txn: &Arc<Transaction>) {
+        if txn.is_empty() {
+            return;
+        }
+        for w in &mut self.open {
+            if let WinState::Pending { buffered, .. } = &mut w.state {
+                buffered.push(txn.clone());
             }
         }
     }
@@ -521,7 +636,11 @@ impl Merger {
         idle: Option<Lsn>,
     ) -> Result<Vec<Transaction>, SourceError> {
         let regs: Vec<(String, Registered)> = {
-            let mut reg = self.shared.registry.lock().unwrap_or_else(|p| p.into_inner());
+            let mut reg = self
+                .shared
+                .registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             let ids: Vec<String> = reg
                 .iter()
                 .filter(|(_, r)| matches!(r, Registered::Copy { .. }))
@@ -594,15 +713,22 @@ impl Merger {
         Ok(out)
     }
 
-    /// Replays the transaction's changes onto the open windows.
+    /// Replays the transaction's changes onto the active windows.
     fn replay(&mut self, txn: &Transaction) -> Result<(), SourceError> {
-        if self.open.is_empty() || txn.is_empty() {
+        if txn.is_empty()
+            || !self
+                .open
+                .iter()
+                .any(|w| matches!(w.state, WinState::Active(_)))
+        {
             return Ok(());
         }
         let open = &mut self.open;
         txn.for_each_change(|c| {
             for w in open.iter_mut() {
-                w.window.apply(c);
+                if let WinState::Active(win) = &mut w.state {
+                    win.apply(c);
+                }
             }
             Ok(())
         })
@@ -627,7 +753,9 @@ impl Merger {
                         requests.push((m.lsn, r))
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::warn!(at = %m.lsn, error = %e, "malformed backfill request ignored; the content must be JSON like {{\"table\": \"public.products\", \"where\": \"id < 100\"}}"),
+                    Err(e) => {
+                        tracing::warn!(at = %m.lsn, error = %e, "malformed backfill request ignored; the content must be JSON like {{\"table\": \"public.products\", \"where\": \"id < 100\"}}")
+                    }
                 }
                 continue;
             }
@@ -649,39 +777,39 @@ impl Merger {
                         // Another session's or process's watermark.
                         continue;
                     };
-                    let Ok(data) = rows.await else { continue };
-                    let raced = data
-                        .xip
-                        .iter()
-                        .find(|x| self.recent_set.contains_key(x))
-                        .copied();
-                    if let Some(x) = raced {
-                        tracing::debug!(chunk = %mark.id, xid = x, "a transaction committed before the low watermark was invisible to the read: reading the chunk again");
-                        let _ = done.send(Err(Refused::Race));
-                        continue;
-                    }
-                    let window = Window::new(
-                        mark.id.clone(),
-                        data.info.rel.clone(),
-                        &data.info.key_cols,
-                        data.rows,
-                    );
-                    self.open.push(OpenWindow { window, done });
+                    self.open.push(OpenWindow {
+                        id: mark.id.clone(),
+                        state: WinState::Pending {
+                            rows,
+                            low_seq: self.seq,
+                            buffered: Vec::new(),
+                        },
+                        done,
+                    });
                 }
                 "high" => {
-                    let Some(i) = self.open.iter().position(|w| w.window.id == mark.id) else {
+                    let Some(i) = self.open.iter().position(|w| w.id == mark.id) else {
                         continue;
                     };
-                    let w = self.open.remove(i);
-                    let chunk_rel = w.window.rel.clone();
+                    let mut w = self.open.remove(i);
+                    if let WinState::Pending { rows, .. } = &mut w.state {
+                        // The rows were sent before this watermark was written.
+                        let Ok(data) = rows.await else { continue };
+                        match self.activate(w, data) {
+                            Some(a) => w = a,
+                            None => continue,
+                        }
+                    }
+                    let WinState::Active(window) = w.state else {
+                        continue;
+                    };
+                    let chunk_rel = window.rel.clone();
                     // The stream's own relation when it matches, so sinks
                     // see one relation per table.
                     let rel = relation(chunk_rel.oid)
                         .filter(|r| same_columns(r, &chunk_rel))
                         .unwrap_or(chunk_rel);
-                    let changes = w
-                        .window
-                        .into_changes(rel, txn.meta.commit_lsn, txn.meta.xid);
+                    let changes = window.into_changes(rel, txn.meta.commit_lsn, txn.meta.xid);
                     let bytes: usize = changes.iter().map(|c| c.mem_size()).sum();
                     match &mut txn.changes {
                         Changes::Memory(v) => v.extend(changes),
@@ -700,8 +828,7 @@ impl Merger {
 
 fn same_columns(a: &RelationInfo, b: &RelationInfo) -> bool {
     a.columns.len() == b.columns.len()
-        && a
-            .columns
+        && a.columns
             .iter()
             .zip(&b.columns)
             .all(|(x, y)| x.name == y.name && x.type_oid == y.type_oid && x.is_key == y.is_key)
@@ -743,8 +870,7 @@ async fn coordinate(shared: Arc<Shared>, progress: Arc<Progress>) {
                     r.done |= c.range_done;
                 }
             }
-            let (done, open): (Vec<Job>, Vec<Job>) =
-                st.jobs.drain(..).partition(|j| j.is_done());
+            let (done, open): (Vec<Job>, Vec<Job>) = st.jobs.drain(..).partition(|j| j.is_done());
             st.jobs = open;
             for j in done {
                 let secs = state::unix_now().saturating_sub(j.planned_at);
@@ -772,7 +898,11 @@ async fn coordinate(shared: Arc<Shared>, progress: Arc<Progress>) {
             }
             continue;
         }
-        let live = shared.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let live = shared
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let lines: Vec<(String, u64, u64, f64)> = st
             .jobs
             .iter()
@@ -782,7 +912,12 @@ async fn coordinate(shared: Arc<Shared>, progress: Arc<Progress>) {
                     .since
                     .map(|s| l.rows_read as f64 / s.elapsed().as_secs_f64().max(0.001))
                     .unwrap_or(0.0);
-                (j.table.clone(), j.rows_done.max(l.rows_read), j.rows_estimate, rate)
+                (
+                    j.table.clone(),
+                    j.rows_done.max(l.rows_read),
+                    j.rows_estimate,
+                    rate,
+                )
             })
             .collect();
         if last_log.elapsed() >= log_every {
@@ -849,7 +984,9 @@ pub async fn request_backfill(
             .map_err(|e| {
                 format!(
                     "--where {f:?} is not a valid condition on {table}: {}",
-                    e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())
+                    e.as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or(e.to_string())
                 )
             })?;
     }

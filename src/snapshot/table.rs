@@ -70,7 +70,7 @@ impl TableInfo {
         after: Option<&[String]>,
         upper: Option<&[String]>,
         filter: Option<&str>,
-        limit: usize,
+        limit: Option<usize>,
     ) -> String {
         let keys = self.key_list();
         let mut conds = Vec::new();
@@ -88,8 +88,9 @@ impl TableInfo {
         } else {
             format!(" WHERE {}", conds.join(" AND "))
         };
+        let limit = limit.map(|n| format!(" LIMIT {n}")).unwrap_or_default();
         format!(
-            "COPY (SELECT {} FROM {}{wh} ORDER BY {keys} LIMIT {limit}) TO STDOUT",
+            "COPY (SELECT {} FROM {}{wh} ORDER BY {keys}{limit}) TO STDOUT",
             self.column_list(),
             self.qualified_sql()
         )
@@ -157,10 +158,11 @@ pub async fn describe(
              JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
              WHERE i.indrelid = $1 AND i.{which} ORDER BY k.ord"
         );
-        client
-            .query(&sql, &[&oid])
-            .await
-            .map(|rows| rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>())
+        client.query(&sql, &[&oid]).await.map(|rows| {
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+        })
     };
     let pk = index_cols("indisprimary").await?;
     let ri = index_cols("indisreplident").await?;
@@ -263,6 +265,11 @@ pub fn session_sql() -> String {
         s.push_str(&format!("SET {k} = {};", quote_literal(v)));
     }
     s.push_str("SET standard_conforming_strings = on;");
+    // A watermark must reach the stream at once: with synchronous_commit
+    // off, its commit would wait for the WAL writer (up to
+    // wal_writer_delay) before the walsender may send it. `local` flushes
+    // without waiting for synchronous standbys.
+    s.push_str("SET synchronous_commit = local;");
     s
 }
 
@@ -293,7 +300,7 @@ mod tests {
         };
         let a = vec!["it's".to_string(), "5".to_string()];
         assert_eq!(
-            t.chunk_copy(Some(&a), None, Some("v <> 'x'"), 100),
+            t.chunk_copy(Some(&a), None, Some("v <> 'x'"), Some(100)),
             "COPY (SELECT \"tenant\", \"id\", \"v\" FROM \"public\".\"o'rders\" WHERE (\"tenant\", \"id\") > ('it''s'::text, '5'::bigint) AND (v <> 'x') ORDER BY \"tenant\", \"id\" LIMIT 100) TO STDOUT"
         );
     }

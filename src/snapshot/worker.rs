@@ -12,11 +12,12 @@ use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 
-use super::copy::{CopyRow, RowParser};
+use super::copy::RowParser;
 use super::state::{Job, Method};
 use super::table::{self, TableInfo};
 use super::{ChunkData, Completion, Mark, Refused, Registered, Shared, WATERMARK_PREFIX};
 use crate::decode::types::TypeRegistry;
+use crate::event::Row;
 use crate::event::{Change, Op};
 use crate::pipeline::Backoff;
 
@@ -135,30 +136,46 @@ async fn emit(c: &Client, id: &str, mark: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs a COPY and parses its rows.
+/// Runs a COPY and parses its rows; returns the row count and the last line.
 async fn copy_rows(
     c: &Client,
     sql: &str,
     parser: &mut RowParser<'_>,
-    mut each: impl FnMut(CopyRow) -> Result<(), String>,
-) -> Result<u64, String> {
+    mut each: impl FnMut(Row) -> Result<(), String>,
+) -> Result<(u64, Vec<u8>), String> {
     let stream = c.copy_out(sql).await.map_err(|e| db(&e))?;
     futures_util::pin_mut!(stream);
     let mut buf = BytesMut::new();
+    let mut last = Vec::new();
     let mut n = 0u64;
+    let mut line_done = |line: &[u8], last: &mut Vec<u8>| -> Result<(), String> {
+        each(parser.parse_line(line)?)?;
+        last.clear();
+        last.extend_from_slice(line);
+        Ok(())
+    };
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| db(&e))?;
+        // Postgres sends one row per CopyData: parse it in place.
+        if buf.is_empty()
+            && chunk.last() == Some(&b'\n')
+            && memchr::memchr(b'\n', &chunk) == Some(chunk.len() - 1)
+        {
+            line_done(&chunk[..chunk.len() - 1], &mut last)?;
+            n += 1;
+            continue;
+        }
         buf.extend_from_slice(&chunk);
         while let Some(end) = memchr::memchr(b'\n', &buf) {
             let line = buf.split_to(end + 1);
-            each(parser.parse_line(&line[..end])?)?;
+            line_done(&line[..end], &mut last)?;
             n += 1;
         }
     }
     if buf.has_remaining() {
         return Err("COPY output ended in the middle of a row".into());
     }
-    Ok(n)
+    Ok((n, last))
 }
 
 fn db(e: &tokio_postgres::Error) -> String {
@@ -166,6 +183,21 @@ fn db(e: &tokio_postgres::Error) -> String {
         .map(|d| format!("{}: {}", d.code().code(), d.message()))
         .unwrap_or_else(|| e.to_string())
 }
+
+/// A chunk read and handed over, waiting for the stream side.
+struct InFlight {
+    done: oneshot::Receiver<Result<crate::lsn::Lsn, Refused>>,
+    /// The chunk's bounds: `(after, last]`.
+    after: Option<Vec<String>>,
+    last: Option<Vec<String>>,
+    rows: u64,
+    /// The last chunk of the range.
+    last_of_range: bool,
+}
+
+/// Chunks a worker may have handed over and not yet seen taken: reading the
+/// next chunk overlaps with the stream delivering the previous one.
+const PIPELINE: usize = 2;
 
 /// Reads one key range in watermarked chunks.
 async fn keyset(
@@ -179,99 +211,178 @@ async fn keyset(
     let limit = shared.config.chunk_rows;
     let mut after = job.ranges[range].after.clone();
     let upper = job.ranges[range].upper.clone();
-    let oids = info.type_oids();
+    let mut inflight: std::collections::VecDeque<InFlight> = Default::default();
+    let mut exhausted = false;
     loop {
         if shared.stopping.load(Ordering::Acquire) {
             return Err("session ended".into());
         }
-        let id = shared.chunk_id();
-        let (rows_tx, rows_rx) = oneshot::channel();
-        let (done_tx, done_rx) = oneshot::channel();
-        shared
-            .registry
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                id.clone(),
-                Registered::Chunk {
-                    rows: rows_rx,
-                    done: done_tx,
-                },
-            );
-        let read = async {
-            emit(c, &id, "low").await?;
-            c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-                .await
-                .map_err(|e| db(&e))?;
-            let snap = c
-                .query_one("SELECT txid_current_snapshot()::text", &[])
-                .await
-                .map_err(|e| db(&e))?;
-            let xip = parse_xip(&snap.get::<_, String>(0));
-            let sql = info.chunk_copy(
-                after.as_deref(),
-                upper.as_deref(),
-                job.filter.as_deref(),
-                limit,
-            );
-            let mut parser = RowParser::new(types, &oids, &info.key_cols);
-            let mut rows = Vec::new();
-            copy_rows(c, &sql, &mut parser, |r| {
-                rows.push(r);
-                Ok(())
-            })
-            .await?;
-            c.batch_execute("COMMIT").await.map_err(|e| db(&e))?;
-            Ok::<_, String>((rows, xip))
+        while inflight.len() >= PIPELINE || (exhausted && !inflight.is_empty()) {
+            let Some(mut f) = inflight.pop_front() else {
+                break;
+            };
+            let end = match (&mut f.done).await {
+                Ok(Ok(end)) => end,
+                Ok(Err(_)) => {
+                    // Refused (the read may have missed a transaction):
+                    // read exactly its key interval again, before anything
+                    // after it can be recorded as done.
+                    repair(shared, c, types, job, &info, &f).await?
+                }
+                Err(_) => return Err("session ended".into()),
+            };
+            shared
+                .completions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Completion {
+                    end,
+                    job: job.id,
+                    range,
+                    after: f.last.clone().or(f.after.clone()),
+                    rows: f.rows,
+                    range_done: f.last_of_range,
+                });
         }
-        .await;
-        let (rows, xip) = match read {
-            Ok(x) => x,
-            Err(e) => {
-                let _ = c.batch_execute("ROLLBACK").await;
-                shared
-                    .registry
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&id);
-                return Err(e);
-            }
-        };
-        let count = rows.len();
-        let last = rows.last().map(|r| r.key_text.clone());
-        let _ = rows_tx.send(ChunkData {
-            info: info.clone(),
+        if exhausted {
+            return Ok(());
+        }
+        let upper_now = upper.as_deref();
+        let (rx, rows, last) = read_chunk(
+            shared,
+            c,
+            types,
+            job,
+            &info,
+            after.as_deref(),
+            upper_now,
+            Some(limit),
+        )
+        .await?;
+        shared.count_read(job.id, rows);
+        exhausted = (rows as usize) < limit;
+        inflight.push_back(InFlight {
+            done: rx,
+            after: after.clone(),
+            last: last.clone(),
             rows,
-            xip,
+            last_of_range: exhausted,
         });
-        emit(c, &id, "high").await?;
-        match done_rx.await {
-            Ok(Ok(end)) => {
-                let range_done = count < limit;
-                shared.count_read(job.id, count as u64);
-                if last.is_some() {
-                    after = last;
-                }
-                shared
-                    .completions
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(Completion {
-                        end,
-                        job: job.id,
-                        range,
-                        after: after.clone(),
-                        rows: count as u64,
-                        range_done,
-                    });
-                if range_done {
-                    return Ok(());
-                }
-            }
-            Ok(Err(Refused::Race)) | Ok(Err(Refused::Passed)) => continue,
+        if last.is_some() {
+            after = last;
+        }
+    }
+}
+
+/// Reads a refused chunk's interval again until the stream side takes it.
+async fn repair(
+    shared: &Shared,
+    c: &Client,
+    types: &TypeRegistry,
+    job: &Job,
+    info: &Arc<TableInfo>,
+    f: &InFlight,
+) -> Result<crate::lsn::Lsn, String> {
+    loop {
+        if shared.stopping.load(Ordering::Acquire) {
+            return Err("session ended".into());
+        }
+        // An empty chunk's interval reaches to the range's end: nothing
+        // was read, so there is nothing to repair but the order.
+        let upper = f.last.as_deref();
+        let (rx, _, _) =
+            read_chunk(shared, c, types, job, info, f.after.as_deref(), upper, None).await?;
+        match rx.await {
+            Ok(Ok(end)) => return Ok(end),
+            Ok(Err(_)) => continue,
             Err(_) => return Err("session ended".into()),
         }
     }
+}
+
+/// One chunk: low watermark, read in a REPEATABLE READ transaction, rows
+/// handed over, high watermark. Returns the receiver of the stream side's
+/// answer, the row count and the last row's key.
+#[allow(clippy::too_many_arguments)]
+async fn read_chunk(
+    shared: &Shared,
+    c: &Client,
+    types: &TypeRegistry,
+    job: &Job,
+    info: &Arc<TableInfo>,
+    after: Option<&[String]>,
+    upper: Option<&[String]>,
+    limit: Option<usize>,
+) -> Result<
+    (
+        oneshot::Receiver<Result<crate::lsn::Lsn, Refused>>,
+        u64,
+        Option<Vec<String>>,
+    ),
+    String,
+> {
+    let id = shared.chunk_id();
+    let (rows_tx, rows_rx) = oneshot::channel();
+    let (done_tx, done_rx) = oneshot::channel();
+    shared
+        .registry
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            id.clone(),
+            Registered::Chunk {
+                rows: rows_rx,
+                done: done_tx,
+            },
+        );
+    let oids = info.type_oids();
+    let read = async {
+        emit(c, &id, "low").await?;
+        c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(|e| db(&e))?;
+        let snap = c
+            .query_one("SELECT txid_current_snapshot()::text", &[])
+            .await
+            .map_err(|e| db(&e))?;
+        let xip = parse_xip(&snap.get::<_, String>(0));
+        let sql = info.chunk_copy(after, upper, job.filter.as_deref(), limit);
+        let mut parser = RowParser::new(types, &oids, &info.key_cols);
+        let mut rows = Vec::new();
+        let (_, last_line) = copy_rows(c, &sql, &mut parser, |r| {
+            rows.push(r);
+            Ok(())
+        })
+        .await?;
+        let last = if rows.is_empty() {
+            None
+        } else {
+            Some(parser.key_text(&last_line)?)
+        };
+        c.batch_execute("COMMIT").await.map_err(|e| db(&e))?;
+        Ok::<_, String>((rows, xip, last))
+    }
+    .await;
+    let (rows, xip, last) = match read {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = c.batch_execute("ROLLBACK").await;
+            shared
+                .registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+            return Err(e);
+        }
+    };
+    let count = rows.len() as u64;
+    let _ = rows_tx.send(ChunkData {
+        info: info.clone(),
+        rows,
+        xip,
+    });
+    emit(c, &id, "high").await?;
+    Ok((done_rx, count, last))
 }
 
 /// `txid_current_snapshot()` text `xmin:xmax:xip,…` → the in-progress xids (low 32 bits).
@@ -348,17 +459,22 @@ async fn copy_whole(
         let mut w = crate::spill::SpillWriter::create(&shared.spill_dir, 0)
             .map_err(|e| format!("spill file: {e}"))?;
         let rel = info.rel.clone();
-        let n = copy_rows(c, &info.full_copy(job.filter.as_deref()), &mut parser, |r| {
-            w.append(&Change {
-                op: Op::Read,
-                rel: rel.clone(),
-                lsn: point,
-                xid: 0,
-                before: None,
-                after: Some(r.row),
-            })
-            .map_err(|e| format!("spill file: {e}"))
-        })
+        let (n, _) = copy_rows(
+            c,
+            &info.full_copy(job.filter.as_deref()),
+            &mut parser,
+            |r| {
+                w.append(&Change {
+                    op: Op::Read,
+                    rel: rel.clone(),
+                    lsn: point,
+                    xid: 0,
+                    before: None,
+                    after: Some(r),
+                })
+                .map_err(|e| format!("spill file: {e}"))
+            },
+        )
         .await?;
         c.batch_execute("COMMIT").await.map_err(|e| db(&e))?;
         let reader = w.finish().map_err(|e| format!("spill file: {e}"))?;
@@ -391,7 +507,9 @@ async fn copy_whole(
                 });
             Ok(())
         }
-        Ok(Err(_)) => Err("the stream passed the copy's point before it was registered; copying again".into()),
+        Ok(Err(_)) => {
+            Err("the stream passed the copy's point before it was registered; copying again".into())
+        }
         Err(_) => Err("session ended".into()),
     }
 }
