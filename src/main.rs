@@ -149,10 +149,18 @@ async fn run(
         wait_for_signal().await;
         let _ = stop_tx.send(true);
     });
+    // Once per process: the metrics endpoint, heartbeat and slot watching.
+    let mut observer = pgferry::observe::start(config)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let started = std::time::Instant::now();
-        match source::run(config, stop_rx.clone(), until).await {
+        let session = tokio::select! {
+            r = source::run(config, stop_rx.clone(), until) => r,
+            msg = observer.fatal() => Err(SourceError::Fatal(msg)),
+        };
+        match session {
             Ok(()) => {
                 tracing::info!("stopped cleanly");
                 return Ok(std::process::ExitCode::SUCCESS);
@@ -175,6 +183,7 @@ async fn run(
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.changed() => return Ok(std::process::ExitCode::SUCCESS),
+                    msg = observer.fatal() => anyhow::bail!(msg),
                 }
             }
         }

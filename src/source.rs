@@ -256,9 +256,9 @@ pub async fn run(
                 )));
             }
             if info.wal_status.as_deref() == Some("lost") {
-                return Err(fatal(format!(
-                    "replication slot {:?} is invalidated (wal_status = lost): the server removed WAL it still needed, so changes were lost. Drop the slot (pgferry slot drop), remove the checkpoint files, start again and re-load the sinks",
-                    s.slot
+                return Err(fatal(crate::observe::lost_slot_message(
+                    &s.slot,
+                    &config.checkpoint.dir,
                 )));
             }
             None
@@ -352,6 +352,7 @@ pub async fn run(
     let memory = config.pipeline.memory_limit_mb * 1024 * 1024;
     let mut assembler = Assembler::new(TypeRegistry::builtin(), memory as usize, spill_dir);
     let budget = Budget::new(memory);
+    let mut received = crate::metrics::ReceiveCounter::default();
 
     let opts = StartOptions {
         slot: s.slot.clone(),
@@ -372,6 +373,7 @@ pub async fn run(
         "pgferry streaming"
     );
     let (mut reader, writer) = repl.start_replication(&opts).await?;
+    let observed = crate::metrics::global().session(&progress, &senders);
     reader.set_coalesce(Duration::from_micros(s.read_coalesce_us));
     let started = Instant::now();
     progress.received.store(start.0, Ordering::Release);
@@ -417,6 +419,7 @@ pub async fn run(
                     )))
                 }
             }
+            received.bytes(m.body.len());
             let msg = replication::parse_copy_data(m.body)
                 .map_err(|e| fatal(format!("{e}; this is a bug or a corrupted stream: please report it")))?;
             match msg {
@@ -426,6 +429,7 @@ pub async fn run(
                     let lm = pgoutput::parse(&data, ctx).map_err(|e| {
                         fatal(format!("at {wal_start}: {e}; this is a bug or a corrupted stream: please report it"))
                     })?;
+                    received.message(&lm);
                     if let LogicalMessage::Relation(r) = &lm {
                         let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
                         let missing = assembler.types_mut().missing(&oids);
@@ -441,6 +445,7 @@ pub async fn run(
                         tracing::info!(at = %wal_start, memory_limit_mb = config.pipeline.memory_limit_mb, "transaction spilled to disk");
                     }
                     if let Some(mut txn) = committed {
+                        received.committed(&txn);
                         budget.admit(&mut txn, &senders).await;
                         let txn = Arc::new(txn);
                         fan_out(&senders, Item::Txn(txn)).await.map_err(|g| fatal(format!("sink {:?} stopped", g.0)))?;
@@ -466,6 +471,7 @@ pub async fn run(
         }
     }
     .await;
+    drop(observed);
 
     // Drain: healthy sinks finish what they hold and checkpoint it; a sink
     // that is retrying gives up (it is replayed from its checkpoint).
