@@ -426,3 +426,82 @@ fn a_taken_metrics_address_is_a_clear_start_up_error() {
         out.stderr
     );
 }
+
+#[test]
+fn retained_wal_warns_then_a_lost_slot_stops_pgferry_with_the_recovery_steps() {
+    let pg = TestPg::start_with(support::pg::PgOptions {
+        conf: "max_slot_wal_keep_size = '32MB'\nwal_keep_size = 0\n".into(),
+        hba: None,
+    });
+    let mut r = TestRedis::new();
+    pg.sql("CREATE TABLE products (id int PRIMARY KEY); CREATE TABLE other (id int, pad text);");
+    let f = FerryDir::new();
+    let port = free_port();
+    let extra = format!(
+        "\n[metrics]\nlisten = \"127.0.0.1:{port}\"\npoll_interval_secs = 1\nwal_warn_bytes = 4194304\n\n\
+         [[sink]]\nname = \"cache\"\ntype = \"redis\"\nurl = \"{}\"\ntimeout_secs = 2\n\
+         [sink.tables.\"public.products\"]\nkey = \"product:{{id}}\"\nmode = \"json\"\n",
+        r.url()
+    );
+    f.write_config(&pg.url(), &["public.products"], "", &extra);
+    let mut g = support::ferry::start_streaming(&pg, &f);
+    pg.sql("INSERT INTO products VALUES (1)");
+    f.wait_events(1, T);
+    wait_ready(port, &f, 200);
+
+    // The Redis sink fails, so the slot holds the WAL from its checkpoint on.
+    r.stop();
+    pg.sql("INSERT INTO products VALUES (2)");
+    pg.sql("INSERT INTO other SELECT g, repeat('x', 200) FROM generate_series(1, 40000) g");
+    let deadline = Instant::now() + T;
+    let body = loop {
+        let (status, body) = get(port, "/readyz").unwrap_or_default();
+        if body.contains("above warning threshold 4.0 MiB (metrics.wal_warn_bytes)") {
+            assert_eq!(status, 503);
+            break serde_json::from_str::<Value>(&body).unwrap();
+        }
+        assert!(Instant::now() < deadline, "{body}\n{}", f.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(body["status"], "not ready");
+    let text = scrape(port);
+    assert_eq!(
+        value(&text, "pgferry_slot_retained_wal_over_threshold"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(value(&text, "pgferry_slot_retained_wal_bytes").unwrap() > 4194304.0);
+    let deadline = Instant::now() + T;
+    while !f
+        .log()
+        .contains("the slot retains more WAL than metrics.wal_warn_bytes")
+    {
+        assert!(Instant::now() < deadline, "no WAL warning:\n{}", f.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Far past max_slot_wal_keep_size: the server invalidates the slot.
+    for _ in 0..4 {
+        pg.sql("INSERT INTO other SELECT g, repeat('x', 200) FROM generate_series(1, 100000) g");
+        pg.sql("SELECT pg_switch_wal()");
+    }
+    pg.sql("CHECKPOINT");
+    assert_eq!(
+        pg.sql("SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'pgferry'")
+            .trim(),
+        "lost",
+        "{}",
+        pg.log()
+    );
+    let status = support::ferry::wait_timeout(&mut g.0, T).expect("pgferry stops");
+    assert!(!status.success());
+    let log = f.log();
+    for want in [
+        "wal_status = lost",
+        "pgferry slot drop",
+        "remove the checkpoint files",
+        "source.snapshot = \"initial\"",
+    ] {
+        assert!(log.contains(want), "missing {want:?}:\n{log}");
+    }
+}
