@@ -55,6 +55,29 @@ pub struct Config {
     /// Periodic `pg_logical_emit_message` so the slot advances on an idle database.
     #[serde(default)]
     pub heartbeat: HeartbeatConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `auto` (human-readable on a terminal, JSON otherwise), `text` or
+    /// `json`. The `--log-format` option overrides it. Default `auto`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Auto,
+    Text,
+    Json,
 }
 
 /// `[source]`
@@ -852,6 +875,12 @@ mode = "hash"
             .unwrap_err()
             .to_string();
         assert!(e.contains("`heartbeat.intervall`"), "{e}");
+        let c = parse(&format!("{EXAMPLE}\n[log]\nformat = \"json\"\n")).unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let e = parse(&format!("{EXAMPLE}\n[log]\nformat = \"xml\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`log.format`") && e.contains("json"), "{e}");
     }
 
     const SEARCH: &str = r#"

@@ -505,3 +505,23 @@ fn retained_wal_warns_then_a_lost_slot_stops_pgferry_with_the_recovery_steps() {
         assert!(log.contains(want), "missing {want:?}:\n{log}");
     }
 }
+
+#[test]
+fn the_log_format_can_be_set_in_the_config_and_the_option_overrides_it() {
+    let f = FerryDir::new();
+    // A server that is not there: `slot status` fails and logs the error.
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
+    f.write_config(&url, &["public.t"], "", "\n[log]\nformat = \"text\"\n");
+    let out = f.command(&["slot", "status"], &[]);
+    assert!(!out.status.success());
+    let line = out.stderr.lines().next().unwrap_or_default();
+    assert!(
+        line.contains("ERROR") && !line.starts_with('{'),
+        "{}",
+        out.stderr
+    );
+    let out = f.command(&["--log-format", "json", "slot", "status"], &[]);
+    let line = out.stderr.lines().next().unwrap_or_default();
+    let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {}", out.stderr));
+    assert_eq!(v["level"], "ERROR");
+}
