@@ -377,6 +377,17 @@ fn a_heartbeat_without_permission_warns_with_the_grant_and_streaming_goes_on() {
         "",
         &observability(port, 1),
     );
+    // `check` says so beforehand, as a warning.
+    let out = f.command(&["check"], &[]);
+    assert!(
+        out.stdout
+            .contains("WARN heartbeat: pg_logical_emit_message is not allowed")
+            && out.stdout.contains(
+                "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO app;"
+            ),
+        "{out:?}"
+    );
+    assert!(!out.stdout.contains("FAIL heartbeat"), "{out:?}");
     let g = Guard(f.run());
     support::ferry::wait_active(&pg, &f, "pgferry");
     let deadline = Instant::now() + T;
@@ -424,6 +435,14 @@ fn a_taken_metrics_address_is_a_clear_start_up_error() {
         out.stderr.contains("metrics.listen") && out.stderr.contains(&port.to_string()),
         "{}",
         out.stderr
+    );
+    let out = f.command(&["check"], &[]);
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.contains(&format!(
+            "FAIL cannot listen on metrics.listen 127.0.0.1:{port}"
+        )),
+        "{out:?}"
     );
 }
 
