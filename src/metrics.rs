@@ -6,8 +6,8 @@
 //!
 //! - the source loop, through a per-session [`ReceiveCounter`]: bytes of
 //!   CopyData, row changes per table (looked up by relation OID, with the
-//!   last one cached, so the hot path is an integer compare and a relaxed
-//!   atomic add), committed transactions;
+//!   last one cached, counted in plain integers and published in bulk), and
+//!   committed transactions;
 //! - the sink tasks, through a [`SinkMetrics`] handle fetched once per task:
 //!   changes applied per table (counted once per batch, relation by
 //!   relation), batch latency, errors, retries, the last error (for
@@ -279,18 +279,34 @@ impl Histogram {
 }
 
 /// Counts what the source receives, per session. Owned by the source loop.
+///
+/// Counts accumulate in plain integers and are published to the registry's
+/// atomics every [`ReceiveCounter::FLUSH_EVERY`] messages, at every commit,
+/// at every keepalive and when the counter is dropped: the hot path is an
+/// integer compare and two additions, and a scrape is at most one
+/// transaction (or that many messages) behind.
 #[derive(Default)]
 pub struct ReceiveCounter {
-    by_oid: HashMap<u32, Arc<AtomicU64>>,
-    last: Option<(u32, Arc<AtomicU64>)>,
+    by_oid: HashMap<u32, usize>,
+    /// Per table seen: the registry's counter and the count not yet published.
+    tables: Vec<(Arc<AtomicU64>, u64)>,
+    /// The last relation counted: (OID, index in `tables`).
+    last: Option<(u32, usize)>,
+    bytes: u64,
+    unflushed: u32,
 }
 
 impl ReceiveCounter {
-    /// Bytes of one CopyData message.
-    pub fn bytes(&self, n: usize) {
-        global()
-            .bytes_received
-            .fetch_add(n as u64, Ordering::Relaxed);
+    pub const FLUSH_EVERY: u32 = 1024;
+
+    /// One CopyData message (its body, first byte the replication message tag).
+    pub fn bytes(&mut self, body: &[u8]) {
+        self.bytes += body.len() as u64;
+        self.unflushed += 1;
+        // A keepalive: the stream is quiet or between transactions.
+        if self.unflushed >= Self::FLUSH_EVERY || body.first() == Some(&b'k') {
+            self.flush();
+        }
     }
 
     /// A decoded pgoutput message: Relation messages name the OIDs; row
@@ -304,7 +320,14 @@ impl ReceiveCounter {
                     String::from_utf8_lossy(&r.name)
                 );
                 let c = global().table_counter(&name);
-                self.by_oid.insert(r.oid, c);
+                let i = match self.tables.iter().position(|(t, _)| Arc::ptr_eq(t, &c)) {
+                    Some(i) => i,
+                    None => {
+                        self.tables.push((c, 0));
+                        self.tables.len() - 1
+                    }
+                };
+                self.by_oid.insert(r.oid, i);
                 self.last = None;
             }
             LogicalMessage::Insert(i) => self.count(i.relation_oid),
@@ -316,25 +339,50 @@ impl ReceiveCounter {
     }
 
     fn count(&mut self, oid: u32) {
-        if let Some((o, c)) = &self.last {
-            if *o == oid {
-                c.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-        }
-        // A change before its Relation message is the assembler's error to report.
-        if let Some(c) = self.by_oid.get(&oid) {
-            c.fetch_add(1, Ordering::Relaxed);
-            self.last = Some((oid, c.clone()));
+        let i = match self.last {
+            Some((o, i)) if o == oid => i,
+            // A change before its Relation message is the assembler's error to report.
+            _ => match self.by_oid.get(&oid) {
+                Some(&i) => {
+                    self.last = Some((oid, i));
+                    i
+                }
+                None => return,
+            },
+        };
+        if let Some(t) = self.tables.get_mut(i) {
+            t.1 += 1;
         }
     }
 
     /// A committed transaction, about to be handed to the sinks.
-    pub fn committed(&self, txn: &Transaction) {
+    pub fn committed(&mut self, txn: &Transaction) {
         let m = global();
         m.transactions.fetch_add(1, Ordering::Relaxed);
         m.last_txn_end
             .fetch_max(txn.meta.end_lsn.0, Ordering::AcqRel);
+        self.flush();
+    }
+
+    /// Publishes the counts accumulated so far.
+    pub fn flush(&mut self) {
+        for (c, n) in &mut self.tables {
+            if *n > 0 {
+                c.fetch_add(std::mem::take(n), Ordering::Relaxed);
+            }
+        }
+        if self.bytes > 0 {
+            global()
+                .bytes_received
+                .fetch_add(std::mem::take(&mut self.bytes), Ordering::Relaxed);
+        }
+        self.unflushed = 0;
+    }
+}
+
+impl Drop for ReceiveCounter {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -1029,6 +1077,63 @@ mod tests {
         assert!(text.contains("pgferry_sink_batch_seconds_bucket{sink=\"s\",le=\"0.25\"} 2\n"));
         assert!(text.contains("pgferry_sink_batch_seconds_bucket{sink=\"s\",le=\"+Inf\"} 3\n"));
         assert!(text.contains("pgferry_sink_batch_seconds_count{sink=\"s\"} 3\n"));
+    }
+
+    #[test]
+    fn received_changes_are_published_per_table_in_bulk() {
+        use crate::protocol::pgoutput::{parse, ParseContext};
+        use bytes::{BufMut, BytesMut};
+        let ctx = || ParseContext {
+            in_stream: false,
+            proto_version: 1,
+            parallel_stream_abort: false,
+        };
+        let mut r = BytesMut::new();
+        r.put_u8(b'R');
+        r.put_u32(4242);
+        r.put_slice(b"metrics_test\0items\0");
+        r.put_u8(b'd');
+        r.put_u16(1);
+        r.put_u8(1);
+        r.put_slice(b"id\0");
+        r.put_u32(23);
+        r.put_i32(-1);
+        let rel = r.freeze();
+        let mut i = BytesMut::new();
+        i.put_u8(b'I');
+        i.put_u32(4242);
+        i.put_u8(b'N');
+        i.put_u16(1);
+        i.put_u8(b't');
+        i.put_u32(1);
+        i.put_slice(b"7");
+        let ins = i.freeze();
+        let counter = global().table_counter("metrics_test.items");
+        let mut rc = ReceiveCounter::default();
+        rc.message(&parse(&rel, ctx()).unwrap());
+        for _ in 0..3 {
+            rc.bytes(&ins);
+            rc.message(&parse(&ins, ctx()).unwrap());
+        }
+        // Not yet published: no commit, no keepalive, fewer than FLUSH_EVERY.
+        assert_eq!(counter.load(Ordering::Relaxed), 0);
+        rc.bytes(b"k...");
+        assert_eq!(counter.load(Ordering::Relaxed), 3);
+        for _ in 0..ReceiveCounter::FLUSH_EVERY {
+            rc.bytes(&ins);
+            rc.message(&parse(&ins, ctx()).unwrap());
+        }
+        // Published with the bytes of the last message, before its change.
+        assert_eq!(
+            counter.load(Ordering::Relaxed),
+            3 + ReceiveCounter::FLUSH_EVERY as u64 - 1
+        );
+        rc.message(&parse(&ins, ctx()).unwrap());
+        drop(rc);
+        assert_eq!(
+            counter.load(Ordering::Relaxed),
+            3 + ReceiveCounter::FLUSH_EVERY as u64 + 1
+        );
     }
 
     #[test]

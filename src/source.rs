@@ -419,7 +419,7 @@ pub async fn run(
                     )))
                 }
             }
-            received.bytes(m.body.len());
+            received.bytes(&m.body);
             let msg = replication::parse_copy_data(m.body)
                 .map_err(|e| fatal(format!("{e}; this is a bug or a corrupted stream: please report it")))?;
             match msg {
