@@ -19,6 +19,15 @@ impl<W: Write> Report<'_, W> {
     fn pass(&mut self, what: impl AsRef<str>) {
         let _ = writeln!(self.out, "OK   {}", what.as_ref());
     }
+    /// A finding that does not stop pgferry from working.
+    fn warn(&mut self, what: impl AsRef<str>, fix: impl AsRef<str>) {
+        let _ = writeln!(
+            self.out,
+            "WARN {}\n     fix: {}",
+            what.as_ref(),
+            fix.as_ref()
+        );
+    }
     fn fail(&mut self, what: impl AsRef<str>, fix: impl AsRef<str>) {
         self.ok = false;
         let _ = writeln!(
@@ -34,6 +43,16 @@ impl<W: Write> Report<'_, W> {
 pub async fn run<W: Write>(config: &Config, out: &mut W) -> bool {
     let mut r = Report { out, ok: true };
     r.pass("config is valid");
+    if config.metrics.enabled {
+        let addr = &config.metrics.listen;
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(_) => r.pass(format!("metrics.listen {addr} is free")),
+            Err(e) => r.fail(
+                format!("cannot listen on metrics.listen {addr}: {e}"),
+                "choose a free address for metrics.listen (is a pgferry already running with it?), or set metrics.enabled = false",
+            ),
+        }
+    }
     let client = match source::sql_connect(config).await {
         Ok(c) => {
             r.pass(format!("connected to {}", config.source.redacted_url()));
@@ -184,6 +203,19 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
             }
         }
     }
+    if config.heartbeat.enabled {
+        match q("SELECT has_function_privilege('pg_logical_emit_message(boolean, text, text)', 'EXECUTE'), current_user::text").await {
+            Ok(row) if row.get::<_, bool>(0) => r.pass("heartbeat: pg_logical_emit_message is allowed"),
+            Ok(row) => r.warn(
+                "heartbeat: pg_logical_emit_message is not allowed for this role; an idle database can then hold WAL behind the slot",
+                format!(
+                    "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {}; (or set heartbeat.enabled = false)",
+                    row.get::<_, String>(1)
+                ),
+            ),
+            Err(e) => r.fail(format!("cannot check the heartbeat's privilege: {e}"), "check the connection"),
+        }
+    }
     match slot_info(client, &s.slot).await {
         Ok(Some(info)) => {
             if info.plugin.as_deref() != Some("pgoutput") {
@@ -194,7 +226,10 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
             } else if info.wal_status.as_deref() == Some("lost") {
                 r.fail(
                     format!("slot {} is invalidated (wal_status = lost)", s.slot),
-                    "drop it, remove the checkpoints and re-load the sinks",
+                    format!(
+                        "drop it (pgferry slot drop), remove the checkpoint files in {}, and start with source.snapshot = \"initial\" to reload every table",
+                        config.checkpoint.dir.display()
+                    ),
                 );
             } else {
                 r.pass(format!(

@@ -52,6 +52,35 @@ pub struct Config {
     /// The destinations. At least one.
     #[serde(rename = "sink")]
     pub sinks: Vec<SinkConfig>,
+    /// The `/metrics`, `/healthz` and `/readyz` endpoints, lag and slot polling.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// Periodic `pg_logical_emit_message` so the slot advances on an idle database.
+    #[serde(default)]
+    pub heartbeat: HeartbeatConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `auto` (human-readable on a terminal, JSON otherwise), `text` or
+    /// `json`. The `--log-format` option overrides it. Default `auto`.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Auto,
+    Text,
+    Json,
 }
 
 /// `[source]`
@@ -272,6 +301,68 @@ impl Default for PipelineConfig {
     }
 }
 
+/// `[metrics]`: observability. Lag and slot polling, the retained-WAL
+/// warning and the progress log lines run whether or not the HTTP endpoint
+/// is enabled.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` (Prometheus text), `/healthz` and `/readyz`. Default true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `host:port` the HTTP endpoint listens on. Default `127.0.0.1:9187`.
+    #[serde(default = "default_metrics_listen")]
+    pub listen: String,
+    /// Seconds between two progress log lines (events/s, lag, sink states); 0: none. Default 30.
+    #[serde(default = "default_progress_log_secs")]
+    pub progress_log_secs: u64,
+    /// Seconds between two polls of the server's WAL position and the slot
+    /// (replication lag, retained WAL, `wal_status`). Default 5.
+    #[serde(default = "default_poll_secs")]
+    pub poll_interval_secs: u64,
+    /// Retained WAL (bytes the slot holds back on the server) above which
+    /// pgferry warns in its log and `/readyz` reports not ready; 0: never.
+    /// Default 1073741824 (1 GiB).
+    #[serde(default = "default_wal_warn_bytes")]
+    pub wal_warn_bytes: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: default_metrics_listen(),
+            progress_log_secs: default_progress_log_secs(),
+            poll_interval_secs: default_poll_secs(),
+            wal_warn_bytes: default_wal_warn_bytes(),
+        }
+    }
+}
+
+/// `[heartbeat]`: keeps the slot advancing when the database is idle or
+/// writes only to tables outside the publication.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatConfig {
+    /// Emit a transactional logical message (`pg_logical_emit_message`) every
+    /// `interval_secs`. Needs superuser or `GRANT EXECUTE ON FUNCTION
+    /// pg_logical_emit_message(boolean, text, text)`. Default true.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Seconds between two heartbeats. Default 10.
+    #[serde(default = "ten")]
+    pub interval_secs: u64,
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            enabled: true,
+            interval_secs: 10,
+        }
+    }
+}
+
 /// One `[[sink]]`. The `type` key picks the variant.
 #[derive(Debug, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -355,6 +446,18 @@ fn default_checkpoint_ms() -> u64 {
 }
 fn default_batch_events() -> usize {
     8192
+}
+fn default_metrics_listen() -> String {
+    "127.0.0.1:9187".into()
+}
+fn default_progress_log_secs() -> u64 {
+    30
+}
+fn default_poll_secs() -> u64 {
+    5
+}
+fn default_wal_warn_bytes() -> u64 {
+    1 << 30
 }
 
 impl Config {
@@ -479,6 +582,24 @@ impl Config {
         }
         if self.pipeline.batch_max_events == 0 {
             return Err(key_err("pipeline.batch_max_events", "must be at least 1"));
+        }
+        if self.metrics.enabled && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(key_err(
+                "metrics.listen",
+                format!(
+                    "{:?} is not an address; write host:port with an IP address, e.g. \"127.0.0.1:9187\" or \"0.0.0.0:9187\"",
+                    self.metrics.listen
+                ),
+            ));
+        }
+        if self.metrics.poll_interval_secs == 0 {
+            return Err(key_err("metrics.poll_interval_secs", "must be at least 1"));
+        }
+        if self.heartbeat.enabled && self.heartbeat.interval_secs == 0 {
+            return Err(key_err(
+                "heartbeat.interval_secs",
+                "must be at least 1 (or set heartbeat.enabled = false)",
+            ));
         }
         if self.sinks.is_empty() {
             return Err(key_err(
@@ -789,6 +910,43 @@ mode = "hash"
             .unwrap_err()
             .to_string();
         assert!(e.contains("sink[0]") && e.contains("kafka"), "{e}");
+    }
+
+    #[test]
+    fn metrics_and_heartbeat_have_defaults_and_name_their_keys() {
+        let c = parse(EXAMPLE).unwrap();
+        assert!(c.metrics.enabled && c.heartbeat.enabled);
+        assert_eq!(c.metrics.listen, "127.0.0.1:9187");
+        assert_eq!(c.metrics.wal_warn_bytes, 1 << 30);
+        assert_eq!(c.heartbeat.interval_secs, 10);
+        let c = parse(&format!(
+            "{EXAMPLE}\n[metrics]\nlisten = \"0.0.0.0:9999\"\nprogress_log_secs = 0\nwal_warn_bytes = 5\n\n[heartbeat]\nenabled = false\n"
+        ))
+        .unwrap();
+        assert_eq!(c.metrics.listen, "0.0.0.0:9999");
+        assert_eq!(c.metrics.progress_log_secs, 0);
+        assert!(!c.heartbeat.enabled);
+        let e = parse(&format!("{EXAMPLE}\n[metrics]\nlisten = \"localhost\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`metrics.listen`") && e.contains("host:port"),
+            "{e}"
+        );
+        let e = parse(&format!("{EXAMPLE}\n[heartbeat]\ninterval_secs = 0\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`heartbeat.interval_secs`"), "{e}");
+        let e = parse(&format!("{EXAMPLE}\n[heartbeat]\nintervall = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`heartbeat.intervall`"), "{e}");
+        let c = parse(&format!("{EXAMPLE}\n[log]\nformat = \"json\"\n")).unwrap();
+        assert_eq!(c.log.format, LogFormat::Json);
+        let e = parse(&format!("{EXAMPLE}\n[log]\nformat = \"xml\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`log.format`") && e.contains("json"), "{e}");
     }
 
     const SEARCH: &str = r#"

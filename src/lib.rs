@@ -16,6 +16,8 @@
 //! - [`snapshot`]: initial snapshots and backfills (watermarked chunks).
 //! - [`source`]: one replication session, wiring the stages together.
 //! - [`config`]: the TOML configuration.
+//! - [`metrics`]: the Prometheus registry and the `/metrics`, `/healthz`, `/readyz` endpoints.
+//! - [`observe`]: heartbeat, lag and slot polling, progress log lines (once per process).
 //! - [`lsn`]: WAL positions.
 
 pub mod check;
@@ -25,6 +27,8 @@ pub mod conn;
 pub mod decode;
 pub mod event;
 pub mod lsn;
+pub mod metrics;
+pub mod observe;
 pub mod pipeline;
 pub mod protocol;
 pub mod sink;

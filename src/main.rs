@@ -20,8 +20,9 @@ use pgferry::source::{self, SourceError};
 )]
 struct Cli {
     /// Log format: `auto` is human-readable on a terminal and JSON otherwise.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
-    log_format: LogFormat,
+    /// Default: the config file's `log.format`, else `auto`.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
 }
@@ -87,6 +88,33 @@ enum SlotAction {
     },
 }
 
+impl Command {
+    /// The config file the command reads.
+    fn config_path(&self) -> &std::path::Path {
+        match self {
+            Command::Run { config, .. }
+            | Command::Check { config }
+            | Command::Backfill { config, .. } => config,
+            Command::Slot { action } => match action {
+                SlotAction::Status { config } | SlotAction::Drop { config } => config,
+            },
+        }
+    }
+}
+
+/// `--log-format`, else the config file's `log.format` (a config that does
+/// not load is reported once logging is set up), else `auto`.
+fn log_format(cli: &Cli) -> LogFormat {
+    use pgferry::config::LogFormat as C;
+    cli.log_format.unwrap_or_else(|| {
+        match Config::load(cli.command.config_path()).map(|c| c.log.format) {
+            Ok(C::Text) => LogFormat::Text,
+            Ok(C::Json) => LogFormat::Json,
+            Ok(C::Auto) | Err(_) => LogFormat::Auto,
+        }
+    })
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGFERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -107,7 +135,7 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    init_logging(log_format(&cli));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -188,10 +216,18 @@ async fn run(config: &Config, opts: &source::RunOptions) -> anyhow::Result<std::
         wait_for_signal().await;
         let _ = stop_tx.send(true);
     });
+    // Once per process: the metrics endpoint, heartbeat and slot watching.
+    let mut observer = pgferry::observe::start(config)
+        .await
+        .map_err(anyhow::Error::msg)?;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let started = std::time::Instant::now();
-        match source::run(config, stop_rx.clone(), opts).await {
+        let session = tokio::select! {
+            r = source::run(config, stop_rx.clone(), opts) => r,
+            msg = observer.fatal() => Err(SourceError::Fatal(msg)),
+        };
+        match session {
             Ok(()) => {
                 tracing::info!("stopped cleanly");
                 return Ok(std::process::ExitCode::SUCCESS);
@@ -214,6 +250,7 @@ async fn run(config: &Config, opts: &source::RunOptions) -> anyhow::Result<std::
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.changed() => return Ok(std::process::ExitCode::SUCCESS),
+                    msg = observer.fatal() => anyhow::bail!(msg),
                 }
             }
         }

@@ -366,8 +366,12 @@ impl SinkTask {
         loop {
             match self.sink.flush().await {
                 Ok(()) => break,
-                Err(SinkError::Fatal(m)) => return Err(format!("sink {:?}: {m}", self.name)),
+                Err(SinkError::Fatal(m)) => {
+                    crate::metrics::global().sink(&self.name).failed(&m, false);
+                    return Err(format!("sink {:?}: {m}", self.name));
+                }
                 Err(SinkError::Transient(m)) => {
+                    crate::metrics::global().sink(&self.name).failed(&m, true);
                     self.state.failing.store(true, Ordering::Release);
                     let delay = backoff.next_delay();
                     tracing::warn!(sink = %self.name, error = %m, retry_in_ms = delay.as_millis() as u64, "sink flush failed; retrying");
@@ -424,8 +428,16 @@ impl SinkTask {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut attempt = 0u32;
         let mut failing_since: Option<std::time::Instant> = None;
+        let metrics = crate::metrics::global().sink(&self.name);
         loop {
-            match self.sink.apply(batch).await {
+            let started = std::time::Instant::now();
+            let res = self.sink.apply(batch).await;
+            match &res {
+                Ok(()) => metrics.applied(batch, started.elapsed().as_secs_f64()),
+                Err(SinkError::Fatal(m)) => metrics.failed(m, false),
+                Err(SinkError::Transient(m)) => metrics.failed(m, true),
+            }
+            match res {
                 Ok(()) => {
                     if attempt > 0 {
                         tracing::info!(sink = %self.name, attempts = attempt + 1, "sink recovered");

@@ -267,9 +267,9 @@ pub async fn run(
                 )));
             }
             if info.wal_status.as_deref() == Some("lost") {
-                return Err(fatal(format!(
-                    "replication slot {:?} is invalidated (wal_status = lost): the server removed WAL it still needed, so changes were lost. Drop the slot (pgferry slot drop), remove the checkpoint files, start again and re-load the sinks",
-                    s.slot
+                return Err(fatal(crate::observe::lost_slot_message(
+                    &s.slot,
+                    &config.checkpoint.dir,
                 )));
             }
             None
@@ -365,6 +365,7 @@ pub async fn run(
     let memory = config.pipeline.memory_limit_mb * 1024 * 1024;
     let mut assembler = Assembler::new(TypeRegistry::builtin(), memory as usize, spill_dir);
     let budget = Budget::new(memory);
+    let mut received = crate::metrics::ReceiveCounter::default();
 
     let opts_run = opts;
     let opts = StartOptions {
@@ -394,6 +395,7 @@ pub async fn run(
     )
     .await?;
     let (mut reader, writer) = repl.start_replication(&opts).await?;
+    let observed = crate::metrics::global().session(&progress, &senders);
     reader.set_coalesce(Duration::from_micros(s.read_coalesce_us));
     let started = Instant::now();
     progress.received.store(start.0, Ordering::Release);
@@ -449,6 +451,7 @@ pub async fn run(
                     )))
                 }
             }
+            received.bytes(&m.body);
             let msg = replication::parse_copy_data(m.body)
                 .map_err(|e| fatal(format!("{e}; this is a bug or a corrupted stream: please report it")))?;
             match msg {
@@ -458,6 +461,7 @@ pub async fn run(
                     let lm = pgoutput::parse(&data, ctx).map_err(|e| {
                         fatal(format!("at {wal_start}: {e}; this is a bug or a corrupted stream: please report it"))
                     })?;
+                    received.message(&lm);
                     if let LogicalMessage::Relation(r) = &lm {
                         let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
                         let missing = assembler.types_mut().missing(&oids);
@@ -477,8 +481,10 @@ pub async fn run(
                             .on_commit(&mut txn, &client, |oid| assembler.relation_info(oid))
                             .await?;
                         for t in before {
+                            received.committed(&t);
                             deliver(&budget, &senders, t).await?;
                         }
+                        received.committed(&txn);
                         let txn = deliver(&budget, &senders, txn).await?;
                         snaps.delivered(&txn);
                     }
@@ -509,6 +515,7 @@ pub async fn run(
         }
     }
     .await;
+    drop(observed);
 
     // Drain: healthy sinks finish what they hold and checkpoint it; a sink
     // that is retrying gives up (it is replayed from its checkpoint).

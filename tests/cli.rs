@@ -116,7 +116,7 @@ fn check_fails_wal_level_replica_with_the_alter_system_fix() {
 fn write_raw(f: &FerryDir, source: &str, sink: &str) {
     let text = format!(
         "[source]\n{source}\npublication = \"pgferry\"\ntables = [\"public.t\"]\n\n\
-         [checkpoint]\ndir = \"{}\"\n\n[[sink]]\nname = \"changes\"\ntype = \"jsonl\"\n{sink}\n",
+         [checkpoint]\ndir = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n[[sink]]\nname = \"changes\"\ntype = \"jsonl\"\n{sink}\n",
         f.path("state").display()
     );
     std::fs::write(f.path("pgferry.toml"), text).unwrap();

@@ -71,7 +71,7 @@ fn write_config(
         .collect();
     let mut text = format!(
         "[source]\nurl = \"{}\"\nslot = \"{slot}\"\npublication = \"pgferry\"\ntables = [{}]\n\n\
-         [checkpoint]\ndir = \"{}\"\n\n{top_extra}\n\n\
+         [checkpoint]\ndir = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n{top_extra}\n\n\
          [[sink]]\nname = \"search\"\ntype = \"elasticsearch\"\nurl = \"{}\"\n{sink_extra}\n",
         pg.url(),
         names.join(", "),

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::ferry::{kill9, read_jsonl, terminate, wait_active, FerryDir, Guard};
+use support::ferry::{kill9, read_jsonl, wait_active, FerryDir, Guard};
 use support::opensearch::{node, Node};
 use support::pg::TestPg;
 use support::redis::TestRedis;
@@ -70,6 +70,9 @@ dir = "{state}"
 
 [snapshot]
 {extra}
+
+[metrics]
+listen = "127.0.0.1:0"
 
 [[sink]]
 name = "changes"
@@ -134,10 +137,11 @@ fn jsonl_rows(events: &[Value]) -> BTreeMap<String, Value> {
             }
             "update" => {
                 let id = e["after"]["id"].to_string();
-                let old_id = e["before"]["id"]
-                    .is_number()
-                    .then(|| e["before"]["id"].to_string())
-                    .unwrap_or_else(|| id.clone());
+                let old_id = if e["before"]["id"].is_number() {
+                    e["before"]["id"].to_string()
+                } else {
+                    id.clone()
+                };
                 let old = rows.remove(&old_id);
                 let mut row = e["after"].clone();
                 if let (Some(Value::Object(old)), Some(unchanged)) =
@@ -657,7 +661,8 @@ fn a_table_without_a_key_is_copied_in_an_exported_snapshot() {
         let mut got: Vec<String> = Vec::new();
         for e in f.events() {
             let take = |got: &mut Vec<String>, row: &Value| {
-                if let Some(p) = got.iter().position(|r| *r == row.to_string()) {
+                let row_text = row.to_string();
+                if let Some(p) = got.iter().position(|r| *r == row_text) {
                     got.swap_remove(p);
                 } else {
                     got.push(format!("<unmatched {row}>"));
@@ -695,5 +700,4 @@ fn a_table_without_a_key_is_copied_in_an_exported_snapshot() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let _ = terminate;
 }

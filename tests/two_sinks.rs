@@ -62,6 +62,9 @@ tables = ["public.products"]
 [checkpoint]
 dir = "{state}"
 
+[metrics]
+listen = "127.0.0.1:0"
+
 [pipeline]
 memory_limit_mb = {memory_limit_mb}
 

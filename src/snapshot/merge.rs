@@ -47,8 +47,11 @@ pub struct Window {
     index: Option<HashMap<Vec<u8>, usize>>,
     /// Column mapping from a stream relation (by pointer) to chunk columns:
     /// for each chunk column, the stream column index holding it.
-    maps: Vec<(Arc<RelationInfo>, Vec<Option<usize>>, Vec<Option<usize>>)>,
+    maps: Vec<(Arc<RelationInfo>, ColumnMap)>,
 }
+
+/// For each chunk column, and for each key column: the stream column holding it.
+type ColumnMap = (Vec<Option<usize>>, Vec<Option<usize>>);
 
 impl Window {
     pub fn new(id: String, rel: Arc<RelationInfo>, key_cols: &[usize], rows: Vec<Row>) -> Self {
@@ -91,14 +94,14 @@ impl Window {
     }
 
     /// (chunk column → stream column, key position → stream column) for a stream relation.
-    fn mapping(&mut self, rel: &Arc<RelationInfo>) -> (Vec<Option<usize>>, Vec<Option<usize>>) {
-        if let Some((_, cols, keys)) = self.maps.iter().find(|(r, _, _)| Arc::ptr_eq(r, rel)) {
-            return (cols.clone(), keys.clone());
+    fn mapping(&mut self, rel: &Arc<RelationInfo>) -> ColumnMap {
+        if let Some((_, m)) = self.maps.iter().find(|(r, _)| Arc::ptr_eq(r, rel)) {
+            return m.clone();
         }
         let find = |name: &str| rel.columns.iter().position(|c| c.name == name);
         let cols: Vec<Option<usize>> = self.rel.columns.iter().map(|c| find(&c.name)).collect();
         let keys: Vec<Option<usize>> = self.key_names.iter().map(|n| find(n)).collect();
-        self.maps.push((rel.clone(), cols.clone(), keys.clone()));
+        self.maps.push((rel.clone(), (cols.clone(), keys.clone())));
         (cols, keys)
     }
 

@@ -875,6 +875,12 @@ async fn coordinate(shared: Arc<Shared>, progress: Arc<Progress>) {
             for j in done {
                 let secs = state::unix_now().saturating_sub(j.planned_at);
                 tracing::info!(table = %j.table, kind = %j.kind, rows = j.rows_done, seconds = secs, "snapshot of table finished");
+                crate::metrics::global().snapshot_progress(
+                    &j.table,
+                    j.rows_done,
+                    j.rows_estimate,
+                    true,
+                );
                 st.finished.push(state::Finished {
                     table: j.table.clone(),
                     kind: j.kind.clone(),
@@ -920,6 +926,9 @@ async fn coordinate(shared: Arc<Shared>, progress: Arc<Progress>) {
                 )
             })
             .collect();
+        for (table, done, est, _) in &lines {
+            crate::metrics::global().snapshot_progress(table, *done, *est, false);
+        }
         if last_log.elapsed() >= log_every {
             last_log = Instant::now();
             for (table, done, est, rate) in &lines {

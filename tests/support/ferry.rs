@@ -31,6 +31,8 @@ impl FerryDir {
 
     /// Writes `pgferry.toml` for `url`, replicating `tables` into the JSONL file.
     /// `extra_source` and `extra` are appended to `[source]` and to the file.
+    /// Unless `extra` has its own `[metrics]`, the metrics endpoint listens on
+    /// an ephemeral port, so that tests running side by side do not collide.
     pub fn write_config(
         &self,
         url: &str,
@@ -51,9 +53,14 @@ impl FerryDir {
         extra: &str,
     ) -> PathBuf {
         let tables: Vec<String> = tables.iter().map(|t| format!("\"{t}\"")).collect();
+        let metrics = if extra.contains("[metrics]") {
+            ""
+        } else {
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n\n"
+        };
         let text = format!(
             "[source]\nurl = \"{url}\"\nslot = \"{slot}\"\npublication = \"pgferry\"\ntables = [{}]\n{extra_source}\n\n\
-             [checkpoint]\ndir = \"{}\"\n\n[[sink]]\nname = \"changes\"\ntype = \"jsonl\"\npath = \"{}\"\n{extra}\n",
+             [checkpoint]\ndir = \"{}\"\n\n{metrics}[[sink]]\nname = \"changes\"\ntype = \"jsonl\"\npath = \"{}\"\n{extra}\n",
             tables.join(", "),
             self.path("state").display(),
             self.jsonl().display(),

@@ -438,6 +438,7 @@ impl ElasticsearchSink {
             )));
         }
         self.stats.dead_letters += 1;
+        crate::metrics::global().sink(&self.name).dead_letter();
         tracing::warn!(
             sink = %self.name, index, id = id.unwrap_or(""), action, status = status.unwrap_or(0), error = %what,
             dead_letters = self.stats.dead_letters, path = %self.dead_path.display(),

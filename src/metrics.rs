@@ -1,0 +1,1168 @@
+//! Prometheus metrics and the `/metrics`, `/healthz` and `/readyz` endpoints.
+//!
+//! One process-wide registry, [`global()`], outlives the replication
+//! sessions (a session restarts on transient errors; counters do not).
+//! Its parts are fed by:
+//!
+//! - the source loop, through a per-session [`ReceiveCounter`]: bytes of
+//!   CopyData, row changes per table (looked up by relation OID, with the
+//!   last one cached, counted in plain integers and published in bulk), and
+//!   committed transactions;
+//! - the sink tasks, through a [`SinkMetrics`] handle fetched once per task:
+//!   changes applied per table (counted once per batch, relation by
+//!   relation), batch latency, errors, retries, the last error (for
+//!   `/readyz`), dead letters;
+//! - [`crate::observe`]'s poller: the server's WAL position, the slot's
+//!   `confirmed_flush_lsn`, retained WAL and `wal_status`, and the heartbeat;
+//! - a [`SessionGuard`] the source holds while it streams: it shares the
+//!   session's [`Progress`] and sink states, so positions and sink health are
+//!   read where they live instead of being copied on every change.
+//!
+//! Snapshot progress: the snapshot stage reports through
+//! [`Metrics::snapshot_progress`]`(table, rows_done, rows_estimate, finished)`;
+//! it becomes `pgferry_snapshot_rows_done{table}`,
+//! `pgferry_snapshot_rows_estimate{table}` and `pgferry_snapshot_active{table}`.
+//!
+//! Invariants:
+//! - nothing here blocks the source or a sink on a lock held while
+//!   rendering: locks guard maps of `Arc`ed atomics and are held only to
+//!   look up or list them;
+//! - counters only go up; LSNs are plain numbers (bytes into the WAL);
+//! - `/readyz` is ready only while a session streams, every sink is healthy
+//!   (not failing, not detached), the retained WAL is under
+//!   `metrics.wal_warn_bytes` and the slot is not lost; otherwise its JSON
+//!   body lists every reason.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::event::{Changes, RelationInfo, Transaction};
+use crate::lsn::Lsn;
+use crate::pipeline::{Progress, SinkLink, SinkState};
+use crate::protocol::pgoutput::LogicalMessage;
+
+/// Upper bounds of the sink batch latency histogram, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The process-wide registry.
+pub fn global() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(Metrics::default)
+}
+
+/// Locks a mutex, going on with the data if a panicking thread poisoned it
+/// (the data are counters: always consistent enough to report).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Every series pgferry exports.
+#[derive(Default)]
+pub struct Metrics {
+    /// Committed transactions received (before the sinks).
+    pub transactions: AtomicU64,
+    /// Bytes of CopyData received on the replication connection.
+    pub bytes_received: AtomicU64,
+    /// Heartbeats emitted, and those that failed.
+    pub heartbeats: AtomicU64,
+    pub heartbeat_errors: AtomicU64,
+    /// End LSN of the last transaction handed to the sinks.
+    last_txn_end: AtomicU64,
+    received: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
+    sinks: Mutex<BTreeMap<String, Arc<SinkMetrics>>>,
+    /// Per sink name, the tables it takes (`None`: all).
+    sink_tables: Mutex<HashMap<String, Option<Vec<String>>>>,
+    snapshots: Mutex<BTreeMap<String, SnapshotProgress>>,
+    session: Mutex<Option<Session>>,
+    /// Positions of the last session, reported while none streams.
+    last_received: AtomicU64,
+    last_checkpointed: AtomicU64,
+    /// What the poller saw on the server.
+    pub server: ServerState,
+    /// `metrics.wal_warn_bytes` (0: no threshold).
+    pub wal_warn_bytes: AtomicU64,
+}
+
+/// The server and slot as last polled on an ordinary SQL connection.
+#[derive(Default)]
+pub struct ServerState {
+    /// A poll succeeded at least once.
+    pub polled: AtomicBool,
+    /// `pg_current_wal_lsn()`.
+    pub current_wal: AtomicU64,
+    /// The slot exists (its series below are valid).
+    pub slot_present: AtomicBool,
+    /// The slot's `confirmed_flush_lsn`.
+    pub confirmed_flush: AtomicU64,
+    /// `pg_current_wal_lsn() - restart_lsn`: the WAL the slot keeps.
+    pub retained_wal: AtomicU64,
+    /// `wal_status` (PostgreSQL 13+), e.g. `reserved`, `extended`, `unreserved`, `lost`.
+    pub wal_status: Mutex<Option<String>>,
+}
+
+impl ServerState {
+    /// Replication lag in bytes: the server's WAL position minus the slot's
+    /// confirmed position.
+    pub fn lag_bytes(&self) -> Option<u64> {
+        (self.polled.load(Ordering::Acquire) && self.slot_present.load(Ordering::Acquire)).then(
+            || {
+                self.current_wal
+                    .load(Ordering::Acquire)
+                    .saturating_sub(self.confirmed_flush.load(Ordering::Acquire))
+            },
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SnapshotProgress {
+    done: u64,
+    estimate: u64,
+    finished: bool,
+}
+
+struct Session {
+    progress: Arc<Progress>,
+    sinks: Vec<(String, Arc<SinkState>)>,
+}
+
+/// Marks a session as streaming while it lives.
+pub struct SessionGuard {
+    _private: (),
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let m = global();
+        if let Some(s) = lock(&m.session).take() {
+            m.last_received.store(
+                s.progress.received.load(Ordering::Acquire),
+                Ordering::Release,
+            );
+            m.last_checkpointed
+                .store(s.progress.confirmed().0, Ordering::Release);
+        }
+    }
+}
+
+/// Health and counters of one sink, shared by its task and the registry.
+pub struct SinkMetrics {
+    name: String,
+    /// Tables the sink takes (`None`: all).
+    filter: Option<Vec<String>>,
+    applied: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
+    batch: Histogram,
+    pub errors: AtomicU64,
+    pub retries: AtomicU64,
+    pub dead_letters: AtomicU64,
+    last_error: Mutex<Option<String>>,
+    /// Commit time (µs since 2000-01-01) of the last transaction applied; 0: none yet.
+    last_commit_time: AtomicI64,
+    /// End LSN of the last transaction applied.
+    applied_end: AtomicU64,
+}
+
+impl SinkMetrics {
+    fn table_counter(&self, table: &str) -> Arc<AtomicU64> {
+        lock(&self.applied)
+            .entry(table.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Records a batch applied in `seconds`: its changes per table, its
+    /// latency, and the commit time of its last transaction.
+    ///
+    /// Changes of a transaction spilled to disk are not read back to be
+    /// counted: they are counted under `table="_spilled"`.
+    pub fn applied(&self, batch: &[Arc<Transaction>], seconds: f64) {
+        self.batch.observe(seconds);
+        // Relations in the batch: pointer, counter (None: filtered out), count.
+        type Seen = Vec<(*const RelationInfo, Option<Arc<AtomicU64>>, u64)>;
+        let mut seen: Seen = Vec::new();
+        let mut spilled = 0u64;
+        let count = |rel: &Arc<RelationInfo>, seen: &mut Seen| {
+            let p = Arc::as_ptr(rel);
+            if let Some(e) = seen.iter_mut().rev().find(|e| e.0 == p) {
+                e.2 += 1;
+                return;
+            }
+            let accepted = self
+                .filter
+                .as_ref()
+                .is_none_or(|t| t.iter().any(|n| *n == rel.qualified));
+            let c = accepted.then(|| self.table_counter(&rel.qualified));
+            seen.push((p, c, 1));
+        };
+        for t in batch {
+            let keep = |c: &crate::event::Change| {
+                t.aborted_subxids.is_empty() || !t.aborted_subxids.contains(&c.xid)
+            };
+            match &t.changes {
+                Changes::Memory(v) => v
+                    .iter()
+                    .filter(|c| keep(c))
+                    .for_each(|c| count(&c.rel, &mut seen)),
+                Changes::Spilled { reader, tail } => {
+                    spilled += reader.len();
+                    tail.iter()
+                        .filter(|c| keep(c))
+                        .for_each(|c| count(&c.rel, &mut seen));
+                }
+            }
+        }
+        for (_, c, n) in seen {
+            if let Some(c) = c {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        if spilled > 0 {
+            self.table_counter("_spilled")
+                .fetch_add(spilled, Ordering::Relaxed);
+        }
+        if let Some(last) = batch.last() {
+            self.last_commit_time
+                .store(last.meta.commit_time, Ordering::Release);
+            self.applied_end
+                .fetch_max(last.meta.end_lsn.0, Ordering::AcqRel);
+        }
+        *lock(&self.last_error) = None;
+    }
+
+    /// Records a failed attempt; `retrying` when it will be tried again.
+    pub fn failed(&self, error: &str, retrying: bool) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if retrying {
+            self.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        *lock(&self.last_error) = Some(error.to_string());
+    }
+
+    /// A change was written to the dead-letter file.
+    pub fn dead_letter(&self) {
+        self.dead_letters.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Seconds behind: now minus the commit time of the last transaction
+    /// applied, or 0 when the sink applied every transaction received.
+    fn lag_seconds(&self, last_txn_end: u64) -> Option<f64> {
+        if self.applied_end.load(Ordering::Acquire) >= last_txn_end {
+            return Some(0.0);
+        }
+        let t = self.last_commit_time.load(Ordering::Acquire);
+        (t != 0).then(|| ((crate::source::pg_now() - t) as f64 / 1e6).max(0.0))
+    }
+}
+
+/// A Prometheus histogram over [`BUCKETS`], lock-free.
+#[derive(Default)]
+struct Histogram {
+    /// Non-cumulative counts per bucket; the last one is `+Inf`.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, seconds: f64) {
+        let i = BUCKETS
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+}
+
+/// Counts what the source receives, per session. Owned by the source loop.
+///
+/// Counts accumulate in plain integers and are published to the registry's
+/// atomics every [`ReceiveCounter::FLUSH_EVERY`] messages, at every commit,
+/// at every keepalive and when the counter is dropped: the hot path is an
+/// integer compare and two additions, and a scrape is at most one
+/// transaction (or that many messages) behind.
+#[derive(Default)]
+pub struct ReceiveCounter {
+    by_oid: HashMap<u32, usize>,
+    /// Per table seen: the registry's counter and the count not yet published.
+    tables: Vec<(Arc<AtomicU64>, u64)>,
+    /// The last relation counted: (OID, index in `tables`).
+    last: Option<(u32, usize)>,
+    bytes: u64,
+    unflushed: u32,
+}
+
+impl ReceiveCounter {
+    pub const FLUSH_EVERY: u32 = 1024;
+
+    /// One CopyData message (its body, first byte the replication message tag).
+    pub fn bytes(&mut self, body: &[u8]) {
+        self.bytes += body.len() as u64;
+        self.unflushed += 1;
+        // A keepalive: the stream is quiet or between transactions.
+        if self.unflushed >= Self::FLUSH_EVERY || body.first() == Some(&b'k') {
+            self.flush();
+        }
+    }
+
+    /// A decoded pgoutput message: Relation messages name the OIDs; row
+    /// changes count against their table.
+    pub fn message(&mut self, m: &LogicalMessage<'_>) {
+        match m {
+            LogicalMessage::Relation(r) => {
+                let name = format!(
+                    "{}.{}",
+                    String::from_utf8_lossy(&r.namespace),
+                    String::from_utf8_lossy(&r.name)
+                );
+                let c = global().table_counter(&name);
+                let i = match self.tables.iter().position(|(t, _)| Arc::ptr_eq(t, &c)) {
+                    Some(i) => i,
+                    None => {
+                        self.tables.push((c, 0));
+                        self.tables.len() - 1
+                    }
+                };
+                self.by_oid.insert(r.oid, i);
+                self.last = None;
+            }
+            LogicalMessage::Insert(i) => self.count(i.relation_oid),
+            LogicalMessage::Update(u) => self.count(u.relation_oid),
+            LogicalMessage::Delete(d) => self.count(d.relation_oid),
+            LogicalMessage::Truncate(t) => t.relation_oids.iter().for_each(|o| self.count(*o)),
+            _ => {}
+        }
+    }
+
+    fn count(&mut self, oid: u32) {
+        let i = match self.last {
+            Some((o, i)) if o == oid => i,
+            // A change before its Relation message is the assembler's error to report.
+            _ => match self.by_oid.get(&oid) {
+                Some(&i) => {
+                    self.last = Some((oid, i));
+                    i
+                }
+                None => return,
+            },
+        };
+        if let Some(t) = self.tables.get_mut(i) {
+            t.1 += 1;
+        }
+    }
+
+    /// A committed transaction, about to be handed to the sinks.
+    pub fn committed(&mut self, txn: &Transaction) {
+        let m = global();
+        m.transactions.fetch_add(1, Ordering::Relaxed);
+        m.last_txn_end
+            .fetch_max(txn.meta.end_lsn.0, Ordering::AcqRel);
+        self.flush();
+    }
+
+    /// Publishes the counts accumulated so far.
+    pub fn flush(&mut self) {
+        for (c, n) in &mut self.tables {
+            if *n > 0 {
+                c.fetch_add(std::mem::take(n), Ordering::Relaxed);
+            }
+        }
+        if self.bytes > 0 {
+            global()
+                .bytes_received
+                .fetch_add(std::mem::take(&mut self.bytes), Ordering::Relaxed);
+        }
+        self.unflushed = 0;
+    }
+}
+
+impl Drop for ReceiveCounter {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+/// `1.5 GiB`, for log lines and `/readyz`.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Escapes a label value for the text exposition format.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The state of one sink, for logs and `/readyz`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkHealth {
+    Ok,
+    Failing(String),
+    Detached(String),
+}
+
+impl Metrics {
+    fn table_counter(&self, table: &str) -> Arc<AtomicU64> {
+        lock(&self.received)
+            .entry(table.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Records which tables each sink takes, so that applied changes of
+    /// other tables are not counted for it. Called once at start-up.
+    pub fn configure(&self, config: &crate::config::Config) {
+        let mut t = lock(&self.sink_tables);
+        for s in &config.sinks {
+            t.insert(s.name().to_string(), s.tables());
+        }
+        self.wal_warn_bytes
+            .store(config.metrics.wal_warn_bytes, Ordering::Release);
+    }
+
+    /// The handle of sink `name` (created on first use, kept across sessions).
+    pub fn sink(&self, name: &str) -> Arc<SinkMetrics> {
+        let filter = lock(&self.sink_tables).get(name).cloned().flatten();
+        lock(&self.sinks)
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(SinkMetrics {
+                    name: name.to_string(),
+                    filter,
+                    applied: Mutex::default(),
+                    batch: Histogram::default(),
+                    errors: AtomicU64::new(0),
+                    retries: AtomicU64::new(0),
+                    dead_letters: AtomicU64::new(0),
+                    last_error: Mutex::default(),
+                    last_commit_time: AtomicI64::new(0),
+                    applied_end: AtomicU64::new(0),
+                })
+            })
+            .clone()
+    }
+
+    /// Called by the source once it streams; the session counts as
+    /// streaming (for `/readyz`) until the guard is dropped.
+    pub fn session(&self, progress: &Arc<Progress>, links: &[SinkLink]) -> SessionGuard {
+        *lock(&self.session) = Some(Session {
+            progress: progress.clone(),
+            sinks: links
+                .iter()
+                .map(|l| (l.name.clone(), l.state.clone()))
+                .collect(),
+        });
+        SessionGuard { _private: () }
+    }
+
+    /// True while a replication session streams.
+    pub fn streaming(&self) -> bool {
+        lock(&self.session).is_some()
+    }
+
+    /// Snapshot (backfill) progress of one table, for the snapshot stage:
+    /// rows copied so far, the estimated total (e.g. `pg_class.reltuples`;
+    /// 0 when unknown), and whether the table is done.
+    pub fn snapshot_progress(
+        &self,
+        table: &str,
+        rows_done: u64,
+        rows_estimate: u64,
+        finished: bool,
+    ) {
+        lock(&self.snapshots).insert(
+            table.to_string(),
+            SnapshotProgress {
+                done: rows_done,
+                estimate: rows_estimate,
+                finished,
+            },
+        );
+    }
+
+    /// Row changes received so far, over all tables.
+    pub fn events_received(&self) -> u64 {
+        lock(&self.received)
+            .values()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Each sink of the current session with its health.
+    pub fn sink_health(&self) -> Vec<(String, SinkHealth)> {
+        let session = lock(&self.session);
+        let Some(s) = session.as_ref() else {
+            return Vec::new();
+        };
+        s.sinks
+            .iter()
+            .map(|(name, state)| {
+                let err = || {
+                    lock(&self.sink(name).last_error)
+                        .clone()
+                        .unwrap_or_else(|| "unknown error".into())
+                };
+                let h = if state.detached.load(Ordering::Acquire) {
+                    SinkHealth::Detached(err())
+                } else if state.failing.load(Ordering::Acquire) {
+                    SinkHealth::Failing(err())
+                } else {
+                    SinkHealth::Ok
+                };
+                (name.clone(), h)
+            })
+            .collect()
+    }
+
+    /// Lag in seconds: the largest over the sinks (see [`SinkMetrics`]).
+    pub fn lag_seconds(&self) -> Option<f64> {
+        let end = self.last_txn_end.load(Ordering::Acquire);
+        lock(&self.sinks)
+            .values()
+            .filter_map(|s| s.lag_seconds(end))
+            .reduce(f64::max)
+    }
+
+    /// True when the retained WAL is above the warning threshold.
+    pub fn wal_over_threshold(&self) -> Option<(u64, u64)> {
+        let warn = self.wal_warn_bytes.load(Ordering::Acquire);
+        let s = &self.server;
+        let retained = s.retained_wal.load(Ordering::Acquire);
+        (warn > 0 && s.slot_present.load(Ordering::Acquire) && retained > warn)
+            .then_some((retained, warn))
+    }
+
+    /// `(ready, reasons)` for `/readyz`.
+    pub fn readiness(&self) -> (bool, Vec<String>) {
+        let mut reasons = Vec::new();
+        if !self.streaming() {
+            reasons.push(
+                "the replication session is not streaming (starting, or reconnecting after an error)"
+                    .to_string(),
+            );
+        }
+        for (name, h) in self.sink_health() {
+            match h {
+                SinkHealth::Ok => {}
+                SinkHealth::Failing(e) => reasons.push(format!("sink {name} is failing: {e}")),
+                SinkHealth::Detached(e) => reasons.push(format!(
+                    "sink {name} is failing and detached (it is replayed from its checkpoint when it recovers): {e}"
+                )),
+            }
+        }
+        if let Some((retained, warn)) = self.wal_over_threshold() {
+            reasons.push(format!(
+                "retained WAL {} above warning threshold {} (metrics.wal_warn_bytes)",
+                human_bytes(retained),
+                human_bytes(warn)
+            ));
+        }
+        if lock(&self.server.wal_status).as_deref() == Some("lost") {
+            reasons.push("the replication slot is invalidated (wal_status = lost)".into());
+        }
+        (reasons.is_empty(), reasons)
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut o = String::with_capacity(4096);
+        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        };
+
+        head(&mut o, "pgferry_up", "gauge", "1 while the process runs.");
+        o.push_str("pgferry_up 1\n");
+        head(
+            &mut o,
+            "pgferry_streaming",
+            "gauge",
+            "1 while a replication session streams.",
+        );
+        let _ = writeln!(o, "pgferry_streaming {}", self.streaming() as u8);
+
+        head(
+            &mut o,
+            "pgferry_events_received_total",
+            "counter",
+            "Row changes received from the replication stream, per table.",
+        );
+        for (t, c) in lock(&self.received).iter() {
+            let _ = writeln!(
+                o,
+                "pgferry_events_received_total{{table=\"{}\"}} {}",
+                label(t),
+                c.load(Ordering::Relaxed)
+            );
+        }
+        head(
+            &mut o,
+            "pgferry_transactions_total",
+            "counter",
+            "Committed transactions received.",
+        );
+        let _ = writeln!(
+            o,
+            "pgferry_transactions_total {}",
+            self.transactions.load(Ordering::Relaxed)
+        );
+        head(
+            &mut o,
+            "pgferry_bytes_received_total",
+            "counter",
+            "Bytes of replication data (CopyData) received.",
+        );
+        let _ = writeln!(
+            o,
+            "pgferry_bytes_received_total {}",
+            self.bytes_received.load(Ordering::Relaxed)
+        );
+
+        // Positions.
+        let (received, checkpointed, per_sink) = match lock(&self.session).as_ref() {
+            Some(s) => {
+                let r = s.progress.received.load(Ordering::Acquire);
+                let c = s.progress.confirmed().0;
+                self.last_received.store(r, Ordering::Release);
+                self.last_checkpointed.store(c, Ordering::Release);
+                let per: Vec<(String, Lsn)> = s
+                    .sinks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (n, _))| (n.clone(), s.progress.sink(i)))
+                    .collect();
+                (r, c, per)
+            }
+            None => (
+                self.last_received.load(Ordering::Acquire),
+                self.last_checkpointed.load(Ordering::Acquire),
+                Vec::new(),
+            ),
+        };
+        head(
+            &mut o,
+            "pgferry_lsn",
+            "gauge",
+            "WAL positions as byte offsets: received (end of the data received), checkpointed (durable in every sink; the flush position sent to the server), confirmed (the slot's confirmed_flush_lsn on the server), server (the server's current WAL position).",
+        );
+        let _ = writeln!(o, "pgferry_lsn{{kind=\"received\"}} {received}");
+        let _ = writeln!(o, "pgferry_lsn{{kind=\"checkpointed\"}} {checkpointed}");
+        let srv = &self.server;
+        if srv.polled.load(Ordering::Acquire) {
+            let _ = writeln!(
+                o,
+                "pgferry_lsn{{kind=\"server\"}} {}",
+                srv.current_wal.load(Ordering::Acquire)
+            );
+            if srv.slot_present.load(Ordering::Acquire) {
+                let _ = writeln!(
+                    o,
+                    "pgferry_lsn{{kind=\"confirmed\"}} {}",
+                    srv.confirmed_flush.load(Ordering::Acquire)
+                );
+            }
+        }
+        head(
+            &mut o,
+            "pgferry_sink_checkpoint_lsn",
+            "gauge",
+            "Each sink's durable checkpoint, as a byte offset.",
+        );
+        for (n, l) in &per_sink {
+            let _ = writeln!(
+                o,
+                "pgferry_sink_checkpoint_lsn{{sink=\"{}\"}} {}",
+                label(n),
+                l.0
+            );
+        }
+
+        head(
+            &mut o,
+            "pgferry_replication_lag_bytes",
+            "gauge",
+            "The server's current WAL position minus the slot's confirmed_flush_lsn.",
+        );
+        if let Some(l) = srv.lag_bytes() {
+            let _ = writeln!(o, "pgferry_replication_lag_bytes {l}");
+        }
+        head(
+            &mut o,
+            "pgferry_replication_lag_seconds",
+            "gauge",
+            "Now minus the commit time of the last transaction applied, for the sink furthest behind; 0 when every sink applied every transaction received.",
+        );
+        if let Some(l) = self.lag_seconds() {
+            let _ = writeln!(o, "pgferry_replication_lag_seconds {l}");
+        }
+        head(
+            &mut o,
+            "pgferry_slot_retained_wal_bytes",
+            "gauge",
+            "WAL the slot keeps on the server: current WAL position minus the slot's restart_lsn.",
+        );
+        if srv.slot_present.load(Ordering::Acquire) {
+            let _ = writeln!(
+                o,
+                "pgferry_slot_retained_wal_bytes {}",
+                srv.retained_wal.load(Ordering::Acquire)
+            );
+        }
+        head(
+            &mut o,
+            "pgferry_slot_retained_wal_warn_bytes",
+            "gauge",
+            "The retained WAL warning threshold (metrics.wal_warn_bytes; 0: none).",
+        );
+        let _ = writeln!(
+            o,
+            "pgferry_slot_retained_wal_warn_bytes {}",
+            self.wal_warn_bytes.load(Ordering::Acquire)
+        );
+        head(
+            &mut o,
+            "pgferry_slot_retained_wal_over_threshold",
+            "gauge",
+            "1 while the retained WAL is above metrics.wal_warn_bytes.",
+        );
+        let _ = writeln!(
+            o,
+            "pgferry_slot_retained_wal_over_threshold {}",
+            self.wal_over_threshold().is_some() as u8
+        );
+        head(
+            &mut o,
+            "pgferry_slot_wal_status",
+            "gauge",
+            "The slot's wal_status (PostgreSQL 13+): 1 for the current one.",
+        );
+        if srv.slot_present.load(Ordering::Acquire) {
+            if let Some(st) = lock(&srv.wal_status).as_deref() {
+                for s in ["reserved", "extended", "unreserved", "lost"] {
+                    let _ = writeln!(
+                        o,
+                        "pgferry_slot_wal_status{{status=\"{s}\"}} {}",
+                        (s == st) as u8
+                    );
+                }
+                if !["reserved", "extended", "unreserved", "lost"].contains(&st) {
+                    let _ = writeln!(o, "pgferry_slot_wal_status{{status=\"{}\"}} 1", label(st));
+                }
+            }
+        }
+        head(
+            &mut o,
+            "pgferry_heartbeats_total",
+            "counter",
+            "Heartbeat messages emitted (pg_logical_emit_message).",
+        );
+        let _ = writeln!(
+            o,
+            "pgferry_heartbeats_total {}",
+            self.heartbeats.load(Ordering::Relaxed)
+        );
+        head(
+            &mut o,
+            "pgferry_heartbeat_errors_total",
+            "counter",
+            "Heartbeats that failed.",
+        );
+        let _ = writeln!(
+            o,
+            "pgferry_heartbeat_errors_total {}",
+            self.heartbeat_errors.load(Ordering::Relaxed)
+        );
+
+        // Sinks.
+        let sinks: Vec<Arc<SinkMetrics>> = lock(&self.sinks).values().cloned().collect();
+        let health: HashMap<String, SinkHealth> = self.sink_health().into_iter().collect();
+        head(
+            &mut o,
+            "pgferry_events_applied_total",
+            "counter",
+            "Row changes applied by each sink, per table (changes of transactions spilled to disk count under table=\"_spilled\").",
+        );
+        for s in &sinks {
+            for (t, c) in lock(&s.applied).iter() {
+                let _ = writeln!(
+                    o,
+                    "pgferry_events_applied_total{{sink=\"{}\",table=\"{}\"}} {}",
+                    label(&s.name),
+                    label(t),
+                    c.load(Ordering::Relaxed)
+                );
+            }
+        }
+        head(
+            &mut o,
+            "pgferry_sink_batch_seconds",
+            "histogram",
+            "Time each sink took to apply a batch (successful attempts).",
+        );
+        for s in &sinks {
+            let n = label(&s.name);
+            let mut cum = 0u64;
+            for (i, b) in BUCKETS.iter().enumerate() {
+                cum += s.batch.counts[i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    o,
+                    "pgferry_sink_batch_seconds_bucket{{sink=\"{n}\",le=\"{b}\"}} {cum}"
+                );
+            }
+            cum += s.batch.counts[BUCKETS.len()].load(Ordering::Relaxed);
+            let _ = writeln!(
+                o,
+                "pgferry_sink_batch_seconds_bucket{{sink=\"{n}\",le=\"+Inf\"}} {cum}"
+            );
+            let _ = writeln!(
+                o,
+                "pgferry_sink_batch_seconds_sum{{sink=\"{n}\"}} {}",
+                s.batch.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(o, "pgferry_sink_batch_seconds_count{{sink=\"{n}\"}} {cum}");
+        }
+        let end = self.last_txn_end.load(Ordering::Acquire);
+        for (metric, kind, help, get) in [
+            (
+                "pgferry_sink_errors_total",
+                "counter",
+                "Failed sink attempts (apply or flush).",
+                (|s: &SinkMetrics| s.errors.load(Ordering::Relaxed)) as fn(&SinkMetrics) -> u64,
+            ),
+            (
+                "pgferry_sink_retries_total",
+                "counter",
+                "Sink attempts retried after a transient failure.",
+                |s| s.retries.load(Ordering::Relaxed),
+            ),
+            (
+                "pgferry_dead_letters_total",
+                "counter",
+                "Changes a sink refused for good and wrote to its dead-letter file.",
+                |s| s.dead_letters.load(Ordering::Relaxed),
+            ),
+        ] {
+            head(&mut o, metric, kind, help);
+            for s in &sinks {
+                let _ = writeln!(o, "{metric}{{sink=\"{}\"}} {}", label(&s.name), get(s));
+            }
+        }
+        head(
+            &mut o,
+            "pgferry_sink_lag_seconds",
+            "gauge",
+            "Per sink: now minus the commit time of the last transaction it applied; 0 when it applied every transaction received.",
+        );
+        for s in &sinks {
+            if let Some(l) = s.lag_seconds(end) {
+                let _ = writeln!(
+                    o,
+                    "pgferry_sink_lag_seconds{{sink=\"{}\"}} {l}",
+                    label(&s.name)
+                );
+            }
+        }
+        head(
+            &mut o,
+            "pgferry_sink_healthy",
+            "gauge",
+            "1 while the sink is neither failing nor detached (current session only).",
+        );
+        for (n, h) in &health {
+            let _ = writeln!(
+                o,
+                "pgferry_sink_healthy{{sink=\"{}\"}} {}",
+                label(n),
+                (*h == SinkHealth::Ok) as u8
+            );
+        }
+
+        // Snapshots.
+        let snaps = lock(&self.snapshots).clone();
+        for (metric, help) in [
+            (
+                "pgferry_snapshot_rows_done",
+                "Rows copied by the snapshot, per table.",
+            ),
+            (
+                "pgferry_snapshot_rows_estimate",
+                "Estimated rows to copy, per table (0: unknown).",
+            ),
+            (
+                "pgferry_snapshot_active",
+                "1 while the table's snapshot runs.",
+            ),
+        ] {
+            head(&mut o, metric, "gauge", help);
+            for (t, p) in &snaps {
+                let v = match metric {
+                    "pgferry_snapshot_rows_done" => p.done,
+                    "pgferry_snapshot_rows_estimate" => p.estimate,
+                    _ => !p.finished as u64,
+                };
+                let _ = writeln!(o, "{metric}{{table=\"{}\"}} {v}", label(t));
+            }
+        }
+        o
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the
+/// process ends. A tiny HTTP/1.1 server: one request per connection.
+pub async fn serve(listener: tokio::net::TcpListener) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), handle(stream)).await;
+        });
+    }
+}
+
+async fn handle(mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    // The request line and headers; anything longer than 8 KiB is refused.
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && !buf.windows(2).any(|w| w == b"\n\n") {
+        if buf.len() > 8192 {
+            return respond(&mut stream, 431, "text/plain", "request too large\n", false).await;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = buf.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("");
+    let target = parts.next().unwrap_or("");
+    let path = target.split('?').next().unwrap_or("");
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
+        return respond(&mut stream, 405, "text/plain", "only GET\n", false).await;
+    }
+    let m = global();
+    let (status, ctype, body) = match path {
+        "/metrics" => (200, "text/plain; version=0.0.4; charset=utf-8", m.render()),
+        "/healthz" => (
+            200,
+            "application/json",
+            serde_json::json!({"status": "alive", "version": env!("CARGO_PKG_VERSION")})
+                .to_string(),
+        ),
+        "/readyz" => {
+            let (ready, reasons) = m.readiness();
+            let sinks: serde_json::Map<String, serde_json::Value> = m
+                .sink_health()
+                .into_iter()
+                .map(|(n, h)| {
+                    let v = match h {
+                        SinkHealth::Ok => serde_json::json!({"state": "ok"}),
+                        SinkHealth::Failing(e) => {
+                            serde_json::json!({"state": "failing", "error": e})
+                        }
+                        SinkHealth::Detached(e) => {
+                            serde_json::json!({"state": "detached", "error": e})
+                        }
+                    };
+                    (n, v)
+                })
+                .collect();
+            let body = if ready {
+                serde_json::json!({"status": "ready", "streaming": true, "sinks": sinks})
+            } else {
+                serde_json::json!({"status": "not ready", "streaming": m.streaming(), "reasons": reasons, "sinks": sinks})
+            };
+            (
+                if ready { 200 } else { 503 },
+                "application/json",
+                body.to_string(),
+            )
+        }
+        _ => (
+            404,
+            "text/plain",
+            "not found: try /metrics, /healthz or /readyz\n".to_string(),
+        ),
+    };
+    respond(&mut stream, status, ctype, &body, head_only).await
+}
+
+async fn respond(
+    stream: &mut tokio::net::TcpStream,
+    status: u16,
+    ctype: &str,
+    body: &str,
+    head_only: bool,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let reason = match status {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "",
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    if !head_only {
+        stream.write_all(body.as_bytes()).await?;
+    }
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_in_the_exposition() {
+        let m = Metrics::default();
+        let s = {
+            lock(&m.sinks)
+                .entry("s".into())
+                .or_insert_with(|| {
+                    Arc::new(SinkMetrics {
+                        name: "s".into(),
+                        filter: None,
+                        applied: Mutex::default(),
+                        batch: Histogram::default(),
+                        errors: AtomicU64::new(0),
+                        retries: AtomicU64::new(0),
+                        dead_letters: AtomicU64::new(0),
+                        last_error: Mutex::default(),
+                        last_commit_time: AtomicI64::new(0),
+                        applied_end: AtomicU64::new(0),
+                    })
+                })
+                .clone()
+        };
+        s.applied(&[], 0.003);
+        s.applied(&[], 0.2);
+        s.applied(&[], 100.0);
+        let text = m.render();
+        assert!(
+            text.contains("pgferry_sink_batch_seconds_bucket{sink=\"s\",le=\"0.0025\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("pgferry_sink_batch_seconds_bucket{sink=\"s\",le=\"0.005\"} 1\n"));
+        assert!(text.contains("pgferry_sink_batch_seconds_bucket{sink=\"s\",le=\"0.25\"} 2\n"));
+        assert!(text.contains("pgferry_sink_batch_seconds_bucket{sink=\"s\",le=\"+Inf\"} 3\n"));
+        assert!(text.contains("pgferry_sink_batch_seconds_count{sink=\"s\"} 3\n"));
+    }
+
+    #[test]
+    fn received_changes_are_published_per_table_in_bulk() {
+        use crate::protocol::pgoutput::{parse, ParseContext};
+        use bytes::{BufMut, BytesMut};
+        let ctx = || ParseContext {
+            in_stream: false,
+            proto_version: 1,
+            parallel_stream_abort: false,
+        };
+        let mut r = BytesMut::new();
+        r.put_u8(b'R');
+        r.put_u32(4242);
+        r.put_slice(b"metrics_test\0items\0");
+        r.put_u8(b'd');
+        r.put_u16(1);
+        r.put_u8(1);
+        r.put_slice(b"id\0");
+        r.put_u32(23);
+        r.put_i32(-1);
+        let rel = r.freeze();
+        let mut i = BytesMut::new();
+        i.put_u8(b'I');
+        i.put_u32(4242);
+        i.put_u8(b'N');
+        i.put_u16(1);
+        i.put_u8(b't');
+        i.put_u32(1);
+        i.put_slice(b"7");
+        let ins = i.freeze();
+        let counter = global().table_counter("metrics_test.items");
+        let mut rc = ReceiveCounter::default();
+        rc.message(&parse(&rel, ctx()).unwrap());
+        for _ in 0..3 {
+            rc.bytes(&ins);
+            rc.message(&parse(&ins, ctx()).unwrap());
+        }
+        // Not yet published: no commit, no keepalive, fewer than FLUSH_EVERY.
+        assert_eq!(counter.load(Ordering::Relaxed), 0);
+        rc.bytes(b"k...");
+        assert_eq!(counter.load(Ordering::Relaxed), 3);
+        for _ in 0..ReceiveCounter::FLUSH_EVERY {
+            rc.bytes(&ins);
+            rc.message(&parse(&ins, ctx()).unwrap());
+        }
+        // Published with the bytes of the last message, before its change.
+        assert_eq!(
+            counter.load(Ordering::Relaxed),
+            3 + ReceiveCounter::FLUSH_EVERY as u64 - 1
+        );
+        rc.message(&parse(&ins, ctx()).unwrap());
+        drop(rc);
+        assert_eq!(
+            counter.load(Ordering::Relaxed),
+            3 + ReceiveCounter::FLUSH_EVERY as u64 + 1
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn readiness_names_every_reason() {
+        let m = Metrics::default();
+        let (ready, reasons) = m.readiness();
+        assert!(!ready);
+        assert!(reasons[0].contains("not streaming"), "{reasons:?}");
+        m.wal_warn_bytes.store(1 << 30, Ordering::Release);
+        m.server.slot_present.store(true, Ordering::Release);
+        m.server.retained_wal.store(3 << 30, Ordering::Release);
+        let (_, reasons) = m.readiness();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("retained WAL 3.0 GiB above warning threshold 1.0 GiB")),
+            "{reasons:?}"
+        );
+    }
+
+    #[test]
+    fn human_bytes_reads_well() {
+        assert_eq!(human_bytes(12), "12 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 << 30), "5.0 GiB");
+    }
+}
