@@ -9,12 +9,8 @@ CREATE TABLE products (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
--- pgferry does not snapshot tables: it streams the changes made after its
--- slot was created. Creating the publication and the slot here, before the
--- first rows, lets the rows below reach Redis and the index too. (pgferry
--- would create both itself at its first start, when they are missing.)
-CREATE PUBLICATION pgferry FOR TABLE products;
-SELECT pg_create_logical_replication_slot('pgferry', 'pgoutput');
+-- pgferry creates its publication and slot at its first start, and its
+-- initial snapshot (snapshot = "initial" in pgferry.toml) loads these rows.
 
 INSERT INTO products (id, name, price, tags, attrs, description) VALUES
     (1, 'pen', 1.50, '{office}', '{"color": "blue"}', 'A ballpoint pen.'),

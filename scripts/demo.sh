@@ -41,6 +41,8 @@ CONF
 "${RUN[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -w start >/dev/null
 PSQL=("$PGBIN/psql" -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1)
 "${PSQL[@]}" -c "CREATE TABLE products (id int PRIMARY KEY, name text, price numeric(10,2), tags text[], attrs jsonb, updated_at timestamptz DEFAULT now())"
+# Rows that exist before pgferry: the initial snapshot delivers them as "read" events.
+"${PSQL[@]}" -c "INSERT INTO products (id, name, price) SELECT g, 'existing ' || g, g + 0.5 FROM generate_series(90001, 90003) g"
 
 cat >"$WORK/pgferry.toml" <<TOML
 [source]
@@ -48,6 +50,7 @@ url = "postgres://postgres@127.0.0.1:$PORT/postgres"
 slot = "pgferry"
 publication = "pgferry"
 tables = ["public.products"]
+snapshot = "initial"
 
 [checkpoint]
 dir = "$WORK/state"

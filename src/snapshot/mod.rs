@@ -248,7 +248,11 @@ impl Snapshots {
             run_id: format!("{:08x}", rand::random::<u32>()),
             next_chunk: std::sync::atomic::AtomicU64::new(0),
         });
-        if config.source.snapshot == SnapshotMode::Initial && fresh && !st.initial_planned {
+        // Fresh sinks get the initial snapshot, unless one is already under
+        // way (a crash before the first checkpoint resumes it). Removing the
+        // checkpoint files, as the lost-slot advice says, plans a new one.
+        let initial_running = st.jobs.iter().any(|j| j.kind == "initial");
+        if config.source.snapshot == SnapshotMode::Initial && fresh && !initial_running {
             for t in &config.source.tables {
                 let job = plan_job(&shared, client, &mut st, t, None, "initial").await?;
                 st.jobs.push(job);
@@ -259,7 +263,7 @@ impl Snapshots {
                 tables = config.source.tables.len(),
                 "initial snapshot planned"
             );
-        } else if config.source.snapshot == SnapshotMode::Initial && !st.initial_planned {
+        } else if config.source.snapshot == SnapshotMode::Initial && !fresh && !st.initial_planned {
             tracing::info!("source.snapshot = \"initial\", but the sinks already have checkpoints: no initial snapshot (use pgferry backfill to re-load a table)");
         }
         if resumed {
