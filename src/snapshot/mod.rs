@@ -228,6 +228,21 @@ impl Snapshots {
     ) -> Result<Snapshots, SourceError> {
         let file = StateFile::new(&config.checkpoint.dir);
         let mut st = file.load().map_err(SourceError::Fatal)?;
+        if fresh {
+            // No sink has a checkpoint, so no chunk can have been durable:
+            // progress recorded here belongs to sinks whose checkpoints were
+            // removed (to reload them). Resuming it would skip rows.
+            let before = st.jobs.len();
+            st.jobs
+                .retain(|j| j.rows_done == 0 && j.ranges.iter().all(|r| r.chunks_done == 0));
+            if st.jobs.len() != before {
+                tracing::warn!(
+                    dropped = before - st.jobs.len(),
+                    "the sinks have no checkpoint, so the snapshot progress in snapshot.json is stale: those jobs start over"
+                );
+                st.initial_planned = false;
+            }
+        }
         let resumed = st.active();
         let shared = Arc::new(Shared {
             config: config.snapshot.clone(),
