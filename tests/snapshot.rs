@@ -356,15 +356,6 @@ fn start_workload(
     workers
 }
 
-fn stop_workload(
-    rt: &tokio::runtime::Runtime,
-    stop: &AtomicBool,
-    workers: Vec<tokio::task::JoinHandle<u32>>,
-) -> u32 {
-    stop.store(true, Ordering::Relaxed);
-    workers.into_iter().map(|w| rt.block_on(w).unwrap()).sum()
-}
-
 fn reads(events: &[Value]) -> HashMap<String, usize> {
     let mut n = HashMap::new();
     for e in events.iter().filter(|e| e["op"] == "read") {
@@ -393,7 +384,7 @@ fn initial_snapshot_of_500k_rows_under_a_workload_equals_the_table_in_every_sink
     wait_active(&pg, &f, "pgferry");
     let workers = start_workload(&pg, &rt, &stop, 500_000);
     let st = wait_snapshot_done(&f, 1);
-    let txns = stop_workload(&rt, &stop, workers);
+    let txns = support::workload::stop(&rt, &stop, workers);
     let n = wait_equal(&pg, &f, &s);
     let events = f.events();
     let r = reads(&events);
@@ -482,7 +473,7 @@ fn kill_9_mid_snapshot_resumes_without_reading_finished_chunks_again() {
 
     let _g = Guard(f.run());
     wait_snapshot_done(&f, 1);
-    let txns = stop_workload(&rt, &stop, workers);
+    let txns = support::workload::stop(&rt, &stop, workers);
     wait_equal(&pg, &f, &s);
     assert!(
         f.log().contains("resuming snapshot jobs"),
@@ -541,7 +532,7 @@ fn a_backfill_requested_from_sql_while_the_stream_is_busy_loads_every_row() {
     );
     wait_snapshot_done(&f, 1);
     std::thread::sleep(Duration::from_secs(1));
-    let txns = stop_workload(&rt, &stop, workers);
+    let txns = support::workload::stop(&rt, &stop, workers);
     let n = wait_equal(&pg, &f, &s);
     let st = state(&f);
     assert_eq!(st["finished"][0]["kind"], "backfill", "{st}");

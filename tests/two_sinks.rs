@@ -384,15 +384,6 @@ fn start_workload(
     workers
 }
 
-fn stop_workload(
-    rt: &tokio::runtime::Runtime,
-    stop: &AtomicBool,
-    workers: Vec<tokio::task::JoinHandle<u32>>,
-) -> u32 {
-    stop.store(true, Ordering::Relaxed);
-    workers.into_iter().map(|w| rt.block_on(w).unwrap()).sum()
-}
-
 /// Asserts that some rows hold a TOASTed body, so that the comparison
 /// covered values Postgres stores out of line.
 fn assert_toasted_rows(pg: &TestPg) {
@@ -437,7 +428,7 @@ fn mixed_workload_keeps_redis_and_the_index_equal_to_postgres() {
     };
     let workers = start_workload(pg, &rt, &stop, load);
     std::thread::sleep(Duration::from_secs(8));
-    let txns = stop_workload(&rt, &stop, workers);
+    let txns = support::workload::stop(&rt, &stop, workers);
     assert!(txns > 100, "the workload ran only {txns} transactions");
 
     // Then each kind of change once more, in a known order.
@@ -593,7 +584,7 @@ fn a_redis_outage_does_not_stop_the_index() {
 
     s.redis.start();
     std::thread::sleep(Duration::from_secs(2));
-    let txns = stop_workload(&rt, &stop, workers);
+    let txns = support::workload::stop(&rt, &stop, workers);
     let took = wait_both_equal(&s, node);
     eprintln!("{txns} transactions; both equal {took:?} after the last one");
     assert_detached_and_replayed(&s.f, "cache");
@@ -654,7 +645,7 @@ fn a_search_outage_does_not_stop_redis() {
 
     node.start();
     std::thread::sleep(Duration::from_secs(2));
-    let txns = stop_workload(&rt, &stop, workers);
+    let txns = support::workload::stop(&rt, &stop, workers);
     let took = wait_both_equal(&s, node);
     eprintln!("{txns} transactions; both equal {took:?} after the last one");
     assert_detached_and_replayed(&s.f, "search");
@@ -687,7 +678,7 @@ fn kill_9_twice_during_the_workload_then_both_equal_postgres() {
         g = Guard(s.f.run());
     }
     std::thread::sleep(Duration::from_secs(2));
-    let txns = stop_workload(&rt, &stop, workers);
+    let txns = support::workload::stop(&rt, &stop, workers);
     assert!(txns > 200, "the workload ran only {txns} transactions");
     let took = wait_both_equal(&s, node);
     eprintln!("{txns} transactions; both equal {took:?} after the last one");

@@ -199,6 +199,14 @@ impl Shared {
         format!("{}-{n}", self.run_id)
     }
 
+    /// A chunk the stream side took; durable once every sink passed `end`.
+    fn complete(&self, c: Completion) {
+        self.completions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(c);
+    }
+
     fn count_read(&self, job: u64, rows: u64) {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         let l = live.entry(job).or_default();

@@ -231,18 +231,14 @@ async fn keyset(
                 }
                 Err(_) => return Err("session ended".into()),
             };
-            shared
-                .completions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Completion {
-                    end,
-                    job: job.id,
-                    range,
-                    after: f.last.clone().or(f.after.clone()),
-                    rows: f.rows,
-                    range_done: f.last_of_range,
-                });
+            shared.complete(Completion {
+                end,
+                job: job.id,
+                range,
+                after: f.last.clone().or(f.after.clone()),
+                rows: f.rows,
+                range_done: f.last_of_range,
+            });
         }
         if exhausted {
             return Ok(());
@@ -493,18 +489,14 @@ async fn copy_whole(
     let _ = data_tx.send((reader, n));
     match done_rx.await {
         Ok(Ok(end)) => {
-            shared
-                .completions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(Completion {
-                    end,
-                    job: job.id,
-                    range,
-                    after: None,
-                    rows: n,
-                    range_done: true,
-                });
+            shared.complete(Completion {
+                end,
+                job: job.id,
+                range,
+                after: None,
+                rows: n,
+                range_done: true,
+            });
             Ok(())
         }
         Ok(Err(_)) => {

@@ -9,3 +9,4 @@ pub mod redis;
 pub mod rng;
 pub mod tls_proxy;
 pub mod types_fixture;
+pub mod workload;
