@@ -1,0 +1,420 @@
+#!/usr/bin/env bash
+# All of pgferry's system benchmarks in one run, so that every ratio compares
+# figures measured minutes apart on the same (noisy) machine:
+#
+#   e2e       the server's own decode (peek, text and binary), pg_recvlogical
+#             (TCP, Unix socket, binary), pgferry into null (TCP, Unix socket)
+#             and into JSONL, with peak RSS
+#   redis     pgferry into Redis, json and hash modes (throwaway redis-server)
+#   search    pgferry into OpenSearch 2.19 (tests/opensearch) against a direct
+#             `_bulk` load of the same changes in batches of the same size
+#   latency   commit -> visible in Redis at a steady 1,000 transactions/s
+#   memory    peak RSS while one transaction of 2M rows goes through
+#   snapshot  an initial snapshot of a 1M-row table against COPY TO /dev/null
+#             (needs `pgferry run --exit-after-snapshot`; "n/a" without it)
+#
+# Every consumer of the main workload has its own pgoutput slot, all created
+# at the same LSN before the workload. Prints Markdown and writes it to $OUT.
+#
+# Knobs (environment):
+#   ROWS=1000000         row changes in the main workload
+#   BENCHES="e2e redis search latency memory snapshot"   which parts to run
+#   BIG_TXN_ROWS=2000000 rows of the one transaction of the memory part
+#   SNAP_ROWS=1000000    rows of the snapshot table
+#   LAT_SECS=15 LAT_TPS=1000   the latency run
+#   OUT=<target dir>/pgferry-bench/results.md
+#   FERRY_SOURCE_EXTRA   extra [source] lines for every pgferry run (experiments)
+#   PERF_DIR             record `perf` profiles of the e2e consumers there
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+. scripts/lib.sh
+ensure_packages postgresql util-linux time redis-server curl
+ensure_cargo
+cargo build --release --quiet
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+BIN="$TARGET/release/pgferry"
+PGBIN="$(pg_bin)"
+ROWS="${ROWS:-1000000}"
+BENCHES="${BENCHES:-e2e redis search latency memory snapshot}"
+BIG_TXN_ROWS="${BIG_TXN_ROWS:-2000000}"
+SNAP_ROWS="${SNAP_ROWS:-1000000}"
+LAT_SECS="${LAT_SECS:-15}"
+LAT_TPS="${LAT_TPS:-1000}"
+mkdir -p "$TARGET/pgferry-bench"
+OUT="${OUT:-$TARGET/pgferry-bench/results.md}"
+want() { [[ " $BENCHES " == *" $1 "* ]]; }
+log() { echo "== $*" >&2; }
+
+# Python with psycopg and redis, for the latency driver and the direct _bulk load.
+PY="$TARGET/pgferry-bench/venv/bin/python"
+if (want latency || want search) && ! "$PY" -c 'import psycopg, redis' 2>/dev/null; then
+  log "creating $TARGET/pgferry-bench/venv (psycopg, redis)"
+  python3 -m venv "$TARGET/pgferry-bench/venv"
+  "$TARGET/pgferry-bench/venv/bin/pip" install -q 'psycopg[binary]' redis
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+WORK="$(mktemp -d /tmp/pgferry-bench.XXXXXX)"
+chmod 755 "$WORK"
+PORT="$(free_port)"
+RUN=()
+if [ "$(id -u)" = 0 ]; then chown postgres: "$WORK"; RUN=(runuser -u postgres --); fi
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  "${RUN[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+  sleep 1
+  if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+"${RUN[@]}" "$PGBIN/initdb" -D "$WORK/data" -U postgres --auth=trust -E UTF8 --locale=C --no-sync >/dev/null
+cat >>"$WORK/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PORT
+unix_socket_directories = '$WORK'
+wal_level = logical
+max_wal_size = 4GB
+shared_buffers = 512MB
+fsync = off
+synchronous_commit = off
+logical_decoding_work_mem = 64MB
+max_replication_slots = 20
+max_wal_senders = 20
+CONF
+"${RUN[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -w start >/dev/null
+PSQL=("$PGBIN/psql" -X -q -At -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1)
+PGVERSION="$("${PSQL[@]}" -c 'SHOW server_version')"
+
+now() { date +%s.%N; }
+secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
+rate() { python3 -c "print(f'{$1 / $2:,.0f}')"; }    # count seconds
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }    # a b -> a/b
+ge() { python3 -c "import sys; sys.exit(0 if $1 >= $2 else 1)"; }
+met() { if ge "$1" "$2"; then echo "met"; else echo "**not met**"; fi; }   # value goal (higher is better)
+met_le() { if ge "$2" "$1"; then echo "met"; else echo "**not met**"; fi; } # value goal (lower is better)
+
+SLOTS=(peek recv recv_unix recv_bin ferry_null ferry_null_unix ferry_jsonl redis_json redis_hash search)
+"${PSQL[@]}" >/dev/null <<SQL
+CREATE TABLE items (id bigint PRIMARY KEY, sku text, name text, price numeric(10,2), stock int, tags text[], attrs jsonb, updated_at timestamptz);
+CREATE TABLE marker (id int PRIMARY KEY);
+CREATE PUBLICATION bench FOR TABLE items, marker;
+SELECT pg_create_logical_replication_slot(s, 'pgoutput') FROM unnest(string_to_array('${SLOTS[*]}', ' ')) s;
+SQL
+
+# The workload: inserts in transactions of mixed sizes, one large transaction,
+# then updates and deletes. About ROWS row changes in all.
+N=$ROWS
+INS=$((N * 55 / 100)); BIG=$((N * 15 / 100)); UPD=$((N * 20 / 100)); DEL=$((N * 10 / 100))
+log "workload: $INS inserts in small/medium transactions, one transaction of $BIG inserts, $UPD updates, $DEL deletes"
+t0=$(now)
+"${PSQL[@]}" <<SQL
+DO \$\$
+DECLARE i bigint := 0; sz int;
+BEGIN
+  WHILE i < $INS LOOP
+    sz := CASE WHEN i % 7 = 0 THEN 1000 WHEN i % 3 = 0 THEN 50 ELSE 5 END;
+    INSERT INTO items SELECT g, 'SKU-' || g, 'item number ' || g, (g % 10000) / 100.0, g % 500,
+      ARRAY['tag' || (g % 10), 'x'], jsonb_build_object('color', 'c' || (g % 7), 'size', g % 40), now()
+    FROM generate_series(i + 1, least(i + sz, $INS)) g;
+    i := i + sz;
+    COMMIT;
+  END LOOP;
+END \$\$;
+BEGIN;
+INSERT INTO items SELECT g, 'SKU-' || g, 'big ' || g, 1.5, 1, '{big}', '{"big": true}', now() FROM generate_series($INS + 1, $INS + $BIG) g;
+COMMIT;
+DO \$\$
+DECLARE i bigint := 0;
+BEGIN
+  WHILE i < $UPD LOOP
+    UPDATE items SET stock = stock + 1, updated_at = now() WHERE id > i AND id <= i + 100;
+    i := i + 100;
+    COMMIT;
+  END LOOP;
+  i := 0;
+  WHILE i < $DEL LOOP
+    DELETE FROM items WHERE id > $INS + i AND id <= $INS + i + 100;
+    i := i + 100;
+    COMMIT;
+  END LOOP;
+END \$\$;
+SQL
+UNTIL="$("${PSQL[@]}" -c "SELECT pg_current_wal_insert_lsn()")"
+"${PSQL[@]}" -c "SET synchronous_commit = on; INSERT INTO marker VALUES (1)"
+END="$("${PSQL[@]}" -c "SELECT pg_current_wal_insert_lsn()")"
+CHANGES=$((INS + BIG + UPD + DEL + 1))
+LIVE=$((INS + BIG - DEL))
+WAL="$("${PSQL[@]}" -c "SELECT pg_size_pretty(pg_wal_lsn_diff('$END', confirmed_flush_lsn)) FROM pg_replication_slots WHERE slot_name='peek'")"
+log "$CHANGES row changes, $WAL of WAL (workload took $(secs "$t0" "$(now)") s; until $UNTIL, end $END)"
+
+# ferry NAME SLOT SINK-TOML [URL] [TABLES] [PUBLICATION]: pgferry (release) from
+# SLOT up to $UNTIL; wall time in $WORK/NAME.secs, peak RSS (KiB) in NAME.rss.
+ferry() {
+  local name=$1 slot=$2 sink=$3
+  local url=${4:-postgres://postgres@127.0.0.1:$PORT/postgres}
+  local tables=${5:-'"public.items", "public.marker"'} pub=${6:-bench} until=${UNTIL_OVERRIDE:-$UNTIL}
+  cat >"$WORK/$name.toml" <<TOML
+[source]
+url = "$url"
+slot = "$slot"
+publication = "$pub"
+tables = [$tables]
+${FERRY_SOURCE_EXTRA:-}
+[checkpoint]
+dir = "$WORK/state-$name"
+$sink
+TOML
+  local wrap=()
+  if [ -n "${PERF_DIR:-}" ]; then wrap=(perf record -q -a -e cpu-clock -F 2000 -g -o "$PERF_DIR/$name.perf.data" --); fi
+  local t0 t1
+  t0=$(now)
+  /usr/bin/time -f "%M" -o "$WORK/$name.rss" "${wrap[@]}" "$BIN" --log-format json run --config "$WORK/$name.toml" --until "$until" 2>"$WORK/$name.log" \
+    || { echo "pgferry ($name) failed:" >&2; tail -5 "$WORK/$name.log" >&2; return 1; }
+  t1=$(now)
+  secs "$t0" "$t1" >"$WORK/$name.secs"
+}
+fsecs() { cat "$WORK/$1.secs"; }
+frss() { echo "$(( $(cat "$WORK/$1.rss") / 1024 )) MB"; }
+
+recv() { # slot host extra-options...
+  local slot=$1 host=$2; shift 2
+  "$PGBIN/pg_recvlogical" -h "$host" -p "$PORT" -U postgres -d postgres --slot "$slot" --start -E "$END" --no-loop -f /dev/null \
+    -o proto_version=2 -o publication_names=bench -o messages=true -o streaming=on "$@"
+}
+peek() { # binary: true|false
+  "${PSQL[@]}" -c "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('peek', '$END', NULL, 'proto_version', '2', 'publication_names', 'bench', 'messages', 'true', 'streaming', 'on', 'binary', '$1')"
+}
+timed() { # var command...: sets var to the wall seconds of the command
+  local __v=$1; shift
+  local t0 t1; t0=$(now); "$@" >/dev/null; t1=$(now)
+  printf -v "$__v" '%s' "$(secs "$t0" "$t1")"
+}
+
+SUMMARY=()   # rows of the headline table: | benchmark | figure | goal | status |
+SECTIONS=""  # the detailed tables
+section() { SECTIONS+=$'\n'"$1"$'\n'; }
+
+# ---------------------------------------------------------------- e2e
+if want e2e; then
+  log "e2e: server decode (peek), pg_recvlogical, pgferry"
+  MSGS="$(peek false)"
+  timed PEEK peek false
+  timed PEEKB peek true
+  timed RECV recv recv 127.0.0.1
+  timed RECVU recv recv_unix "$WORK"
+  timed RECVB recv recv_bin 127.0.0.1 -o binary=true
+  ferry ferry_null ferry_null $'[[sink]]\nname = "null"\ntype = "null"'
+  ferry ferry_null_unix ferry_null_unix $'[[sink]]\nname = "null"\ntype = "null"' "host=$WORK port=$PORT user=postgres dbname=postgres"
+  ferry ferry_jsonl ferry_jsonl $'[[sink]]\nname = "jsonl"\ntype = "jsonl"\npath = "'"$WORK"'/out.jsonl"'
+  LINES=$(wc -l <"$WORK/out.jsonl")
+  [ "$LINES" -ge "$CHANGES" ] || { echo "pgferry wrote $LINES lines, expected $CHANGES" >&2; exit 1; }
+  NULLS=$(fsecs ferry_null); NULLU=$(fsecs ferry_null_unix); JSONLS=$(fsecs ferry_jsonl)
+  row() { echo "| $1 | $2 | $(rate "$CHANGES" "$2") | $(ratio "$RECV" "$2")× | $(ratio "$PEEK" "$2")× | $3 |"; }
+  section "### End to end: $CHANGES row changes ($WAL of WAL)
+
+| consumer | seconds | changes/s | vs pg_recvlogical | vs server decode | peak RSS |
+|---|---:|---:|---:|---:|---:|
+$(row "server-side decode (peek, no network; $MSGS messages)" "$PEEK" –)
+$(row "server-side decode, \`binary 'true'\`" "$PEEKB" –)
+$(row "pg_recvlogical → /dev/null (TCP loopback)" "$RECV" –)
+$(row "pg_recvlogical → /dev/null (Unix socket)" "$RECVU" –)
+$(row "pg_recvlogical → /dev/null, \`binary 'true'\`" "$RECVB" –)
+$(row "pgferry → null sink (TCP loopback)" "$NULLS" "$(frss ferry_null)")
+$(row "pgferry → null sink (Unix socket)" "$NULLU" "$(frss ferry_null_unix)")
+$(row "pgferry → JSONL file" "$JSONLS" "$(frss ferry_jsonl)")"
+  BEST=$(python3 -c "print(min($NULLS, $NULLU, $JSONLS))")
+  R1=$(ratio "$RECV" "$JSONLS"); R2=$(ratio "$PEEK" "$JSONLS")
+  SUMMARY+=("| pgferry → JSONL vs pg_recvlogical (TCP) | ${R1}× ($(rate "$CHANGES" "$JSONLS") vs $(rate "$CHANGES" "$RECV") changes/s) | ≥ 2× | $(met "$R1" 2) |")
+  SUMMARY+=("| pgferry → JSONL vs server-side decode | ${R2}× ($(rate "$CHANGES" "$PEEK") changes/s server-side) | ≥ 0.5× | $(met "$R2" 0.5) |")
+  RSSMAX=$(python3 -c "print(max($(cat "$WORK/ferry_null.rss"), $(cat "$WORK/ferry_null_unix.rss"), $(cat "$WORK/ferry_jsonl.rss")) // 1024)")
+  SUMMARY+=("| peak RSS, e2e run (largest of the three) | $RSSMAX MB | < 50 MB | $(met_le "$RSSMAX" 50) |")
+  SUMMARY+=("| \`binary 'true'\`: pg_recvlogical speed-up | $(ratio "$RECV" "$RECVB")× (server decode alone: $(ratio "$PEEK" "$PEEKB")×) | (measure) | – |")
+fi
+
+# ---------------------------------------------------------------- redis
+if want redis || want latency; then
+  REDIS_PORT="$(free_port)"
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" --logfile "$WORK/redis.log" --daemonize no &
+  PIDS+=($!)
+  for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+redis_sink() { # db mode [table key]
+  local table=${3:-public.items} key=${4:-}
+  [ -n "$key" ] || key='item:{id}'
+  printf '[[sink]]\nname = "redis"\ntype = "redis"\nurl = "redis://127.0.0.1:%s/%s"\n[sink.tables."%s"]\nkey = "%s"\nmode = "%s"\n' \
+    "$REDIS_PORT" "$1" "$table" "$key" "$2"
+}
+if want redis; then
+  log "redis: json and hash modes"
+  [ -n "${JSONLS:-}" ] || { ferry ferry_jsonl ferry_jsonl $'[[sink]]\nname = "jsonl"\ntype = "jsonl"\npath = "'"$WORK"'/out.jsonl"'; JSONLS=$(fsecs ferry_jsonl); }
+  ferry redis_json redis_json "$(redis_sink 0 json)"
+  ferry redis_hash redis_hash "$(redis_sink 1 hash)"
+  for db in 0 1; do
+    keys=$(redis-cli -p "$REDIS_PORT" -n $db --scan --pattern 'item:*' | wc -l)
+    [ "$keys" = "$LIVE" ] || { echo "redis db $db holds $keys item keys, expected $LIVE" >&2; exit 1; }
+  done
+  RJ=$(fsecs redis_json); RH=$(fsecs redis_hash)
+  section "### Redis: the same $CHANGES changes ($LIVE keys at the end, verified)
+
+| sink | seconds | changes/s | vs pgferry → JSONL | peak RSS |
+|---|---:|---:|---:|---:|
+| JSONL file (reference) | $JSONLS | $(rate "$CHANGES" "$JSONLS") | 1.00× | $(frss ferry_jsonl) |
+| Redis, json mode | $RJ | $(rate "$CHANGES" "$RJ") | $(ratio "$JSONLS" "$RJ")× | $(frss redis_json) |
+| Redis, hash mode | $RH | $(rate "$CHANGES" "$RH") | $(ratio "$JSONLS" "$RH")× | $(frss redis_hash) |"
+  SUMMARY+=("| Redis json vs pgferry → JSONL | $(ratio "$JSONLS" "$RJ")× ($(rate "$CHANGES" "$RJ") changes/s) | ≥ 0.8× | $(met "$(ratio "$JSONLS" "$RJ")" 0.8) |")
+  SUMMARY+=("| Redis hash vs pgferry → JSONL | $(ratio "$JSONLS" "$RH")× ($(rate "$CHANGES" "$RH") changes/s) | ≥ 0.8× | $(met "$(ratio "$JSONLS" "$RH")" 0.8) |")
+fi
+
+# ---------------------------------------------------------------- search
+if want search; then
+  log "search: OpenSearch node, pgferry vs direct _bulk"
+  ensure_packages maven openjdk-17-jdk-headless
+  [ -f tests/opensearch/target/cp.txt ] || tests/opensearch/build.sh
+  OS_PORT="$(free_port)"
+  OS_PID=$(OPENSEARCH_JAVA_OPTS="${OPENSEARCH_JAVA_OPTS:--Xms1g -Xmx1g}" tests/opensearch/start.sh "$WORK/os-home" "$OS_PORT")
+  PIDS+=("$OS_PID")
+  [ -f "$WORK/out.jsonl" ] || ferry ferry_jsonl ferry_jsonl $'[[sink]]\nname = "jsonl"\ntype = "jsonl"\npath = "'"$WORK"'/out.jsonl"'
+  # Warm the JVM up (JIT, index creation paths) on a throwaway index first,
+  # so neither measured load pays for it; then the direct load, then pgferry.
+  "$PY" benches/bulk_direct.py "$WORK/out.jsonl" "http://127.0.0.1:$OS_PORT" warmup 1000 "${SEARCH_WARMUP_OPS:-100000}" >/dev/null
+  curl -s -XDELETE "http://127.0.0.1:$OS_PORT/warmup" >/dev/null
+  DIRECT=$("$PY" benches/bulk_direct.py "$WORK/out.jsonl" "http://127.0.0.1:$OS_PORT" direct_items 1000)
+  ferry search search "$(printf '[[sink]]\nname = "search"\ntype = "opensearch"\nurl = "http://127.0.0.1:%s"\n[sink.tables."public.items"]\nindex = "ferry_items"\n' "$OS_PORT")"
+  SF=$(fsecs search)
+  DS=$(echo "$DIRECT" | cut -d' ' -f1); DOPS=$(echo "$DIRECT" | cut -d' ' -f2); DREQ=$(echo "$DIRECT" | cut -d' ' -f3)
+  curl -s -XPOST "http://127.0.0.1:$OS_PORT/_refresh" >/dev/null
+  NF=$(curl -s "http://127.0.0.1:$OS_PORT/ferry_items/_count" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])')
+  ND=$(curl -s "http://127.0.0.1:$OS_PORT/direct_items/_count" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])')
+  [ "$NF" = "$LIVE" ] && [ "$ND" = "$LIVE" ] || { echo "documents: pgferry $NF, direct $ND, expected $LIVE" >&2; exit 1; }
+  section "### OpenSearch 2.19.6 (single node, 1 GiB heap): $((CHANGES - 1)) changes of \`items\` ($LIVE documents at the end, verified in both indices)
+
+| loader | seconds | changes/s | vs direct \`_bulk\` | peak RSS |
+|---|---:|---:|---:|---:|
+| direct \`_bulk\` (Python, one keep-alive connection, $DREQ requests of ≤ 1000 operations, same external versions; body built before timing) | $DS | $(rate "$DOPS" "$DS") | 1.00× | – |
+| pgferry → opensearch sink (whole process, from the slot) | $SF | $(rate "$((CHANGES - 1))" "$SF") | $(ratio "$DS" "$SF")× | $(frss search) |"
+  SUMMARY+=("| OpenSearch sink vs direct \`_bulk\` | $(ratio "$DS" "$SF")× ($(rate "$((CHANGES - 1))" "$SF") changes/s) | ≥ 0.8× | $(met "$(ratio "$DS" "$SF")" 0.8) |")
+  kill "$OS_PID" 2>/dev/null || true
+fi
+
+# ---------------------------------------------------------------- latency
+if want latency; then
+  log "latency: $LAT_TPS transactions/s for $LAT_SECS s, commit -> visible in Redis"
+  "${PSQL[@]}" >/dev/null <<SQL
+CREATE TABLE lat (id int PRIMARY KEY, seq bigint, sent_at timestamptz);
+INSERT INTO lat SELECT g, 0, now() FROM generate_series(1, 1000) g;
+CREATE PUBLICATION latpub FOR TABLE lat;
+SELECT count(pg_create_logical_replication_slot('lat', 'pgoutput'));
+SQL
+  cat >"$WORK/lat.toml" <<TOML
+[source]
+url = "postgres://postgres@127.0.0.1:$PORT/postgres"
+slot = "lat"
+publication = "latpub"
+tables = ["public.lat"]
+[checkpoint]
+dir = "$WORK/state-lat"
+$(redis_sink 2 json public.lat 'lat:{id}')
+TOML
+  "$BIN" --log-format json run --config "$WORK/lat.toml" 2>"$WORK/lat.log" &
+  LAT_PID=$!; PIDS+=("$LAT_PID")
+  LATOUT=$("$PY" benches/latency.py "host=127.0.0.1 port=$PORT user=postgres dbname=postgres" "$REDIS_PORT" 2 "$LAT_TPS" "$LAT_SECS")
+  kill "$LAT_PID" 2>/dev/null || true; wait "$LAT_PID" 2>/dev/null || true
+  read -r LN LP50 LP99 LMAX LRATE <<<"$LATOUT"
+  section "### Latency: commit → visible in Redis (json mode), $LN transactions at $LRATE/s
+
+Each transaction updates one of 1,000 rows (\`synchronous_commit = on\` in the
+driver's session); the time is (Redis keyspace notification received) −
+(COMMIT's reply received), both on CLOCK_MONOTONIC, in two processes.
+
+| p50 | p99 | max |
+|---:|---:|---:|
+| $LP50 ms | $LP99 ms | $LMAX ms |"
+  SUMMARY+=("| latency commit → Redis at $LRATE txn/s, p50 / p99 / max | $LP50 / $LP99 / $LMAX ms | p99 < 10 ms | $(met_le "$LP99" 10) |")
+fi
+
+# ---------------------------------------------------------------- memory
+if want memory; then
+  log "memory: one transaction of $BIG_TXN_ROWS rows"
+  "${PSQL[@]}" >/dev/null <<SQL
+CREATE TABLE bigtx (id bigint PRIMARY KEY, sku text, name text, price numeric(10,2), stock int, tags text[], attrs jsonb, updated_at timestamptz);
+CREATE PUBLICATION bigpub FOR TABLE bigtx;
+SELECT count(pg_create_logical_replication_slot('bigtx', 'pgoutput'));
+INSERT INTO bigtx SELECT g, 'SKU-' || g, 'item number ' || g, (g % 10000) / 100.0, g % 500,
+  ARRAY['tag' || (g % 10), 'x'], jsonb_build_object('color', 'c' || (g % 7), 'size', g % 40), now()
+FROM generate_series(1, $BIG_TXN_ROWS) g;
+SQL
+  UNTIL_OVERRIDE="$("${PSQL[@]}" -c "SELECT pg_current_wal_insert_lsn()")"
+  "${PSQL[@]}" -c "SET synchronous_commit = on; INSERT INTO marker VALUES (2)"
+  UNTIL_OVERRIDE=$UNTIL_OVERRIDE ferry bigtx bigtx $'[[sink]]\nname = "null"\ntype = "null"' "" '"public.bigtx"' bigpub
+  BT=$(fsecs bigtx); BRSS=$(( $(cat "$WORK/bigtx.rss") / 1024 ))
+  section "### Memory: one transaction of $BIG_TXN_ROWS rows into the null sink (default \`memory_limit_mb = 16\`, spilled)
+
+| seconds | changes/s | peak RSS |
+|---:|---:|---:|
+| $BT | $(rate "$BIG_TXN_ROWS" "$BT") | $BRSS MB |"
+  SUMMARY+=("| peak RSS, one transaction of $BIG_TXN_ROWS rows | $BRSS MB | < 100 MB | $(met_le "$BRSS" 100) |")
+fi
+
+# ---------------------------------------------------------------- snapshot
+if want snapshot; then
+  "${PSQL[@]}" <<SQL
+CREATE TABLE snap (id bigint PRIMARY KEY, sku text, name text, price numeric(10,2), stock int, tags text[], attrs jsonb, updated_at timestamptz);
+INSERT INTO snap SELECT g, 'SKU-' || g, 'item number ' || g, (g % 10000) / 100.0, g % 500,
+  ARRAY['tag' || (g % 10), 'x'], jsonb_build_object('color', 'c' || (g % 7), 'size', g % 40), now()
+FROM generate_series(1, $SNAP_ROWS) g;
+CREATE PUBLICATION snappub FOR TABLE snap;
+SQL
+  timed COPYS "${PSQL[@]}" -c "COPY snap TO STDOUT"
+  if "$BIN" run --help | grep -q exit-after-snapshot; then
+    log "snapshot: $SNAP_ROWS rows"
+    cat >"$WORK/snap.toml" <<TOML
+[source]
+url = "postgres://postgres@127.0.0.1:$PORT/postgres"
+slot = "snap"
+publication = "snappub"
+tables = ["public.snap"]
+snapshot = "initial"
+[checkpoint]
+dir = "$WORK/state-snap"
+[[sink]]
+name = "jsonl"
+type = "jsonl"
+path = "$WORK/snap.jsonl"
+TOML
+    t0=$(now)
+    /usr/bin/time -f "%M" -o "$WORK/snap.rss" "$BIN" --log-format json run --config "$WORK/snap.toml" --exit-after-snapshot 2>"$WORK/snap.log"
+    SS=$(secs "$t0" "$(now)")
+    SL=$(wc -l <"$WORK/snap.jsonl")
+    [ "$SL" -ge "$SNAP_ROWS" ] || { echo "snapshot wrote $SL lines, expected $SNAP_ROWS" >&2; exit 1; }
+    SR="$(rate "$SNAP_ROWS" "$SS")"; SRATIO="$(ratio "$COPYS" "$SS")×"; SRSS="$(frss snap)"
+  else
+    log "snapshot: pgferry has no --exit-after-snapshot yet: n/a"
+    SS=n/a; SR=n/a; SRATIO=n/a; SRSS=n/a
+  fi
+  section "### Snapshot of a $SNAP_ROWS-row table
+
+| reader | seconds | rows/s | vs COPY | peak RSS |
+|---|---:|---:|---:|---:|
+| \`COPY snap TO STDOUT\` → /dev/null (psql) | $COPYS | $(rate "$SNAP_ROWS" "$COPYS") | 1.00× | – |
+| pgferry \`snapshot = \"initial\"\` → JSONL, \`--exit-after-snapshot\` | $SS | $SR | $SRATIO | $SRSS |"
+  SUMMARY+=("| snapshot vs COPY TO /dev/null | $SRATIO | (measure) | – |")
+fi
+
+# ---------------------------------------------------------------- report
+CPU="$(lscpu | sed -n 's/^Model name: *//p' | head -1)"
+MEM="$(free -g | awk '/^Mem:/ {print $2}') GiB"
+{
+  echo "## pgferry benchmarks, $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "Machine: $(nproc) CPUs ($CPU), $MEM RAM, load average at the end $(cut -d' ' -f1-3 /proc/loadavg);"
+  echo "$(uname -sr); PostgreSQL $PGVERSION (\`fsync=off\`, \`synchronous_commit=off\`); $(rustc --version)."
+  echo "Workload: $CHANGES row changes ($WAL of WAL). All figures from this one run."
+  echo
+  echo "| benchmark | result | goal | status |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${SUMMARY[@]}"
+  echo "$SECTIONS"
+} | tee "$OUT"
+log "written to $OUT"
