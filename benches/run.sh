@@ -82,7 +82,7 @@ shared_buffers = 512MB
 fsync = off
 synchronous_commit = off
 logical_decoding_work_mem = 64MB
-max_replication_slots = 20
+max_replication_slots = $((REPEAT * 8 + 10))
 max_wal_senders = 20
 CONF
 "${RUN[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -w start >/dev/null
