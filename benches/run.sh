@@ -4,7 +4,9 @@
 #
 #   e2e       the server's own decode (peek, text and binary), pg_recvlogical
 #             (TCP, Unix socket, binary), pgferry into null (TCP, Unix socket)
-#             and into JSONL, with peak RSS
+#             and into JSONL, with peak RSS; pgferry with binary values (an
+#             experiment, PGFERRY_EXPERIMENT_BINARY), output checked identical
+#   binary    the binary-values experiment against to_jsonb() on edge values
 #   redis     pgferry into Redis, json and hash modes (throwaway redis-server)
 #   search    pgferry into OpenSearch 2.19 (tests/opensearch) against a direct
 #             `_bulk` load of the same changes in batches of the same size
@@ -18,7 +20,7 @@
 #
 # Knobs (environment):
 #   ROWS=1000000         row changes in the main workload
-#   BENCHES="e2e redis search latency memory snapshot"   which parts to run
+#   BENCHES="e2e binary redis search latency memory snapshot"   which parts to run
 #   BIG_TXN_ROWS=2000000 rows of the one transaction of the memory part
 #   SNAP_ROWS=1000000    rows of the snapshot table
 #   REPEAT=3             rounds of the e2e and Redis consumers (medians reported)
@@ -37,7 +39,7 @@ TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$TARGET/release/pgferry"
 PGBIN="$(pg_bin)"
 ROWS="${ROWS:-1000000}"
-BENCHES="${BENCHES:-e2e redis search latency memory snapshot}"
+BENCHES="${BENCHES:-e2e binary redis search latency memory snapshot}"
 BIG_TXN_ROWS="${BIG_TXN_ROWS:-2000000}"
 SNAP_ROWS="${SNAP_ROWS:-1000000}"
 LAT_SECS="${LAT_SECS:-15}"
@@ -82,7 +84,7 @@ shared_buffers = 512MB
 fsync = off
 synchronous_commit = off
 logical_decoding_work_mem = 64MB
-max_replication_slots = $((REPEAT * 8 + 10))
+max_replication_slots = $((REPEAT * 10 + 10))
 max_wal_senders = 20
 CONF
 "${RUN[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -w start >/dev/null
@@ -99,7 +101,8 @@ met_le() { if ge "$2" "$1"; then echo "met"; else echo "**not met**"; fi; } # va
 
 SLOTS=(peek search)
 for r in $(seq "$REPEAT"); do
-  SLOTS+=("recv_$r" "recv_unix_$r" "recv_bin_$r" "ferry_null_$r" "ferry_null_unix_$r" "ferry_jsonl_$r" "redis_json_$r" "redis_hash_$r")
+  SLOTS+=("recv_$r" "recv_unix_$r" "recv_bin_$r" "ferry_null_$r" "ferry_null_unix_$r" "ferry_jsonl_$r" "redis_json_$r" "redis_hash_$r"
+    "ferry_null_bin_$r" "ferry_jsonl_bin_$r")
 done
 "${PSQL[@]}" >/dev/null <<SQL
 CREATE TABLE items (id bigint PRIMARY KEY, sku text, name text, price numeric(10,2), stock int, tags text[], attrs jsonb, updated_at timestamptz);
@@ -226,6 +229,12 @@ if want e2e; then
     ferry "ferry_jsonl_$r" "ferry_jsonl_$r" "$(JSONL_SINK "$r")"; add_t jsonl "$(fsecs "ferry_jsonl_$r")"
     LINES=$(wc -l <"$WORK/out_$r.jsonl")
     [ "$LINES" -ge "$CHANGES" ] || { echo "pgferry wrote $LINES lines, expected $CHANGES" >&2; exit 1; }
+    # The binary-values experiment (src/decode/binary.rs): its JSONL must be
+    # byte for byte the text mode's.
+    PGFERRY_EXPERIMENT_BINARY=1 ferry "ferry_null_bin_$r" "ferry_null_bin_$r" "$NULL_SINK"; add_t nullb "$(fsecs "ferry_null_bin_$r")"
+    PGFERRY_EXPERIMENT_BINARY=1 ferry "ferry_jsonl_bin_$r" "ferry_jsonl_bin_$r" "$(JSONL_SINK "bin_$r")"; add_t jsonlb "$(fsecs "ferry_jsonl_bin_$r")"
+    cmp -s "$WORK/out_$r.jsonl" "$WORK/out_bin_$r.jsonl" || { echo "binary mode wrote other JSON than text mode:" >&2; cmp "$WORK/out_$r.jsonl" "$WORK/out_bin_$r.jsonl" >&2 || true; exit 1; }
+    rm -f "$WORK/out_bin_$r.jsonl"
     [ "$r" = 1 ] || rm -f "$WORK/out_$r.jsonl"
   done
   PEEK=$(med peek); RECV=$(med recv); JSONLS=$(med jsonl)
@@ -241,14 +250,32 @@ $(row "pg_recvlogical → /dev/null (Unix socket)" recvu –)
 $(row "pg_recvlogical → /dev/null, \`binary 'true'\`" recvb –)
 $(row "pgferry → null sink (TCP loopback)" null "$(maxrss ferry_null)")
 $(row "pgferry → null sink (Unix socket)" nullu "$(maxrss ferry_null_unix)")
-$(row "pgferry → JSONL file" jsonl "$(maxrss ferry_jsonl)")"
+$(row "pgferry → JSONL file" jsonl "$(maxrss ferry_jsonl)")
+$(row "pgferry → null sink, binary values (experiment)" nullb "$(maxrss ferry_null_bin)")
+$(row "pgferry → JSONL file, binary values (experiment; output identical, checked)" jsonlb "$(maxrss ferry_jsonl_bin)")"
   R1=$(ratio "$RECV" "$JSONLS"); R2=$(ratio "$PEEK" "$JSONLS")
   SUMMARY+=("| pgferry → JSONL vs pg_recvlogical (TCP) | ${R1}× ($(rate "$CHANGES" "$JSONLS") vs $(rate "$CHANGES" "$RECV") changes/s) | ≥ 2× | $(met "$R1" 2) |")
   SUMMARY+=("| pgferry → JSONL vs server-side decode | ${R2}× ($(rate "$CHANGES" "$PEEK") changes/s server-side) | ≥ 0.5× | $(met "$R2" 0.5) |")
   RSSMAX=$(cat "$WORK"/ferry_*.rss | sort -n | tail -1); RSSMAX=$((RSSMAX / 1024))
   SUMMARY+=("| peak RSS, e2e runs (largest) | $RSSMAX MB | < 50 MB | $(met_le "$RSSMAX" 50) |")
   SUMMARY+=("| \`binary 'true'\`: speed-up of pg_recvlogical / of the server decode | $(ratio "$RECV" "$(med recvb)")× / $(ratio "$PEEK" "$(med peekb)")× | (measure) | – |")
+  SUMMARY+=("| binary values in pgferry (experiment): speed-up into null / into JSONL | $(ratio "$(med null)" "$(med nullb)")× / $(ratio "$JSONLS" "$(med jsonlb)")× | (measure; default only if faster and exact) | – |")
   SUMMARY+=("| Unix socket instead of TCP: pg_recvlogical / pgferry → null | $(ratio "$RECV" "$(med recvu)")× / $(ratio "$(med null)" "$(med nullu)")× | (measure) | – |")
+fi
+
+# ---------------------------------------------------------------- binary
+# Exactness of the binary-values experiment on edge values (the e2e rounds
+# check the bench table's 1M rows against the text mode).
+if want binary; then
+  log "binary: edge values against to_jsonb()"
+  "${PSQL[@]}" -f benches/binary_fidelity.sql >/dev/null
+  UNTIL_OVERRIDE="$("${PSQL[@]}" -c "SELECT pg_current_wal_insert_lsn()")"
+  "${PSQL[@]}" -c "SET synchronous_commit = on; INSERT INTO marker VALUES (3)"
+  PGFERRY_EXPERIMENT_BINARY=1 UNTIL_OVERRIDE=$UNTIL_OVERRIDE ferry bfid bfid "$(JSONL_SINK bfid)" "" '"public.bfid"' bfidpub
+  "${PSQL[@]}" -c "SELECT to_jsonb(r) FROM bfid r ORDER BY id" >"$WORK/bfid.want"
+  BFID=$(python3 benches/binary_fidelity.py "$WORK/out_bfid.jsonl" "$WORK/bfid.want" 2>"$WORK/bfid.diff") || true
+  [ -s "$WORK/bfid.diff" ] && cat "$WORK/bfid.diff" >&2
+  SUMMARY+=("| binary values (experiment) equal \`to_jsonb()\` on edge values of its types | $BFID | exact | $([ -s "$WORK/bfid.diff" ] && echo '**not met**' || echo met) |")
 fi
 
 # ---------------------------------------------------------------- redis
