@@ -320,7 +320,8 @@ fi
 # ---------------------------------------------------------------- search
 if want search; then
   log "search: OpenSearch node, pgferry vs direct _bulk"
-  ensure_packages maven openjdk-17-jdk-headless
+  command -v java >/dev/null 2>&1 || ensure_packages openjdk-17-jdk-headless
+  command -v mvn >/dev/null 2>&1 || ensure_packages maven
   [ -f tests/opensearch/target/cp.txt ] || tests/opensearch/build.sh
   OS_PORT="$(free_port)"
   OS_PID=$(OPENSEARCH_JAVA_OPTS="${OPENSEARCH_JAVA_OPTS:--Xms1g -Xmx1g}" tests/opensearch/start.sh "$WORK/os-home" "$OS_PORT")
