@@ -46,6 +46,9 @@ pub struct Config {
     /// Tuning of the in-process pipeline.
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    /// Tuning of snapshots and backfills.
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
     /// The destinations. At least one.
     #[serde(rename = "sink")]
     pub sinks: Vec<SinkConfig>,
@@ -85,6 +88,59 @@ pub struct SourceConfig {
     /// so the server's small writes are received together (default 0: off).
     #[serde(default)]
     pub read_coalesce_us: u64,
+    /// `"initial"`: on the first start (no sink has a checkpoint yet), load
+    /// every table of `tables` into every sink, online, while the stream
+    /// runs (see `[snapshot]`). `"never"` (default): start at the slot's
+    /// position and deliver only changes.
+    #[serde(default)]
+    pub snapshot: SnapshotMode,
+}
+
+/// `source.snapshot`
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    Initial,
+    #[default]
+    Never,
+}
+
+/// `[snapshot]`: how snapshots and backfills read tables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    /// Tables (or key ranges of a large table) read at the same time, each on
+    /// its own connection. Default 2.
+    #[serde(default = "default_snapshot_workers")]
+    pub workers: usize,
+    /// Rows per chunk: one short read between two watermarks. Memory holds at
+    /// most `workers` chunks. Default 10000.
+    #[serde(default = "default_chunk_rows")]
+    pub chunk_rows: usize,
+    /// Seconds between two progress lines in the log. Default 10.
+    #[serde(default = "ten")]
+    pub progress_log_secs: u64,
+    /// Show a progress bar on stderr when it is a terminal. Default true.
+    #[serde(default = "yes")]
+    pub progress_bar: bool,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig {
+            workers: default_snapshot_workers(),
+            chunk_rows: default_chunk_rows(),
+            progress_log_secs: 10,
+            progress_bar: true,
+        }
+    }
+}
+
+fn default_snapshot_workers() -> usize {
+    2
+}
+fn default_chunk_rows() -> usize {
+    10_000
 }
 
 impl std::fmt::Debug for SourceConfig {
@@ -97,6 +153,7 @@ impl std::fmt::Debug for SourceConfig {
             .field("create_slot", &self.create_slot)
             .field("create_publication", &self.create_publication)
             .field("streaming", &self.streaming)
+            .field("snapshot", &self.snapshot)
             .field("status_interval_secs", &self.status_interval_secs)
             .field("recv_buffer_kb", &self.recv_buffer_kb)
             .field("read_coalesce_us", &self.read_coalesce_us)
@@ -407,6 +464,15 @@ impl Config {
         }
         if s.status_interval_secs == 0 {
             return Err(key_err("source.status_interval_secs", "must be at least 1"));
+        }
+        if self.snapshot.workers == 0 || self.snapshot.workers > 64 {
+            return Err(key_err("snapshot.workers", "must be between 1 and 64"));
+        }
+        if self.snapshot.chunk_rows == 0 {
+            return Err(key_err("snapshot.chunk_rows", "must be at least 1"));
+        }
+        if self.snapshot.progress_log_secs == 0 {
+            return Err(key_err("snapshot.progress_log_secs", "must be at least 1"));
         }
         if self.pipeline.memory_limit_mb == 0 {
             return Err(key_err("pipeline.memory_limit_mb", "must be at least 1"));

@@ -29,6 +29,9 @@ pub enum Op {
     Update,
     Delete,
     Truncate,
+    /// A row loaded by a snapshot or backfill (`after` only). It carries the
+    /// row as of its transaction's position in the stream.
+    Read,
 }
 
 impl Op {
@@ -38,6 +41,7 @@ impl Op {
             Op::Update => "update",
             Op::Delete => "delete",
             Op::Truncate => "truncate",
+            Op::Read => "read",
         }
     }
 
@@ -47,6 +51,7 @@ impl Op {
             Op::Update => 1,
             Op::Delete => 2,
             Op::Truncate => 3,
+            Op::Read => 4,
         }
     }
 
@@ -56,6 +61,7 @@ impl Op {
             1 => Op::Update,
             2 => Op::Delete,
             3 => Op::Truncate,
+            4 => Op::Read,
             _ => return None,
         })
     }
@@ -238,7 +244,7 @@ impl Change {
     /// The row that holds the key: the new row for insert and update, the old one for delete.
     pub fn key_row(&self) -> Option<&Row> {
         match self.op {
-            Op::Insert | Op::Update => self.after.as_ref(),
+            Op::Insert | Op::Update | Op::Read => self.after.as_ref(),
             Op::Delete => self.before.as_ref().map(|(_, r)| r),
             Op::Truncate => None,
         }

@@ -13,6 +13,7 @@
 //! - [`pipeline`]: sink tasks, batching, backpressure, acknowledgements.
 //! - [`checkpoint`]: per-sink progress, persisted atomically.
 //! - [`sink`]: the sinks (`jsonl`, `redis`, `elasticsearch`, `null`).
+//! - [`snapshot`]: initial snapshots and backfills (watermarked chunks).
 //! - [`source`]: one replication session, wiring the stages together.
 //! - [`config`]: the TOML configuration.
 //! - [`lsn`]: WAL positions.
@@ -27,5 +28,6 @@ pub mod lsn;
 pub mod pipeline;
 pub mod protocol;
 pub mod sink;
+pub mod snapshot;
 pub mod source;
 pub mod spill;

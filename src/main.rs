@@ -43,6 +43,23 @@ enum Command {
         /// LSN (X/Y). For benchmarks and scripts.
         #[arg(long)]
         until: Option<pgferry::lsn::Lsn>,
+        /// Stop cleanly once the snapshot (initial or backfill) has been
+        /// delivered to every sink. For benchmarks and scripts.
+        #[arg(long)]
+        exit_after_snapshot: bool,
+    },
+    /// Re-load a table (or the rows matching --where) into every sink while
+    /// the stream keeps flowing. The request travels through the WAL, so the
+    /// running pgferry picks it up (or the next one to start).
+    Backfill {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// `schema.table`, one of source.tables.
+        #[arg(long)]
+        table: String,
+        /// SQL condition on the table's columns, e.g. "updated_at > now() - interval '1 day'".
+        #[arg(long = "where")]
+        filter: Option<String>,
     },
     /// Validate the config and the source server; print every check as OK or FAIL.
     Check {
@@ -113,7 +130,32 @@ fn main() -> std::process::ExitCode {
 
 async fn dispatch(cmd: Command) -> anyhow::Result<std::process::ExitCode> {
     match cmd {
-        Command::Run { config, until } => run(&load(&config)?, until).await,
+        Command::Run {
+            config,
+            until,
+            exit_after_snapshot,
+        } => {
+            let opts = source::RunOptions {
+                until,
+                exit_after_snapshot,
+            };
+            run(&load(&config)?, &opts).await
+        }
+        Command::Backfill {
+            config,
+            table,
+            filter,
+        } => {
+            let cfg = load(&config)?;
+            let lsn = pgferry::snapshot::request_backfill(&cfg, &table, filter.as_deref())
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!(
+                "backfill of {table} requested at {lsn}; the pgferry streaming slot {} picks it up from the stream (progress in its log and metrics)",
+                cfg.source.slot
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Check { config } => {
             let cfg = load(&config)?;
             let ok = pgferry::check::run(&cfg, &mut std::io::stdout()).await;
@@ -142,7 +184,7 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 
 async fn run(
     config: &Config,
-    until: Option<pgferry::lsn::Lsn>,
+    opts: &source::RunOptions,
 ) -> anyhow::Result<std::process::ExitCode> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -152,7 +194,7 @@ async fn run(
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let started = std::time::Instant::now();
-        match source::run(config, stop_rx.clone(), until).await {
+        match source::run(config, stop_rx.clone(), opts).await {
             Ok(()) => {
                 tracing::info!("stopped cleanly");
                 return Ok(std::process::ExitCode::SUCCESS);

@@ -32,6 +32,7 @@ use crate::lsn::Lsn;
 use crate::pipeline::{fan_out, Budget, Item, Progress, SinkLink, SinkState, SinkTask};
 use crate::protocol::pgoutput::{self, LogicalMessage};
 use crate::protocol::replication::{self, ReplicationMessage};
+use crate::snapshot::Snapshots;
 
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +205,15 @@ async fn ensure_publication(
     Ok(())
 }
 
+/// How `pgferry run` was asked to end, besides a signal.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// End once every sink has applied everything up to this position.
+    pub until: Option<Lsn>,
+    /// End once the snapshot jobs are durably done.
+    pub exit_after_snapshot: bool,
+}
+
 /// Runs one replication session until `shutdown` turns true (returns Ok) or
 /// an error ends it.
 ///
@@ -212,8 +222,9 @@ async fn ensure_publication(
 pub async fn run(
     config: &Config,
     mut shutdown: watch::Receiver<bool>,
-    until: Option<Lsn>,
+    opts: &RunOptions,
 ) -> Result<(), SourceError> {
+    let until = opts.until;
     let s = &config.source;
     let pg: tokio_postgres::Config = s
         .url
@@ -275,8 +286,10 @@ pub async fn run(
     // Checkpoints and the gap check.
     let store = CheckpointStore::open(&config.checkpoint.dir).map_err(|e| fatal(e.to_string()))?;
     let mut checkpoints = Vec::new();
+    let mut fresh = true;
     for sink in &config.sinks {
         let cp = store.load(sink.name()).map_err(|e| fatal(e.to_string()))?;
+        fresh &= cp.is_none();
         if let Some(cp) = &cp {
             if cp.system_identifier != system.system_id || cp.slot != s.slot {
                 return Err(fatal(format!(
@@ -353,6 +366,7 @@ pub async fn run(
     let mut assembler = Assembler::new(TypeRegistry::builtin(), memory as usize, spill_dir);
     let budget = Budget::new(memory);
 
+    let opts_run = opts;
     let opts = StartOptions {
         slot: s.slot.clone(),
         start,
@@ -371,6 +385,8 @@ pub async fn run(
         sinks = ?config.sinks.iter().map(|c| c.name()).collect::<Vec<_>>(),
         "pgferry streaming"
     );
+    let mut snaps =
+        Snapshots::start(config, &client, progress.clone(), fresh, opts_run.exit_after_snapshot).await?;
     let (mut reader, writer) = repl.start_replication(&opts).await?;
     reader.set_coalesce(Duration::from_micros(s.read_coalesce_us));
     let started = Instant::now();
@@ -394,9 +410,19 @@ pub async fn run(
                 tracing::info!(until = %until.unwrap_or_default(), "every sink reached the --until position");
                 return Ok(());
             }
+            if snaps.exit_now() {
+                tracing::info!("the snapshot is done in every sink (--exit-after-snapshot)");
+                return Ok(());
+            }
             let m = tokio::select! {
                 m = reader.next() => m?,
-                _ = progress.changed.notified(), if until.is_some() => continue,
+                _ = progress.changed.notified(), if until.is_some() || opts_run.exit_after_snapshot => continue,
+                _ = snaps.pickup().notified() => {
+                    for t in snaps.service().await? {
+                        deliver(&budget, &senders, t).await?;
+                    }
+                    continue;
+                }
                 _ = shutdown.changed() => {
                     tracing::info!("shutdown requested: finishing the batches in flight");
                     return Ok(());
@@ -441,9 +467,13 @@ pub async fn run(
                         tracing::info!(at = %wal_start, memory_limit_mb = config.pipeline.memory_limit_mb, "transaction spilled to disk");
                     }
                     if let Some(mut txn) = committed {
-                        budget.admit(&mut txn, &senders).await;
-                        let txn = Arc::new(txn);
-                        fan_out(&senders, Item::Txn(txn)).await.map_err(|g| fatal(format!("sink {:?} stopped", g.0)))?;
+                        let before = snaps
+                            .on_commit(&mut txn, &client, |oid| assembler.relation_info(oid))
+                            .await?;
+                        for t in before {
+                            deliver(&budget, &senders, t).await?;
+                        }
+                        deliver(&budget, &senders, txn).await?;
                     }
                 }
                 ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
@@ -453,12 +483,18 @@ pub async fn run(
                     }
                     // Nothing open: every commit before wal_end was received,
                     // so the sinks may checkpoint it once they are caught up.
+                    if assembler.is_idle() {
+                        for t in snaps.on_idle(wal_end).await? {
+                            deliver(&budget, &senders, t).await?;
+                        }
+                    }
                     if assembler.is_idle()
                         && wal_end > last_idle
                         && (reply_requested || last_idle_at.elapsed() >= Duration::from_secs(1))
                     {
                         last_idle = wal_end;
                         last_idle_at = Instant::now();
+                        snaps.delivered_idle(wal_end);
                         fan_out(&senders, Item::Idle(wal_end)).await.map_err(|g| fatal(format!("sink {:?} stopped", g.0)))?;
                     }
                 }
@@ -469,6 +505,7 @@ pub async fn run(
 
     // Drain: healthy sinks finish what they hold and checkpoint it; a sink
     // that is retrying gives up (it is replayed from its checkpoint).
+    snaps.stop().await;
     drop(senders);
     let _ = sinks_stop_tx.send(true);
     let mut sink_error = None;
@@ -491,6 +528,14 @@ pub async fn run(
         return Err(fatal(e));
     }
     result
+}
+
+/// Hands one committed transaction to every sink, within the memory budget.
+async fn deliver(budget: &Budget, senders: &[SinkLink], mut txn: crate::event::Transaction) -> Result<(), SourceError> {
+    budget.admit(&mut txn, senders).await;
+    fan_out(senders, Item::Txn(Arc::new(txn)))
+        .await
+        .map_err(|g| fatal(format!("sink {:?} stopped", g.0)))
 }
 
 /// Sends standby status updates: on a timer, when the server asks, and when

@@ -283,6 +283,30 @@ impl ReplicationConn {
             })
     }
 
+    /// Creates a temporary slot that exports its snapshot: the snapshot
+    /// stays importable (`SET TRANSACTION SNAPSHOT`) while this connection
+    /// stays open and idle, and the slot goes away with the connection.
+    /// Returns the consistent point and the snapshot's name.
+    pub async fn create_exported_slot(&mut self, slot: &str) -> Result<(Lsn, String), ConnError> {
+        let rows = self
+            .query(&format!(
+                "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",
+                quote_ident(slot)
+            ))
+            .await?;
+        let row = rows.first();
+        let point = row
+            .and_then(|r| r.get(1).cloned().flatten())
+            .and_then(|l| l.parse().ok());
+        let name = row.and_then(|r| r.get(2).cloned().flatten());
+        match (point, name) {
+            (Some(p), Some(n)) => Ok((p, n)),
+            _ => Err(ConnError::Protocol(
+                "CREATE_REPLICATION_SLOT returned no consistent point or snapshot name".into(),
+            )),
+        }
+    }
+
     /// Sends START_REPLICATION and waits for CopyBothResponse. Returns the
     /// two halves of the socket, now in CopyBoth mode.
     pub async fn start_replication(

@@ -105,6 +105,11 @@ impl Assembler {
         self.current.is_none() && self.streams.is_empty()
     }
 
+    /// The current relation of `oid`, as the last Relation message described it.
+    pub fn relation_info(&self, oid: u32) -> Option<Arc<RelationInfo>> {
+        self.relations.get(&oid).cloned()
+    }
+
     /// Bytes of rendered changes held in memory by open transactions.
     pub fn mem_used(&self) -> usize {
         self.mem_used

@@ -15,16 +15,22 @@
 //! - **Document**: the row as `to_jsonb(row)` gives it, limited to the
 //!   table's `columns` / `exclude_columns`.
 //! - **Versions**: every write is an `index` or `delete` with
-//!   `version_type=external` and `version` = the LSN of the change. The
-//!   cluster keeps the highest version, so a replay (after a crash, a retry
-//!   or a lost checkpoint) never puts older data over newer; the 409 it
-//!   answers for an older or equal version counts as success.
+//!   `version_type=external_gte` and `version` = the commit LSN of the
+//!   change's transaction. Commit LSNs follow the stream's order, which is
+//!   the order the sinks apply, so a snapshot's read events (which carry the
+//!   commit LSN of their high watermark) sort correctly against changes: a
+//!   change's own record LSN would not, since a transaction that commits
+//!   after a watermark can have written its rows before it. `_gte` lets the
+//!   later changes of one transaction to the same document land after the
+//!   earlier ones (they share the version), and makes the replay of a whole
+//!   transaction a re-write of the same values. The cluster refuses a lower
+//!   version with a 409, which counts as success: the index holds newer data.
 //! - **Key change**: `delete` of the old id, `index` of the new one.
 //! - **Unchanged TOAST columns** (an update that did not send a large value):
 //!   the sink reads the current document (`_mget`, real time), puts the sent
-//!   columns over it and indexes the whole document with the change's LSN as
-//!   its version; when the document is already at that version or newer, the
-//!   change is skipped. Not a partial `update`: the cluster refuses versions
+//!   columns over it and indexes the whole document with the change's
+//!   version; when the document is already at a newer version, the change is
+//!   skipped. Not a partial `update`: the cluster refuses versions
 //!   on bulk updates, and an unversioned update replayed over a newer
 //!   document would both overwrite newer values and raise the document's
 //!   version so that the newer write, replayed next, is refused as a
@@ -37,7 +43,7 @@
 //!   the reindex module lacks it), and dropping the index would lose its
 //!   mapping, settings and aliases and leave searches failing meanwhile. The
 //!   sink refreshes the index, scrolls over every id and deletes each with the
-//!   truncate's LSN as external version, so rows written after the truncate
+//!   truncate's commit LSN as external version, so rows written after the truncate
 //!   (newer versions) stay even during a replay. An index shared by several
 //!   tables cannot be truncated this way: that truncate is rejected
 //!   (`on_error`).

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use super::client::{describe_error, Client, ItemResult};
+use super::client::{describe_error, Client, Fetched, ItemResult};
 use super::config::{render_index, ElasticsearchConfig, OnError};
 use crate::event::{
     BeforeKind, Cell, Change, Changes, Op, RelationInfo, Row, Transaction, TxnMeta,
@@ -65,7 +65,7 @@ impl Action {
     }
 }
 
-/// One document operation, versioned with the LSN of its change.
+/// One document operation, versioned with the commit LSN of its transaction.
 struct Pending {
     index: Arc<str>,
     id: String,
@@ -314,7 +314,7 @@ impl ElasticsearchSink {
         let mut ev = Vec::new();
         c.write_json(meta, &mut ev);
         let event: Arc<[u8]> = ev.into();
-        let version = c.lsn.0;
+        let version = meta.commit_lsn.0;
         let pending = |id: String, action: Action| Pending {
             index: plan.index.clone(),
             id,
@@ -525,41 +525,69 @@ impl ElasticsearchSink {
         if wanted.is_empty() {
             return Ok(());
         }
-        let keys: Vec<(&str, &str)> = wanted
-            .iter()
-            .map(|&i| match &ops[i].action {
-                Action::Merge { base_id, .. } => (&*ops[i].index, base_id.as_str()),
-                _ => unreachable!(),
-            })
+        // The base document, and for a key change also the target: a key
+        // change replayed after its old document was deleted (by the same
+        // transaction) must not write the bare overlay over a target that
+        // already holds this version.
+        let mut keys: Vec<(String, String)> = Vec::new();
+        let mut slots: Vec<(usize, Option<usize>)> = Vec::new();
+        for &i in &wanted {
+            let Action::Merge { base_id, .. } = &ops[i].action else {
+                unreachable!()
+            };
+            let base = keys.len();
+            keys.push((ops[i].index.to_string(), base_id.clone()));
+            let target = (*base_id != ops[i].id).then(|| {
+                keys.push((ops[i].index.to_string(), ops[i].id.clone()));
+                keys.len() - 1
+            });
+            slots.push((base, target));
+        }
+        let refs: Vec<(&str, &str)> = keys.iter().map(|(i, d)| (&**i, &**d)).collect();
+        let mut fetched: Vec<Option<Fetched>> = self
+            .client
+            .mget(&refs)
+            .await?
+            .into_iter()
+            .map(Some)
             .collect();
-        let fetched = self.client.mget(&keys).await?;
-        for (&i, f) in wanted.iter().zip(fetched) {
+        for (&i, &(base, target)) in wanted.iter().zip(&slots) {
             let op = &mut ops[i];
             let Action::Merge { overlay, .. } = std::mem::replace(&mut op.action, Action::Skip)
             else {
                 unreachable!()
             };
-            if let Some(e) = &f.error {
-                let t = e.get("type").and_then(Value::as_str).unwrap_or("");
-                if t != "index_not_found_exception" {
-                    return Err(SinkError::Transient(format!(
-                        "reading document {:?} of index {:?}: {}",
-                        op.id,
-                        op.index,
-                        describe_error(e)
-                    )));
+            let Some(f) = fetched[base].take() else {
+                unreachable!()
+            };
+            let t = target.and_then(|t| fetched[t].take());
+            for doc in std::iter::once(&f).chain(t.as_ref()) {
+                if let Some(e) = &doc.error {
+                    let ty = e.get("type").and_then(Value::as_str).unwrap_or("");
+                    if ty != "index_not_found_exception" {
+                        return Err(SinkError::Transient(format!(
+                            "reading document {:?} of index {:?}: {}",
+                            op.id,
+                            op.index,
+                            describe_error(e)
+                        )));
+                    }
                 }
             }
-            op.action = if f.found {
-                if f.version.unwrap_or(0) >= op.version {
-                    self.stats.older += 1;
-                    Action::Skip
-                } else {
-                    self.stats.completed_by_read += 1;
-                    let mut doc = f.source.unwrap_or_default();
-                    doc.extend(overlay);
-                    Action::Index(serde_json::to_vec(&doc).unwrap_or_default())
-                }
+            // Equal versions come from one transaction: for the same
+            // document that is an earlier change of it (merge over it); for
+            // a key change's target it means the change was already applied.
+            let replayed = f.found && f.version.unwrap_or(0) > op.version
+                || t.as_ref()
+                    .is_some_and(|t| t.found && t.version.unwrap_or(0) >= op.version);
+            op.action = if replayed {
+                self.stats.older += 1;
+                Action::Skip
+            } else if f.found {
+                self.stats.completed_by_read += 1;
+                let mut doc = f.source.unwrap_or_default();
+                doc.extend(overlay);
+                Action::Index(serde_json::to_vec(&doc).unwrap_or_default())
             } else {
                 missing_base(&self.name, &op.index, &op.id);
                 Action::Index(serde_json::to_vec(&overlay).unwrap_or_default())
@@ -690,7 +718,7 @@ impl ElasticsearchSink {
     }
 
     /// TRUNCATE: deletes every document of the table's index, each with the
-    /// truncate's LSN as its external version (see the module docs).
+    /// truncate's commit LSN as its external version (see the module docs).
     async fn truncate(&mut self, c: &Change, meta: &TxnMeta) -> Result<(), SinkError> {
         let route = &self.routes[&c.rel.qualified];
         let index = route.index.clone();
@@ -732,7 +760,7 @@ impl ElasticsearchSink {
                 .map(|id| Pending {
                     index: index.clone(),
                     id,
-                    version: c.lsn.0,
+                    version: meta.commit_lsn.0,
                     action: Action::Delete,
                     event: event.clone(),
                 })
@@ -966,7 +994,7 @@ fn write_bulk_op(p: &Pending, out: &mut Vec<u8>) {
     crate::decode::value::write_json_string(p.id.as_bytes(), out);
     out.extend_from_slice(b",\"version\":");
     out.extend_from_slice(itoa::Buffer::new().format(p.version).as_bytes());
-    out.extend_from_slice(b",\"version_type\":\"external\"}}\n");
+    out.extend_from_slice(b",\"version_type\":\"external_gte\"}}\n");
     if let Some(s) = source {
         out.extend_from_slice(s);
         out.push(b'\n');
@@ -1056,8 +1084,8 @@ mod tests {
         write_bulk_op(&pending("d", 44, Action::Skip), &mut out);
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "{\"index\":{\"_index\":\"i\",\"_id\":\"a\\\"b\",\"version\":42,\"version_type\":\"external\"}}\n{\"x\":1}\n\
-             {\"delete\":{\"_index\":\"i\",\"_id\":\"c\",\"version\":43,\"version_type\":\"external\"}}\n"
+            "{\"index\":{\"_index\":\"i\",\"_id\":\"a\\\"b\",\"version\":42,\"version_type\":\"external_gte\"}}\n{\"x\":1}\n\
+             {\"delete\":{\"_index\":\"i\",\"_id\":\"c\",\"version\":43,\"version_type\":\"external_gte\"}}\n"
         );
     }
 

@@ -203,6 +203,10 @@ impl Builder {
         let Some(rule) = self.rules.tables.get(&c.rel.qualified).cloned() else {
             return Ok(());
         };
+        if c.op == Op::Read && rule.mode == Mode::Invalidate {
+            // A loaded row changes nothing: there is nothing to invalidate.
+            return Ok(());
+        }
         self.changes += 1;
         if c.op == Op::Truncate {
             match rule.mode {

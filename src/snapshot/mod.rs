@@ -1,0 +1,871 @@
+//! Snapshots and backfills: loading the rows that already exist, online,
+//! while the change stream keeps flowing.
+//!
+//! ```text
+//!  worker (own SQL connection)                     stream (source's main loop)
+//!  ─────────────────────────────                   ──────────────────────────────
+//!  register chunk c ───────────────────────────▶   registry
+//!  emit low watermark  (pg_logical_emit_message) ─▶  … L(c) commits → Merger waits for c's rows
+//!  REPEATABLE READ: txid snapshot + COPY chunk
+//!  send rows ──────────────────────────────────▶   Window(c) opens: every change committed
+//!  emit high watermark ────────────────────────▶     from here to H(c) is replayed onto it
+//!                                                   H(c) commits → the window's rows become
+//!  ◀─────────────────────────── done(H end) ────     `read` events of H's transaction
+//!  next chunk (keyset: key > last key)
+//! ```
+//!
+//! The design is DBLog's (low and high watermarks in the WAL, chunked
+//! keyset reads, no long transaction) with two changes, both in
+//! [`merge`]:
+//! - rows the window touched are not dropped but *rebased*: the window's
+//!   changes are replayed onto them, so a read event is always a whole row
+//!   as of the high watermark, even when the change in the window left a
+//!   TOASTed column unsent;
+//! - the read's snapshot (`txid_current_snapshot()` in the same
+//!   REPEATABLE READ transaction as the COPY) is checked against the
+//!   transactions committed before the low watermark: a transaction whose
+//!   commit record precedes the watermark but which was still finishing
+//!   when the read started would be invisible to the read, yet before the
+//!   window; the chunk is then read again instead of being trusted.
+//!
+//! Read events carry the high watermark's commit LSN: stream order, which
+//! is the order the sinks apply in (the search sink's versions are commit
+//! LSNs for that reason).
+//!
+//! Durability: a chunk counts as done (and its range moves past it in
+//! `snapshot.json`, see [`state`]) only once every sink has checkpointed
+//! its high watermark. A killed pgferry re-reads only the chunks in flight.
+//!
+//! Tables without a primary key or replica identity index cannot be read in
+//! key order. They are copied whole inside the exported snapshot of a
+//! temporary replication slot (`CREATE_REPLICATION_SLOT … TEMPORARY …
+//! EXPORT_SNAPSHOT`), whose consistent point P is exactly where the copy
+//! belongs in the stream: transactions that commit before P are in it,
+//! the others are not. The stream pauses while the slot is created (so it
+//! cannot pass P unseen), delivers what commits before P, then waits for
+//! the copy (spilled to disk, so memory stays bounded) and delivers it as
+//! one transaction at P. The price, documented for users: one transaction
+//! as long as the copy (it holds back vacuum), the stream stalls for the
+//! copy, the copy restarts from zero after a crash, and the spill needs the
+//! table's size in disk.
+//!
+//! Backfills are requested through the stream itself: `pgferry backfill`
+//! (or any SQL client) emits a transactional logical message with prefix
+//! [`BACKFILL_PREFIX`]. The request is persisted before its transaction can
+//! be checkpointed, so it survives a crash, and runs like the initial
+//! snapshot.
+
+pub mod copy;
+pub mod merge;
+pub mod state;
+pub mod table;
+mod worker;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use tokio::sync::{oneshot, Notify};
+
+use crate::config::{Config, SnapshotMode};
+use crate::event::{Changes, RelationInfo, Transaction, TxnMeta};
+use crate::lsn::Lsn;
+use crate::pipeline::Progress;
+use crate::source::SourceError;
+use crate::spill::SpillReader;
+use copy::CopyRow;
+use merge::Window;
+use state::{Job, Method, Range, State, StateFile};
+use table::TableInfo;
+
+/// Prefix of the watermark messages pgferry writes.
+pub const WATERMARK_PREFIX: &str = "pgferry.snapshot";
+/// Prefix of a backfill request: content `{"table": "schema.table", "where": "…"}`
+/// (`where` and `slot` optional).
+pub const BACKFILL_PREFIX: &str = "pgferry.backfill";
+
+/// How many recently committed xids are remembered for the read-snapshot check.
+const RECENT_XIDS: usize = 65_536;
+
+/// A chunk read by a worker, handed to the stream side.
+pub(crate) struct ChunkData {
+    info: Arc<TableInfo>,
+    rows: Vec<CopyRow>,
+    /// In-progress transactions of the read's snapshot.
+    xip: Vec<u32>,
+}
+
+/// Why the stream side did not take a chunk.
+#[derive(Debug)]
+pub(crate) enum Refused {
+    /// The read may have missed a transaction committed before the low watermark.
+    Race,
+    /// The exported snapshot's point was already passed.
+    Passed,
+}
+
+pub(crate) enum Registered {
+    Chunk {
+        rows: oneshot::Receiver<ChunkData>,
+        done: oneshot::Sender<Result<Lsn, Refused>>,
+    },
+    Copy {
+        /// Tells the worker the stream is paused; it may create the slot.
+        paused: oneshot::Sender<()>,
+        /// The consistent point of the temporary slot.
+        point: oneshot::Receiver<Lsn>,
+        data: oneshot::Receiver<(SpillReader, u64)>,
+        done: oneshot::Sender<Result<Lsn, Refused>>,
+    },
+}
+
+/// A chunk delivered but not yet durable everywhere.
+#[derive(Debug)]
+pub(crate) struct Completion {
+    end: Lsn,
+    job: u64,
+    range: usize,
+    after: Option<Vec<String>>,
+    rows: u64,
+    range_done: bool,
+}
+
+/// Rows read this session, per job (for rates and the progress bar).
+#[derive(Debug, Default, Clone)]
+struct Live {
+    rows_read: u64,
+    since: Option<Instant>,
+}
+
+/// State shared by the workers, the stream side and the coordinator.
+pub(crate) struct Shared {
+    config: crate::config::SnapshotConfig,
+    tables: Vec<String>,
+    slot: String,
+    sql_url: String,
+    spill_dir: std::path::PathBuf,
+    file: StateFile,
+    state: Mutex<State>,
+    registry: Mutex<HashMap<String, Registered>>,
+    /// (job, range) units a worker holds.
+    taken: Mutex<HashSet<(u64, usize)>>,
+    infos: Mutex<HashMap<u64, Arc<TableInfo>>>,
+    completions: Mutex<Vec<Completion>>,
+    live: Mutex<HashMap<u64, Live>>,
+    /// New work or a shutdown.
+    work: Notify,
+    /// A registration the stream side must pick up now (exported-snapshot copy).
+    pickup: Notify,
+    stopping: AtomicBool,
+    run_id: String,
+    next_chunk: std::sync::atomic::AtomicU64,
+}
+
+impl Shared {
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, s: &State) -> Result<(), String> {
+        self.file.save(s)
+    }
+
+    /// A range of an unfinished job that no worker holds.
+    fn take_unit(&self) -> Option<(Job, usize)> {
+        let s = self.lock_state();
+        let mut taken = self.taken.lock().unwrap_or_else(|p| p.into_inner());
+        for j in &s.jobs {
+            for (i, r) in j.ranges.iter().enumerate() {
+                if !r.done && !taken.contains(&(j.id, i)) {
+                    taken.insert((j.id, i));
+                    return Some((j.clone(), i));
+                }
+            }
+        }
+        None
+    }
+
+    fn release(&self, job: u64, range: usize) {
+        self.taken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(job, range));
+    }
+
+    fn chunk_id(&self) -> String {
+        let n = self.next_chunk.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.run_id)
+    }
+
+    fn count_read(&self, job: u64, rows: u64) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let l = live.entry(job).or_default();
+        l.since.get_or_insert_with(Instant::now);
+        l.rows_read += rows;
+    }
+}
+
+/// The snapshot machinery of one replication session.
+pub struct Snapshots {
+    shared: Arc<Shared>,
+    merger: Merger,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    exit_when_done: bool,
+}
+
+impl Snapshots {
+    /// Loads `snapshot.json`, plans the initial snapshot when this is the
+    /// first start (`fresh`: no sink has a checkpoint) and `source.snapshot`
+    /// asks for it, and starts the workers and the coordinator.
+    pub async fn start(
+        config: &Config,
+        client: &tokio_postgres::Client,
+        progress: Arc<Progress>,
+        fresh: bool,
+        exit_when_done: bool,
+    ) -> Result<Snapshots, SourceError> {
+        let file = StateFile::new(&config.checkpoint.dir);
+        let mut st = file.load().map_err(SourceError::Fatal)?;
+        let resumed = st.active();
+        let shared = Arc::new(Shared {
+            config: config.snapshot.clone(),
+            tables: config.source.tables.clone(),
+            slot: config.source.slot.clone(),
+            sql_url: config.source.url.clone(),
+            spill_dir: config.spill_dir(),
+            file,
+            state: Mutex::new(State::default()),
+            registry: Mutex::new(HashMap::new()),
+            taken: Mutex::new(HashSet::new()),
+            infos: Mutex::new(HashMap::new()),
+            completions: Mutex::new(Vec::new()),
+            live: Mutex::new(HashMap::new()),
+            work: Notify::new(),
+            pickup: Notify::new(),
+            stopping: AtomicBool::new(false),
+            run_id: format!("{:08x}", rand::random::<u32>()),
+            next_chunk: std::sync::atomic::AtomicU64::new(0),
+        });
+        if config.source.snapshot == SnapshotMode::Initial && fresh && !st.initial_planned {
+            for t in &config.source.tables {
+                let job = plan_job(&shared, client, &mut st, t, None, "initial").await?;
+                st.jobs.push(job);
+            }
+            st.initial_planned = true;
+            file_save(&shared, &st)?;
+            tracing::info!(tables = config.source.tables.len(), "initial snapshot planned");
+        } else if config.source.snapshot == SnapshotMode::Initial && !st.initial_planned {
+            tracing::info!("source.snapshot = \"initial\", but the sinks already have checkpoints: no initial snapshot (use pgferry backfill to re-load a table)");
+        }
+        if resumed {
+            let pending: Vec<String> = st
+                .jobs
+                .iter()
+                .map(|j| format!("{} ({} rows done)", j.table, j.rows_done))
+                .collect();
+            tracing::info!(jobs = ?pending, "resuming snapshot jobs");
+        }
+        *shared.lock_state() = st;
+        let mut tasks = Vec::new();
+        for n in 0..config.snapshot.workers {
+            tasks.push(tokio::spawn(worker::run(shared.clone(), n)));
+        }
+        tasks.push(tokio::spawn(coordinate(shared.clone(), progress)));
+        Ok(Snapshots {
+            merger: Merger {
+                shared: shared.clone(),
+                open: Vec::new(),
+                copies: Vec::new(),
+                recent: VecDeque::new(),
+                recent_set: HashMap::new(),
+                delivered: Lsn::ZERO,
+            },
+            shared,
+            tasks,
+            exit_when_done,
+        })
+    }
+
+    /// Every planned job is durably done (and `--exit-after-snapshot` was asked).
+    pub fn exit_now(&self) -> bool {
+        self.exit_when_done && !self.shared.lock_state().active()
+    }
+
+    /// Woken when a worker needs the stream side to act between transactions.
+    pub fn pickup(&self) -> &Notify {
+        &self.shared.pickup
+    }
+
+    /// Handles a committed transaction before it goes to the sinks: replays
+    /// it onto open windows, acts on watermarks and backfill requests, and
+    /// returns the transactions to deliver *before* it (an exported-snapshot
+    /// copy whose point it crosses). `relation` looks up the stream's
+    /// current relation by OID.
+    pub async fn on_commit(
+        &mut self,
+        txn: &mut Transaction,
+        client: &tokio_postgres::Client,
+        relation: impl Fn(u32) -> Option<Arc<RelationInfo>>,
+    ) -> Result<Vec<Transaction>, SourceError> {
+        let before = self.merger.cross(Some(txn.meta.commit_lsn), None).await?;
+        self.merger.replay(txn)?;
+        let requests = self.merger.watermarks(txn, &relation).await?;
+        for r in requests {
+            self.backfill_request(client, r).await?;
+        }
+        self.merger.remember(txn.meta.xid);
+        self.merger.delivered = self.merger.delivered.max(txn.meta.end_lsn);
+        Ok(before)
+    }
+
+    /// A keepalive with nothing open: every commit before `wal_end` was seen.
+    pub async fn on_idle(&mut self, wal_end: Lsn) -> Result<Vec<Transaction>, SourceError> {
+        let out = self.merger.cross(None, Some(wal_end)).await?;
+        Ok(out)
+    }
+
+    /// Idle positions handed to the sinks (a copy's point must stay ahead of them).
+    pub fn delivered_idle(&mut self, wal_end: Lsn) {
+        self.merger.delivered = self.merger.delivered.max(wal_end);
+    }
+
+    /// Picks up registrations (called when [`Self::pickup`] fires).
+    pub async fn service(&mut self) -> Result<Vec<Transaction>, SourceError> {
+        self.merger.cross(None, None).await
+    }
+
+    async fn backfill_request(
+        &mut self,
+        client: &tokio_postgres::Client,
+        r: (Lsn, Request),
+    ) -> Result<(), SourceError> {
+        let (lsn, req) = r;
+        let mut st = self.shared.lock_state().clone();
+        if lsn <= st.last_request() {
+            return Ok(());
+        }
+        st.last_request_lsn = Some(lsn.to_string());
+        if !self.shared.tables.contains(&req.table) {
+            tracing::warn!(table = %req.table, at = %lsn, "backfill request for a table that is not in source.tables: ignored");
+        } else {
+            match plan_job(
+                &self.shared,
+                client,
+                &mut st,
+                &req.table,
+                req.filter.clone(),
+                "backfill",
+            )
+            .await
+            {
+                Ok(job) => {
+                    tracing::info!(table = %req.table, filter = ?req.filter, at = %lsn, rows_estimate = job.rows_estimate, "backfill requested");
+                    st.jobs.push(job);
+                }
+                Err(e) => {
+                    tracing::warn!(table = %req.table, error = %e, "backfill request could not be planned: ignored");
+                }
+            }
+        }
+        file_save(&self.shared, &st)?;
+        *self.shared.lock_state() = st;
+        self.shared.work.notify_waiters();
+        Ok(())
+    }
+
+    /// Ends the session's workers; unfinished chunks are read again next time.
+    pub async fn stop(self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        self.shared.work.notify_waiters();
+        for t in &self.tasks {
+            t.abort();
+        }
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+fn file_save(shared: &Shared, st: &State) -> Result<(), SourceError> {
+    shared
+        .save(st)
+        .map_err(|e| SourceError::Fatal(format!("{e}; check that checkpoint.dir is writable")))
+}
+
+/// A backfill request read from the stream.
+#[derive(Debug, Clone, Deserialize)]
+pub(crate) struct Request {
+    table: String,
+    #[serde(default, rename = "where")]
+    filter: Option<String>,
+    #[serde(default)]
+    slot: Option<String>,
+}
+
+/// Describes the table and cuts it into ranges.
+async fn plan_job(
+    shared: &Shared,
+    client: &tokio_postgres::Client,
+    st: &mut State,
+    qualified: &str,
+    filter: Option<String>,
+    kind: &str,
+) -> Result<Job, SourceError> {
+    let Some((schema, table)) = crate::config::split_table(qualified) else {
+        return Err(SourceError::Fatal(format!("{qualified:?} is not schema.table")));
+    };
+    let info = table::describe(client, &schema, &table)
+        .await?
+        .ok_or_else(|| {
+            SourceError::Fatal(format!(
+                "table {qualified} does not exist; remove it from source.tables or create it"
+            ))
+        })?;
+    let method = if info.key_cols.is_empty() {
+        tracing::info!(table = qualified, "no primary key or replica identity index: the table will be copied in an exported snapshot");
+        Method::Copy
+    } else {
+        Method::Keyset
+    };
+    let chunk = shared.config.chunk_rows as u64;
+    let parts = if method == Method::Keyset && info.rows_estimate > chunk * 4 {
+        ((info.rows_estimate / (chunk * 2)) as usize)
+            .min(shared.config.workers * 2)
+            .clamp(1, 32)
+    } else {
+        1
+    };
+    let points = if parts > 1 && filter.is_none() {
+        table::split_points(client, &info, parts).await?
+    } else {
+        Vec::new()
+    };
+    let mut ranges = Vec::new();
+    let mut lower: Option<Vec<String>> = None;
+    for p in points.iter().cloned().map(Some).chain(std::iter::once(None)) {
+        ranges.push(Range {
+            after: lower.clone(),
+            upper: p.clone(),
+            done: false,
+            chunks_done: 0,
+        });
+        lower = p;
+    }
+    st.next_job += 1;
+    let job = Job {
+        id: st.next_job,
+        table: qualified.to_string(),
+        filter,
+        kind: kind.to_string(),
+        method,
+        rows_estimate: info.rows_estimate,
+        rows_done: 0,
+        planned_at: state::unix_now(),
+        ranges,
+    };
+    shared
+        .infos
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(job.id, Arc::new(info));
+    Ok(job)
+}
+
+/// An exported-snapshot copy waiting for the stream to reach its point.
+struct PendingCopy {
+    point: Lsn,
+    data: oneshot::Receiver<(SpillReader, u64)>,
+    done: oneshot::Sender<Result<Lsn, Refused>>,
+}
+
+struct OpenWindow {
+    window: Window,
+    done: oneshot::Sender<Result<Lsn, Refused>>,
+}
+
+/// The stream side.
+struct Merger {
+    shared: Arc<Shared>,
+    open: Vec<OpenWindow>,
+    copies: Vec<PendingCopy>,
+    recent: VecDeque<u32>,
+    recent_set: HashMap<u32, u32>,
+    /// Highest end position handed to the sinks.
+    delivered: Lsn,
+}
+
+impl Merger {
+    fn remember(&mut self, xid: u32) {
+        self.recent.push_back(xid);
+        *self.recent_set.entry(xid).or_default() += 1;
+        if self.recent.len() > RECENT_XIDS {
+            if let Some(old) = self.recent.pop_front() {
+                if let Some(n) = self.recent_set.get_mut(&old) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.recent_set.remove(&old);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Picks up copy registrations, and delivers the copies whose point the
+    /// stream reaches: the next commit at `commit`, or an idle `wal_end`.
+    async fn cross(
+        &mut self,
+        commit: Option<Lsn>,
+        idle: Option<Lsn>,
+    ) -> Result<Vec<Transaction>, SourceError> {
+        let regs: Vec<(String, Registered)> = {
+            let mut reg = self.shared.registry.lock().unwrap_or_else(|p| p.into_inner());
+            let ids: Vec<String> = reg
+                .iter()
+                .filter(|(_, r)| matches!(r, Registered::Copy { .. }))
+                .map(|(k, _)| k.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|k| reg.remove(&k).map(|r| (k, r)))
+                .collect()
+        };
+        for (_, r) in regs {
+            let Registered::Copy {
+                paused,
+                point,
+                data,
+                done,
+            } = r
+            else {
+                continue;
+            };
+            // Nothing is delivered while the worker creates its slot, so
+            // the slot's point cannot be passed unseen.
+            if paused.send(()).is_err() {
+                continue;
+            }
+            let Ok(p) = point.await else { continue };
+            if self.delivered >= p {
+                let _ = done.send(Err(Refused::Passed));
+                continue;
+            }
+            self.copies.push(PendingCopy {
+                point: p,
+                data,
+                done,
+            });
+        }
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.copies.len() {
+            let p = self.copies[i].point;
+            let reached = commit.is_some_and(|c| c >= p) || idle.is_some_and(|w| w >= p);
+            if !reached {
+                i += 1;
+                continue;
+            }
+            let c = self.copies.remove(i);
+            let Ok((reader, rows)) = c.data.await else {
+                // The worker failed; it will try again with a new slot.
+                continue;
+            };
+            tracing::info!(at = %p, rows, "exported-snapshot copy delivered");
+            out.push(Transaction {
+                meta: TxnMeta {
+                    xid: 0,
+                    commit_lsn: p,
+                    end_lsn: p,
+                    commit_time: crate::source::pg_now(),
+                },
+                changes: Changes::Spilled {
+                    reader,
+                    tail: Vec::new(),
+                },
+                messages: Vec::new(),
+                aborted_subxids: Vec::new(),
+                mem_bytes: 0,
+                _budget: None,
+            });
+            self.delivered = self.delivered.max(p);
+            let _ = c.done.send(Ok(p));
+        }
+        Ok(out)
+    }
+
+    /// Replays the transaction's changes onto the open windows.
+    fn replay(&mut self, txn: &Transaction) -> Result<(), SourceError> {
+        if self.open.is_empty() || txn.is_empty() {
+            return Ok(());
+        }
+        let open = &mut self.open;
+        txn.for_each_change(|c| {
+            for w in open.iter_mut() {
+                w.window.apply(c);
+            }
+            Ok(())
+        })
+        .map_err(|e| SourceError::Fatal(format!("reading a spilled transaction: {e}")))
+    }
+
+    /// Acts on the watermarks in the transaction; returns backfill requests.
+    async fn watermarks(
+        &mut self,
+        txn: &mut Transaction,
+        relation: &impl Fn(u32) -> Option<Arc<RelationInfo>>,
+    ) -> Result<Vec<(Lsn, Request)>, SourceError> {
+        let mut requests = Vec::new();
+        if txn.messages.is_empty() {
+            return Ok(requests);
+        }
+        let messages = std::mem::take(&mut txn.messages);
+        for m in &messages {
+            if m.prefix == BACKFILL_PREFIX {
+                match serde_json::from_slice::<Request>(&m.content) {
+                    Ok(r) if r.slot.as_ref().is_none_or(|s| *s == self.shared.slot) => {
+                        requests.push((m.lsn, r))
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(at = %m.lsn, error = %e, "malformed backfill request ignored; the content must be JSON like {{\"table\": \"public.products\", \"where\": \"id < 100\"}}"),
+                }
+                continue;
+            }
+            if m.prefix != WATERMARK_PREFIX {
+                continue;
+            }
+            let Ok(mark) = serde_json::from_slice::<Mark>(&m.content) else {
+                continue;
+            };
+            match mark.mark.as_str() {
+                "low" => {
+                    let reg = self
+                        .shared
+                        .registry
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&mark.id);
+                    let Some(Registered::Chunk { rows, done }) = reg else {
+                        // Another session's or process's watermark.
+                        continue;
+                    };
+                    let Ok(data) = rows.await else { continue };
+                    let raced = data
+                        .xip
+                        .iter()
+                        .find(|x| self.recent_set.contains_key(x))
+                        .copied();
+                    if let Some(x) = raced {
+                        tracing::debug!(chunk = %mark.id, xid = x, "a transaction committed before the low watermark was invisible to the read: reading the chunk again");
+                        let _ = done.send(Err(Refused::Race));
+                        continue;
+                    }
+                    let window = Window::new(
+                        mark.id.clone(),
+                        data.info.rel.clone(),
+                        &data.info.key_cols,
+                        data.rows,
+                    );
+                    self.open.push(OpenWindow { window, done });
+                }
+                "high" => {
+                    let Some(i) = self.open.iter().position(|w| w.window.id == mark.id) else {
+                        continue;
+                    };
+                    let w = self.open.remove(i);
+                    let chunk_rel = w.window.rel.clone();
+                    // The stream's own relation when it matches, so sinks
+                    // see one relation per table.
+                    let rel = relation(chunk_rel.oid)
+                        .filter(|r| same_columns(r, &chunk_rel))
+                        .unwrap_or(chunk_rel);
+                    let changes = w
+                        .window
+                        .into_changes(rel, txn.meta.commit_lsn, txn.meta.xid);
+                    let bytes: usize = changes.iter().map(|c| c.mem_size()).sum();
+                    match &mut txn.changes {
+                        Changes::Memory(v) => v.extend(changes),
+                        Changes::Spilled { tail, .. } => tail.extend(changes),
+                    }
+                    txn.mem_bytes += bytes;
+                    let _ = w.done.send(Ok(txn.meta.end_lsn));
+                }
+                _ => {}
+            }
+        }
+        txn.messages = messages;
+        Ok(requests)
+    }
+}
+
+fn same_columns(a: &RelationInfo, b: &RelationInfo) -> bool {
+    a.columns.len() == b.columns.len()
+        && a
+            .columns
+            .iter()
+            .zip(&b.columns)
+            .all(|(x, y)| x.name == y.name && x.type_oid == y.type_oid && x.is_key == y.is_key)
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+struct Mark {
+    id: String,
+    mark: String,
+}
+
+/// Moves durable chunks into `snapshot.json`, logs progress, draws the bar.
+async fn coordinate(shared: Arc<Shared>, progress: Arc<Progress>) {
+    let log_every = Duration::from_secs(shared.config.progress_log_secs);
+    let bar = shared.config.progress_bar && std::io::stderr().is_terminal();
+    let mut last_log = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(if bar { 250 } else { 200 }));
+    loop {
+        tick.tick().await;
+        let confirmed = progress.confirmed();
+        let ready: Vec<Completion> = {
+            let mut c = shared.completions.lock().unwrap_or_else(|p| p.into_inner());
+            let (ready, rest): (Vec<_>, Vec<_>) = c.drain(..).partition(|x| x.end <= confirmed);
+            *c = rest;
+            ready
+        };
+        if !ready.is_empty() {
+            let mut st = shared.lock_state().clone();
+            for c in &ready {
+                let Some(j) = st.jobs.iter_mut().find(|j| j.id == c.job) else {
+                    continue;
+                };
+                j.rows_done += c.rows;
+                if let Some(r) = j.ranges.get_mut(c.range) {
+                    if c.after.is_some() {
+                        r.after = c.after.clone();
+                    }
+                    r.chunks_done += 1;
+                    r.done |= c.range_done;
+                }
+            }
+            let (done, open): (Vec<Job>, Vec<Job>) =
+                st.jobs.drain(..).partition(|j| j.is_done());
+            st.jobs = open;
+            for j in done {
+                let secs = state::unix_now().saturating_sub(j.planned_at);
+                tracing::info!(table = %j.table, kind = %j.kind, rows = j.rows_done, seconds = secs, "snapshot of table finished");
+                st.finished.push(state::Finished {
+                    table: j.table.clone(),
+                    kind: j.kind.clone(),
+                    rows: j.rows_done,
+                    seconds: secs,
+                });
+                if st.finished.len() > 50 {
+                    st.finished.remove(0);
+                }
+            }
+            if let Err(e) = shared.save(&st) {
+                tracing::error!(error = %e, "could not record snapshot progress; chunks will be read again after a restart");
+            }
+            *shared.lock_state() = st;
+            progress.changed.notify_waiters();
+        }
+        let st = shared.lock_state().clone();
+        if st.jobs.is_empty() {
+            if bar {
+                eprint!("\r\x1b[K");
+            }
+            continue;
+        }
+        let live = shared.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let lines: Vec<(String, u64, u64, f64)> = st
+            .jobs
+            .iter()
+            .map(|j| {
+                let l = live.get(&j.id).cloned().unwrap_or_default();
+                let rate = l
+                    .since
+                    .map(|s| l.rows_read as f64 / s.elapsed().as_secs_f64().max(0.001))
+                    .unwrap_or(0.0);
+                (j.table.clone(), j.rows_done.max(l.rows_read), j.rows_estimate, rate)
+            })
+            .collect();
+        if last_log.elapsed() >= log_every {
+            last_log = Instant::now();
+            for (table, done, est, rate) in &lines {
+                let eta = if *rate > 0.0 && est > done {
+                    Some(((est - done) as f64 / rate).round() as u64)
+                } else {
+                    None
+                };
+                tracing::info!(table = %table, rows_done = done, rows_estimate = est, rows_per_sec = rate.round() as u64, eta_secs = ?eta, "snapshot progress");
+            }
+        }
+        if bar {
+            let (table, done, est, rate) = &lines[0];
+            let frac = if *est > 0 {
+                (*done as f64 / *est as f64).min(1.0)
+            } else {
+                0.0
+            };
+            let filled = (frac * 30.0) as usize;
+            eprint!(
+                "\r\x1b[K{table} [{}{}] {:>3}% {done}/{est} rows {:.0} rows/s{}",
+                "#".repeat(filled),
+                "-".repeat(30 - filled),
+                (frac * 100.0) as u32,
+                rate,
+                if lines.len() > 1 {
+                    format!(" (+{} tables)", lines.len() - 1)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+}
+
+/// `pgferry backfill`: asks the running pgferry (through the stream) to
+/// re-load a table. Returns the request's LSN.
+pub async fn request_backfill(
+    config: &Config,
+    table: &str,
+    filter: Option<&str>,
+) -> Result<Lsn, String> {
+    if !config.source.tables.iter().any(|t| t == table) {
+        return Err(format!(
+            "{table} is not in source.tables ({}); only replicated tables can be backfilled",
+            config.source.tables.join(", ")
+        ));
+    }
+    let client = crate::source::sql_connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some(f) = filter {
+        // Check the condition now rather than in the running pgferry's log.
+        let (schema, name) = crate::config::split_table(table).unwrap_or_default();
+        client
+            .simple_query(&format!(
+                "SELECT 1 FROM {}.{} WHERE ({f}) LIMIT 0",
+                crate::conn::quote_ident(&schema),
+                crate::conn::quote_ident(&name)
+            ))
+            .await
+            .map_err(|e| {
+                format!(
+                    "--where {f:?} is not a valid condition on {table}: {}",
+                    e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())
+                )
+            })?;
+    }
+    let body = serde_json::json!({"table": table, "where": filter, "slot": config.source.slot});
+    let row = client
+        .query_one(
+            "SELECT pg_logical_emit_message(true, $1::text, $2::text)::text",
+            &[&BACKFILL_PREFIX, &body.to_string()],
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "emitting the request failed: {}; the role needs EXECUTE on pg_logical_emit_message (GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <role>)",
+                e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())
+            )
+        })?;
+    let lsn: String = row.get(0);
+    lsn.parse().map_err(|_| format!("unexpected LSN {lsn:?}"))
+}

@@ -1,0 +1,195 @@
+//! Snapshot progress on disk: `<checkpoint.dir>/snapshot.json`.
+//!
+//! Invariants:
+//! - a range's `after` (its lower bound, exclusive) only moves past a chunk
+//!   once every sink has durably applied that chunk's high watermark, so a
+//!   restart never skips rows, and re-reads at most the chunks that were in
+//!   flight;
+//! - a backfill request seen in the stream is written here before the
+//!   transaction that carried it can be checkpointed, so a request is never
+//!   lost; `last_request_lsn` makes a replayed request a no-op;
+//! - the file is replaced atomically (temporary file, fsync, rename, fsync
+//!   of the directory), like the checkpoints.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::lsn::Lsn;
+
+/// The whole file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct State {
+    /// Set once the initial snapshot has been planned (its jobs may still run).
+    #[serde(default)]
+    pub initial_planned: bool,
+    /// Position of the last backfill request acted upon.
+    #[serde(default)]
+    pub last_request_lsn: Option<String>,
+    #[serde(default)]
+    pub next_job: u64,
+    #[serde(default)]
+    pub jobs: Vec<Job>,
+    /// The last finished jobs (newest last), for `pgferry` logs and checks.
+    #[serde(default)]
+    pub finished: Vec<Finished>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// Watermarked chunks in key order.
+    Keyset,
+    /// One copy in an exported snapshot (tables without a usable key).
+    Copy,
+}
+
+/// One table to load.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    /// `schema.table`.
+    pub table: String,
+    /// Extra SQL condition (backfill `--where`).
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// `initial` or `backfill`.
+    pub kind: String,
+    pub method: Method,
+    pub rows_estimate: u64,
+    /// Rows durably delivered.
+    pub rows_done: u64,
+    /// Unix seconds when the job was planned.
+    pub planned_at: u64,
+    pub ranges: Vec<Range>,
+}
+
+impl Job {
+    pub fn is_done(&self) -> bool {
+        self.ranges.iter().all(|r| r.done)
+    }
+}
+
+/// A key range `(after, upper]` of a job; `None` bounds are open.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Range {
+    /// Text of the key columns of the last durably delivered row.
+    pub after: Option<Vec<String>>,
+    pub upper: Option<Vec<String>>,
+    pub done: bool,
+    /// Chunks durably delivered (for tests and logs).
+    #[serde(default)]
+    pub chunks_done: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Finished {
+    pub table: String,
+    pub kind: String,
+    pub rows: u64,
+    pub seconds: u64,
+}
+
+impl State {
+    pub fn last_request(&self) -> Lsn {
+        self.last_request_lsn
+            .as_deref()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(Lsn::ZERO)
+    }
+
+    /// Active (unfinished) jobs exist.
+    pub fn active(&self) -> bool {
+        self.jobs.iter().any(|j| !j.is_done())
+    }
+}
+
+/// Where the state lives.
+#[derive(Debug, Clone)]
+pub struct StateFile {
+    path: PathBuf,
+}
+
+impl StateFile {
+    pub fn new(dir: &Path) -> StateFile {
+        StateFile {
+            path: dir.join("snapshot.json"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn load(&self) -> Result<State, String> {
+        match std::fs::read(&self.path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                format!(
+                    "snapshot state {} is damaged ({e}); remove it to forget unfinished snapshots and backfills",
+                    self.path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
+            Err(e) => Err(format!("reading {}: {e}", self.path.display())),
+        }
+    }
+
+    pub fn save(&self, s: &State) -> Result<(), String> {
+        let io = |e: std::io::Error| format!("writing {}: {e}", self.path.display());
+        let tmp = self.path.with_extension("json.tmp");
+        let body = serde_json::to_vec_pretty(s).map_err(|e| e.to_string())?;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&body).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent() {
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_a_missing_file_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = StateFile::new(dir.path());
+        assert!(f.load().unwrap().jobs.is_empty());
+        let mut s = State::default();
+        s.jobs.push(Job {
+            id: 1,
+            table: "public.t".into(),
+            filter: Some("id > 5".into()),
+            kind: "backfill".into(),
+            method: Method::Keyset,
+            rows_estimate: 10,
+            rows_done: 3,
+            planned_at: 1,
+            ranges: vec![Range {
+                after: Some(vec!["3".into()]),
+                upper: None,
+                done: false,
+                chunks_done: 1,
+            }],
+        });
+        f.save(&s).unwrap();
+        let back = f.load().unwrap();
+        assert_eq!(back.jobs[0].ranges[0].after, Some(vec!["3".to_string()]));
+        assert!(back.active());
+        std::fs::write(f.path(), b"{oops").unwrap();
+        assert!(f.load().unwrap_err().contains("remove it"));
+    }
+}

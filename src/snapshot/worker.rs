@@ -1,0 +1,410 @@
+//! A snapshot worker: takes a key range (or a whole key-less table), reads
+//! it chunk by chunk between watermarks on its own SQL connection, and
+//! hands the rows to the stream side. At most one chunk per worker is in
+//! memory at a time: the next read starts once the stream side took the
+//! previous chunk at its high watermark.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+
+use super::copy::{CopyRow, RowParser};
+use super::state::{Job, Method};
+use super::table::{self, TableInfo};
+use super::{ChunkData, Completion, Mark, Refused, Registered, Shared, WATERMARK_PREFIX};
+use crate::decode::types::TypeRegistry;
+use crate::event::{Change, Op};
+use crate::pipeline::Backoff;
+
+type Client = tokio_postgres::Client;
+
+/// The worker loop: one unit of work after another until the session ends.
+pub(crate) async fn run(shared: Arc<Shared>, n: usize) {
+    let mut client: Option<Client> = None;
+    let mut types = TypeRegistry::builtin();
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let Some((job, range)) = shared.take_unit() else {
+            let notified = shared.work.notified();
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            continue;
+        };
+        let res = async {
+            if client.is_none() {
+                client = Some(connect(&shared).await?);
+            }
+            let c = client.as_ref().expect("connected above");
+            let info = table_info(&shared, c, &job).await?;
+            let missing = types.missing(&info.type_oids());
+            if !missing.is_empty() {
+                types.load(c, &missing).await.map_err(|e| e.to_string())?;
+            }
+            match job.method {
+                Method::Keyset => keyset(&shared, c, &types, &job, range, info).await,
+                Method::Copy => copy_whole(&shared, c, &types, &job, range, info).await,
+            }
+        }
+        .await;
+        match res {
+            // The range stays taken: it is done once durable (the
+            // coordinator marks it), and must not be read again meanwhile.
+            Ok(()) => backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
+            Err(e) => {
+                shared.release(job.id, range);
+                if shared.stopping.load(Ordering::Acquire) {
+                    return;
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(worker = n, table = %job.table, error = %e, retry_in_ms = delay.as_millis() as u64, "snapshot read failed; retrying");
+                client = None;
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+async fn connect(shared: &Shared) -> Result<Client, String> {
+    let pg: tokio_postgres::Config = shared
+        .sql_url
+        .parse()
+        .map_err(|e| format!("source.url: {e}"))?;
+    let (client, conn) = pg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("snapshot connection: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+        .batch_execute(&table::session_sql())
+        .await
+        .map_err(|e| format!("snapshot connection settings: {e}"))?;
+    Ok(client)
+}
+
+async fn table_info(shared: &Shared, c: &Client, job: &Job) -> Result<Arc<TableInfo>, String> {
+    if let Some(i) = shared
+        .infos
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&job.id)
+    {
+        return Ok(i.clone());
+    }
+    let (schema, name) = crate::config::split_table(&job.table).unwrap_or_default();
+    let info = table::describe(c, &schema, &name)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("table {} does not exist", job.table))?;
+    let info = Arc::new(info);
+    shared
+        .infos
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(job.id, info.clone());
+    Ok(info)
+}
+
+async fn emit(c: &Client, id: &str, mark: &str) -> Result<(), String> {
+    let body = serde_json::to_string(&Mark {
+        id: id.to_string(),
+        mark: mark.to_string(),
+    })
+    .unwrap_or_default();
+    c.execute(
+        "SELECT pg_logical_emit_message(true, $1::text, $2::text)",
+        &[&WATERMARK_PREFIX, &body],
+    )
+    .await
+    .map_err(|e| {
+        format!(
+            "writing a watermark failed: {}; the role needs EXECUTE on pg_logical_emit_message (GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <role>)",
+            e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())
+        )
+    })?;
+    Ok(())
+}
+
+/// Runs a COPY and parses its rows.
+async fn copy_rows(
+    c: &Client,
+    sql: &str,
+    parser: &mut RowParser<'_>,
+    mut each: impl FnMut(CopyRow) -> Result<(), String>,
+) -> Result<u64, String> {
+    let stream = c.copy_out(sql).await.map_err(|e| db(&e))?;
+    futures_util::pin_mut!(stream);
+    let mut buf = BytesMut::new();
+    let mut n = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| db(&e))?;
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = memchr::memchr(b'\n', &buf) {
+            let line = buf.split_to(end + 1);
+            each(parser.parse_line(&line[..end])?)?;
+            n += 1;
+        }
+    }
+    if buf.has_remaining() {
+        return Err("COPY output ended in the middle of a row".into());
+    }
+    Ok(n)
+}
+
+fn db(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| format!("{}: {}", d.code().code(), d.message()))
+        .unwrap_or_else(|| e.to_string())
+}
+
+/// Reads one key range in watermarked chunks.
+async fn keyset(
+    shared: &Shared,
+    c: &Client,
+    types: &TypeRegistry,
+    job: &Job,
+    range: usize,
+    info: Arc<TableInfo>,
+) -> Result<(), String> {
+    let limit = shared.config.chunk_rows;
+    let mut after = job.ranges[range].after.clone();
+    let upper = job.ranges[range].upper.clone();
+    let oids = info.type_oids();
+    loop {
+        if shared.stopping.load(Ordering::Acquire) {
+            return Err("session ended".into());
+        }
+        let id = shared.chunk_id();
+        let (rows_tx, rows_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        shared
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                id.clone(),
+                Registered::Chunk {
+                    rows: rows_rx,
+                    done: done_tx,
+                },
+            );
+        let read = async {
+            emit(c, &id, "low").await?;
+            c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(|e| db(&e))?;
+            let snap = c
+                .query_one("SELECT txid_current_snapshot()::text", &[])
+                .await
+                .map_err(|e| db(&e))?;
+            let xip = parse_xip(&snap.get::<_, String>(0));
+            let sql = info.chunk_copy(
+                after.as_deref(),
+                upper.as_deref(),
+                job.filter.as_deref(),
+                limit,
+            );
+            let mut parser = RowParser::new(types, &oids, &info.key_cols);
+            let mut rows = Vec::new();
+            copy_rows(c, &sql, &mut parser, |r| {
+                rows.push(r);
+                Ok(())
+            })
+            .await?;
+            c.batch_execute("COMMIT").await.map_err(|e| db(&e))?;
+            Ok::<_, String>((rows, xip))
+        }
+        .await;
+        let (rows, xip) = match read {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = c.batch_execute("ROLLBACK").await;
+                shared
+                    .registry
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&id);
+                return Err(e);
+            }
+        };
+        let count = rows.len();
+        let last = rows.last().map(|r| r.key_text.clone());
+        let _ = rows_tx.send(ChunkData {
+            info: info.clone(),
+            rows,
+            xip,
+        });
+        emit(c, &id, "high").await?;
+        match done_rx.await {
+            Ok(Ok(end)) => {
+                let range_done = count < limit;
+                shared.count_read(job.id, count as u64);
+                if last.is_some() {
+                    after = last;
+                }
+                shared
+                    .completions
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Completion {
+                        end,
+                        job: job.id,
+                        range,
+                        after: after.clone(),
+                        rows: count as u64,
+                        range_done,
+                    });
+                if range_done {
+                    return Ok(());
+                }
+            }
+            Ok(Err(Refused::Race)) | Ok(Err(Refused::Passed)) => continue,
+            Err(_) => return Err("session ended".into()),
+        }
+    }
+}
+
+/// `txid_current_snapshot()` text `xmin:xmax:xip,…` → the in-progress xids (low 32 bits).
+fn parse_xip(s: &str) -> Vec<u32> {
+    s.splitn(3, ':')
+        .nth(2)
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|x| x.trim().parse::<u64>().ok())
+        .map(|x| x as u32)
+        .collect()
+}
+
+/// Copies a key-less table whole inside the exported snapshot of a
+/// temporary slot, spilling it to disk, and hands it to the stream side
+/// to deliver at the slot's consistent point.
+async fn copy_whole(
+    shared: &Shared,
+    c: &Client,
+    types: &TypeRegistry,
+    job: &Job,
+    range: usize,
+    info: Arc<TableInfo>,
+) -> Result<(), String> {
+    let (paused_tx, paused_rx) = oneshot::channel();
+    let (point_tx, point_rx) = oneshot::channel();
+    let (data_tx, data_rx) = oneshot::channel();
+    let (done_tx, done_rx) = oneshot::channel();
+    let id = shared.chunk_id();
+    shared
+        .registry
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(
+            id,
+            Registered::Copy {
+                paused: paused_tx,
+                point: point_rx,
+                data: data_rx,
+                done: done_tx,
+            },
+        );
+    shared.pickup.notify_one();
+    paused_rx
+        .await
+        .map_err(|_| "session ended before the copy could start".to_string())?;
+    let pg: tokio_postgres::Config = shared
+        .sql_url
+        .parse()
+        .map_err(|e| format!("source.url: {e}"))?;
+    let mut repl = crate::conn::connect_with(&pg, None)
+        .await
+        .map_err(|e| format!("replication connection for the copy: {e}"))?;
+    let slot = format!(
+        "pgferry_copy_{}_{}",
+        std::process::id(),
+        rand::random::<u32>()
+    );
+    let (point, snapshot) = repl
+        .create_exported_slot(&slot)
+        .await
+        .map_err(|e| format!("creating temporary slot {slot}: {e}"))?;
+    let _ = point_tx.send(point);
+    tracing::info!(table = %job.table, at = %point, "copying the table in an exported snapshot (it has no key for chunked reads)");
+    let res = async {
+        c.batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            crate::conn::quote_literal(&snapshot)
+        ))
+        .await
+        .map_err(|e| db(&e))?;
+        let oids = info.type_oids();
+        let mut parser = RowParser::new(types, &oids, &[]);
+        let mut w = crate::spill::SpillWriter::create(&shared.spill_dir, 0)
+            .map_err(|e| format!("spill file: {e}"))?;
+        let rel = info.rel.clone();
+        let n = copy_rows(c, &info.full_copy(job.filter.as_deref()), &mut parser, |r| {
+            w.append(&Change {
+                op: Op::Read,
+                rel: rel.clone(),
+                lsn: point,
+                xid: 0,
+                before: None,
+                after: Some(r.row),
+            })
+            .map_err(|e| format!("spill file: {e}"))
+        })
+        .await?;
+        c.batch_execute("COMMIT").await.map_err(|e| db(&e))?;
+        let reader = w.finish().map_err(|e| format!("spill file: {e}"))?;
+        Ok::<_, String>((reader, n))
+    }
+    .await;
+    drop(repl);
+    let (reader, n) = match res {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = c.batch_execute("ROLLBACK").await;
+            return Err(e);
+        }
+    };
+    shared.count_read(job.id, n);
+    let _ = data_tx.send((reader, n));
+    match done_rx.await {
+        Ok(Ok(end)) => {
+            shared
+                .completions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Completion {
+                    end,
+                    job: job.id,
+                    range,
+                    after: None,
+                    rows: n,
+                    range_done: true,
+                });
+            Ok(())
+        }
+        Ok(Err(_)) => Err("the stream passed the copy's point before it was registered; copying again".into()),
+        Err(_) => Err("session ended".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xip_lists_parse() {
+        assert_eq!(parse_xip("100:105:101,103"), vec![101, 103]);
+        assert!(parse_xip("100:100:").is_empty());
+        // xid8 with an epoch: the low 32 bits, as the stream shows them.
+        assert_eq!(parse_xip("1:2:4294967301"), vec![5]);
+    }
+}

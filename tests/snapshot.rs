@@ -1,0 +1,622 @@
+//! Snapshots and backfills end to end: a real Postgres, the real binary, a
+//! real redis-server and a real OpenSearch node.
+//!
+//! Each test loads rows that existed before pgferry streamed them, while
+//! other sessions keep changing the table, and then checks that every row of
+//! the table, as `to_jsonb(row)`, equals:
+//! - the row rebuilt from the JSONL events (reads, inserts, updates with
+//!   unchanged TOAST columns merged, deletes, truncates, in file order),
+//! - its Redis value (json mode),
+//! - its document in the search index,
+//!
+//! and that none of them holds anything else.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::ferry::{kill9, read_jsonl, terminate, wait_active, FerryDir, Guard};
+use support::opensearch::{node, Node};
+use support::pg::TestPg;
+use support::redis::TestRedis;
+
+/// Longest wait for a snapshot or for the stores to catch up.
+const T: Duration = Duration::from_secs(300);
+
+/// `body` is stored out of line; every 500th row has a 9.6 kB one, which
+/// the workload leaves unchanged while it updates other columns.
+const DDL: &str = "CREATE TABLE items (
+    id bigint PRIMARY KEY, n int NOT NULL, note text, price numeric(12,2),
+    tags text[], body text, seen timestamptz);
+    ALTER TABLE items ALTER COLUMN body SET STORAGE EXTERNAL;";
+
+const BIG: &str =
+    "(SELECT string_agg(md5(random()::text || g), '') FROM generate_series(1, 300) g)";
+
+fn fill(pg: &TestPg, from: i64, to: i64) {
+    pg.sql(&format!(
+        "INSERT INTO items SELECT i, 0, 'row ' || i, (i % 997) + 0.25, ARRAY['t' || (i % 7), NULL],
+                CASE WHEN i % 500 = 0 THEN {BIG} END,
+                '2024-01-01 00:00:00+00'::timestamptz + i * interval '1 second'
+         FROM generate_series({from}, {to}) i;
+         ANALYZE items;"
+    ));
+}
+
+/// The stores a test feeds.
+struct Stores<'a> {
+    redis: Option<TestRedis>,
+    node: Option<&'a Node>,
+    index: String,
+}
+
+/// Writes the config: JSONL sink `changes`, and when given a Redis sink
+/// `cache` (`item:{id}`, json) and a search sink `search`.
+fn write_config(pg: &TestPg, f: &FerryDir, s: &Stores, snapshot: &str, extra: &str) {
+    let mut text = format!(
+        r#"[source]
+url = "{pg}"
+slot = "pgferry"
+publication = "pgferry"
+tables = ["public.items"]
+snapshot = "{snapshot}"
+
+[checkpoint]
+dir = "{state}"
+
+[snapshot]
+{extra}
+
+[[sink]]
+name = "changes"
+type = "jsonl"
+path = "{jsonl}"
+"#,
+        pg = pg.url(),
+        state = f.path("state").display(),
+        jsonl = f.jsonl().display(),
+    );
+    if let Some(r) = &s.redis {
+        text += &format!(
+            r#"
+[[sink]]
+name = "cache"
+type = "redis"
+url = "{}"
+[sink.tables."public.items"]
+key = "item:{{id}}"
+mode = "json"
+"#,
+            r.url()
+        );
+    }
+    if let Some(n) = s.node {
+        text += &format!(
+            r#"
+[[sink]]
+name = "search"
+type = "elasticsearch"
+url = "{}"
+request_timeout_secs = 30
+[sink.tables."public.items"]
+index = "{}"
+"#,
+            n.url(),
+            s.index
+        );
+    }
+    std::fs::write(f.path("pgferry.toml"), text).unwrap();
+}
+
+/// Every row as `to_jsonb(row)`, by id.
+fn pg_rows(pg: &TestPg) -> BTreeMap<String, Value> {
+    pg.sql("SELECT to_jsonb(t) FROM items t")
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["id"].to_string(), v)
+        })
+        .collect()
+}
+
+/// The table rebuilt from the JSONL events, by id.
+fn jsonl_rows(events: &[Value]) -> BTreeMap<String, Value> {
+    let mut rows: BTreeMap<String, Value> = BTreeMap::new();
+    for e in events {
+        match e["op"].as_str().unwrap() {
+            "read" | "insert" => {
+                rows.insert(e["after"]["id"].to_string(), e["after"].clone());
+            }
+            "update" => {
+                let id = e["after"]["id"].to_string();
+                let old_id = e["before"]["id"]
+                    .is_number()
+                    .then(|| e["before"]["id"].to_string())
+                    .unwrap_or_else(|| id.clone());
+                let old = rows.remove(&old_id);
+                let mut row = e["after"].clone();
+                if let (Some(Value::Object(old)), Some(unchanged)) =
+                    (old, e["unchanged"].as_array())
+                {
+                    for c in unchanged {
+                        let c = c.as_str().unwrap();
+                        row[c] = old.get(c).cloned().unwrap_or(Value::String("<MISSING>".into()));
+                    }
+                }
+                rows.insert(id, row);
+            }
+            "delete" => {
+                rows.remove(&e["key"]["id"].to_string());
+            }
+            "truncate" => rows.clear(),
+            op => panic!("unexpected op {op}"),
+        }
+    }
+    rows
+}
+
+fn short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.len() > 200 {
+        format!("{}… ({} bytes)", &s[..200], s.len())
+    } else {
+        s
+    }
+}
+
+fn map_diff(what: &str, want: &BTreeMap<String, Value>, got: &BTreeMap<String, Value>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (id, row) in want {
+        match got.get(id) {
+            None => out.push(format!("{what}: {id} missing")),
+            Some(v) if v != row => out.push(format!("{what}: {id}: {} vs row {}", short(v), short(row))),
+            Some(_) => {}
+        }
+    }
+    for id in got.keys().filter(|k| !want.contains_key(*k)) {
+        out.push(format!("{what}: extra {id}"));
+    }
+    out
+}
+
+fn redis_rows(r: &TestRedis) -> BTreeMap<String, Value> {
+    let mut c = r.conn();
+    let keys: Vec<String> = r.keys().into_iter().filter(|k| k.starts_with("item:")).collect();
+    let mut out = BTreeMap::new();
+    for chunk in keys.chunks(1000) {
+        let got: Vec<Option<String>> = redis::cmd("MGET").arg(chunk).query(&mut c).unwrap();
+        for (k, v) in chunk.iter().zip(got) {
+            if let Some(v) = v {
+                out.insert(
+                    k.trim_start_matches("item:").to_string(),
+                    serde_json::from_str(&v).unwrap_or(Value::String(v)),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Differences between the table and every store.
+fn differences(pg: &TestPg, f: &FerryDir, s: &Stores) -> (usize, Vec<String>) {
+    let rows = pg_rows(pg);
+    let mut problems = map_diff("jsonl", &rows, &jsonl_rows(&f.events()));
+    if let Some(r) = &s.redis {
+        problems.extend(map_diff("redis", &rows, &redis_rows(r)));
+    }
+    if let Some(n) = s.node {
+        let docs: BTreeMap<String, Value> = n.docs(&s.index).into_iter().collect();
+        problems.extend(map_diff("index", &rows, &docs));
+    }
+    (rows.len(), problems)
+}
+
+fn wait_equal(pg: &TestPg, f: &FerryDir, s: &Stores) -> usize {
+    let started = Instant::now();
+    loop {
+        let (n, mut problems) = differences(pg, f, s);
+        if problems.is_empty() {
+            return n;
+        }
+        if started.elapsed() > T {
+            let k = problems.len();
+            problems.truncate(12);
+            panic!(
+                "{n} rows, {k} differences, e.g.\n  {}\n--- pgferry log (end) ---\n{}",
+                problems.join("\n  "),
+                tail(&f.log(), 40)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `snapshot.json`.
+fn state(f: &FerryDir) -> Value {
+    std::fs::read_to_string(f.path("state/snapshot.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until `snapshot.json` shows `finished` jobs for `n` tables and no open job.
+fn wait_snapshot_done(f: &FerryDir, n: usize) -> Value {
+    let started = Instant::now();
+    loop {
+        let st = state(f);
+        let open = st["jobs"].as_array().map_or(usize::MAX, Vec::len);
+        let done = st["finished"].as_array().map_or(0, Vec::len);
+        if open == 0 && done >= n {
+            return st;
+        }
+        assert!(
+            started.elapsed() < T,
+            "the snapshot did not finish: {st}\n{}",
+            tail(&f.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Three sessions changing `items` until `stop`: updates of `n` and `note`
+/// (rows with a TOASTed body keep it unchanged), deletes, inserts of new
+/// ids, a key change now and then. Ids stay below `max_id` except inserts.
+fn start_workload(
+    pg: &TestPg,
+    rt: &tokio::runtime::Runtime,
+    stop: &Arc<AtomicBool>,
+    max_id: i64,
+) -> Vec<tokio::task::JoinHandle<u32>> {
+    let mut workers = Vec::new();
+    for w in 0..3i64 {
+        let stop = stop.clone();
+        let client = rt.block_on(pg.client());
+        workers.push(rt.spawn(async move {
+            let mut rng = support::rng::XorShift::new(0x9E37_79B9u32 ^ (w as u32 * 7919 + 3));
+            let mut next = 10_000_000 * (w + 1);
+            let mut txns = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let mut id = || 1 + (rng.below(1 << 30) as i64 % max_id);
+                let mut sql = String::from("BEGIN;");
+                for _ in 0..5 {
+                    let i = id();
+                    sql += &format!("UPDATE items SET n = n + 1, note = 'w{w} ' || n WHERE id = {i};");
+                }
+                // A row with a TOASTed body: other columns change, the body is not sent.
+                let i = id() / 500 * 500;
+                sql += &format!("UPDATE items SET n = n + 1, price = price + 1 WHERE id = {};", i.max(500));
+                let i = id();
+                sql += &format!("DELETE FROM items WHERE id = {i};");
+                next += 1;
+                sql += &format!(
+                    "INSERT INTO items VALUES ({next}, 1, 'new', 1.5, ARRAY['x'], NULL, now());"
+                );
+                if txns % 10 == 9 {
+                    let i = id();
+                    sql += &format!(
+                        "UPDATE items SET id = id + 50000000 * {}, note = 'moved' WHERE id = {i};",
+                        w + 1
+                    );
+                }
+                sql += "COMMIT;";
+                // A deadlock between sessions is possible and harmless: retry later.
+                let _ = client.batch_execute(&sql).await;
+                let _ = client.batch_execute("ROLLBACK").await;
+                txns += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            txns
+        }));
+    }
+    workers
+}
+
+fn stop_workload(
+    rt: &tokio::runtime::Runtime,
+    stop: &AtomicBool,
+    workers: Vec<tokio::task::JoinHandle<u32>>,
+) -> u32 {
+    stop.store(true, Ordering::Relaxed);
+    workers.into_iter().map(|w| rt.block_on(w).unwrap()).sum()
+}
+
+fn reads(events: &[Value]) -> HashMap<String, usize> {
+    let mut n = HashMap::new();
+    for e in events.iter().filter(|e| e["op"] == "read") {
+        *n.entry(e["after"]["id"].to_string()).or_insert(0) += 1;
+    }
+    n
+}
+
+#[test]
+fn initial_snapshot_of_500k_rows_under_a_workload_equals_the_table_in_every_sink() {
+    let node = node();
+    let _shared = node.shared();
+    let pg = TestPg::start();
+    pg.sql(DDL);
+    fill(&pg, 1, 500_000);
+    let s = Stores {
+        redis: Some(TestRedis::new()),
+        node: Some(node),
+        index: "snap_initial".into(),
+    };
+    let f = FerryDir::new();
+    write_config(&pg, &f, &s, "initial", "chunk_rows = 10000\nworkers = 2");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let _g = Guard(f.run());
+    wait_active(&pg, &f, "pgferry");
+    let workers = start_workload(&pg, &rt, &stop, 500_000);
+    let st = wait_snapshot_done(&f, 1);
+    let txns = stop_workload(&rt, &stop, workers);
+    let n = wait_equal(&pg, &f, &s);
+    let events = f.events();
+    let r = reads(&events);
+    eprintln!(
+        "{n} rows, {txns} workload transactions, {} read events, {} events; {st}",
+        r.values().sum::<usize>(),
+        events.len()
+    );
+    assert!(txns > 50, "the workload hardly ran ({txns} transactions)");
+    assert!(r.len() >= 490_000, "only {} rows were read", r.len());
+    // Split into ranges and read in parallel.
+    assert!(f.log().contains("initial snapshot planned"));
+    // Read events carry the stream position of their chunk.
+    let e = events.iter().find(|e| e["op"] == "read").unwrap();
+    assert_eq!(e["lsn"], e["commit_lsn"], "{e}");
+    assert!(e["before"].is_null(), "{e}");
+}
+
+#[test]
+fn kill_9_mid_snapshot_resumes_without_reading_finished_chunks_again() {
+    let node = node();
+    let _shared = node.shared();
+    let pg = TestPg::start();
+    pg.sql(DDL);
+    fill(&pg, 1, 200_000);
+    let s = Stores {
+        redis: Some(TestRedis::new()),
+        node: Some(node),
+        index: "snap_kill".into(),
+    };
+    let f = FerryDir::new();
+    write_config(&pg, &f, &s, "initial", "chunk_rows = 2000\nworkers = 2");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut g = Guard(f.run());
+    wait_active(&pg, &f, "pgferry");
+    let workers = start_workload(&pg, &rt, &stop, 200_000);
+    // Kill once a good part, but not all, is durably done.
+    let started = Instant::now();
+    loop {
+        let st = state(&f);
+        let done = st["jobs"][0]["rows_done"].as_u64().unwrap_or(0);
+        if done >= 40_000 {
+            break;
+        }
+        assert!(
+            st["finished"].as_array().is_none_or(|a| a.is_empty()),
+            "the snapshot finished before it could be killed: {st}"
+        );
+        assert!(started.elapsed() < T, "no progress: {st}\n{}", tail(&f.log(), 30));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill9(&mut g.0);
+    let st = state(&f);
+    let job = &st["jobs"][0];
+    assert!(job.is_object(), "the job is gone after the kill: {st}");
+    // The keys below each range's durable lower bound were delivered before the kill.
+    let ranges: Vec<(Option<i64>, Option<i64>)> = job["ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let k = |v: &Value| v.as_array().and_then(|a| a[0].as_str()).map(|s| s.parse().unwrap());
+            (k(&r["after"]), k(&r["upper"]))
+        })
+        .collect();
+    let lows: Vec<Option<i64>> = std::iter::once(None)
+        .chain(ranges.iter().map(|r| r.1).take(ranges.len() - 1))
+        .collect();
+    let durable = |id: i64| {
+        ranges.iter().zip(&lows).any(|((after, _), low)| {
+            after.is_some_and(|a| id <= a) && low.is_none_or(|l| id > l)
+        })
+    };
+    let done_before = job["rows_done"].as_u64().unwrap();
+    eprintln!("killed with {done_before} rows durably done; ranges {ranges:?}");
+
+    let _g = Guard(f.run());
+    wait_snapshot_done(&f, 1);
+    let txns = stop_workload(&rt, &stop, workers);
+    wait_equal(&pg, &f, &s);
+    assert!(f.log().contains("resuming snapshot jobs"), "{}", tail(&f.log(), 30));
+    let r = reads(&read_jsonl(&f.jsonl()));
+    let durable_ids: Vec<(&String, &usize)> = r
+        .iter()
+        .filter(|(id, _)| id.parse::<i64>().is_ok_and(|i| i <= 200_000 && durable(i)))
+        .collect();
+    assert!(
+        durable_ids.len() as u64 >= done_before * 9 / 10,
+        "{} rows below the durable bounds were read, {done_before} reported done",
+        durable_ids.len()
+    );
+    let again: Vec<_> = durable_ids.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(again.is_empty(), "rows of finished chunks were read again: {again:?}");
+    eprintln!("{txns} workload transactions; {} rows read once before the kill", durable_ids.len());
+}
+
+#[test]
+fn a_backfill_requested_from_sql_while_the_stream_is_busy_loads_every_row() {
+    let node = node();
+    let _shared = node.shared();
+    let pg = TestPg::start();
+    pg.sql(DDL);
+    // Rows that exist before the slot: the stream alone never delivers them.
+    fill(&pg, 1, 60_000);
+    let s = Stores {
+        redis: Some(TestRedis::new()),
+        node: Some(node),
+        index: "snap_backfill".into(),
+    };
+    let f = FerryDir::new();
+    write_config(&pg, &f, &s, "never", "chunk_rows = 5000");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let _g = Guard(f.run());
+    wait_active(&pg, &f, "pgferry");
+    let workers = start_workload(&pg, &rt, &stop, 60_000);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(reads(&f.events()).is_empty(), "reads before any request");
+    pg.sql(r#"SELECT pg_logical_emit_message(true, 'pgferry.backfill', '{"table": "public.items"}')"#);
+    wait_snapshot_done(&f, 1);
+    std::thread::sleep(Duration::from_secs(1));
+    let txns = stop_workload(&rt, &stop, workers);
+    let n = wait_equal(&pg, &f, &s);
+    let st = state(&f);
+    assert_eq!(st["finished"][0]["kind"], "backfill", "{st}");
+    eprintln!("{n} rows after a backfill under {txns} workload transactions");
+}
+
+#[test]
+fn cli_backfill_with_where_loads_only_the_matching_rows() {
+    let pg = TestPg::start();
+    pg.sql(DDL);
+    fill(&pg, 1, 3_000);
+    let s = Stores {
+        redis: None,
+        node: None,
+        index: String::new(),
+    };
+    let f = FerryDir::new();
+    write_config(&pg, &f, &s, "never", "chunk_rows = 500");
+    let _g = Guard(f.run());
+    wait_active(&pg, &f, "pgferry");
+    let bad = f.command(&["backfill", "--table", "public.nope"], &[]);
+    assert!(!bad.status.success());
+    assert!(bad.stderr.contains("not in source.tables"), "{}", bad.stderr);
+    let bad = f.command(
+        &["backfill", "--table", "public.items", "--where", "no_such_column > 1"],
+        &[],
+    );
+    assert!(!bad.status.success());
+    assert!(bad.stderr.contains("not a valid condition"), "{}", bad.stderr);
+    let ok = f.command(
+        &["backfill", "--table", "public.items", "--where", "id % 10 = 3"],
+        &[],
+    );
+    assert!(ok.status.success(), "{}", ok.stderr);
+    assert!(ok.stdout.contains("backfill of public.items requested"), "{}", ok.stdout);
+    wait_snapshot_done(&f, 1);
+    let started = Instant::now();
+    let r = loop {
+        let r = reads(&f.events());
+        if r.len() >= 300 || started.elapsed() > T {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(r.len(), 300, "reads: {}", r.len());
+    assert!(r.keys().all(|id| id.parse::<i64>().unwrap() % 10 == 3));
+    assert!(r.values().all(|n| *n == 1));
+}
+
+#[test]
+fn a_table_without_a_key_is_copied_in_an_exported_snapshot() {
+    let pg = TestPg::start();
+    pg.sql(
+        "CREATE TABLE nokey (a int, b text);
+         ALTER TABLE nokey REPLICA IDENTITY FULL;
+         INSERT INTO nokey SELECT i % 5000, 'v' || i FROM generate_series(1, 20000) i;",
+    );
+    let f = FerryDir::new();
+    f.write_config(&pg.url(), &["public.nokey"], "snapshot = \"initial\"", "");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let _g = Guard(f.run());
+    wait_active(&pg, &f, "pgferry");
+    // A workload on the table while it is copied.
+    let client = rt.block_on(pg.client());
+    let stop2 = stop.clone();
+    let work = rt.spawn(async move {
+        let mut i = 0;
+        while !stop2.load(Ordering::Relaxed) {
+            i += 1;
+            client
+                .batch_execute(&format!(
+                    "BEGIN; INSERT INTO nokey VALUES ({i}, 'new {i}');
+                     UPDATE nokey SET b = b || '+' WHERE a = {};
+                     DELETE FROM nokey WHERE a = {}; COMMIT;",
+                    i * 7 % 5000,
+                    (i * 13 + 1) % 5000
+                ))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        i
+    });
+    wait_snapshot_done(&f, 1);
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let txns = rt.block_on(work).unwrap();
+    assert!(f.log().contains("copying the table in an exported snapshot"), "{}", tail(&f.log(), 20));
+    // The table as a multiset of rows, against the events replayed as one.
+    let want = || {
+        let mut v: Vec<String> = pg
+            .sql("SELECT to_jsonb(t)::text FROM nokey t")
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let started = Instant::now();
+    loop {
+        let mut got: Vec<String> = Vec::new();
+        for e in f.events() {
+            let take = |got: &mut Vec<String>, row: &Value| {
+                if let Some(p) = got.iter().position(|r| *r == row.to_string()) {
+                    got.swap_remove(p);
+                } else {
+                    got.push(format!("<unmatched {row}>"));
+                }
+            };
+            match e["op"].as_str().unwrap() {
+                "read" | "insert" => got.push(e["after"].to_string()),
+                "update" => {
+                    take(&mut got, &e["before"]);
+                    got.push(e["after"].to_string());
+                }
+                "delete" => take(&mut got, &e["before"]),
+                op => panic!("{op}"),
+            }
+        }
+        got.sort();
+        let w = want();
+        if got == w {
+            eprintln!("{} rows after the copy and {txns} workload transactions", w.len());
+            break;
+        }
+        assert!(
+            started.elapsed() < T,
+            "{} rows rebuilt, {} in the table; first differences: {:?}\n{}",
+            got.len(),
+            w.len(),
+            got.iter().filter(|r| !w.contains(r)).take(3).collect::<Vec<_>>(),
+            tail(&f.log(), 20)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let _ = terminate;
+}
