@@ -27,6 +27,9 @@
 #   LAT_SECS=15 LAT_TPS=1000   the latency run
 #   OUT=<target dir>/pgferry-bench/results.md
 #   FERRY_SOURCE_EXTRA   extra [source] lines for every pgferry run (experiments)
+#   SNAPSHOT_EXTRA       extra lines at the end of the snapshot runs' config
+#                        (e.g. $'[snapshot]\nchunk_rows = 100000')
+#   PG_EXTRA_CONF        extra postgresql.conf lines
 #   PERF_DIR             record `perf` profiles of the e2e consumers there
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -82,13 +85,16 @@ wal_level = logical
 max_wal_size = 4GB
 shared_buffers = 512MB
 fsync = off
-synchronous_commit = off
 logical_decoding_work_mem = 64MB
 max_replication_slots = $((REPEAT * 10 + 10))
 max_wal_senders = 20
+${PG_EXTRA_CONF:-}
 CONF
 "${RUN[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -w start >/dev/null
-PSQL=("$PGBIN/psql" -X -q -At -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1)
+# The script's own sessions (workload, set-up) commit asynchronously, for
+# speed; the server default stays synchronous_commit = on, which is what
+# pgferry's own writes (snapshot watermarks) see.
+PSQL=(env PGOPTIONS="-c synchronous_commit=off" "$PGBIN/psql" -X -q -At -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1)
 PGVERSION="$("${PSQL[@]}" -c 'SHOW server_version')"
 
 now() { date +%s.%N; }
@@ -424,38 +430,45 @@ CREATE PUBLICATION snappub FOR TABLE snap;
 SQL
   timed COPYS "${PSQL[@]}" -c "COPY snap TO STDOUT"
   if "$BIN" run --help | grep -q exit-after-snapshot; then
-    log "snapshot: $SNAP_ROWS rows"
-    cat >"$WORK/snap.toml" <<TOML
+    snap() { # name sink-toml
+      cat >"$WORK/$1.toml" <<TOML
 [source]
 url = "postgres://postgres@127.0.0.1:$PORT/postgres"
-slot = "snap"
+slot = "$1"
 publication = "snappub"
 tables = ["public.snap"]
 snapshot = "initial"
 [checkpoint]
-dir = "$WORK/state-snap"
-[[sink]]
-name = "jsonl"
-type = "jsonl"
-path = "$WORK/snap.jsonl"
+dir = "$WORK/state-$1"
+$2
+${SNAPSHOT_EXTRA:-}
 TOML
-    t0=$(now)
-    /usr/bin/time -f "%M" -o "$WORK/snap.rss" "$BIN" --log-format json run --config "$WORK/snap.toml" --exit-after-snapshot 2>"$WORK/snap.log"
-    SS=$(secs "$t0" "$(now)")
-    SL=$(wc -l <"$WORK/snap.jsonl")
-    [ "$SL" -ge "$SNAP_ROWS" ] || { echo "snapshot wrote $SL lines, expected $SNAP_ROWS" >&2; exit 1; }
-    SR="$(rate "$SNAP_ROWS" "$SS")"; SRATIO="$(ratio "$COPYS" "$SS")×"; SRSS="$(frss snap)"
+      local t0; t0=$(now)
+      /usr/bin/time -f "%M" -o "$WORK/$1.rss" "$BIN" --log-format json run --config "$WORK/$1.toml" --exit-after-snapshot 2>"$WORK/$1.log" \
+        || { echo "pgferry ($1) failed:" >&2; tail -5 "$WORK/$1.log" >&2; return 1; }
+      secs "$t0" "$(now)" >"$WORK/$1.secs"
+    }
+    log "snapshot: $SNAP_ROWS rows into null"
+    snap snap_null "$NULL_SINK"
+    log "snapshot: $SNAP_ROWS rows into JSONL"
+    snap snap_jsonl "$(JSONL_SINK snap)"
+    SL=$(grep -c '"op":"read"' "$WORK/out_snap.jsonl" || true)
+    [ "$SL" = "$SNAP_ROWS" ] || { echo "snapshot wrote $SL read events, expected $SNAP_ROWS" >&2; exit 1; }
+    srow() { local t; t=$(fsecs "$1"); echo "| $2 | $t | $(rate "$SNAP_ROWS" "$t") | $(ratio "$COPYS" "$t")× | $(frss "$1") |"; }
+    SROWS="$(srow snap_null "pgferry \`snapshot = \"initial\"\` → null sink, \`--exit-after-snapshot\`")
+$(srow snap_jsonl "pgferry \`snapshot = \"initial\"\` → JSONL ($SNAP_ROWS read events, checked), \`--exit-after-snapshot\`")"
+    SUMMARY+=("| snapshot of $SNAP_ROWS rows vs COPY TO /dev/null: into null / into JSONL | $(ratio "$COPYS" "$(fsecs snap_null)")× / $(ratio "$COPYS" "$(fsecs snap_jsonl)")× ($(rate "$SNAP_ROWS" "$(fsecs snap_null)") / $(rate "$SNAP_ROWS" "$(fsecs snap_jsonl)") rows/s) | (measure) | – |")
   else
     log "snapshot: pgferry has no --exit-after-snapshot yet: n/a"
-    SS=n/a; SR=n/a; SRATIO=n/a; SRSS=n/a
+    SROWS="| pgferry \`snapshot = \"initial\"\`, \`--exit-after-snapshot\` | n/a | n/a | n/a | n/a |"
+    SUMMARY+=("| snapshot vs COPY TO /dev/null | n/a | (measure) | – |")
   fi
-  section "### Snapshot of a $SNAP_ROWS-row table
+  section "### Snapshot of a $SNAP_ROWS-row table (whole pgferry process: start, slot, snapshot, exit)
 
 | reader | seconds | rows/s | vs COPY | peak RSS |
 |---|---:|---:|---:|---:|
 | \`COPY snap TO STDOUT\` → /dev/null (psql) | $COPYS | $(rate "$SNAP_ROWS" "$COPYS") | 1.00× | – |
-| pgferry \`snapshot = \"initial\"\` → JSONL, \`--exit-after-snapshot\` | $SS | $SR | $SRATIO | $SRSS |"
-  SUMMARY+=("| snapshot vs COPY TO /dev/null | $SRATIO | (measure) | – |")
+$SROWS"
 fi
 
 # ---------------------------------------------------------------- report
@@ -465,7 +478,7 @@ MEM="$(free -g | awk '/^Mem:/ {print $2}') GiB"
   echo "## pgferry benchmarks, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   echo "Machine: $(nproc) CPUs ($CPU), $MEM RAM, load average at the end $(cut -d' ' -f1-3 /proc/loadavg);"
-  echo "$(uname -sr); PostgreSQL $PGVERSION (\`fsync=off\`, \`synchronous_commit=off\`); $(rustc --version)."
+  echo "$(uname -sr); PostgreSQL $PGVERSION (\`fsync=off\`; the workload commits with \`synchronous_commit=off\`); $(rustc --version)."
   echo "Workload: $CHANGES row changes ($WAL of WAL). All figures from this one run."
   echo
   echo "| benchmark | result | goal | status |"
