@@ -86,7 +86,7 @@ max_wal_size = 4GB
 shared_buffers = 512MB
 fsync = off
 logical_decoding_work_mem = 64MB
-max_replication_slots = $((REPEAT * 10 + 10))
+max_replication_slots = $((REPEAT * 13 + 10))
 max_wal_senders = 20
 ${PG_EXTRA_CONF:-}
 CONF
@@ -108,7 +108,7 @@ met_le() { if ge "$2" "$1"; then echo "met"; else echo "**not met**"; fi; } # va
 SLOTS=(peek search)
 for r in $(seq "$REPEAT"); do
   SLOTS+=("recv_$r" "recv_unix_$r" "recv_bin_$r" "ferry_null_$r" "ferry_null_unix_$r" "ferry_jsonl_$r" "redis_json_$r" "redis_hash_$r"
-    "ferry_null_bin_$r" "ferry_jsonl_bin_$r")
+    "ferry_null_bin_$r" "ferry_jsonl_bin_$r" "ferry_null_unix1_$r" "ferry_jsonl_unix1_$r" "ferry_jsonl_tcp1_$r")
 done
 "${PSQL[@]}" >/dev/null <<SQL
 CREATE TABLE items (id bigint PRIMARY KEY, sku text, name text, price numeric(10,2), stock int, tags text[], attrs jsonb, updated_at timestamptz);
@@ -241,6 +241,16 @@ if want e2e; then
     PGFERRY_EXPERIMENT_BINARY=1 ferry "ferry_jsonl_bin_$r" "ferry_jsonl_bin_$r" "$(JSONL_SINK "bin_$r")"; add_t jsonlb "$(fsecs "ferry_jsonl_bin_$r")"
     cmp -s "$WORK/out_$r.jsonl" "$WORK/out_bin_$r.jsonl" || { echo "binary mode wrote other JSON than text mode:" >&2; cmp "$WORK/out_$r.jsonl" "$WORK/out_bin_$r.jsonl" >&2 || true; exit 1; }
     rm -f "$WORK/out_bin_$r.jsonl"
+    # One tokio worker thread instead of one per CPU (TOKIO_WORKER_THREADS,
+    # read by tokio's runtime builder): fewer cross-thread wake-ups.
+    UNIXURL="host=$WORK port=$PORT user=postgres dbname=postgres"
+    TOKIO_WORKER_THREADS=1 ferry "ferry_null_unix1_$r" "ferry_null_unix1_$r" "$NULL_SINK" "$UNIXURL"; add_t nullu1 "$(fsecs "ferry_null_unix1_$r")"
+    TOKIO_WORKER_THREADS=1 ferry "ferry_jsonl_unix1_$r" "ferry_jsonl_unix1_$r" "$(JSONL_SINK "u1_$r")" "$UNIXURL"; add_t jsonlu1 "$(fsecs "ferry_jsonl_unix1_$r")"
+    TOKIO_WORKER_THREADS=1 ferry "ferry_jsonl_tcp1_$r" "ferry_jsonl_tcp1_$r" "$(JSONL_SINK "t1_$r")"; add_t jsonlt1 "$(fsecs "ferry_jsonl_tcp1_$r")"
+    for f in "u1_$r" "t1_$r"; do
+      cmp -s "$WORK/out_$r.jsonl" "$WORK/out_$f.jsonl" || { echo "out_$f.jsonl differs from out_$r.jsonl" >&2; exit 1; }
+      rm -f "$WORK/out_$f.jsonl"
+    done
     [ "$r" = 1 ] || rm -f "$WORK/out_$r.jsonl"
   done
   PEEK=$(med peek); RECV=$(med recv); JSONLS=$(med jsonl)
@@ -257,6 +267,9 @@ $(row "pg_recvlogical → /dev/null, \`binary 'true'\`" recvb –)
 $(row "pgferry → null sink (TCP loopback)" null "$(maxrss ferry_null)")
 $(row "pgferry → null sink (Unix socket)" nullu "$(maxrss ferry_null_unix)")
 $(row "pgferry → JSONL file" jsonl "$(maxrss ferry_jsonl)")
+$(row "pgferry → JSONL file, one tokio worker (\`TOKIO_WORKER_THREADS=1\`)" jsonlt1 "$(maxrss ferry_jsonl_tcp1)")
+$(row "pgferry → null sink, Unix socket, one tokio worker" nullu1 "$(maxrss ferry_null_unix1)")
+$(row "pgferry → JSONL file, Unix socket, one tokio worker" jsonlu1 "$(maxrss ferry_jsonl_unix1)")
 $(row "pgferry → null sink, binary values (experiment)" nullb "$(maxrss ferry_null_bin)")
 $(row "pgferry → JSONL file, binary values (experiment; output identical, checked)" jsonlb "$(maxrss ferry_jsonl_bin)")"
   R1=$(ratio "$RECV" "$JSONLS"); R2=$(ratio "$PEEK" "$JSONLS")
@@ -266,6 +279,8 @@ $(row "pgferry → JSONL file, binary values (experiment; output identical, chec
   SUMMARY+=("| peak RSS, e2e runs (largest) | $RSSMAX MB | < 50 MB | $(met_le "$RSSMAX" 50) |")
   SUMMARY+=("| \`binary 'true'\`: speed-up of pg_recvlogical / of the server decode | $(ratio "$RECV" "$(med recvb)")× / $(ratio "$PEEK" "$(med peekb)")× | (measure) | – |")
   SUMMARY+=("| binary values in pgferry (experiment): speed-up into null / into JSONL | $(ratio "$(med null)" "$(med nullb)")× / $(ratio "$JSONLS" "$(med jsonlb)")× | (measure; default only if faster and exact) | – |")
+  SUMMARY+=("| pgferry → JSONL, Unix socket and one tokio worker, vs pg_recvlogical (TCP) / vs pg_recvlogical (Unix socket) | $(ratio "$RECV" "$(med jsonlu1)")× / $(ratio "$(med recvu)" "$(med jsonlu1)")× ($(rate "$CHANGES" "$(med jsonlu1)") changes/s) | (≥ 2× vs TCP) | $(met "$(ratio "$RECV" "$(med jsonlu1)")" 2) |")
+  SUMMARY+=("| one tokio worker instead of two: pgferry → JSONL over TCP / over a Unix socket (null) | $(ratio "$JSONLS" "$(med jsonlt1)")× / $(ratio "$(med nullu)" "$(med nullu1)")× | (measure) | – |")
   SUMMARY+=("| Unix socket instead of TCP: pg_recvlogical / pgferry → null | $(ratio "$RECV" "$(med recvu)")× / $(ratio "$(med null)" "$(med nullu)")× | (measure) | – |")
 fi
 
