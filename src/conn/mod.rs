@@ -205,6 +205,11 @@ impl StartOptions {
         if self.streaming {
             opts.push("streaming 'on'".into());
         }
+        // EXPERIMENT, for benches/run.sh only: values in binary. Exact only
+        // for the types `decode::binary` knows; never set it in production.
+        if std::env::var_os("PGFERRY_EXPERIMENT_BINARY").is_some() {
+            opts.push("binary 'true'".into());
+        }
         format!(
             "START_REPLICATION SLOT {} LOGICAL {} ({})",
             quote_ident(&self.slot),

@@ -401,6 +401,15 @@ impl Assembler {
                 }
                 TupleValue::Binary(bin) => {
                     let start = row.buf.len();
+                    // EXPERIMENT: exact for the few types `binary` decodes;
+                    // any other type keeps its raw bytes as hex (see there).
+                    if super::binary::render(&self.types, col.type_oid, bin, &mut row.buf).is_ok() {
+                        row.cells.push(Cell::Value {
+                            start: start as u32,
+                            end: row.buf.len() as u32,
+                        });
+                        continue;
+                    }
                     let mut hex = String::with_capacity(2 + bin.len() * 2);
                     hex.push_str("\\x");
                     for b in bin {

@@ -10,5 +10,6 @@
 //!   transactions, aborts, spill to disk).
 
 pub mod assembler;
+pub mod binary;
 pub mod types;
 pub mod value;

@@ -1,0 +1,504 @@
+#!/usr/bin/env bash
+# All of pgferry's system benchmarks in one run, so that every ratio compares
+# figures measured minutes apart on the same (noisy) machine:
+#
+#   e2e       the server's own decode (peek, text and binary), pg_recvlogical
+#             (TCP, Unix socket, binary), pgferry into null (TCP, Unix socket)
+#             and into JSONL, with peak RSS; pgferry with binary values (an
+#             experiment, PGFERRY_EXPERIMENT_BINARY), output checked identical
+#   binary    the binary-values experiment against to_jsonb() on edge values
+#   redis     pgferry into Redis, json and hash modes (throwaway redis-server)
+#   search    pgferry into OpenSearch 2.19 (tests/opensearch) against a direct
+#             `_bulk` load of the same changes in batches of the same size
+#   latency   commit -> visible in Redis at a steady 1,000 transactions/s
+#   memory    peak RSS while one transaction of 2M rows goes through
+#   snapshot  an initial snapshot of a 1M-row table against COPY TO /dev/null
+#             (needs `pgferry run --exit-after-snapshot`; "n/a" without it)
+#
+# Every consumer of the main workload has its own pgoutput slot, all created
+# at the same LSN before the workload. Prints Markdown and writes it to $OUT.
+#
+# Knobs (environment):
+#   ROWS=1000000         row changes in the main workload
+#   BENCHES="e2e binary redis search latency memory snapshot"   which parts to run
+#   BIG_TXN_ROWS=2000000 rows of the one transaction of the memory part
+#   SNAP_ROWS=1000000    rows of the snapshot table
+#   REPEAT=3             rounds of the e2e and Redis consumers (medians reported)
+#   LAT_SECS=15 LAT_TPS=1000   the latency run
+#   OUT=<target dir>/pgferry-bench/results.md
+#   FERRY_SOURCE_EXTRA   extra [source] lines for every pgferry run (experiments)
+#   SNAPSHOT_EXTRA       extra lines at the end of the snapshot runs' config
+#                        (e.g. $'[snapshot]\nchunk_rows = 100000')
+#   PG_EXTRA_CONF        extra postgresql.conf lines
+#   PERF_DIR             record `perf` profiles of the e2e consumers there
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+. scripts/lib.sh
+ensure_packages postgresql util-linux time redis-server curl
+ensure_cargo
+cargo build --release --quiet
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+BIN="$TARGET/release/pgferry"
+PGBIN="$(pg_bin)"
+ROWS="${ROWS:-1000000}"
+BENCHES="${BENCHES:-e2e binary redis search latency memory snapshot}"
+BIG_TXN_ROWS="${BIG_TXN_ROWS:-2000000}"
+SNAP_ROWS="${SNAP_ROWS:-1000000}"
+LAT_SECS="${LAT_SECS:-15}"
+LAT_TPS="${LAT_TPS:-1000}"
+REPEAT="${REPEAT:-3}"
+mkdir -p "$TARGET/pgferry-bench"
+OUT="${OUT:-$TARGET/pgferry-bench/results.md}"
+want() { [[ " $BENCHES " == *" $1 "* ]]; }
+log() { echo "== $*" >&2; }
+
+# Python with psycopg and redis, for the latency driver and the direct _bulk load.
+PY="$TARGET/pgferry-bench/venv/bin/python"
+if (want latency || want search) && ! "$PY" -c 'import psycopg, redis' 2>/dev/null; then
+  log "creating $TARGET/pgferry-bench/venv (psycopg, redis)"
+  python3 -m venv "$TARGET/pgferry-bench/venv"
+  "$TARGET/pgferry-bench/venv/bin/pip" install -q 'psycopg[binary]' redis
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+WORK="$(mktemp -d /tmp/pgferry-bench.XXXXXX)"
+chmod 755 "$WORK"
+PORT="$(free_port)"
+RUN=()
+if [ "$(id -u)" = 0 ]; then chown postgres: "$WORK"; RUN=(runuser -u postgres --); fi
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  "${RUN[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -m immediate stop >/dev/null 2>&1 || true
+  sleep 1
+  if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+
+"${RUN[@]}" "$PGBIN/initdb" -D "$WORK/data" -U postgres --auth=trust -E UTF8 --locale=C --no-sync >/dev/null
+cat >>"$WORK/data/postgresql.conf" <<CONF
+listen_addresses = '127.0.0.1'
+port = $PORT
+unix_socket_directories = '$WORK'
+wal_level = logical
+max_wal_size = 4GB
+shared_buffers = 512MB
+fsync = off
+logical_decoding_work_mem = 64MB
+max_replication_slots = $((REPEAT * 13 + 10))
+max_wal_senders = 20
+${PG_EXTRA_CONF:-}
+CONF
+"${RUN[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -w start >/dev/null
+# The script's own sessions (workload, set-up) commit asynchronously, for
+# speed; the server default stays synchronous_commit = on, which is what
+# pgferry's own writes (snapshot watermarks) see.
+PSQL=(env PGOPTIONS="-c synchronous_commit=off" "$PGBIN/psql" -X -q -At -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1)
+PGVERSION="$("${PSQL[@]}" -c 'SHOW server_version')"
+
+now() { date +%s.%N; }
+secs() { python3 -c "print(f'{$2 - $1:.2f}')"; }
+rate() { python3 -c "print(f'{$1 / $2:,.0f}')"; }    # count seconds
+ratio() { python3 -c "print(f'{$1 / $2:.2f}')"; }    # a b -> a/b
+ge() { python3 -c "import sys; sys.exit(0 if $1 >= $2 else 1)"; }
+met() { if ge "$1" "$2"; then echo "met"; else echo "**not met**"; fi; }   # value goal (higher is better)
+met_le() { if ge "$2" "$1"; then echo "met"; else echo "**not met**"; fi; } # value goal (lower is better)
+
+SLOTS=(peek search)
+for r in $(seq "$REPEAT"); do
+  SLOTS+=("recv_$r" "recv_unix_$r" "recv_bin_$r" "ferry_null_$r" "ferry_null_unix_$r" "ferry_jsonl_$r" "redis_json_$r" "redis_hash_$r"
+    "ferry_null_bin_$r" "ferry_jsonl_bin_$r" "ferry_null_unix1_$r" "ferry_jsonl_unix1_$r" "ferry_jsonl_tcp1_$r")
+done
+"${PSQL[@]}" >/dev/null <<SQL
+CREATE TABLE items (id bigint PRIMARY KEY, sku text, name text, price numeric(10,2), stock int, tags text[], attrs jsonb, updated_at timestamptz);
+CREATE TABLE marker (id int PRIMARY KEY);
+CREATE PUBLICATION bench FOR TABLE items, marker;
+SELECT pg_create_logical_replication_slot(s, 'pgoutput') FROM unnest(string_to_array('${SLOTS[*]}', ' ')) s;
+SQL
+
+# The workload: inserts in transactions of mixed sizes, one large transaction,
+# then updates and deletes. About ROWS row changes in all.
+N=$ROWS
+INS=$((N * 55 / 100)); BIG=$((N * 15 / 100)); UPD=$((N * 20 / 100)); DEL=$((N * 10 / 100))
+log "workload: $INS inserts in small/medium transactions, one transaction of $BIG inserts, $UPD updates, $DEL deletes"
+t0=$(now)
+"${PSQL[@]}" <<SQL
+DO \$\$
+DECLARE i bigint := 0; sz int;
+BEGIN
+  WHILE i < $INS LOOP
+    sz := CASE WHEN i % 7 = 0 THEN 1000 WHEN i % 3 = 0 THEN 50 ELSE 5 END;
+    INSERT INTO items SELECT g, 'SKU-' || g, 'item number ' || g, (g % 10000) / 100.0, g % 500,
+      ARRAY['tag' || (g % 10), 'x'], jsonb_build_object('color', 'c' || (g % 7), 'size', g % 40), now()
+    FROM generate_series(i + 1, least(i + sz, $INS)) g;
+    i := i + sz;
+    COMMIT;
+  END LOOP;
+END \$\$;
+BEGIN;
+INSERT INTO items SELECT g, 'SKU-' || g, 'big ' || g, 1.5, 1, '{big}', '{"big": true}', now() FROM generate_series($INS + 1, $INS + $BIG) g;
+COMMIT;
+DO \$\$
+DECLARE i bigint := 0;
+BEGIN
+  WHILE i < $UPD LOOP
+    UPDATE items SET stock = stock + 1, updated_at = now() WHERE id > i AND id <= i + 100;
+    i := i + 100;
+    COMMIT;
+  END LOOP;
+  i := 0;
+  WHILE i < $DEL LOOP
+    DELETE FROM items WHERE id > $INS + i AND id <= $INS + i + 100;
+    i := i + 100;
+    COMMIT;
+  END LOOP;
+END \$\$;
+SQL
+UNTIL="$("${PSQL[@]}" -c "SELECT pg_current_wal_insert_lsn()")"
+"${PSQL[@]}" -c "SET synchronous_commit = on; INSERT INTO marker VALUES (1)"
+END="$("${PSQL[@]}" -c "SELECT pg_current_wal_insert_lsn()")"
+CHANGES=$((INS + BIG + UPD + DEL + 1))
+LIVE=$((INS + BIG - DEL))
+WAL="$("${PSQL[@]}" -c "SELECT pg_size_pretty(pg_wal_lsn_diff('$END', confirmed_flush_lsn)) FROM pg_replication_slots WHERE slot_name='peek'")"
+log "$CHANGES row changes, $WAL of WAL (workload took $(secs "$t0" "$(now)") s; until $UNTIL, end $END)"
+
+# ferry NAME SLOT SINK-TOML [URL] [TABLES] [PUBLICATION]: pgferry (release) from
+# SLOT up to $UNTIL; wall time in $WORK/NAME.secs, peak RSS (KiB) in NAME.rss.
+ferry() {
+  local name=$1 slot=$2 sink=$3
+  local url=${4:-postgres://postgres@127.0.0.1:$PORT/postgres}
+  local tables=${5:-'"public.items", "public.marker"'} pub=${6:-bench} until=${UNTIL_OVERRIDE:-$UNTIL}
+  cat >"$WORK/$name.toml" <<TOML
+[source]
+url = "$url"
+slot = "$slot"
+publication = "$pub"
+tables = [$tables]
+${FERRY_SOURCE_EXTRA:-}
+[checkpoint]
+dir = "$WORK/state-$name"
+$sink
+TOML
+  local wrap=()
+  if [ -n "${PERF_DIR:-}" ]; then wrap=(perf record -q -a -e cpu-clock -F 2000 -g -o "$PERF_DIR/$name.perf.data" --); fi
+  local t0 t1
+  t0=$(now)
+  /usr/bin/time -f "%M" -o "$WORK/$name.rss" "${wrap[@]}" "$BIN" --log-format json run --config "$WORK/$name.toml" --until "$until" 2>"$WORK/$name.log" \
+    || { echo "pgferry ($name) failed:" >&2; tail -5 "$WORK/$name.log" >&2; return 1; }
+  t1=$(now)
+  secs "$t0" "$t1" >"$WORK/$name.secs"
+}
+fsecs() { cat "$WORK/$1.secs"; }
+frss() { echo "$(( $(cat "$WORK/$1.rss") / 1024 )) MB"; }
+
+recv() { # slot host extra-options...
+  local slot=$1 host=$2; shift 2
+  "$PGBIN/pg_recvlogical" -h "$host" -p "$PORT" -U postgres -d postgres --slot "$slot" --start -E "$END" --no-loop -f /dev/null \
+    -o proto_version=2 -o publication_names=bench -o messages=true -o streaming=on "$@"
+}
+peek() { # binary: true|false
+  "${PSQL[@]}" -c "SELECT count(*) FROM pg_logical_slot_peek_binary_changes('peek', '$END', NULL, 'proto_version', '2', 'publication_names', 'bench', 'messages', 'true', 'streaming', 'on', 'binary', '$1')"
+}
+timed() { # var command...: sets var to the wall seconds of the command
+  local __v=$1; shift
+  local t0 t1; t0=$(now); "$@" >/dev/null; t1=$(now)
+  printf -v "$__v" '%s' "$(secs "$t0" "$t1")"
+}
+
+SUMMARY=()   # rows of the headline table: | benchmark | figure | goal | status |
+SECTIONS=""  # the detailed tables
+section() { SECTIONS+=$'\n'"$1"$'\n'; }
+
+# ---------------------------------------------------------------- e2e
+# REPEAT rounds; each round runs every consumer once (each on its own slot),
+# so slow phases of the machine hit all consumers alike. Tables give the
+# median and the range; ratios are of medians.
+declare -A T   # T[consumer]="secs secs ..."
+add_t() { T[$1]="${T[$1]:-} $2"; }
+med() { python3 -c "import statistics,sys; print(f'{statistics.median(map(float, sys.argv[1:])):.2f}')" ${T[$1]}; }
+rng() { python3 -c "import sys; v=sorted(map(float, sys.argv[1:])); print(f'{v[0]:.2f}–{v[-1]:.2f}')" ${T[$1]}; }
+maxrss() { local m=0 f; for f in "$WORK"/$1_*.rss; do m=$(( $(cat "$f") > m ? $(cat "$f") : m )); done; echo "$(( m / 1024 )) MB"; }
+JSONL_SINK() { printf '[[sink]]\nname = "jsonl"\ntype = "jsonl"\npath = "%s"\n' "$WORK/out_$1.jsonl"; }
+NULL_SINK=$'[[sink]]\nname = "null"\ntype = "null"'
+if want e2e; then
+  MSGS="$(peek false)"
+  for r in $(seq "$REPEAT"); do
+    log "e2e round $r/$REPEAT: server decode (peek), pg_recvlogical, pgferry"
+    timed x peek false; add_t peek "$x"
+    timed x peek true; add_t peekb "$x"
+    timed x recv "recv_$r" 127.0.0.1; add_t recv "$x"
+    timed x recv "recv_unix_$r" "$WORK"; add_t recvu "$x"
+    timed x recv "recv_bin_$r" 127.0.0.1 -o binary=true; add_t recvb "$x"
+    ferry "ferry_null_$r" "ferry_null_$r" "$NULL_SINK"; add_t null "$(fsecs "ferry_null_$r")"
+    ferry "ferry_null_unix_$r" "ferry_null_unix_$r" "$NULL_SINK" "host=$WORK port=$PORT user=postgres dbname=postgres"; add_t nullu "$(fsecs "ferry_null_unix_$r")"
+    ferry "ferry_jsonl_$r" "ferry_jsonl_$r" "$(JSONL_SINK "$r")"; add_t jsonl "$(fsecs "ferry_jsonl_$r")"
+    LINES=$(wc -l <"$WORK/out_$r.jsonl")
+    [ "$LINES" -ge "$CHANGES" ] || { echo "pgferry wrote $LINES lines, expected $CHANGES" >&2; exit 1; }
+    # The binary-values experiment (src/decode/binary.rs): its JSONL must be
+    # byte for byte the text mode's.
+    PGFERRY_EXPERIMENT_BINARY=1 ferry "ferry_null_bin_$r" "ferry_null_bin_$r" "$NULL_SINK"; add_t nullb "$(fsecs "ferry_null_bin_$r")"
+    PGFERRY_EXPERIMENT_BINARY=1 ferry "ferry_jsonl_bin_$r" "ferry_jsonl_bin_$r" "$(JSONL_SINK "bin_$r")"; add_t jsonlb "$(fsecs "ferry_jsonl_bin_$r")"
+    cmp -s "$WORK/out_$r.jsonl" "$WORK/out_bin_$r.jsonl" || { echo "binary mode wrote other JSON than text mode:" >&2; cmp "$WORK/out_$r.jsonl" "$WORK/out_bin_$r.jsonl" >&2 || true; exit 1; }
+    rm -f "$WORK/out_bin_$r.jsonl"
+    # One tokio worker thread instead of one per CPU (TOKIO_WORKER_THREADS,
+    # read by tokio's runtime builder): fewer cross-thread wake-ups.
+    UNIXURL="host=$WORK port=$PORT user=postgres dbname=postgres"
+    TOKIO_WORKER_THREADS=1 ferry "ferry_null_unix1_$r" "ferry_null_unix1_$r" "$NULL_SINK" "$UNIXURL"; add_t nullu1 "$(fsecs "ferry_null_unix1_$r")"
+    TOKIO_WORKER_THREADS=1 ferry "ferry_jsonl_unix1_$r" "ferry_jsonl_unix1_$r" "$(JSONL_SINK "u1_$r")" "$UNIXURL"; add_t jsonlu1 "$(fsecs "ferry_jsonl_unix1_$r")"
+    TOKIO_WORKER_THREADS=1 ferry "ferry_jsonl_tcp1_$r" "ferry_jsonl_tcp1_$r" "$(JSONL_SINK "t1_$r")"; add_t jsonlt1 "$(fsecs "ferry_jsonl_tcp1_$r")"
+    for f in "u1_$r" "t1_$r"; do
+      cmp -s "$WORK/out_$r.jsonl" "$WORK/out_$f.jsonl" || { echo "out_$f.jsonl differs from out_$r.jsonl" >&2; exit 1; }
+      rm -f "$WORK/out_$f.jsonl"
+    done
+    [ "$r" = 1 ] || rm -f "$WORK/out_$r.jsonl"
+  done
+  PEEK=$(med peek); RECV=$(med recv); JSONLS=$(med jsonl)
+  row() { local m; m=$(med "$2"); echo "| $1 | $m | $(rng "$2") | $(rate "$CHANGES" "$m") | $(ratio "$RECV" "$m")× | $(ratio "$PEEK" "$m")× | $3 |"; }
+  section "### End to end: $CHANGES row changes ($WAL of WAL), $REPEAT rounds
+
+| consumer | seconds (median) | range | changes/s | vs pg_recvlogical | vs server decode | peak RSS (max) |
+|---|---:|---:|---:|---:|---:|---:|
+$(row "server-side decode (peek, no network; $MSGS messages)" peek –)
+$(row "server-side decode, \`binary 'true'\`" peekb –)
+$(row "pg_recvlogical → /dev/null (TCP loopback)" recv –)
+$(row "pg_recvlogical → /dev/null (Unix socket)" recvu –)
+$(row "pg_recvlogical → /dev/null, \`binary 'true'\`" recvb –)
+$(row "pgferry → null sink (TCP loopback)" null "$(maxrss ferry_null)")
+$(row "pgferry → null sink (Unix socket)" nullu "$(maxrss ferry_null_unix)")
+$(row "pgferry → JSONL file" jsonl "$(maxrss ferry_jsonl)")
+$(row "pgferry → JSONL file, one tokio worker (\`TOKIO_WORKER_THREADS=1\`)" jsonlt1 "$(maxrss ferry_jsonl_tcp1)")
+$(row "pgferry → null sink, Unix socket, one tokio worker" nullu1 "$(maxrss ferry_null_unix1)")
+$(row "pgferry → JSONL file, Unix socket, one tokio worker" jsonlu1 "$(maxrss ferry_jsonl_unix1)")
+$(row "pgferry → null sink, binary values (experiment)" nullb "$(maxrss ferry_null_bin)")
+$(row "pgferry → JSONL file, binary values (experiment; output identical, checked)" jsonlb "$(maxrss ferry_jsonl_bin)")"
+  R1=$(ratio "$RECV" "$JSONLS"); R2=$(ratio "$PEEK" "$JSONLS")
+  SUMMARY+=("| pgferry → JSONL vs pg_recvlogical (TCP) | ${R1}× ($(rate "$CHANGES" "$JSONLS") vs $(rate "$CHANGES" "$RECV") changes/s) | ≥ 2× | $(met "$R1" 2) |")
+  SUMMARY+=("| pgferry → JSONL vs server-side decode | ${R2}× ($(rate "$CHANGES" "$PEEK") changes/s server-side) | ≥ 0.5× | $(met "$R2" 0.5) |")
+  RSSMAX=$(cat "$WORK"/ferry_*.rss | sort -n | tail -1); RSSMAX=$((RSSMAX / 1024))
+  SUMMARY+=("| peak RSS, e2e runs (largest) | $RSSMAX MB | < 50 MB | $(met_le "$RSSMAX" 50) |")
+  SUMMARY+=("| \`binary 'true'\`: speed-up of pg_recvlogical / of the server decode | $(ratio "$RECV" "$(med recvb)")× / $(ratio "$PEEK" "$(med peekb)")× | (measure) | – |")
+  SUMMARY+=("| binary values in pgferry (experiment): speed-up into null / into JSONL | $(ratio "$(med null)" "$(med nullb)")× / $(ratio "$JSONLS" "$(med jsonlb)")× | (measure; default only if faster and exact) | – |")
+  SUMMARY+=("| pgferry → JSONL, Unix socket and one tokio worker, vs pg_recvlogical (TCP) / vs pg_recvlogical (Unix socket) | $(ratio "$RECV" "$(med jsonlu1)")× / $(ratio "$(med recvu)" "$(med jsonlu1)")× ($(rate "$CHANGES" "$(med jsonlu1)") changes/s) | (≥ 2× vs TCP) | $(met "$(ratio "$RECV" "$(med jsonlu1)")" 2) |")
+  SUMMARY+=("| one tokio worker instead of two: pgferry → JSONL over TCP / over a Unix socket (null) | $(ratio "$JSONLS" "$(med jsonlt1)")× / $(ratio "$(med nullu)" "$(med nullu1)")× | (measure) | – |")
+  SUMMARY+=("| Unix socket instead of TCP: pg_recvlogical / pgferry → null | $(ratio "$RECV" "$(med recvu)")× / $(ratio "$(med null)" "$(med nullu)")× | (measure) | – |")
+fi
+
+# ---------------------------------------------------------------- binary
+# Exactness of the binary-values experiment on edge values (the e2e rounds
+# check the bench table's 1M rows against the text mode).
+if want binary; then
+  log "binary: edge values against to_jsonb()"
+  "${PSQL[@]}" -f benches/binary_fidelity.sql >/dev/null
+  UNTIL_OVERRIDE="$("${PSQL[@]}" -c "SELECT pg_current_wal_insert_lsn()")"
+  "${PSQL[@]}" -c "SET synchronous_commit = on; INSERT INTO marker VALUES (3)"
+  PGFERRY_EXPERIMENT_BINARY=1 UNTIL_OVERRIDE=$UNTIL_OVERRIDE ferry bfid bfid "$(JSONL_SINK bfid)" "" '"public.bfid"' bfidpub
+  "${PSQL[@]}" -c "SELECT to_jsonb(r) FROM bfid r ORDER BY id" >"$WORK/bfid.want"
+  BFID=$(python3 benches/binary_fidelity.py "$WORK/out_bfid.jsonl" "$WORK/bfid.want" 2>"$WORK/bfid.diff") || true
+  [ -s "$WORK/bfid.diff" ] && cat "$WORK/bfid.diff" >&2
+  SUMMARY+=("| binary values (experiment) equal \`to_jsonb()\` on edge values of its types | $BFID | exact | $([ -s "$WORK/bfid.diff" ] && echo '**not met**' || echo met) |")
+fi
+
+# ---------------------------------------------------------------- redis
+if want redis || want latency; then
+  REDIS_PORT="$(free_port)"
+  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$WORK" --logfile "$WORK/redis.log" --daemonize no &
+  PIDS+=($!)
+  for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+redis_sink() { # db mode [table key]
+  local table=${3:-public.items} key=${4:-}
+  [ -n "$key" ] || key='item:{id}'
+  printf '[[sink]]\nname = "redis"\ntype = "redis"\nurl = "redis://127.0.0.1:%s/%s"\n[sink.tables."%s"]\nkey = "%s"\nmode = "%s"\n' \
+    "$REDIS_PORT" "$1" "$table" "$key" "$2"
+}
+if want redis; then
+  for r in $(seq "$REPEAT"); do
+    log "redis round $r/$REPEAT: json and hash modes"
+    if ! want e2e; then ferry "ferry_jsonl_$r" "ferry_jsonl_$r" "$(JSONL_SINK "$r")"; add_t jsonl "$(fsecs "ferry_jsonl_$r")"; fi
+    redis-cli -p "$REDIS_PORT" flushall >/dev/null
+    ferry "redis_json_$r" "redis_json_$r" "$(redis_sink 0 json)"; add_t rjson "$(fsecs "redis_json_$r")"
+    ferry "redis_hash_$r" "redis_hash_$r" "$(redis_sink 1 hash)"; add_t rhash "$(fsecs "redis_hash_$r")"
+    for db in 0 1; do
+      keys=$(redis-cli -p "$REDIS_PORT" -n $db --scan --pattern 'item:*' | wc -l)
+      [ "$keys" = "$LIVE" ] || { echo "redis db $db holds $keys item keys, expected $LIVE" >&2; exit 1; }
+    done
+  done
+  redis-cli -p "$REDIS_PORT" flushall >/dev/null
+  JSONLS=$(med jsonl); RJ=$(med rjson); RH=$(med rhash)
+  rrow() { local m; m=$(med "$2"); echo "| $1 | $m | $(rng "$2") | $(rate "$CHANGES" "$m") | $(ratio "$JSONLS" "$m")× | $3 |"; }
+  section "### Redis: the same $CHANGES changes ($LIVE keys at the end, verified), $REPEAT rounds
+
+| sink | seconds (median) | range | changes/s | vs pgferry → JSONL | peak RSS (max) |
+|---|---:|---:|---:|---:|---:|
+$(rrow "JSONL file (reference, from the e2e rounds)" jsonl "$(maxrss ferry_jsonl)")
+$(rrow "Redis, json mode" rjson "$(maxrss redis_json)")
+$(rrow "Redis, hash mode" rhash "$(maxrss redis_hash)")"
+  SUMMARY+=("| Redis json vs pgferry → JSONL | $(ratio "$JSONLS" "$RJ")× ($(rate "$CHANGES" "$RJ") changes/s) | ≥ 0.8× | $(met "$(ratio "$JSONLS" "$RJ")" 0.8) |")
+  SUMMARY+=("| Redis hash vs pgferry → JSONL | $(ratio "$JSONLS" "$RH")× ($(rate "$CHANGES" "$RH") changes/s) | ≥ 0.8× | $(met "$(ratio "$JSONLS" "$RH")" 0.8) |")
+fi
+
+# ---------------------------------------------------------------- search
+if want search; then
+  log "search: OpenSearch node, pgferry vs direct _bulk"
+  command -v java >/dev/null 2>&1 || ensure_packages openjdk-17-jdk-headless
+  command -v mvn >/dev/null 2>&1 || ensure_packages maven
+  [ -f tests/opensearch/target/cp.txt ] || tests/opensearch/build.sh
+  OS_PORT="$(free_port)"
+  OS_PID=$(OPENSEARCH_JAVA_OPTS="${OPENSEARCH_JAVA_OPTS:--Xms1g -Xmx1g}" tests/opensearch/start.sh "$WORK/os-home" "$OS_PORT")
+  PIDS+=("$OS_PID")
+  [ -f "$WORK/out_1.jsonl" ] || ferry ferry_jsonl_1 ferry_jsonl_1 "$(JSONL_SINK 1)"
+  # Warm the JVM up (JIT, index creation paths) on a throwaway index first,
+  # so neither measured load pays for it; then the direct load, then pgferry.
+  "$PY" benches/bulk_direct.py "$WORK/out_1.jsonl" "http://127.0.0.1:$OS_PORT" warmup 1000 "${SEARCH_WARMUP_OPS:-100000}" >/dev/null
+  curl -s -XDELETE "http://127.0.0.1:$OS_PORT/warmup" >/dev/null
+  DIRECT=$("$PY" benches/bulk_direct.py "$WORK/out_1.jsonl" "http://127.0.0.1:$OS_PORT" direct_items 1000)
+  ferry search search "$(printf '[[sink]]\nname = "search"\ntype = "opensearch"\nurl = "http://127.0.0.1:%s"\n[sink.tables."public.items"]\nindex = "ferry_items"\n' "$OS_PORT")"
+  SF=$(fsecs search)
+  DS=$(echo "$DIRECT" | cut -d' ' -f1); DOPS=$(echo "$DIRECT" | cut -d' ' -f2); DREQ=$(echo "$DIRECT" | cut -d' ' -f3)
+  curl -s -XPOST "http://127.0.0.1:$OS_PORT/_refresh" >/dev/null
+  NF=$(curl -s "http://127.0.0.1:$OS_PORT/ferry_items/_count" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])')
+  ND=$(curl -s "http://127.0.0.1:$OS_PORT/direct_items/_count" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])')
+  [ "$NF" = "$LIVE" ] && [ "$ND" = "$LIVE" ] || { echo "documents: pgferry $NF, direct $ND, expected $LIVE" >&2; exit 1; }
+  section "### OpenSearch 2.19.6 (single node, 1 GiB heap): $((CHANGES - 1)) changes of \`items\` ($LIVE documents at the end, verified in both indices)
+
+| loader | seconds | changes/s | vs direct \`_bulk\` | peak RSS |
+|---|---:|---:|---:|---:|
+| direct \`_bulk\` (Python, one keep-alive connection, $DREQ requests of ≤ 1000 operations, same external versions; body built before timing) | $DS | $(rate "$DOPS" "$DS") | 1.00× | – |
+| pgferry → opensearch sink (whole process, from the slot) | $SF | $(rate "$((CHANGES - 1))" "$SF") | $(ratio "$DS" "$SF")× | $(frss search) |"
+  SUMMARY+=("| OpenSearch sink vs direct \`_bulk\` | $(ratio "$DS" "$SF")× ($(rate "$((CHANGES - 1))" "$SF") changes/s) | ≥ 0.8× | $(met "$(ratio "$DS" "$SF")" 0.8) |")
+  kill "$OS_PID" 2>/dev/null || true
+fi
+
+# ---------------------------------------------------------------- latency
+if want latency; then
+  log "latency: $LAT_TPS transactions/s for $LAT_SECS s, commit -> visible in Redis"
+  "${PSQL[@]}" >/dev/null <<SQL
+CREATE TABLE lat (id int PRIMARY KEY, seq bigint, sent_at timestamptz);
+INSERT INTO lat SELECT g, 0, now() FROM generate_series(1, 1000) g;
+CREATE PUBLICATION latpub FOR TABLE lat;
+SELECT count(pg_create_logical_replication_slot('lat', 'pgoutput'));
+SQL
+  cat >"$WORK/lat.toml" <<TOML
+[source]
+url = "postgres://postgres@127.0.0.1:$PORT/postgres"
+slot = "lat"
+publication = "latpub"
+tables = ["public.lat"]
+[checkpoint]
+dir = "$WORK/state-lat"
+$(redis_sink 2 json public.lat 'lat:{id}')
+TOML
+  "$BIN" --log-format json run --config "$WORK/lat.toml" 2>"$WORK/lat.log" &
+  LAT_PID=$!; PIDS+=("$LAT_PID")
+  LATOUT=$("$PY" benches/latency.py "host=127.0.0.1 port=$PORT user=postgres dbname=postgres" "$REDIS_PORT" 2 "$LAT_TPS" "$LAT_SECS")
+  kill "$LAT_PID" 2>/dev/null || true; wait "$LAT_PID" 2>/dev/null || true
+  read -r LN LP50 LP99 LMAX SP50 SP99 SMAX LRATE LNEG <<<"$LATOUT"
+  section "### Latency: commit → visible in Redis (json mode), $LN transactions at $LRATE/s
+
+Each transaction (autocommit) updates one of 1,000 rows, with
+\`synchronous_commit = on\` in the driver's session; default pipeline settings.
+Latency is (Redis keyspace notification received) − (COMMIT's reply
+received by the Python driver), both on CLOCK_MONOTONIC, in two processes;
+$LNEG of $LN samples were negative (the change reached Redis before the
+driver had parsed the reply). Measured from *sending* the statement instead,
+an upper bound, it is in the second row.
+
+| measured from | p50 | p99 | max |
+|---|---:|---:|---:|
+| COMMIT's reply | $LP50 ms | $LP99 ms | $LMAX ms |
+| sending the UPDATE | $SP50 ms | $SP99 ms | $SMAX ms |"
+  SUMMARY+=("| latency commit → Redis at $LRATE txn/s, p50 / p99 / max | $LP50 / $LP99 / $LMAX ms | p99 < 10 ms | $(met_le "$LP99" 10) |")
+fi
+
+# ---------------------------------------------------------------- memory
+if want memory; then
+  log "memory: one transaction of $BIG_TXN_ROWS rows"
+  "${PSQL[@]}" >/dev/null <<SQL
+CREATE TABLE bigtx (id bigint PRIMARY KEY, sku text, name text, price numeric(10,2), stock int, tags text[], attrs jsonb, updated_at timestamptz);
+CREATE PUBLICATION bigpub FOR TABLE bigtx;
+SELECT count(pg_create_logical_replication_slot('bigtx', 'pgoutput'));
+INSERT INTO bigtx SELECT g, 'SKU-' || g, 'item number ' || g, (g % 10000) / 100.0, g % 500,
+  ARRAY['tag' || (g % 10), 'x'], jsonb_build_object('color', 'c' || (g % 7), 'size', g % 40), now()
+FROM generate_series(1, $BIG_TXN_ROWS) g;
+SQL
+  UNTIL_OVERRIDE="$("${PSQL[@]}" -c "SELECT pg_current_wal_insert_lsn()")"
+  "${PSQL[@]}" -c "SET synchronous_commit = on; INSERT INTO marker VALUES (2)"
+  UNTIL_OVERRIDE=$UNTIL_OVERRIDE ferry bigtx bigtx $'[[sink]]\nname = "null"\ntype = "null"' "" '"public.bigtx"' bigpub
+  BT=$(fsecs bigtx); BRSS=$(( $(cat "$WORK/bigtx.rss") / 1024 ))
+  section "### Memory: one transaction of $BIG_TXN_ROWS rows into the null sink (default \`memory_limit_mb = 16\`, spilled)
+
+| seconds | changes/s | peak RSS |
+|---:|---:|---:|
+| $BT | $(rate "$BIG_TXN_ROWS" "$BT") | $BRSS MB |"
+  SUMMARY+=("| peak RSS, one transaction of $BIG_TXN_ROWS rows | $BRSS MB | < 100 MB | $(met_le "$BRSS" 100) |")
+fi
+
+# ---------------------------------------------------------------- snapshot
+if want snapshot; then
+  "${PSQL[@]}" <<SQL
+CREATE TABLE snap (id bigint PRIMARY KEY, sku text, name text, price numeric(10,2), stock int, tags text[], attrs jsonb, updated_at timestamptz);
+INSERT INTO snap SELECT g, 'SKU-' || g, 'item number ' || g, (g % 10000) / 100.0, g % 500,
+  ARRAY['tag' || (g % 10), 'x'], jsonb_build_object('color', 'c' || (g % 7), 'size', g % 40), now()
+FROM generate_series(1, $SNAP_ROWS) g;
+CREATE PUBLICATION snappub FOR TABLE snap;
+SQL
+  timed COPYS "${PSQL[@]}" -c "COPY snap TO STDOUT"
+  if "$BIN" run --help | grep -q exit-after-snapshot; then
+    snap() { # name sink-toml
+      cat >"$WORK/$1.toml" <<TOML
+[source]
+url = "postgres://postgres@127.0.0.1:$PORT/postgres"
+slot = "$1"
+publication = "snappub"
+tables = ["public.snap"]
+snapshot = "initial"
+[checkpoint]
+dir = "$WORK/state-$1"
+$2
+${SNAPSHOT_EXTRA:-}
+TOML
+      local t0; t0=$(now)
+      /usr/bin/time -f "%M" -o "$WORK/$1.rss" "$BIN" --log-format json run --config "$WORK/$1.toml" --exit-after-snapshot 2>"$WORK/$1.log" \
+        || { echo "pgferry ($1) failed:" >&2; tail -5 "$WORK/$1.log" >&2; return 1; }
+      secs "$t0" "$(now)" >"$WORK/$1.secs"
+    }
+    log "snapshot: $SNAP_ROWS rows into null"
+    snap snap_null "$NULL_SINK"
+    log "snapshot: $SNAP_ROWS rows into JSONL"
+    snap snap_jsonl "$(JSONL_SINK snap)"
+    SL=$(grep -c '"op":"read"' "$WORK/out_snap.jsonl" || true)
+    [ "$SL" = "$SNAP_ROWS" ] || { echo "snapshot wrote $SL read events, expected $SNAP_ROWS" >&2; exit 1; }
+    srow() { local t; t=$(fsecs "$1"); echo "| $2 | $t | $(rate "$SNAP_ROWS" "$t") | $(ratio "$COPYS" "$t")× | $(frss "$1") |"; }
+    SROWS="$(srow snap_null "pgferry \`snapshot = \"initial\"\` → null sink, \`--exit-after-snapshot\`")
+$(srow snap_jsonl "pgferry \`snapshot = \"initial\"\` → JSONL ($SNAP_ROWS read events, checked), \`--exit-after-snapshot\`")"
+    SUMMARY+=("| snapshot of $SNAP_ROWS rows vs COPY TO /dev/null: into null / into JSONL | $(ratio "$COPYS" "$(fsecs snap_null)")× / $(ratio "$COPYS" "$(fsecs snap_jsonl)")× ($(rate "$SNAP_ROWS" "$(fsecs snap_null)") / $(rate "$SNAP_ROWS" "$(fsecs snap_jsonl)") rows/s) | (measure) | – |")
+  else
+    log "snapshot: pgferry has no --exit-after-snapshot yet: n/a"
+    SROWS="| pgferry \`snapshot = \"initial\"\`, \`--exit-after-snapshot\` | n/a | n/a | n/a | n/a |"
+    SUMMARY+=("| snapshot vs COPY TO /dev/null | n/a | (measure) | – |")
+  fi
+  section "### Snapshot of a $SNAP_ROWS-row table (whole pgferry process: start, slot, snapshot, exit)
+
+| reader | seconds | rows/s | vs COPY | peak RSS |
+|---|---:|---:|---:|---:|
+| \`COPY snap TO STDOUT\` → /dev/null (psql) | $COPYS | $(rate "$SNAP_ROWS" "$COPYS") | 1.00× | – |
+$SROWS"
+fi
+
+# ---------------------------------------------------------------- report
+CPU="$(lscpu | sed -n 's/^Model name: *//p' | head -1)"
+MEM="$(free -g | awk '/^Mem:/ {print $2}') GiB"
+{
+  echo "## pgferry benchmarks, $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "Machine: $(nproc) CPUs ($CPU), $MEM RAM, load average at the end $(cut -d' ' -f1-3 /proc/loadavg);"
+  echo "$(uname -sr); PostgreSQL $PGVERSION (\`fsync=off\`; the workload commits with \`synchronous_commit=off\`); $(rustc --version)."
+  echo "Workload: $CHANGES row changes ($WAL of WAL). All figures from this one run."
+  echo
+  echo "| benchmark | result | goal | status |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${SUMMARY[@]}"
+  echo "$SECTIONS"
+} | tee "$OUT"
+log "written to $OUT"
