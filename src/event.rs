@@ -261,6 +261,12 @@ impl Change {
 
     /// Writes one JSON line (without the newline) for this change.
     pub fn write_json(&self, txn: &TxnMeta, out: &mut Vec<u8>) {
+        self.write_json_with(&txn.json_tail(), out);
+    }
+
+    /// [`Change::write_json`] with the transaction's fields already
+    /// rendered by [`TxnMeta::json_tail`] (once per transaction, not per change).
+    pub fn write_json_with(&self, txn_tail: &[u8], out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"op\":\"");
         out.extend_from_slice(self.op.as_str().as_bytes());
         out.extend_from_slice(b"\",");
@@ -297,13 +303,7 @@ impl Change {
         }
         out.extend_from_slice(b",\"lsn\":\"");
         write_lsn(self.lsn, out);
-        out.extend_from_slice(b"\",\"commit_lsn\":\"");
-        write_lsn(txn.commit_lsn, out);
-        out.extend_from_slice(b"\",\"xid\":");
-        out.extend_from_slice(itoa::Buffer::new().format(txn.xid).as_bytes());
-        out.extend_from_slice(b",\"commit_time\":\"");
-        write_pg_timestamp(txn.commit_time, out);
-        out.extend_from_slice(b"\"}");
+        out.extend_from_slice(txn_tail);
     }
 }
 
@@ -339,9 +339,18 @@ pub fn write_object(
     out.push(b'}');
 }
 
+/// `X/Y` in upper-case hex, as Postgres prints an LSN.
 fn write_lsn(lsn: Lsn, out: &mut Vec<u8>) {
-    use std::io::Write;
-    let _ = write!(out, "{lsn}");
+    fn hex(v: u32, out: &mut Vec<u8>) {
+        const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+        let n = (8 - v.leading_zeros() as usize / 4).max(1);
+        for i in (0..n).rev() {
+            out.push(DIGITS[((v >> (i * 4)) & 0xF) as usize]);
+        }
+    }
+    hex((lsn.0 >> 32) as u32, out);
+    out.push(b'/');
+    hex(lsn.0 as u32, out);
 }
 
 /// Microseconds since 2000-01-01 UTC → RFC 3339 (`2024-05-01T12:00:00.123456Z`).
@@ -392,6 +401,22 @@ pub struct TxnMeta {
     pub end_lsn: Lsn,
     /// Microseconds since 2000-01-01 UTC.
     pub commit_time: i64,
+}
+
+impl TxnMeta {
+    /// The end of a change's JSON line that every change of the transaction
+    /// shares: `","commit_lsn":"…","xid":…,"commit_time":"…"}`.
+    pub fn json_tail(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96);
+        out.extend_from_slice(b"\",\"commit_lsn\":\"");
+        write_lsn(self.commit_lsn, &mut out);
+        out.extend_from_slice(b"\",\"xid\":");
+        out.extend_from_slice(itoa::Buffer::new().format(self.xid).as_bytes());
+        out.extend_from_slice(b",\"commit_time\":\"");
+        write_pg_timestamp(self.commit_time, &mut out);
+        out.extend_from_slice(b"\"}");
+        out
+    }
 }
 
 /// A transactional logical decoding message (`pg_logical_emit_message(true, …)`).
@@ -465,6 +490,21 @@ impl Transaction {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lsns_are_written_like_postgres() {
+        for (v, want) in [
+            (0u64, "0/0"),
+            (0x1_0000_00A0, "1/A0"),
+            (0x16_B374_D848, "16/B374D848"),
+            (u64::MAX, "FFFFFFFF/FFFFFFFF"),
+        ] {
+            let mut out = Vec::new();
+            write_lsn(Lsn(v), &mut out);
+            assert_eq!(String::from_utf8(out).unwrap(), want);
+            assert_eq!(Lsn(v).to_string(), want);
+        }
+    }
 
     #[test]
     fn timestamps_are_rfc3339_utc() {

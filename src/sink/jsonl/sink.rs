@@ -87,6 +87,7 @@ impl JsonlSink {
             };
             let mut written = 0u64;
             let (filter, buf, out) = (&self.filter, &mut self.buf, &mut self.out);
+            let tail = txn.meta.json_tail();
             txn.for_each_change(|c| {
                 if !filter.accepts(&c.rel.qualified) {
                     return Ok(());
@@ -96,7 +97,7 @@ impl JsonlSink {
                     skip -= 1;
                     return Ok(());
                 }
-                c.write_json(&txn.meta, buf);
+                c.write_json_with(&tail, buf);
                 buf.push(b'\n');
                 // Memory stays bounded for huge transactions: write as we go.
                 if buf.len() >= 4 << 20 {
