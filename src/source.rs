@@ -486,7 +486,7 @@ pub async fn run(
                         }
                         received.committed(&txn);
                         let txn = deliver(&budget, &senders, txn).await?;
-                        snaps.delivered(&txn);
+                        snaps.delivered(&txn)?;
                     }
                 }
                 ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {

@@ -706,3 +706,32 @@ fn a_table_without_a_key_is_copied_in_an_exported_snapshot() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+/// The chunks of two workers go through a memory budget smaller than one
+/// chunk, with no other traffic: the stream must never wait for memory that
+/// only its own progress can free (a window waiting for its rows once held
+/// the other chunks' transactions, and the snapshot stalled for good).
+#[test]
+fn a_snapshot_through_a_budget_smaller_than_a_chunk_finishes() {
+    let pg = TestPg::start();
+    pg.sql(DDL);
+    fill(&pg, 1, 100_000);
+    let s = Stores {
+        redis: None,
+        node: None,
+        index: String::new(),
+    };
+    let f = FerryDir::new();
+    write_config(
+        &pg,
+        &f,
+        &s,
+        "initial",
+        "chunk_rows = 5000\nworkers = 2\n\n[pipeline]\nmemory_limit_mb = 1",
+    );
+    let _g = Guard(f.run());
+    wait_snapshot_done(&f, 1);
+    let n = wait_equal(&pg, &f, &s);
+    assert_eq!(n, 100_000);
+    assert_eq!(reads(&f.events()).len(), 100_000);
+}

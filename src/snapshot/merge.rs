@@ -107,7 +107,8 @@ impl Window {
 
     /// Replays one committed change of the window onto the chunk.
     pub fn apply(&mut self, c: &Change) {
-        if c.rel.oid != self.oid {
+        // Read events (another chunk's) change nothing in the table.
+        if c.rel.oid != self.oid || c.op == Op::Read {
             return;
         }
         if c.op == Op::Truncate {

@@ -108,6 +108,8 @@ pub(crate) enum Refused {
 
 pub(crate) enum Registered {
     Chunk {
+        /// The table (stream changes are matched on its OID).
+        oid: u32,
         rows: oneshot::Receiver<ChunkData>,
         done: oneshot::Sender<Result<Lsn, Refused>>,
     },
@@ -311,6 +313,7 @@ impl Snapshots {
                 recent: VecDeque::new(),
                 recent_set: HashMap::new(),
                 seq: 0,
+                max_buffer: (config.pipeline.memory_limit_mb as usize).saturating_mul(1 << 20),
                 delivered: Lsn::ZERO,
             },
             shared,
@@ -353,8 +356,8 @@ impl Snapshots {
     }
 
     /// Called with each transaction once it is handed to the sinks.
-    pub fn delivered(&mut self, txn: &Arc<Transaction>) {
-        self.merger.buffer(txn);
+    pub fn delivered(&mut self, txn: &Transaction) -> Result<(), SourceError> {
+        self.merger.buffer(txn)
     }
 
     /// A keepalive with nothing open: every commit before `wal_end` was seen.
@@ -532,14 +535,19 @@ struct OpenWindow {
 }
 
 enum WinState {
-    /// The worker is still reading: the window's transactions are kept (they
-    /// are shared with the sinks anyway, and count against the memory
-    /// budget) and replayed when the rows come. The stream does not wait.
+    /// The worker is still reading: the window's changes to the table are
+    /// kept (copies, outside the memory budget, so that they can never hold
+    /// the budget the stream waits for) and replayed when the rows come.
+    /// The stream does not wait. Past `max_buffer` bytes the chunk is given
+    /// up and read again, so memory stays bounded.
     Pending {
+        oid: u32,
         rows: oneshot::Receiver<ChunkData>,
         /// Commit sequence number at the low watermark.
         low_seq: u64,
-        buffered: Vec<Arc<Transaction>>,
+        buffered: Vec<crate::event::Change>,
+        bytes: usize,
+        overflow: bool,
     },
     Active(Window),
 }
@@ -553,6 +561,8 @@ struct Merger {
     recent: VecDeque<u32>,
     recent_set: HashMap<u32, u64>,
     seq: u64,
+    /// Bytes of changes a pending window may keep before its chunk is read again.
+    max_buffer: usize,
     /// Highest end position handed to the sinks.
     delivered: Lsn,
 }
@@ -580,11 +590,19 @@ impl Merger {
     /// watermark. `None`: the chunk was refused or its worker went away.
     fn activate(&mut self, w: OpenWindow, data: ChunkData) -> Option<OpenWindow> {
         let WinState::Pending {
-            low_seq, buffered, ..
+            low_seq,
+            buffered,
+            overflow,
+            ..
         } = w.state
         else {
             return Some(w);
         };
+        if overflow {
+            tracing::debug!(chunk = %w.id, "too many changes to the table while the chunk was read: reading it again");
+            let _ = w.done.send(Err(Refused::Race));
+            return None;
+        }
         let raced = data
             .xip
             .iter()
@@ -601,16 +619,8 @@ impl Merger {
             &data.info.key_cols,
             data.rows,
         );
-        for t in &buffered {
-            let res = t.for_each_change(|c| {
-                window.apply(c);
-                Ok(())
-            });
-            if let Err(e) = res {
-                tracing::warn!(error = %e, "reading a spilled transaction for a snapshot window; the chunk is read again");
-                let _ = w.done.send(Err(Refused::Race));
-                return None;
-            }
+        for c in &buffered {
+            window.apply(c);
         }
         Some(OpenWindow {
             id: w.id,
@@ -643,16 +653,47 @@ impl Merger {
         }
     }
 
-    /// Keeps a delivered transaction for the windows still waiting for rows.
-    fn buffer(&mut self, txn: &Arc<Transaction>) {
-        if txn.is_empty() {
-            return;
+    /// Keeps the changes of a delivered transaction that the windows still
+    /// waiting for rows will need.
+    fn buffer(&mut self, txn: &Transaction) -> Result<(), SourceError> {
+        if txn.is_empty()
+            || !self
+                .open
+                .iter()
+                .any(|w| matches!(w.state, WinState::Pending { .. }))
+        {
+            return Ok(());
         }
-        for w in &mut self.open {
-            if let WinState::Pending { buffered, .. } = &mut w.state {
-                buffered.push(txn.clone());
+        let max = self.max_buffer;
+        let open = &mut self.open;
+        txn.for_each_change(|c| {
+            if c.op == crate::event::Op::Read {
+                return Ok(());
             }
-        }
+            for w in open.iter_mut() {
+                if let WinState::Pending {
+                    oid,
+                    buffered,
+                    bytes,
+                    overflow,
+                    ..
+                } = &mut w.state
+                {
+                    if *oid != c.rel.oid || *overflow {
+                        continue;
+                    }
+                    *bytes += c.mem_size();
+                    if *bytes > max {
+                        *overflow = true;
+                        *buffered = Vec::new();
+                    } else {
+                        buffered.push(c.clone());
+                    }
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| SourceError::Fatal(format!("reading a spilled transaction: {e}")))
     }
 
     /// Picks up copy registrations, and delivers the copies whose point the
@@ -800,16 +841,19 @@ impl Merger {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&mark.id);
-                    let Some(Registered::Chunk { rows, done }) = reg else {
+                    let Some(Registered::Chunk { oid, rows, done }) = reg else {
                         // Another session's or process's watermark.
                         continue;
                     };
                     self.open.push(OpenWindow {
                         id: mark.id.clone(),
                         state: WinState::Pending {
+                            oid,
                             rows,
                             low_seq: self.seq,
                             buffered: Vec::new(),
+                            bytes: 0,
+                            overflow: false,
                         },
                         done,
                     });

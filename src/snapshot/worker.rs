@@ -327,6 +327,7 @@ async fn read_chunk(
         .insert(
             id.clone(),
             Registered::Chunk {
+                oid: info.rel.oid,
                 rows: rows_rx,
                 done: done_tx,
             },
