@@ -128,7 +128,11 @@ pub async fn describe(
     };
     let Some(head) = client
         .query_opt(
-            "SELECT c.oid, c.relreplident::text, GREATEST(c.reltuples, 0)::float8 \
+            // Never analyzed (reltuples -1, or 0 before PG 14): guess from
+            // the size at ~100 bytes a row; only ranges and the ETA use it.
+            "SELECT c.oid, c.relreplident::text, \
+                    (CASE WHEN c.reltuples > 0 THEN c.reltuples \
+                          ELSE pg_catalog.pg_relation_size(c.oid) / 100.0 END)::float8 \
              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&schema, &table],
@@ -270,6 +274,11 @@ pub fn session_sql() -> String {
     // wal_writer_delay) before the walsender may send it. `local` flushes
     // without waiting for synchronous standbys.
     s.push_str("SET synchronous_commit = local;");
+    // A chunk must walk the key's index in order and stop at the LIMIT.
+    // Without statistics (a table never analyzed) the planner prefers a
+    // bitmap scan of the whole key range plus a sort, per chunk: 7x slower
+    // on 1M rows. Sorting is never what a keyset chunk wants.
+    s.push_str("SET enable_sort = off; SET enable_bitmapscan = off;");
     s
 }
 
