@@ -309,30 +309,38 @@ fn start_workload(
     rt: &tokio::runtime::Runtime,
     stop: &Arc<AtomicBool>,
 ) -> Vec<tokio::task::JoinHandle<u32>> {
-    let mut workers = Vec::new();
-    for w in 0..3i32 {
-        let stop = stop.clone();
-        let client = rt.block_on(pg.client());
-        workers.push(rt.spawn(async move {
-            let mut rng = support::rng::XorShift::new(0x2545_F491u32 ^ (w as u32 * 7919 + 1));
-            let mut rnd = move |n: u32| rng.below(n);
+    support::workload::spawn(
+        pg,
+        rt,
+        stop,
+        support::workload::Sessions {
+            count: 3,
+            seed: 0x2545_F491,
+            pause: Duration::from_millis(5),
+            on_error: support::workload::OnError::Panic,
+        },
+        |w| {
+            let w = w as i32;
             let base = w * 10_000_000;
             let mut next = base;
-            let mut txns = 0u32;
-            while !stop.load(Ordering::Relaxed) {
+            move |rng, txns| {
+                let mut rnd = |n: u32| rng.below(n);
                 let mut sql = String::from("BEGIN;");
                 let rows = 1 + rnd(4) as i32;
                 sql += &format!(
                     "INSERT INTO ledger SELECT i, md5(i::text), 0,
-                        CASE WHEN i % 3 = 0 THEN repeat(md5(i::text), 100) ELSE 'b' || i END
-                     FROM generate_series({}, {}) i;",
+                    CASE WHEN i % 3 = 0 THEN repeat(md5(i::text), 100) ELSE 'b' || i END
+                 FROM generate_series({}, {}) i;",
                     next + 1,
                     next + rows
                 );
                 next += rows;
                 let some = |r: u32| base + 1 + (r as i32 % (next - base));
                 if rnd(2) == 0 {
-                    sql += &format!("UPDATE ledger SET n = n + 1 WHERE id = {};", some(rnd(1 << 30)));
+                    sql += &format!(
+                        "UPDATE ledger SET n = n + 1 WHERE id = {};",
+                        some(rnd(1 << 30))
+                    );
                 }
                 if rnd(4) == 0 {
                     sql += &format!(
@@ -351,21 +359,18 @@ fn start_workload(
                     );
                 }
                 sql += &format!(
-                    "INSERT INTO tr VALUES ({}, 'w{w}') ON CONFLICT (id) DO UPDATE SET v = 'again';",
-                    w * 1_000_000 + txns as i32 % 5000
-                );
+                "INSERT INTO tr VALUES ({}, 'w{w}') ON CONFLICT (id) DO UPDATE SET v = 'again';",
+                w * 1_000_000 + txns as i32 % 5000
+            );
                 sql += "COMMIT;";
-                client.batch_execute(&sql).await.unwrap();
+                let mut statements = vec![sql];
                 if w == 0 && txns % 150 == 149 {
-                    client.batch_execute("TRUNCATE tr").await.unwrap();
+                    statements.push("TRUNCATE tr".into());
                 }
-                txns += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                statements
             }
-            txns
-        }));
-    }
-    workers
+        },
+    )
 }
 
 fn workload_tables(prefix: &str) -> [Table; 2] {

@@ -308,15 +308,21 @@ fn start_workload(
     stop: &Arc<AtomicBool>,
     max_id: i64,
 ) -> Vec<tokio::task::JoinHandle<u32>> {
-    let mut workers = Vec::new();
-    for w in 0..3i64 {
-        let stop = stop.clone();
-        let client = rt.block_on(pg.client());
-        workers.push(rt.spawn(async move {
-            let mut rng = support::rng::XorShift::new(0x9E37_79B9u32 ^ (w as u32 * 7919 + 3));
+    // A deadlock between sessions is possible and harmless: roll back, go on.
+    support::workload::spawn(
+        pg,
+        rt,
+        stop,
+        support::workload::Sessions {
+            count: 3,
+            seed: 0x9E37_79B9,
+            pause: Duration::from_millis(5),
+            on_error: support::workload::OnError::Rollback,
+        },
+        |w| {
+            let w = w as i64;
             let mut next = 10_000_000 * (w + 1);
-            let mut txns = 0u32;
-            while !stop.load(Ordering::Relaxed) {
+            move |rng, txns| {
                 let mut id = || 1 + (rng.below(1 << 30) as i64 % max_id);
                 let mut sql = String::from("BEGIN;");
                 for _ in 0..5 {
@@ -344,16 +350,10 @@ fn start_workload(
                     );
                 }
                 sql += "COMMIT;";
-                // A deadlock between sessions is possible and harmless: retry later.
-                let _ = client.batch_execute(&sql).await;
-                let _ = client.batch_execute("ROLLBACK").await;
-                txns += 1;
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                vec![sql]
             }
-            txns
-        }));
-    }
-    workers
+        },
+    )
 }
 
 fn reads(events: &[Value]) -> HashMap<String, usize> {

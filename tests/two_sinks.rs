@@ -12,7 +12,7 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -312,30 +312,35 @@ fn start_workload(
     stop: &Arc<AtomicBool>,
     load: Workload,
 ) -> Vec<tokio::task::JoinHandle<u32>> {
-    let mut workers = Vec::new();
-    for w in 0..3i32 {
-        let stop = stop.clone();
-        let client = rt.block_on(pg.client());
-        workers.push(rt.spawn(async move {
-            let mut rng = support::rng::XorShift::new(0x2545_F491u32 ^ (w as u32 * 7919 + 1));
-            let mut rnd = move |n: u32| rng.below(n);
+    support::workload::spawn(
+        pg,
+        rt,
+        stop,
+        support::workload::Sessions {
+            count: 3,
+            seed: 0x2545_F491,
+            pause: Duration::from_millis(10),
+            on_error: support::workload::OnError::Panic,
+        },
+        |w| {
+            let w = w as i32;
             let base = w * 10_000_000;
             let mut next = base;
-            let mut txns = 0u32;
-            while !stop.load(Ordering::Relaxed) {
+            move |rng, txns| {
+                let mut rnd = |n: u32| rng.below(n);
                 let rows = 1 + rnd(3) as i32;
                 let mut sql = format!(
-                    "BEGIN;
-                     INSERT INTO products
-                     SELECT i, 'p' || i, i % 1000 + 0.5, 12345678901234567890.000000000001 * i,
-                            ARRAY['w{w}', 'n:' || i], jsonb_build_object('n', i, 'price', 1.50, 'l', jsonb_build_array(i, null)),
-                            CASE WHEN i % {big_every} = 0 THEN {BIG} ELSE 'short ' || i END,
-                            '2024-01-01 00:00:00+00'::timestamptz + i * interval '1.5 second'
-                     FROM generate_series({}, {}) i;",
-                    next + 1,
-                    next + rows,
-                    big_every = load.big_every,
-                );
+                "BEGIN;
+                 INSERT INTO products
+                 SELECT i, 'p' || i, i % 1000 + 0.5, 12345678901234567890.000000000001 * i,
+                        ARRAY['w{w}', 'n:' || i], jsonb_build_object('n', i, 'price', 1.50, 'l', jsonb_build_array(i, null)),
+                        CASE WHEN i % {big_every} = 0 THEN {BIG} ELSE 'short ' || i END,
+                        '2024-01-01 00:00:00+00'::timestamptz + i * interval '1.5 second'
+                 FROM generate_series({}, {}) i;",
+                next + 1,
+                next + rows,
+                big_every = load.big_every,
+            );
                 next += rows;
                 let some = |r: u32| base + 1 + (r as i32 % (next - base));
                 // Other columns of rows that may hold a TOASTed body.
@@ -343,9 +348,9 @@ fn start_workload(
                     if rnd(2) == 0 {
                         let id = some(rnd(1 << 30));
                         sql += &format!(
-                            "UPDATE products SET price = price + 1, name = name || '+' WHERE id = {};",
-                            id + (3 - id % 3) % 3
-                        );
+                        "UPDATE products SET price = price + 1, name = name || '+' WHERE id = {};",
+                        id + (3 - id % 3) % 3
+                    );
                     }
                 }
                 if rnd(4) == 0 {
@@ -371,17 +376,14 @@ fn start_workload(
                     );
                 }
                 sql += "COMMIT;";
-                client.batch_execute(&sql).await.unwrap();
+                let mut statements = vec![sql];
                 if load.truncate && w == 0 && txns % 200 == 199 {
-                    client.batch_execute("TRUNCATE products").await.unwrap();
+                    statements.push("TRUNCATE products".into());
                 }
-                txns += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                statements
             }
-            txns
-        }));
-    }
-    workers
+        },
+    )
 }
 
 /// Asserts that some rows hold a TOASTed body, so that the comparison
