@@ -582,19 +582,21 @@ impl Metrics {
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
         let mut o = String::with_capacity(4096);
-        let head = |o: &mut String, name: &str, kind: &str, help: &str| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        };
 
-        head(&mut o, "pgferry_up", "gauge", "1 while the process runs.");
-        o.push_str("pgferry_up 1\n");
-        head(
+        scalar(
+            &mut o,
+            "pgferry_up",
+            "gauge",
+            "1 while the process runs.",
+            1,
+        );
+        scalar(
             &mut o,
             "pgferry_streaming",
             "gauge",
             "1 while a replication session streams.",
+            self.streaming() as u8,
         );
-        let _ = writeln!(o, "pgferry_streaming {}", self.streaming() as u8);
 
         head(
             &mut o,
@@ -610,27 +612,19 @@ impl Metrics {
                 c.load(Ordering::Relaxed)
             );
         }
-        head(
+        scalar(
             &mut o,
             "pgferry_transactions_total",
             "counter",
             "Committed transactions received.",
+            self.transactions.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            o,
-            "pgferry_transactions_total {}",
-            self.transactions.load(Ordering::Relaxed)
-        );
-        head(
+        scalar(
             &mut o,
             "pgferry_bytes_received_total",
             "counter",
             "Bytes of replication data (CopyData) received.",
-        );
-        let _ = writeln!(
-            o,
-            "pgferry_bytes_received_total {}",
-            self.bytes_received.load(Ordering::Relaxed)
+            self.bytes_received.load(Ordering::Relaxed),
         );
 
         // Positions.
@@ -723,27 +717,19 @@ impl Metrics {
                 srv.retained_wal.load(Ordering::Acquire)
             );
         }
-        head(
+        scalar(
             &mut o,
             "pgferry_slot_retained_wal_warn_bytes",
             "gauge",
             "The retained WAL warning threshold (metrics.wal_warn_bytes; 0: none).",
+            self.wal_warn_bytes.load(Ordering::Acquire),
         );
-        let _ = writeln!(
-            o,
-            "pgferry_slot_retained_wal_warn_bytes {}",
-            self.wal_warn_bytes.load(Ordering::Acquire)
-        );
-        head(
+        scalar(
             &mut o,
             "pgferry_slot_retained_wal_over_threshold",
             "gauge",
             "1 while the retained WAL is above metrics.wal_warn_bytes.",
-        );
-        let _ = writeln!(
-            o,
-            "pgferry_slot_retained_wal_over_threshold {}",
-            self.wal_over_threshold().is_some() as u8
+            self.wal_over_threshold().is_some() as u8,
         );
         head(
             &mut o,
@@ -765,27 +751,19 @@ impl Metrics {
                 }
             }
         }
-        head(
+        scalar(
             &mut o,
             "pgferry_heartbeats_total",
             "counter",
             "Heartbeat messages emitted (pg_logical_emit_message).",
+            self.heartbeats.load(Ordering::Relaxed),
         );
-        let _ = writeln!(
-            o,
-            "pgferry_heartbeats_total {}",
-            self.heartbeats.load(Ordering::Relaxed)
-        );
-        head(
+        scalar(
             &mut o,
             "pgferry_heartbeat_errors_total",
             "counter",
             "Heartbeats that failed.",
-        );
-        let _ = writeln!(
-            o,
-            "pgferry_heartbeat_errors_total {}",
-            self.heartbeat_errors.load(Ordering::Relaxed)
+            self.heartbeat_errors.load(Ordering::Relaxed),
         );
 
         // Sinks.
@@ -1037,6 +1015,17 @@ async fn respond(
         stream.write_all(body.as_bytes()).await?;
     }
     stream.shutdown().await
+}
+
+/// The `# HELP` and `# TYPE` lines of a metric.
+fn head(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// A metric with one unlabelled value.
+fn scalar(o: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    head(o, name, kind, help);
+    let _ = writeln!(o, "{name} {value}");
 }
 
 #[cfg(test)]
