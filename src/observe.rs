@@ -131,15 +131,9 @@ pub async fn start(config: &Config) -> Result<Observer, String> {
 }
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
-    let pg: tokio_postgres::Config = url.parse().map_err(|e| format!("source.url: {e}"))?;
-    let (client, connection) = pg
-        .connect(tokio_postgres::NoTls)
+    crate::source::sql_connect_url(url)
         .await
-        .map_err(|e| describe(&e))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+        .map_err(|e| e.to_string())
 }
 
 fn describe(e: &tokio_postgres::Error) -> String {

@@ -99,11 +99,13 @@ pub fn pg_now() -> i64 {
 
 /// Opens the ordinary SQL connection.
 pub async fn sql_connect(config: &Config) -> Result<tokio_postgres::Client, SourceError> {
-    let pg: tokio_postgres::Config = config
-        .source
-        .url
-        .parse()
-        .map_err(|e| fatal(format!("source.url: {e}")))?;
+    sql_connect_url(&config.source.url).await
+}
+
+/// Opens an ordinary SQL connection to `url` (`source.url`); its driver
+/// runs as a task of its own.
+pub async fn sql_connect_url(url: &str) -> Result<tokio_postgres::Client, SourceError> {
+    let pg: tokio_postgres::Config = url.parse().map_err(|e| fatal(format!("source.url: {e}")))?;
     let (client, connection) = pg.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {

@@ -75,17 +75,9 @@ pub(crate) async fn run(shared: Arc<Shared>, n: usize) {
 }
 
 async fn connect(shared: &Shared) -> Result<Client, String> {
-    let pg: tokio_postgres::Config = shared
-        .sql_url
-        .parse()
-        .map_err(|e| format!("source.url: {e}"))?;
-    let (client, conn) = pg
-        .connect(tokio_postgres::NoTls)
+    let client = crate::source::sql_connect_url(&shared.sql_url)
         .await
         .map_err(|e| format!("snapshot connection: {e}"))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
     client
         .batch_execute(&table::session_sql())
         .await
