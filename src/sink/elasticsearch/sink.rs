@@ -446,7 +446,7 @@ impl ElasticsearchSink {
         );
         let mut line = Vec::with_capacity(event.len() + 256);
         line.extend_from_slice(b"{\"time\":\"");
-        crate::event::write_pg_timestamp(now_pg_micros(), &mut line);
+        crate::event::write_pg_timestamp(crate::source::pg_now(), &mut line);
         line.extend_from_slice(b"\",\"sink\":");
         crate::decode::value::write_json_string(self.name.as_bytes(), &mut line);
         line.extend_from_slice(b",\"index\":");
@@ -1000,15 +1000,6 @@ fn write_bulk_op(p: &Pending, out: &mut Vec<u8>) {
         out.extend_from_slice(s);
         out.push(b'\n');
     }
-}
-
-/// Now, in microseconds since 2000-01-01 UTC.
-fn now_pg_micros() -> i64 {
-    let unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
-    unix - 946_684_800_000_000
 }
 
 #[cfg(test)]
