@@ -388,12 +388,7 @@ impl Assembler {
                 TupleValue::Unchanged => Cell::Unchanged,
                 TupleValue::Text(text) => {
                     let start = row.buf.len();
-                    if value::render(&self.types, col.type_oid, text, &mut row.buf).is_err() {
-                        // Not what the type's output function should produce:
-                        // keep the text rather than lose the value.
-                        row.buf.truncate(start);
-                        value::write_json_string(text, &mut row.buf);
-                    }
+                    value::render_or_string(&self.types, col.type_oid, text, &mut row.buf);
                     Cell::Value {
                         start: start as u32,
                         end: row.buf.len() as u32,

@@ -69,6 +69,14 @@ pub fn render(
     res
 }
 
+/// [`render`], or, for a text that is not what the type's output function
+/// produces, the text as a JSON string: the value is kept, never lost.
+pub fn render_or_string(reg: &TypeRegistry, oid: u32, text: &[u8], out: &mut Vec<u8>) {
+    if render(reg, oid, text, out).is_err() {
+        write_json_string(text, out);
+    }
+}
+
 fn render_at(
     reg: &TypeRegistry,
     oid: u32,

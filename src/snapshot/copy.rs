@@ -59,10 +59,7 @@ impl<'a> RowParser<'a> {
                 field
             };
             let start = row.buf.len();
-            if value::render(self.types, oid, text, &mut row.buf).is_err() {
-                row.buf.truncate(start);
-                value::write_json_string(text, &mut row.buf);
-            }
+            value::render_or_string(self.types, oid, text, &mut row.buf);
             row.cells.push(Cell::Value {
                 start: start as u32,
                 end: row.buf.len() as u32,
