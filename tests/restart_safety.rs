@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,16 +67,21 @@ fn kill_9_at_random_points_loses_and_duplicates_nothing() {
     // inserts, updates and deletes.
     let stop = Arc::new(AtomicBool::new(false));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut workers = Vec::new();
-    for w in 0..3i32 {
-        let stop = stop.clone();
-        let client = rt.block_on(pg.client());
-        workers.push(rt.spawn(async move {
-            let mut rng = support::rng::XorShift::new(0x9E37_79B9u32 ^ (w as u32 * 7919));
-            let mut rnd = move |n: u32| rng.below(n);
-            let mut next = w * 10_000_000;
-            let mut txns = 0;
-            while !stop.load(Ordering::Relaxed) {
+    // A steady, bounded load: a few hundred transactions a second.
+    let workers = support::workload::spawn(
+        &pg,
+        &rt,
+        &stop,
+        support::workload::Sessions {
+            count: 3,
+            seed: 0x9E37_79B9,
+            pause: Duration::from_millis(5),
+            on_error: support::workload::OnError::Panic,
+        },
+        |w| {
+            let mut next = w as i32 * 10_000_000;
+            move |rng, _| {
+                let mut rnd = |n: u32| rng.below(n);
                 let mut sql = String::from("BEGIN;");
                 let big = rnd(50) == 0;
                 let rows = if big { 2000 } else { 1 + rnd(5) };
@@ -96,14 +101,10 @@ fn kill_9_at_random_points_loses_and_duplicates_nothing() {
                     sql += &format!("DELETE FROM ledger WHERE id = {};", next - rnd(rows) as i32);
                 }
                 sql += "COMMIT;";
-                client.batch_execute(&sql).await.unwrap();
-                txns += 1;
-                // A steady, bounded load: a few hundred transactions a second.
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                vec![sql]
             }
-            txns
-        }));
-    }
+        },
+    );
 
     // Kill -9 five times at random moments, restarting each time.
     let mut seed = 12345u64;
@@ -121,8 +122,7 @@ fn kill_9_at_random_points_loses_and_duplicates_nothing() {
         ferry = Guard(f.run());
     }
     std::thread::sleep(Duration::from_millis(1000));
-    stop.store(true, Ordering::Relaxed);
-    let txns: i32 = workers.into_iter().map(|w| rt.block_on(w).unwrap()).sum();
+    let txns = support::workload::stop(&rt, &stop, workers);
     pg.sql("INSERT INTO ledger VALUES (-1, 'marker', 0)");
 
     let expected = oracle(&pg);

@@ -441,8 +441,7 @@ fn kill_9_twice_during_a_workload_then_every_row_equals_its_document() {
         ferry = Guard(f.run());
     }
     std::thread::sleep(Duration::from_millis(1500));
-    stop.store(true, Ordering::Relaxed);
-    let txns: u32 = workers.into_iter().map(|w| rt.block_on(w).unwrap()).sum();
+    let txns = support::workload::stop(&rt, &stop, workers);
     assert!(txns > 100, "the workload ran only {txns} transactions");
     let took = wait_equal(&pg, node, &f, &tables.iter().collect::<Vec<_>>());
     eprintln!("{txns} transactions; converged {took:?} after the last one");
@@ -477,8 +476,7 @@ fn node_outage_under_load_then_pgferry_catches_up() {
     );
     node.start();
     std::thread::sleep(Duration::from_millis(2000));
-    stop.store(true, Ordering::Relaxed);
-    let txns: u32 = workers.into_iter().map(|w| rt.block_on(w).unwrap()).sum();
+    let txns = support::workload::stop(&rt, &stop, workers);
     let took = wait_equal(&pg, node, &f, &tables.iter().collect::<Vec<_>>());
     eprintln!("{txns} transactions; converged {took:?} after the last one");
     let log = f.log();
