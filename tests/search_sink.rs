@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use support::fault_proxy::{Fault, FaultProxy};
 use support::ferry::{kill9, terminate, wait_active, FerryDir, Guard};
 use support::opensearch::{node, Node};
 use support::pg::TestPg;
@@ -188,6 +189,32 @@ fn wait_equal(pg: &TestPg, node: &Node, f: &FerryDir, tables: &[&Table]) -> Dura
 fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The search sink's checkpoint, once it has one.
+fn checkpoint(f: &FerryDir) -> Option<pgferry::lsn::Lsn> {
+    std::fs::read_to_string(f.path("state/search.checkpoint.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+        .and_then(|v| v["lsn"].as_str().and_then(|l| l.parse().ok()))
+}
+
+/// Waits until the sink has checkpointed everything written so far.
+fn wait_applied(pg: &TestPg, f: &FerryDir) {
+    let end: pgferry::lsn::Lsn = pg
+        .sql("SELECT pg_current_wal_lsn()")
+        .trim()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + T;
+    while checkpoint(f).is_none_or(|cp| cp < end) {
+        assert!(
+            Instant::now() < deadline,
+            "the sink never reached {end}:\n{}",
+            tail(&f.log(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn start(pg: &TestPg, f: &FerryDir) -> Guard {
@@ -778,15 +805,7 @@ fn replaying_old_transactions_never_overwrites_newer_documents() {
             );
         }
         samples += 1;
-        let cp = std::fs::read_to_string(f.path("state/search.checkpoint.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str::<Value>(&s).ok())
-            .and_then(|v| {
-                v["lsn"]
-                    .as_str()
-                    .and_then(|l| l.parse::<pgferry::lsn::Lsn>().ok())
-            });
-        if cp.is_some_and(|cp| cp >= end) {
+        if checkpoint(&f).is_some_and(|cp| cp >= end) {
             break;
         }
         assert!(
@@ -828,4 +847,66 @@ fn replaying_old_transactions_never_overwrites_newer_documents() {
         assert!(diff(&pg, node, t, "").is_none());
     }
     eprintln!("{samples} samples during the replay; {older} writes skipped as older");
+}
+
+/// Points the sink of `pgferry.toml` at the fault proxy instead of the node.
+fn via_proxy(f: &FerryDir, node: &Node, proxy: &FaultProxy) {
+    let cfg = std::fs::read_to_string(f.path("pgferry.toml")).unwrap();
+    let cfg = cfg.replace(
+        &format!("url = \"{}\"", node.url()),
+        &format!("url = \"{}\"", proxy.url()),
+    );
+    std::fs::write(f.path("pgferry.toml"), cfg).unwrap();
+}
+
+/// Issue 9's reproduction. 700 rows with a 10 kB body stored out of line;
+/// one transaction updates every row without touching the body, the next
+/// moves 50 rows to new ids. pgferry is down meanwhile, so both reach the
+/// sink as one batch, whose documents need two `_bulk` requests (5 MiB
+/// each); the second one fails with a 502 and the batch is retried. Every
+/// moved document must keep its body.
+#[test]
+fn a_key_change_keeps_its_unchanged_toast_value_when_a_bulk_request_fails() {
+    let node = node();
+    let _shared = node.shared();
+    let pg = TestPg::start();
+    pg.sql(
+        "CREATE TABLE moved (id int PRIMARY KEY, n int, body text);
+         ALTER TABLE moved ALTER COLUMN body SET STORAGE EXTERNAL;",
+    );
+    let f = FerryDir::new();
+    let proxy = FaultProxy::start(node.port);
+    let tables = [Table::new("moved", &["id"], "repro_moved")];
+    write_config(&pg, &f, node, &tables, "pgferry", "batch_max_ms = 2000", "");
+    via_proxy(&f, node, &proxy);
+    let mut g = start(&pg, &f);
+    pg.sql(
+        "INSERT INTO moved SELECT i, 0, repeat(md5(i::text), 320) FROM generate_series(1, 700) i",
+    );
+    wait_equal(&pg, node, &f, &[&tables[0]]);
+    assert!(terminate(&mut g.0).success(), "{}", f.log());
+
+    pg.sql("UPDATE moved SET n = n + 1");
+    pg.sql("UPDATE moved SET id = id + 1000 WHERE id <= 50");
+    proxy.arm(2, Fault::Refuse);
+    let mut g = start(&pg, &f);
+    wait_applied(&pg, &f);
+    assert_eq!(proxy.pending(), 0, "the 502 was never injected");
+    let bodies = (1001..=1050)
+        .filter(|id| {
+            let (_, doc) = node.req("GET", &format!("/repro_moved/_doc/{id}"), None);
+            doc["_source"]["body"].as_str().map(str::len) == Some(10240)
+        })
+        .count();
+    assert_eq!(
+        bodies,
+        50,
+        "moved documents with their body: {bodies} of 50\n{}",
+        tail(&f.log(), 30)
+    );
+    if let Some(d) = diff(&pg, node, &tables[0], "") {
+        panic!("{d}\n{}", tail(&f.log(), 30));
+    }
+    assert!(!f.path("state/search.dead-letter.jsonl").exists());
+    assert!(terminate(&mut g.0).success(), "{}", f.log());
 }

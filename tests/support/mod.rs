@@ -2,6 +2,7 @@
 //! test itself, never a service already running on the machine.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
 pub mod ferry;
 pub mod opensearch;
 pub mod pg;
