@@ -11,7 +11,7 @@
 //! - the sink tasks, through a [`SinkMetrics`] handle fetched once per task:
 //!   changes applied per table (counted once per batch, relation by
 //!   relation), batch latency, errors, retries, the last error (for
-//!   `/readyz`), dead letters;
+//!   `/readyz`), dead letters, rows held incompletely;
 //! - [`crate::observe`]'s poller: the server's WAL position, the slot's
 //!   `confirmed_flush_lsn`, retained WAL and `wal_status`, and the heartbeat;
 //! - a [`SessionGuard`] the source holds while it streams: it shares the
@@ -29,7 +29,7 @@
 //!   look up or list them;
 //! - counters only go up; LSNs are plain numbers (bytes into the WAL);
 //! - `/readyz` is ready only while a session streams, every sink is healthy
-//!   (not failing, not detached), the retained WAL is under
+//!   (not failing, not detached, no row held incompletely), the retained WAL is under
 //!   `metrics.wal_warn_bytes` and the slot is not lost; otherwise its JSON
 //!   body lists every reason.
 
@@ -159,6 +159,9 @@ pub struct SinkMetrics {
     pub errors: AtomicU64,
     pub retries: AtomicU64,
     pub dead_letters: AtomicU64,
+    /// Documents the sink could not write whole and left out (dead-lettered),
+    /// not yet repaired by a later write (see [`SinkMetrics::set_incomplete`]).
+    incomplete: AtomicU64,
     last_error: Mutex<Option<String>>,
     /// Commit time (µs since 2000-01-01) of the last transaction applied; 0: none yet.
     last_commit_time: AtomicI64,
@@ -245,6 +248,14 @@ impl SinkMetrics {
     /// A change was written to the dead-letter file.
     pub fn dead_letter(&self) {
         self.dead_letters.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many rows the sink holds incompletely: changes it could not
+    /// apply whole (e.g. an update without its unchanged TOAST values and
+    /// nothing to complete it from) and dead-lettered instead, until a later
+    /// write of the same row repairs them. `/readyz` is not ready meanwhile.
+    pub fn set_incomplete(&self, n: u64) {
+        self.incomplete.store(n, Ordering::Relaxed);
     }
 
     /// Seconds behind: now minus the commit time of the last transaction
@@ -450,6 +461,7 @@ impl Metrics {
                     errors: AtomicU64::new(0),
                     retries: AtomicU64::new(0),
                     dead_letters: AtomicU64::new(0),
+                    incomplete: AtomicU64::new(0),
                     last_error: Mutex::default(),
                     last_commit_time: AtomicI64::new(0),
                     applied_end: AtomicU64::new(0),
@@ -564,6 +576,15 @@ impl Metrics {
                 SinkHealth::Detached(e) => reasons.push(format!(
                     "sink {name} is failing and detached (it is replayed from its checkpoint when it recovers): {e}"
                 )),
+            }
+        }
+        for s in lock(&self.sinks).values() {
+            let n = s.incomplete.load(Ordering::Relaxed);
+            if n > 0 {
+                reasons.push(format!(
+                    "sink {} holds {n} row(s) incompletely: changes it could not complete went to its dead-letter file; re-save those rows in Postgres or run pgferry backfill on their table",
+                    s.name
+                ));
             }
         }
         if let Some((retained, warn)) = self.wal_over_threshold() {
@@ -834,6 +855,12 @@ impl Metrics {
                 "Changes a sink refused for good and wrote to its dead-letter file.",
                 |s| s.dead_letters.load(Ordering::Relaxed),
             ),
+            (
+                "pgferry_sink_incomplete_rows",
+                "gauge",
+                "Rows a sink could not write whole (their changes are dead letters), until a later write repairs them; /readyz is not ready meanwhile.",
+                |s| s.incomplete.load(Ordering::Relaxed),
+            ),
         ] {
             head(&mut o, metric, kind, help);
             for s in &sinks {
@@ -1047,6 +1074,7 @@ mod tests {
                         errors: AtomicU64::new(0),
                         retries: AtomicU64::new(0),
                         dead_letters: AtomicU64::new(0),
+                        incomplete: AtomicU64::new(0),
                         last_error: Mutex::default(),
                         last_commit_time: AtomicI64::new(0),
                         applied_end: AtomicU64::new(0),

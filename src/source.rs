@@ -14,6 +14,12 @@
 //! caller start a new session from the checkpoints after a backoff; a
 //! [`SourceError::Fatal`] (slot gap, missing publication, wrong plugin) stops
 //! pgferry with a message that tells the operator what to do.
+//!
+//! Sinks that must read a row back (the search sink, for an update without
+//! its unchanged TOAST values that its index cannot complete) get
+//! [`rows::PgRows`], which reads over an ordinary SQL connection.
+
+mod rows;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -322,8 +328,10 @@ pub async fn run(
     let (sinks_stop_tx, sinks_stop) = watch::channel(false);
     let mut senders = Vec::new();
     let mut tasks = Vec::new();
+    let row_source: Arc<dyn crate::sink::rows::RowSource> =
+        Arc::new(rows::PgRows::new(&config.source.url));
     for (i, sc) in config.sinks.iter().enumerate() {
-        let sink = crate::sink::build(sc)
+        let sink = crate::sink::build(sc, row_source.clone())
             .await
             .map_err(|e| fatal(e.to_string()))?;
         let (tx, rx) = mpsc::channel(64);

@@ -29,6 +29,7 @@ pub mod jsonl;
 pub mod key;
 pub mod null;
 pub mod redis;
+pub mod rows;
 
 use std::sync::Arc;
 
@@ -87,14 +88,18 @@ impl TableFilter {
     }
 }
 
-/// Builds the sink described by a config entry.
-pub async fn build(cfg: &crate::config::SinkConfig) -> Result<Box<dyn Sink>, SinkError> {
+/// Builds the sink described by a config entry. `rows` reads rows back from
+/// Postgres, for the search sink's updates it cannot complete otherwise.
+pub async fn build(
+    cfg: &crate::config::SinkConfig,
+    rows: Arc<dyn rows::RowSource>,
+) -> Result<Box<dyn Sink>, SinkError> {
     match cfg {
         crate::config::SinkConfig::Jsonl(c) => Ok(Box::new(jsonl::JsonlSink::open(c)?)),
         crate::config::SinkConfig::Null(_) => Ok(Box::new(null::NullSink)),
         crate::config::SinkConfig::Redis(c) => Ok(Box::new(redis::RedisSink::open(c).await?)),
-        crate::config::SinkConfig::Elasticsearch(c) => {
-            Ok(Box::new(elasticsearch::ElasticsearchSink::open(c)?))
-        }
+        crate::config::SinkConfig::Elasticsearch(c) => Ok(Box::new(
+            elasticsearch::ElasticsearchSink::open(c, Some(rows))?,
+        )),
     }
 }

@@ -72,6 +72,7 @@
 //! at-least-once (a replayed rejected change is written again).
 
 mod client;
+mod complete;
 mod config;
 mod sink;
 

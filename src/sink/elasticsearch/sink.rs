@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use super::client::{describe_error, Client, Fetched, ItemResult};
+use super::client::{describe_error, Client, ItemResult};
+use super::complete::{self, Counts, Item, Merge, Resolved, Shape};
 use super::config::{render_index, ElasticsearchConfig, OnError};
 use crate::event::{
     BeforeKind, Cell, Change, Changes, Op, RelationInfo, Row, Transaction, TxnMeta,
 };
 use crate::pipeline::Backoff;
 use crate::sink::key::KeyTemplate;
+use crate::sink::rows::RowSource;
 use crate::sink::{Sink, SinkError};
 
 /// How long failed bulk items are retried inside one `apply` before the
@@ -33,26 +35,21 @@ struct Route {
 
 /// A route applied to one version of a relation.
 struct Plan {
-    rel: Arc<RelationInfo>,
     index: Arc<str>,
     key: KeyTemplate,
-    /// Per column: goes into the document.
-    include: Vec<bool>,
+    /// The relation, its document columns and its id columns.
+    shape: Arc<Shape>,
 }
 
 enum Action {
     /// `index` with this `_source`.
     Index(Vec<u8>),
     Delete,
-    /// An update whose unchanged TOAST columns were not sent: the current
-    /// document `base_id` (read back before sending) with `overlay` on top,
-    /// indexed as a whole. `size` estimates the overlay's JSON bytes.
-    Merge {
-        base_id: String,
-        overlay: Map<String, Value>,
-        size: usize,
-    },
-    /// Nothing to send (the index already holds a newer version).
+    /// An update whose unchanged TOAST columns were not sent: completed
+    /// (see [`complete`]) and indexed as a whole before the chunk is sent.
+    Merge(Box<Merge>),
+    /// Nothing to send (the index already holds a newer version, or the
+    /// change went to the dead letters).
     Skip,
 }
 
@@ -81,7 +78,7 @@ impl Pending {
             + self.id.len()
             + match &self.action {
                 Action::Index(s) => s.len(),
-                Action::Merge { size, .. } => *size,
+                Action::Merge(m) => m.size,
                 Action::Delete | Action::Skip => 0,
             }
     }
@@ -96,6 +93,9 @@ struct Chunk {
     ops: Vec<Pending>,
     latest: HashMap<(Arc<str>, String), usize>,
     bytes: usize,
+    /// Documents that key changes in the chunk complete from (their old
+    /// ids): written only once those completions are acknowledged.
+    bases: HashSet<(Arc<str>, String)>,
 }
 
 impl Chunk {
@@ -106,6 +106,11 @@ impl Chunk {
     }
 
     fn put(&mut self, p: Pending) {
+        if let Action::Merge(m) = &p.action {
+            if let Some(b) = m.base.as_ref().filter(|b| **b != p.id) {
+                self.bases.insert((p.index.clone(), b.clone()));
+            }
+        }
         self.bytes += p.size();
         match self.latest.get(&(p.index.clone(), p.id.clone())) {
             Some(&i) => {
@@ -120,10 +125,20 @@ impl Chunk {
         }
     }
 
-    fn take(&mut self) -> Vec<Pending> {
+    /// True when a key change in the chunk completes from this document.
+    fn is_base(&self, index: &Arc<str>, id: &str) -> bool {
+        self.bases.contains(&(index.clone(), id.to_string()))
+    }
+
+    /// The operations, and the bases of the key changes among them (see
+    /// [`ElasticsearchSink::flush`]).
+    fn take(&mut self) -> (Vec<Pending>, HashSet<(Arc<str>, String)>) {
         self.latest.clear();
         self.bytes = 0;
-        std::mem::take(&mut self.ops)
+        (
+            std::mem::take(&mut self.ops),
+            std::mem::take(&mut self.bases),
+        )
     }
 }
 
@@ -134,8 +149,8 @@ struct Stats {
     deleted: u64,
     /// Operations the index already had a newer (or the same) version of.
     older: u64,
-    /// Updates with unchanged TOAST columns completed from a document read back.
-    completed_by_read: u64,
+    /// Updates with unchanged TOAST columns, and how they were completed.
+    merges: Counts,
     dead_letters: u64,
 }
 
@@ -159,6 +174,11 @@ pub struct ElasticsearchSink {
     dead_file: Option<File>,
     dead_buf: Vec<u8>,
     stats: Stats,
+    /// Reads rows from Postgres where the index cannot complete a change.
+    rows: Option<Arc<dyn RowSource>>,
+    /// Documents left unwritten because no complete one could be made
+    /// (dead-lettered), until a later write repairs them (for `/readyz`).
+    incomplete: HashSet<(Arc<str>, String)>,
 }
 
 fn read_mapping(path: &std::path::Path) -> Result<Value, String> {
@@ -181,7 +201,12 @@ fn read_mapping(path: &std::path::Path) -> Result<Value, String> {
 }
 
 impl ElasticsearchSink {
-    pub fn open(cfg: &ElasticsearchConfig) -> Result<ElasticsearchSink, SinkError> {
+    /// `rows` reads rows from Postgres for the changes the index cannot
+    /// complete; without it, such changes go to the dead letters.
+    pub fn open(
+        cfg: &ElasticsearchConfig,
+        rows: Option<Arc<dyn RowSource>>,
+    ) -> Result<ElasticsearchSink, SinkError> {
         let fatal = |m: String| SinkError::Fatal(format!("sink {:?}: {m}", cfg.name));
         let client = Client::new(cfg).map_err(fatal)?;
         let default_body = match &cfg.mapping_file {
@@ -243,13 +268,15 @@ impl ElasticsearchSink {
             dead_file: None,
             dead_buf: Vec::new(),
             stats: Stats::default(),
+            rows,
+            incomplete: HashSet::new(),
         })
     }
 
     /// The plan for a relation, built on first sight and after a schema change.
     fn plan(&mut self, rel: &Arc<RelationInfo>) -> Result<Arc<Plan>, SinkError> {
         if let Some(p) = self.plans.get(&rel.oid) {
-            if Arc::ptr_eq(&p.rel, rel) || same_shape(&p.rel, rel) {
+            if Arc::ptr_eq(&p.shape.rel, rel) || same_shape(&p.shape.rel, rel) {
                 return Ok(p.clone());
             }
         }
@@ -299,17 +326,25 @@ impl ElasticsearchSink {
             }
         }
         let plan = Arc::new(Plan {
-            rel: rel.clone(),
             index: route.index.clone(),
+            shape: Arc::new(Shape {
+                rel: rel.clone(),
+                include,
+                key_columns: key.columns().map(str::to_string).collect(),
+            }),
             key,
-            include,
         });
         self.plans.insert(rel.oid, plan.clone());
         Ok(plan)
     }
 
     /// Turns one insert, update or delete into document operations.
-    fn add(&mut self, chunk: &mut Chunk, c: &Change, meta: &TxnMeta) -> Result<(), SinkError> {
+    async fn add(
+        &mut self,
+        chunk: &mut Chunk,
+        c: &Change,
+        meta: &TxnMeta,
+    ) -> Result<(), SinkError> {
         let plan = self.plan(&c.rel)?;
         let mut ev = Vec::new();
         c.write_json(meta, &mut ev);
@@ -359,45 +394,21 @@ impl ElasticsearchSink {
         let partial = row
             .cells
             .iter()
-            .zip(&plan.include)
+            .zip(&plan.shape.include)
             .any(|(cell, inc)| *inc && *cell == Cell::Unchanged);
         let action = if !partial {
             let mut doc = Vec::with_capacity(row.buf.len() + 16 * row.cells.len());
-            write_doc(&c.rel, row, &plan.include, &mut doc);
+            write_doc(&c.rel, row, &plan.shape.include, &mut doc);
             Action::Index(doc)
         } else {
-            let (overlay, size) = overlay(&c.rel, row, &plan.include);
-            let base_id = old_id.clone().unwrap_or_else(|| id.clone());
-            match chunk.get(&plan.index, &base_id).map(|p| &p.action) {
-                Some(Action::Index(src)) => {
-                    let mut doc: Map<String, Value> =
-                        serde_json::from_slice(src).unwrap_or_default();
-                    doc.extend(overlay);
-                    Action::Index(serde_json::to_vec(&doc).unwrap_or_default())
-                }
-                Some(Action::Merge {
-                    base_id: b,
-                    overlay: o,
-                    size: s,
-                }) => {
-                    let mut o = o.clone();
-                    o.extend(overlay);
-                    Action::Merge {
-                        base_id: b.clone(),
-                        overlay: o,
-                        size: s + size,
-                    }
-                }
-                Some(Action::Delete) | Some(Action::Skip) => {
-                    missing_base(&self.name, &plan.index, &id);
-                    Action::Index(serde_json::to_vec(&overlay).unwrap_or_default())
-                }
-                None => Action::Merge {
-                    base_id,
-                    overlay,
-                    size,
-                },
+            // The new id is the base of another key change in the chunk (keys
+            // rotated): its completion must be acknowledged before this one
+            // can be ordered, so the chunk goes first.
+            if old_id.is_some() && chunk.is_base(&plan.index, &id) {
+                self.flush(chunk).await?;
             }
+            let base = old_id.as_deref().unwrap_or(&id);
+            merge_action(chunk, &plan, row, base, meta.xid)
         };
         if let Some(old) = old_id {
             chunk.put(pending(old, Action::Delete));
@@ -504,95 +515,75 @@ impl ElasticsearchSink {
 
     /// Sends the chunk's operations; `Ok` once all are applied, older than
     /// the index's version, or dead-lettered.
+    ///
+    /// Two phases: the documents that key changes were completed from (their
+    /// old ids) are deleted, or written, only once every other operation,
+    /// the completed documents among them, is acknowledged. A failure at any
+    /// point before leaves them in place, so the retry (or the replay after
+    /// a crash) completes the new documents from them again.
     async fn flush(&mut self, chunk: &mut Chunk) -> Result<(), SinkError> {
         if !chunk.ops.is_empty() {
-            let mut ops = chunk.take();
+            let (mut ops, bases) = chunk.take();
             self.resolve_merges(&mut ops).await?;
-            self.send(ops).await?;
+            let (first, then): (Vec<Pending>, Vec<Pending>) = ops
+                .into_iter()
+                .partition(|p| !bases.contains(&(p.index.clone(), p.id.clone())));
+            self.send(first).await?;
+            self.send(then).await?;
         }
+        crate::metrics::global()
+            .sink(&self.name)
+            .set_incomplete(self.incomplete.len() as u64);
         self.sync_dead()
     }
 
-    /// Reads the current documents under the pending merges, and turns each
-    /// merge into a full, versioned `index` (or drops it when the index
-    /// already holds a newer version).
+    /// Completes the chunk's merges (see [`complete`]): each becomes a whole
+    /// `index`, or nothing. One that cannot be completed is dead-lettered and
+    /// its document remembered as incomplete until a later write.
     async fn resolve_merges(&mut self, ops: &mut [Pending]) -> Result<(), SinkError> {
-        let wanted: Vec<usize> = ops
-            .iter()
-            .enumerate()
-            .filter(|(_, p)| matches!(p.action, Action::Merge { .. }))
-            .map(|(i, _)| i)
+        let wanted: Vec<usize> = (0..ops.len())
+            .filter(|&i| matches!(ops[i].action, Action::Merge(_)))
             .collect();
         if wanted.is_empty() {
             return Ok(());
         }
-        // The base document, and for a key change also the target: a key
-        // change replayed after its old document was deleted (by the same
-        // transaction) must not write the bare overlay over a target that
-        // already holds this version.
-        let mut keys: Vec<(String, String)> = Vec::new();
-        let mut slots: Vec<(usize, Option<usize>)> = Vec::new();
-        for &i in &wanted {
-            let Action::Merge { base_id, .. } = &ops[i].action else {
-                unreachable!()
-            };
-            let base = keys.len();
-            keys.push((ops[i].index.to_string(), base_id.clone()));
-            let target = (*base_id != ops[i].id).then(|| {
-                keys.push((ops[i].index.to_string(), ops[i].id.clone()));
-                keys.len() - 1
-            });
-            slots.push((base, target));
-        }
-        let refs: Vec<(&str, &str)> = keys.iter().map(|(i, d)| (&**i, &**d)).collect();
-        let mut fetched: Vec<Option<Fetched>> = self
-            .client
-            .mget(&refs)
-            .await?
-            .into_iter()
-            .map(Some)
+        let items: Vec<Item<'_>> = wanted
+            .iter()
+            .filter_map(|&i| match &ops[i].action {
+                Action::Merge(m) => Some(Item {
+                    index: &ops[i].index,
+                    id: &ops[i].id,
+                    version: ops[i].version,
+                    merge: m,
+                }),
+                _ => None,
+            })
             .collect();
-        for (&i, &(base, target)) in wanted.iter().zip(&slots) {
-            let op = &mut ops[i];
-            let Action::Merge { overlay, .. } = std::mem::replace(&mut op.action, Action::Skip)
-            else {
-                unreachable!()
-            };
-            let Some(f) = fetched[base].take() else {
-                unreachable!()
-            };
-            let t = target.and_then(|t| fetched[t].take());
-            for doc in std::iter::once(&f).chain(t.as_ref()) {
-                if let Some(e) = &doc.error {
-                    let ty = e.get("type").and_then(Value::as_str).unwrap_or("");
-                    if ty != "index_not_found_exception" {
-                        return Err(SinkError::Transient(format!(
-                            "reading document {:?} of index {:?}: {}",
-                            op.id,
-                            op.index,
-                            describe_error(e)
-                        )));
-                    }
+        let from_source = self.stats.merges.from_source;
+        let resolved = complete::resolve(
+            &self.client,
+            self.rows.as_deref(),
+            &items,
+            &mut self.stats.merges,
+        )
+        .await?;
+        drop(items);
+        for (&i, r) in wanted.iter().zip(resolved) {
+            let p = &mut ops[i];
+            p.action = match r {
+                Resolved::Index(doc) => Action::Index(doc),
+                Resolved::Skip => Action::Skip,
+                Resolved::Incomplete(reason) => {
+                    let error = json!({"type": "pgferry_incomplete_document", "reason": reason});
+                    self.reject(&p.index, Some(&p.id), "index", None, &error, &p.event)?;
+                    self.incomplete.insert((p.index.clone(), p.id.clone()));
+                    Action::Skip
                 }
-            }
-            // Equal versions come from one transaction: for the same
-            // document that is an earlier change of it (merge over it); for
-            // a key change's target it means the change was already applied.
-            let replayed = f.found && f.version.unwrap_or(0) > op.version
-                || t.as_ref()
-                    .is_some_and(|t| t.found && t.version.unwrap_or(0) >= op.version);
-            op.action = if replayed {
-                self.stats.older += 1;
-                Action::Skip
-            } else if f.found {
-                self.stats.completed_by_read += 1;
-                let mut doc = f.source.unwrap_or_default();
-                doc.extend(overlay);
-                Action::Index(serde_json::to_vec(&doc).unwrap_or_default())
-            } else {
-                missing_base(&self.name, &op.index, &op.id);
-                Action::Index(serde_json::to_vec(&overlay).unwrap_or_default())
             };
+        }
+        let n = self.stats.merges.from_source - from_source;
+        if n > 0 {
+            tracing::info!(sink = %self.name, documents = n, "completed updates without their unchanged TOAST values from the rows in Postgres (the index held no complete document to take them from)");
         }
         Ok(())
     }
@@ -668,7 +659,14 @@ impl ElasticsearchSink {
             for (&i, r) in todo.iter().zip(&results) {
                 let p = &ops[i];
                 let is_delete = matches!(p.action, Action::Delete);
-                match outcome(is_delete, r) {
+                let outcome = outcome(is_delete, r);
+                if matches!(outcome, Outcome::Applied | Outcome::Older | Outcome::Gone)
+                    && !self.incomplete.is_empty()
+                {
+                    // Written whole, deleted, or superseded: no longer incomplete.
+                    self.incomplete.remove(&(p.index.clone(), p.id.clone()));
+                }
+                match outcome {
                     Outcome::Applied if is_delete => self.stats.deleted += 1,
                     Outcome::Applied => self.stats.indexed += 1,
                     Outcome::Older => self.stats.older += 1,
@@ -812,7 +810,7 @@ impl Sink for ElasticsearchSink {
                     self.truncate(&c, &txn.meta).await?;
                     continue;
                 }
-                self.add(&mut chunk, &c, &txn.meta)?;
+                self.add(&mut chunk, &c, &txn.meta).await?;
                 if chunk.ops.len() >= self.max_docs || chunk.bytes >= self.max_bytes {
                     self.flush(&mut chunk).await?;
                 }
@@ -823,8 +821,11 @@ impl Sink for ElasticsearchSink {
 
     async fn close(&mut self) -> Result<(), SinkError> {
         self.sync_dead()?;
+        let m = &self.stats.merges;
         tracing::info!(sink = %self.name, indexed = self.stats.indexed, deleted = self.stats.deleted,
-            older_skipped = self.stats.older, completed_by_read = self.stats.completed_by_read, dead_letters = self.stats.dead_letters, "elasticsearch sink closed");
+            older_skipped = self.stats.older + m.older, completed_by_read = m.from_index,
+            completed_from_postgres = m.from_source, gone_in_postgres = m.gone_at_source,
+            dead_letters = self.stats.dead_letters, incomplete = self.incomplete.len(), "elasticsearch sink closed");
         Ok(())
     }
 }
@@ -913,13 +914,6 @@ fn same_shape(a: &RelationInfo, b: &RelationInfo) -> bool {
             .all(|(x, y)| x.name == y.name && x.is_key == y.is_key)
 }
 
-fn missing_base(sink: &str, index: &str, id: &str) {
-    tracing::warn!(
-        sink, index, id,
-        "an update without its unchanged TOAST columns found no document to complete: indexing the columns sent only (the row existed before the sink, or was deleted since)"
-    );
-}
-
 /// The document: the row's included columns as a JSON object (the same
 /// values as `to_jsonb(row)`); unchanged TOAST columns are left out.
 pub fn write_doc(rel: &RelationInfo, row: &Row, include: &[bool], out: &mut Vec<u8>) {
@@ -978,6 +972,38 @@ fn overlay(rel: &RelationInfo, row: &Row, include: &[bool]) -> (Map<String, Valu
         m.insert(col.name.clone(), v);
     }
     (m, size)
+}
+
+/// The action of an update whose unchanged TOAST columns were not sent,
+/// to be completed from `base` (the document itself, or a key change's old
+/// id): merged over the chunk's operation on `base` when it has one, else a
+/// [`Merge`] resolved before the chunk is sent.
+fn merge_action(chunk: &Chunk, plan: &Plan, row: &Row, base: &str, xid: u32) -> Action {
+    let shape = &plan.shape;
+    let (overlay, size) = overlay(&shape.rel, row, &shape.include);
+    let merge = Merge {
+        base: Some(base.to_string()),
+        overlay,
+        size,
+        unsent: shape.unsent(row),
+        shape: shape.clone(),
+        key: shape.key_values(row),
+        xid,
+    };
+    match chunk.get(&plan.index, base).map(|p| &p.action) {
+        Some(Action::Index(src)) => {
+            let mut doc: Map<String, Value> = serde_json::from_slice(src).unwrap_or_default();
+            doc.extend(merge.overlay);
+            Action::Index(serde_json::to_vec(&doc).unwrap_or_default())
+        }
+        Some(Action::Merge(earlier)) => Action::Merge(Box::new(earlier.then(merge))),
+        // The chunk deletes the base: only Postgres has the row.
+        Some(Action::Delete) | Some(Action::Skip) => Action::Merge(Box::new(Merge {
+            base: None,
+            ..merge
+        })),
+        None => Action::Merge(Box::new(merge)),
+    }
 }
 
 /// One `_bulk` action line (and source line), external version in the action.
@@ -1097,7 +1123,7 @@ mod tests {
             "name = \"s\"\nurl = \"http://127.0.0.1:1\"\n[tables.\"public.docs\"]\n[tables.\"public.other\"]\nid_columns = [\"n\", \"id\"]\n",
         )
         .unwrap();
-        let mut sink = ElasticsearchSink::open(&cfg).unwrap();
+        let mut sink = ElasticsearchSink::open(&cfg, None).unwrap();
         let cols = || {
             vec![
                 ("id".to_string(), 23, true),
@@ -1202,7 +1228,7 @@ mod tests {
         assert!(matches!(c.ops[0].action, Action::Delete));
         assert_eq!(c.ops[0].version, 12);
         assert_eq!(c.bytes, c.ops.iter().map(Pending::size).sum::<usize>());
-        let ops = c.take();
+        let (ops, _) = c.take();
         assert_eq!(ops.len(), 2);
         assert!(c.latest.is_empty() && c.bytes == 0);
     }
