@@ -17,7 +17,7 @@
 //!
 //! Sinks that must read a row back (the search sink, for an update without
 //! its unchanged TOAST values that its index cannot complete) get
-//! [`rows::PgRows`], which reads over an ordinary SQL connection.
+//! `rows::PgRows`, which reads over an ordinary SQL connection.
 
 mod rows;
 

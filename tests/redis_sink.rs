@@ -302,6 +302,59 @@ fn json_mode_keeps_numbers_byte_exact_through_a_toast_merge() {
     }
 }
 
+/// The search sink's issue 9 property, checked here: a key change that
+/// leaves a TOASTed value unsent, while Redis no longer holds the row
+/// (evicted, expired), leaves no incomplete value under either key. The
+/// merge script writes the new key and deletes the old one atomically, or
+/// drops both: a miss, which readers fill from Postgres. The next change that
+/// carries the whole row stores it again.
+#[test]
+fn a_key_change_without_its_stored_row_drops_it_instead_of_storing_it_incomplete() {
+    let pg = TestPg::start();
+    let r = TestRedis::new();
+    let f = setup(
+        &pg,
+        &r,
+        PRODUCTS,
+        &[("public.products", "product:{id}", "json", None)],
+        "",
+    );
+    let _g = support::ferry::start_streaming(&pg, &f);
+    let tables: [Expect; 1] = [("public.products", &id_key("product:"), Mode::Json)];
+    pg.sql(
+        "INSERT INTO products VALUES
+            (1, 'a', 1.50, 1, (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 4000) i), NULL, 'n'),
+            (2, 'b', 2.50, 2, 'short', NULL, 'n')",
+    );
+    wait_synced(&pg, &r, &f, &tables);
+    let mut c = r.conn();
+    let _: i64 = ::redis::cmd("DEL").arg("product:1").query(&mut c).unwrap();
+    pg.sql("UPDATE products SET id = 101 WHERE id = 1");
+    pg.sql("UPDATE products SET name = 'after' WHERE id = 2");
+    let deadline = Instant::now() + T;
+    loop {
+        let got: Option<String> = ::redis::cmd("GET").arg("product:2").query(&mut c).unwrap();
+        if got.is_some_and(|d| d.contains("\"after\"")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never applied:\n{}", f.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let keys = r.keys();
+    assert!(
+        !keys.iter().any(|k| k == "product:1" || k == "product:101"),
+        "{keys:?}"
+    );
+    assert!(
+        f.log().contains("deleted rather than stored incomplete"),
+        "{}",
+        f.log()
+    );
+    // A change that carries the whole row brings it back.
+    pg.sql("UPDATE products SET body = body || 'x' WHERE id = 101");
+    wait_synced(&pg, &r, &f, &tables);
+}
+
 #[test]
 fn invalidate_mode_deletes_the_keys_of_changed_rows() {
     let pg = TestPg::start();

@@ -23,7 +23,7 @@ const T: Duration = Duration::from_secs(120);
 
 /// A table of the test and the index it goes to.
 struct Table {
-    name: &'static str,
+    name: String,
     keys: &'static [&'static str],
     index: String,
     /// Extra lines for `[sink.tables."public.NAME"]`.
@@ -33,9 +33,9 @@ struct Table {
 }
 
 impl Table {
-    fn new(name: &'static str, keys: &'static [&'static str], index: &str) -> Table {
+    fn new(name: &str, keys: &'static [&'static str], index: &str) -> Table {
         Table {
-            name,
+            name: name.to_string(),
             keys,
             index: index.to_string(),
             extra: String::new(),
@@ -488,13 +488,18 @@ fn node_outage_under_load_then_pgferry_catches_up() {
     write_config(&pg, &f, node, &tables, "pgferry", "", "");
     let mut ferry = start(&pg, &f);
     let workers = start_workload(&pg, &rt, &stop);
-    std::thread::sleep(Duration::from_millis(2000));
-    let before = node.count("outage_ledger");
-    assert!(
-        before > 0,
-        "nothing indexed before the outage:\n{}",
-        f.log()
-    );
+    // The outage comes once the sink is writing (a wait on progress: the
+    // first batch can take seconds on a loaded machine).
+    let deadline = Instant::now() + T;
+    while node.count("outage_ledger") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing indexed before the outage:\n{}",
+            f.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
     node.kill();
     std::thread::sleep(Duration::from_secs(6));
     assert!(
@@ -909,4 +914,207 @@ fn a_key_change_keeps_its_unchanged_toast_value_when_a_bulk_request_fails() {
     }
     assert!(!f.path("state/search.dead-letter.jsonl").exists());
     assert!(terminate(&mut g.0).success(), "{}", f.log());
+}
+
+/// What a fault run injects into the batch of the workload.
+#[derive(Clone, Copy, Debug)]
+enum Inject {
+    Nothing,
+    /// This fault on this `_bulk` request of the batch.
+    At(u64, Fault),
+    /// A 502 at each of the first N request boundaries, one per attempt.
+    Walk(u64),
+}
+
+/// The workload of the fault runs on table `t`, one transaction per
+/// statement: inserts, updates that keep the out-of-line body, key changes
+/// (also rotated within a transaction, and an old key taken by a new row),
+/// deletes, and a body change.
+fn fault_workload(t: &str) -> Vec<String> {
+    let body = |i: &str| format!("repeat(md5({i}::text), 100)");
+    vec![
+        format!(
+            "INSERT INTO {t} SELECT i, 0, {} FROM generate_series(81, 100) i",
+            body("i")
+        ),
+        format!("UPDATE {t} SET n = n + 1 WHERE id % 2 = 0"),
+        format!(
+            "UPDATE {t} SET id = id + 1000, n = n + 10 WHERE id % 10 = 3;
+             DELETE FROM {t} WHERE id % 10 = 7"
+        ),
+        format!(
+            "UPDATE {t} SET n = n + 100 WHERE id = 1013;
+             UPDATE {t} SET id = -5 WHERE id = 5;
+             UPDATE {t} SET id = 5 WHERE id = 6;
+             UPDATE {t} SET id = 6 WHERE id = -5;
+             INSERT INTO {t} VALUES (13, 7, 'a new row under a moved row''s old key');
+             UPDATE {t} SET id = id + 2000 WHERE id IN (21, 22);
+             UPDATE {t} SET body = repeat('x', 9000) WHERE id = 2021"
+        ),
+        format!(
+            "DELETE FROM {t} WHERE id IN (1033, 2022);
+             UPDATE {t} SET n = n + 1 WHERE id BETWEEN 1 AND 40 OR id > 1000"
+        ),
+    ]
+}
+
+/// One fault run, on a table, slot, publication and index of its own:
+/// 80 rows with out-of-line bodies are indexed, pgferry stops, the workload
+/// runs, `inject` is armed and pgferry starts again (through the fault
+/// proxy). A held request is answered by kill -9 and a restart. Once the sink
+/// has applied everything, every document must equal its row. With
+/// `no_tombstones` the index forgets deletes at once (`index.gc_deletes:
+/// 0s`), as after an outage longer than `gc_deletes`: replayed writes of
+/// deleted documents are then accepted. Returns the number of `_bulk`
+/// requests the workload's batch took.
+fn fault_run(pg: &TestPg, node: &Node, run: &str, inject: Inject, no_tombstones: bool) -> u64 {
+    let t = format!("mix_{run}");
+    pg.sql(&format!(
+        "CREATE TABLE {t} (id int PRIMARY KEY, n int, body text);
+         ALTER TABLE {t} ALTER COLUMN body SET STORAGE EXTERNAL;"
+    ));
+    let f = FerryDir::new();
+    let proxy = FaultProxy::start(node.port);
+    let table = Table::new(&t, &["id"], &format!("fault_{t}"));
+    let slot = format!("slot_{run}");
+    // About 40 documents a request, one batch for the whole workload.
+    write_config(
+        pg,
+        &f,
+        node,
+        std::slice::from_ref(&table),
+        &slot,
+        "batch_max_bytes = 131072\nbatch_max_ms = 2000",
+        "",
+    );
+    via_proxy(&f, node, &proxy);
+    let mut cfg = std::fs::read_to_string(f.path("pgferry.toml"))
+        .unwrap()
+        .replace(
+            "publication = \"pgferry\"",
+            &format!("publication = \"pub_{run}\""),
+        );
+    if no_tombstones {
+        let m = f.path("settings.json");
+        std::fs::write(&m, r#"{"settings": {"index": {"gc_deletes": "0s"}}}"#).unwrap();
+        cfg = cfg.replace(
+            "batch_max_ms = 2000",
+            &format!("batch_max_ms = 2000\nmapping_file = \"{}\"", m.display()),
+        );
+    }
+    std::fs::write(f.path("pgferry.toml"), cfg).unwrap();
+    let run_ferry = || {
+        let g = Guard(f.run());
+        wait_active(pg, &f, &slot);
+        g
+    };
+    let mut g = run_ferry();
+    pg.sql(&format!(
+        "INSERT INTO {t} SELECT i, 0, repeat(md5(i::text), 100) FROM generate_series(1, 80) i"
+    ));
+    wait_equal(pg, node, &f, &[&table]);
+    assert!(terminate(&mut g.0).success(), "{}", f.log());
+    for sql in fault_workload(&t) {
+        pg.sql(&sql);
+    }
+    let before = proxy.bulk_requests();
+    match inject {
+        Inject::Nothing => {}
+        Inject::At(n, fault) => proxy.arm(n, fault),
+        Inject::Walk(n) => proxy.walk(n, Fault::Refuse),
+    }
+    let mut g = run_ferry();
+    if let Inject::At(_, Fault::Hold) = inject {
+        assert!(
+            proxy.wait_held(T),
+            "the request was never held\n{}",
+            tail(&f.log(), 20)
+        );
+        kill9(&mut g.0);
+        proxy.release();
+        g = run_ferry();
+    }
+    wait_applied(pg, &f);
+    assert_eq!(
+        proxy.pending(),
+        0,
+        "{run}: not every fault happened ({inject:?}); the batch took {} requests",
+        proxy.bulk_requests() - before
+    );
+    if let Some(d) = diff(pg, node, &table, "") {
+        panic!("{run} ({inject:?}): {d}\n{}", tail(&f.log(), 40));
+    }
+    assert!(
+        !f.path("state/search.dead-letter.jsonl").exists(),
+        "{run}: {}",
+        std::fs::read_to_string(f.path("state/search.dead-letter.jsonl")).unwrap_or_default()
+    );
+    assert!(terminate(&mut g.0).success(), "{}", f.log());
+    pg.sql(&format!("SELECT pg_drop_replication_slot('{slot}')"));
+    proxy.bulk_requests() - before
+}
+
+/// Runs `runs` (name, what to inject, without tombstones) side by side, a
+/// few at a time (each has its own table, slot, index, proxy and pgferry).
+fn fault_runs(pg: &TestPg, node: &Node, runs: Vec<(String, Inject, bool)>) {
+    for group in runs.chunks(4) {
+        std::thread::scope(|s| {
+            for (name, inject, no_tombstones) in group {
+                s.spawn(move || fault_run(pg, node, name, *inject, *no_tombstones));
+            }
+        });
+    }
+}
+
+/// A 502 at each request boundary of a multi-request batch (a request that
+/// never reaches the node, and the batch retried), with the index keeping
+/// delete tombstones (the default) and without them; and at every boundary
+/// in turn within one run: every document equals `to_jsonb(row)`.
+#[test]
+fn a_failed_request_at_each_boundary_of_a_batch_leaves_every_document_whole() {
+    let node = node();
+    let _shared = node.shared();
+    let pg = TestPg::start();
+    let started = Instant::now();
+    let requests = fault_run(&pg, node, "clean", Inject::Nothing, false);
+    assert!(requests >= 4, "the batch took only {requests} requests");
+    eprintln!(
+        "the batch takes {requests} requests ({:?})",
+        started.elapsed()
+    );
+    let mut runs: Vec<(String, Inject, bool)> = Vec::new();
+    for n in 1..=requests {
+        let at = Inject::At(n, Fault::Refuse);
+        runs.push((format!("refuse{n}"), at, false));
+        runs.push((format!("refuse{n}_gc"), at, true));
+    }
+    // The pipeline's backoff doubles with each failure: six keep it short.
+    runs.push(("walk".into(), Inject::Walk(requests.min(6)), true));
+    let count = runs.len();
+    fault_runs(&pg, node, runs);
+    eprintln!("{} runs in {:?}", count + 1, started.elapsed());
+}
+
+/// The node dies in the middle of a request (the first half of its
+/// operations applied, then a 502; the index without delete tombstones),
+/// and pgferry is killed (-9) while a request is in flight, at each request
+/// of the batch: every document equals `to_jsonb(row)`.
+#[test]
+fn a_half_applied_request_or_a_kill_9_inside_a_batch_leaves_every_document_whole() {
+    let node = node();
+    let _shared = node.shared();
+    let pg = TestPg::start();
+    let started = Instant::now();
+    let requests = fault_run(&pg, node, "clean", Inject::Nothing, false);
+    let runs: Vec<(String, Inject, bool)> = (1..=requests)
+        .flat_map(|n| {
+            [
+                (format!("half{n}"), Inject::At(n, Fault::Partial), true),
+                (format!("kill{n}"), Inject::At(n, Fault::Hold), false),
+            ]
+        })
+        .collect();
+    let count = runs.len();
+    fault_runs(&pg, node, runs);
+    eprintln!("{} runs in {:?}", count + 1, started.elapsed());
 }

@@ -43,11 +43,24 @@ pub enum RowError {
     Refused(String),
 }
 
+/// A row as it is now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CurrentRow {
+    /// The row as `to_jsonb(row)` gives it (rendered with the replication
+    /// connection's settings).
+    pub values: Map<String, Value>,
+    /// The transaction that wrote this version of the row (its `xmin`).
+    /// Equal to the xid of the change being completed, the row is exactly
+    /// as that transaction left it; otherwise a later transaction changed it
+    /// (or put another row under the key), or the change was made in a
+    /// subtransaction.
+    pub xmin: u32,
+}
+
 /// Reads current rows by key.
 #[async_trait::async_trait]
 pub trait RowSource: Send + Sync {
-    /// One entry per key, in order: the row as `to_jsonb(row)` gives it
-    /// (rendered with the replication connection's settings), or `None` when
-    /// no row has that key.
-    async fn fetch(&self, q: &RowQuery<'_>) -> Result<Vec<Option<Map<String, Value>>>, RowError>;
+    /// One entry per key, in order: the row, or `None` when no row has that
+    /// key.
+    async fn fetch(&self, q: &RowQuery<'_>) -> Result<Vec<Option<CurrentRow>>, RowError>;
 }

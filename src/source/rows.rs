@@ -22,7 +22,7 @@ use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
 use crate::conn::quote_ident;
-use crate::sink::rows::{RowError, RowQuery, RowSource};
+use crate::sink::rows::{CurrentRow, RowError, RowQuery, RowSource};
 
 /// How long a read waits for a streamed transaction to become visible
 /// before the sink is told to retry later.
@@ -75,8 +75,9 @@ fn classify(e: &tokio_postgres::Error) -> RowError {
     }
 }
 
-/// The statement: the snapshot, and `[ordinal, to_jsonb(row)]` for each
-/// key of `$1` (a JSON array of objects of the key columns) that has a row.
+/// The statement: the snapshot, and `[ordinal, to_jsonb(row), xmin]` for
+/// each key of `$1` (a JSON array of objects of the key columns) that has a
+/// row.
 fn select_sql(schema: &str, table: &str, key_columns: &[String]) -> String {
     let t = format!("{}.{}", quote_ident(schema), quote_ident(table));
     let on: Vec<String> = key_columns
@@ -88,7 +89,7 @@ fn select_sql(schema: &str, table: &str, key_columns: &[String]) -> String {
         .collect();
     format!(
         "SELECT txid_current_snapshot()::text, \
-           (SELECT coalesce(jsonb_agg(jsonb_build_array(pgferry_k.n, to_jsonb(pgferry_t.*))), '[]')::text \
+           (SELECT coalesce(jsonb_agg(jsonb_build_array(pgferry_k.n, to_jsonb(pgferry_t.*), pgferry_t.xmin::text)), '[]')::text \
               FROM jsonb_array_elements($1::text::jsonb) WITH ORDINALITY AS pgferry_k(key, n) \
               CROSS JOIN LATERAL jsonb_populate_record(NULL::{t}, pgferry_k.key) AS pgferry_r \
               JOIN {t} AS pgferry_t ON {})",
@@ -117,14 +118,16 @@ fn in_progress(snapshot: &str, xid: u32) -> bool {
         .any(|x| x as u32 == xid)
 }
 
-/// `[[ordinal, row], …]` → one entry per key.
-fn parse_rows(text: &str, keys: usize) -> Result<Vec<Option<Map<String, Value>>>, RowError> {
-    let found: Vec<(usize, Map<String, Value>)> = serde_json::from_str(text)
-        .map_err(|e| RowError::Transient(format!("unexpected rows from Postgres: {e}")))?;
+/// `[[ordinal, row, xmin], …]` → one entry per key.
+fn parse_rows(text: &str, keys: usize) -> Result<Vec<Option<CurrentRow>>, RowError> {
+    let bad = |e: String| RowError::Transient(format!("unexpected rows from Postgres: {e}"));
+    let found: Vec<(usize, Map<String, Value>, String)> =
+        serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
     let mut out = vec![None; keys];
-    for (n, row) in found {
+    for (n, values, xmin) in found {
+        let xmin = xmin.parse().map_err(|_| bad(format!("xmin {xmin:?}")))?;
         if let Some(slot) = n.checked_sub(1).and_then(|i| out.get_mut(i)) {
-            *slot = Some(row);
+            *slot = Some(CurrentRow { values, xmin });
         }
     }
     Ok(out)
@@ -132,7 +135,7 @@ fn parse_rows(text: &str, keys: usize) -> Result<Vec<Option<Map<String, Value>>>
 
 #[async_trait::async_trait]
 impl RowSource for PgRows {
-    async fn fetch(&self, q: &RowQuery<'_>) -> Result<Vec<Option<Map<String, Value>>>, RowError> {
+    async fn fetch(&self, q: &RowQuery<'_>) -> Result<Vec<Option<CurrentRow>>, RowError> {
         let sql = select_sql(q.schema, q.table, q.key_columns);
         let keys: Vec<Value> = q
             .keys
@@ -199,14 +202,21 @@ mod tests {
 
     #[test]
     fn rows_are_matched_to_their_keys() {
-        let got = parse_rows(r#"[[2, {"id": 2, "v": 1.50}], [3, {"id": 3}]]"#, 3).unwrap();
+        let got = parse_rows(
+            r#"[[2, {"id": 2, "v": 1.50}, "731"], [3, {"id": 3}, "4294967295"]]"#,
+            3,
+        )
+        .unwrap();
         assert_eq!(got[0], None);
+        let row = got[1].clone().unwrap();
         assert_eq!(
-            Value::Object(got[1].clone().unwrap()).to_string(),
+            Value::Object(row.values).to_string(),
             r#"{"id":2,"v":1.50}"#
         );
-        assert!(got[2].is_some());
+        assert_eq!(row.xmin, 731);
+        assert_eq!(got[2].as_ref().unwrap().xmin, u32::MAX);
         assert!(parse_rows("nonsense", 1).is_err());
+        assert!(parse_rows(r#"[[1, {}, "x"]]"#, 1).is_err());
     }
 
     #[test]

@@ -292,7 +292,15 @@ fn first_half(body: &[u8]) -> Vec<u8> {
     ops.into_iter().take(keep).flatten().collect()
 }
 
-const BAD_GATEWAY: &[u8] = b"HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\ncontent-length: 52\r\n\r\n{\"error\":\"injected by the test proxy\",\"status\":502}";
+/// The answer to a failed request.
+fn bad_gateway() -> Vec<u8> {
+    let body = r#"{"error":"injected by the test proxy","status":502}"#;
+    format!(
+        "HTTP/1.1 502 Bad Gateway\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
 
 async fn serve(
     client: TcpStream,
@@ -329,11 +337,11 @@ async fn serve(
                 let resp = read_response(&mut ur, head_request).await?;
                 cw.write_all(&resp).await?;
             }
-            Some(Fault::Refuse) => cw.write_all(BAD_GATEWAY).await?,
+            Some(Fault::Refuse) => cw.write_all(&bad_gateway()).await?,
             Some(Fault::Partial) => {
                 uw.write_all(&req.encode(&first_half(&req.body))).await?;
                 read_response(&mut ur, false).await?;
-                cw.write_all(BAD_GATEWAY).await?;
+                cw.write_all(&bad_gateway()).await?;
             }
             Some(Fault::Hold) => {
                 // Until released, or until the client goes away (killed).

@@ -13,15 +13,26 @@
 //! 3. the current row in Postgres, through a [`RowSource`], when the index
 //!    cannot be trusted to hold the state just before the change.
 //!
-//! [`decide`] holds the rules. With `V` the change's version (its commit
-//! LSN), a key change from `B` to `T`, and versions as the index reports
-//! them:
+//! **Rows read from Postgres are marked.** A row read now can be newer than
+//! the change, and can even be another row that took the key since (keys
+//! rotated, an old key reused): as a base for a later key change it would
+//! hand that row's values to the wrong document. Versions are commit LSNs,
+//! and commit records start on 8-byte boundaries, so a row read from
+//! Postgres is written with version `V + 1` unless it is exactly as the
+//! change's transaction left it (its `xmin` is that transaction): `V + 1`
+//! still sorts after `V` and before every later commit, so later changes
+//! override it and replays of earlier ones are refused; and a version that
+//! is not a multiple of 8 tells the sink never to complete from it.
 //!
-//! | key change | `T` > V | `T` = V | `B` < V, holds every unsent column | otherwise |
+//! [`decide`] holds the rules. With `V` the change's version (its commit
+//! LSN), a key change from `B` to `T`, versions as the index reports them,
+//! and a base *usable* when it is not marked and holds every unsent column:
+//!
+//! | key change | `T` > V | `T` = V | `B` < V, usable | otherwise |
 //! |---|---|---|---|---|
 //! | | skip (newer) | Postgres (or skip) | complete from `B` | Postgres |
 //!
-//! | same id `X` | `X` > V | `X` ≤ V, holds every unsent column | otherwise |
+//! | same id `X` | `X` > V | `X` ≤ V, usable | otherwise |
 //! |---|---|---|---|
 //! | | skip (newer) | complete from `X` | Postgres |
 //!
@@ -31,6 +42,9 @@
 //! the change itself, written by an earlier attempt, but can be an earlier
 //! change of the same transaction replayed over it: the row is read again.
 //! Without a row source that case keeps the document (skip), as before.
+//! An unmarked document at a version below `V` holds exactly the row that
+//! had its key at that version: every write of the stream does, and a
+//! replay applies the changes in order.
 //!
 //! The sink keeps the bases intact until the documents completed from them
 //! are acknowledged: a chunk's writes to its bases go in a second phase
@@ -160,11 +174,22 @@ pub(super) struct Item<'a> {
     pub merge: &'a Merge,
 }
 
+/// The version of a row read from Postgres that may be newer than the
+/// change at `version`: see the module docs.
+fn marked(version: u64) -> u64 {
+    version + 1
+}
+
+/// True for a version [`marked`] gave.
+fn is_marked(version: u64) -> bool {
+    version % 8 != 0
+}
+
 /// What a merge became.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Resolved {
-    /// Index this whole document.
-    Index(Vec<u8>),
+    /// Index this whole document, with this version.
+    Index { doc: Vec<u8>, version: u64 },
     /// Nothing to write: the index holds this change or a newer one, or the
     /// row is gone from the table (a change still to come removed it).
     Skip,
@@ -203,6 +228,7 @@ fn decide(
     base_whole: bool,
     target: Option<u64>,
 ) -> Decision {
+    let usable = |b: u64| base_whole && !is_marked(b);
     if key_change {
         match target {
             Some(t) if t > version => return Decision::Skip,
@@ -210,13 +236,13 @@ fn decide(
             _ => {}
         }
         match base {
-            Some(b) if b < version && base_whole => Decision::FromBase,
+            Some(b) if b < version && usable(b) => Decision::FromBase,
             _ => Decision::FromSource { or_skip: false },
         }
     } else {
         match base {
             Some(b) if b > version => Decision::Skip,
-            Some(_) if base_whole => Decision::FromBase,
+            Some(b) if usable(b) => Decision::FromBase,
             _ => Decision::FromSource { or_skip: false },
         }
     }
@@ -239,7 +265,10 @@ pub(super) async fn resolve(
             (Decision::FromBase, Some(mut doc)) => {
                 counts.from_index += 1;
                 doc.extend(items[i].merge.overlay.clone());
-                Resolved::Index(serde_json::to_vec(&doc).unwrap_or_default())
+                Resolved::Index {
+                    doc: serde_json::to_vec(&doc).unwrap_or_default(),
+                    version: items[i].version,
+                }
             }
             (Decision::FromSource { or_skip }, _) => {
                 from_source.push((i, or_skip));
@@ -301,6 +330,10 @@ async fn read_documents(
             .is_some_and(|s| it.merge.unsent.iter().all(|c| s.contains_key(c)));
         let key_change = it.merge.base.as_deref() != Some(it.id);
         let d = decide(it.version, key_change, base_version, whole, target_version);
+        if d != Decision::FromBase {
+            tracing::debug!(index = it.index, id = it.id, base = ?it.merge.base, version = it.version,
+                base_version, target_version, base_whole = whole, decision = ?d, "update without its unchanged TOAST values");
+        }
         out.push((d, source.filter(|_| d == Decision::FromBase)));
     }
     Ok(out)
@@ -384,7 +417,15 @@ async fn read_rows(
                 Ok(found) => match &found[n] {
                     Some(row) => {
                         counts.from_source += 1;
-                        Resolved::Index(shape.document(row))
+                        let it = &items[i];
+                        Resolved::Index {
+                            doc: shape.document(&row.values),
+                            version: if row.xmin == it.merge.xid {
+                                it.version
+                            } else {
+                                marked(it.version)
+                            },
+                        }
                     }
                     None => {
                         counts.gone_at_source += 1;
@@ -421,42 +462,34 @@ mod tests {
     #[test]
     fn decisions_follow_the_table_of_the_module_docs() {
         use Decision::*;
-        let v = 100;
+        let from_source = FromSource { or_skip: false };
+        // Versions are commit LSNs: multiples of 8.
+        let v = 800;
         // Key changes: the target decides first, then the base.
-        assert_eq!(decide(v, true, Some(50), true, Some(101)), Skip);
+        assert_eq!(decide(v, true, Some(400), true, Some(808)), Skip);
         assert_eq!(
-            decide(v, true, Some(50), true, Some(100)),
+            decide(v, true, Some(400), true, Some(v)),
             FromSource { or_skip: true }
         );
-        assert_eq!(decide(v, true, Some(50), true, Some(99)), FromBase);
-        assert_eq!(decide(v, true, Some(50), true, None), FromBase);
-        assert_eq!(
-            decide(v, true, Some(99), false, None),
-            FromSource { or_skip: false }
-        );
-        assert_eq!(
-            decide(v, true, Some(100), true, None),
-            FromSource { or_skip: false }
-        );
-        assert_eq!(
-            decide(v, true, Some(120), true, None),
-            FromSource { or_skip: false }
-        );
-        assert_eq!(
-            decide(v, true, None, false, None),
-            FromSource { or_skip: false }
-        );
+        assert_eq!(decide(v, true, Some(400), true, Some(792)), FromBase);
+        assert_eq!(decide(v, true, Some(400), true, None), FromBase);
+        assert_eq!(decide(v, true, Some(792), false, None), from_source);
+        assert_eq!(decide(v, true, Some(v), true, None), from_source);
+        assert_eq!(decide(v, true, Some(960), true, None), from_source);
+        assert_eq!(decide(v, true, None, false, None), from_source);
         // The same document.
-        assert_eq!(decide(v, false, Some(101), true, None), Skip);
-        assert_eq!(decide(v, false, Some(100), true, None), FromBase);
-        assert_eq!(decide(v, false, Some(3), true, None), FromBase);
-        assert_eq!(
-            decide(v, false, Some(3), false, None),
-            FromSource { or_skip: false }
-        );
-        assert_eq!(
-            decide(v, false, None, false, None),
-            FromSource { or_skip: false }
-        );
+        assert_eq!(decide(v, false, Some(808), true, None), Skip);
+        assert_eq!(decide(v, false, Some(v), true, None), FromBase);
+        assert_eq!(decide(v, false, Some(24), true, None), FromBase);
+        assert_eq!(decide(v, false, Some(24), false, None), from_source);
+        assert_eq!(decide(v, false, None, false, None), from_source);
+        // A row read from Postgres is never a base; newer is newer.
+        assert_eq!(marked(v), 801);
+        assert!(is_marked(marked(v)) && !is_marked(v));
+        assert_eq!(decide(v, true, Some(marked(96)), true, None), from_source);
+        assert_eq!(decide(v, false, Some(marked(96)), true, None), from_source);
+        assert_eq!(decide(v, false, Some(marked(v)), true, None), Skip);
+        assert_eq!(decide(v, true, Some(96), true, Some(marked(v))), Skip);
+        assert_eq!(decide(v, true, Some(96), true, Some(marked(96))), FromBase);
     }
 }

@@ -25,20 +25,33 @@
 //!   earlier ones (they share the version), and makes the replay of a whole
 //!   transaction a re-write of the same values. The cluster refuses a lower
 //!   version with a 409, which counts as success: the index holds newer data.
-//! - **Key change**: `delete` of the old id, `index` of the new one.
+//! - **Key change**: `index` of the new id, then `delete` of the old one,
+//!   which waits until the new document is acknowledged (see below).
 //! - **Unchanged TOAST columns** (an update that did not send a large value):
-//!   the sink reads the current document (`_mget`, real time), puts the sent
-//!   columns over it and indexes the whole document with the change's
-//!   version; when the document is already at a newer version, the change is
-//!   skipped. Not a partial `update`: the cluster refuses versions
-//!   on bulk updates, and an unversioned update replayed over a newer
-//!   document would both overwrite newer values and raise the document's
-//!   version so that the newer write, replayed next, is refused as a
-//!   conflict. The cost is one `_mget` per bulk request that holds such
+//!   the sink puts the sent columns over a base that holds the others (the
+//!   current document, read with `_mget` in real time; the old id's for a
+//!   key change) and indexes the whole document with the change's version;
+//!   where the index cannot be trusted to hold the row as it was, the row is
+//!   read from Postgres through a [`RowSource`](crate::sink::rows::RowSource)
+//!   the session provides; where nothing can complete it, the change is
+//!   dead-lettered and `/readyz` says so. A partial document is never
+//!   indexed. The rules, and why a row read from Postgres gets a marked
+//!   version, are in `complete.rs`. Not a partial `update`: the cluster
+//!   refuses versions on bulk updates, and an unversioned update replayed
+//!   over a newer document would both overwrite newer values and raise the
+//!   document's version so that the newer write, replayed next, is refused
+//!   as a conflict. The cost is one `_mget` per bulk request that holds such
 //!   updates, and it assumes pgferry is the only writer of these documents.
-//!   When there is no document to complete (the row predates the sink), the
-//!   sent columns alone are indexed, with a warning. With `REPLICA IDENTITY
-//!   FULL` none of this is needed: the old row, sent whole, fills them in.
+//!   With `REPLICA IDENTITY FULL` none of this is needed: the old row, sent
+//!   whole, fills them in.
+//! - **Key changes under failures**: each chunk of operations is sent in two
+//!   phases, the writes to the documents that key changes complete from
+//!   (their old ids) last, once everything else is acknowledged. A failure
+//!   at any point (a failed or half-applied request, a node outage, kill -9
+//!   between requests) leaves those documents in place, so the retry or the
+//!   replay completes the new documents again. The argument over every
+//!   split and failure point is in `docs/search-sink.md`, "Key changes and
+//!   failures".
 //! - **Truncate**: `_delete_by_query` is not everywhere (OpenSearch without
 //!   the reindex module lacks it), and dropping the index would lose its
 //!   mapping, settings and aliases and leave searches failing meanwhile. The
@@ -47,9 +60,10 @@
 //!   (newer versions) stay even during a replay. An index shared by several
 //!   tables cannot be truncated this way: that truncate is rejected
 //!   (`on_error`).
-//! - **Batching**: a batch from the pipeline is cut into `_bulk` requests of
-//!   at most `batch_max_docs` documents and `batch_max_bytes` bytes; only the
-//!   last operation per document in a request is sent. `batch_max_ms` is the
+//! - **Batching**: a batch from the pipeline is cut into chunks of at most
+//!   `batch_max_docs` documents and about `batch_max_bytes` bytes, each sent
+//!   as `_bulk` requests of at most `batch_max_bytes`; only the last
+//!   operation per document in a chunk is sent. `batch_max_ms` is the
 //!   pipeline's linger time for this sink: after the first transaction of a
 //!   batch arrives, its task waits up to that long for more while the batch
 //!   holds fewer than `batch_max_docs` changes. Nothing is acknowledged before

@@ -571,7 +571,10 @@ impl ElasticsearchSink {
         for (&i, r) in wanted.iter().zip(resolved) {
             let p = &mut ops[i];
             p.action = match r {
-                Resolved::Index(doc) => Action::Index(doc),
+                Resolved::Index { doc, version } => {
+                    p.version = version;
+                    Action::Index(doc)
+                }
                 Resolved::Skip => Action::Skip,
                 Resolved::Incomplete(reason) => {
                     let error = json!({"type": "pgferry_incomplete_document", "reason": reason});
