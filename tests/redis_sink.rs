@@ -266,40 +266,56 @@ fn hash_mode_keeps_every_row_equal_to_postgres() {
     mode_test("hash", Mode::Hash);
 }
 
-#[test]
-fn json_mode_keeps_numbers_byte_exact_through_a_toast_merge() {
-    let pg = TestPg::start();
-    let r = TestRedis::new();
+/// `products` (and `other`) in Postgres, `products` cached in json mode as
+/// `product:{id}`, pgferry streaming.
+fn json_products(pg: &TestPg, r: &TestRedis) -> (FerryDir, Guard) {
     let f = setup(
-        &pg,
-        &r,
+        pg,
+        r,
         PRODUCTS,
         &[("public.products", "product:{id}", "json", None)],
         "",
     );
-    let _g = support::ferry::start_streaming(&pg, &f);
+    let g = support::ferry::start_streaming(pg, &f);
+    (f, g)
+}
+
+/// Waits until `key` holds a value that contains `text`, and returns it.
+fn wait_value(r: &TestRedis, f: &FerryDir, key: &str, text: &str) -> String {
+    let deadline = Instant::now() + T;
+    let mut c = r.conn();
+    loop {
+        let got: Option<String> = ::redis::cmd("GET").arg(key).query(&mut c).unwrap();
+        if let Some(v) = got.filter(|v| v.contains(text)) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{key} never held {text}:\n{}",
+            f.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn json_mode_keeps_numbers_byte_exact_through_a_toast_merge() {
+    let pg = TestPg::start();
+    let r = TestRedis::new();
+    let (f, _g) = json_products(&pg, &r);
     pg.sql(
         "INSERT INTO products VALUES (1, 'a', 1.50, 123456789012345678901234567890.000000000000000000000001,
             (SELECT string_agg(md5(i::text), '') FROM generate_series(1, 4000) i), '{\"x\": 1.10}', 'n')",
     );
     pg.sql("UPDATE products SET name = 'b' WHERE id = 1");
-    let deadline = Instant::now() + T;
-    let mut c = r.conn();
-    loop {
-        let got: Option<String> = ::redis::cmd("GET").arg("product:1").query(&mut c).unwrap();
-        if let Some(doc) = got.filter(|d| d.contains("\"name\":\"b\"")) {
-            // Byte-level: the stored text is exactly the event's `after` format.
-            assert!(doc.starts_with("{\"id\":1,\"name\":\"b\",\"price\":1.50,\"big\":123456789012345678901234567890.000000000000000000000001,\"body\":\"c4ca4238"), "{doc:.300}");
-            assert!(
-                doc.ends_with(",\"attrs\":{\"x\": 1.10},\"note\":\"n\"}"),
-                "{}",
-                &doc[doc.len() - 80..]
-            );
-            break;
-        }
-        assert!(Instant::now() < deadline, "never updated:\n{}", f.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let doc = wait_value(&r, &f, "product:1", "\"name\":\"b\"");
+    // Byte-level: the stored text is exactly the event's `after` format.
+    assert!(doc.starts_with("{\"id\":1,\"name\":\"b\",\"price\":1.50,\"big\":123456789012345678901234567890.000000000000000000000001,\"body\":\"c4ca4238"), "{doc:.300}");
+    assert!(
+        doc.ends_with(",\"attrs\":{\"x\": 1.10},\"note\":\"n\"}"),
+        "{}",
+        &doc[doc.len() - 80..]
+    );
 }
 
 /// The search sink's issue 9 property, checked here: a key change that
@@ -312,14 +328,7 @@ fn json_mode_keeps_numbers_byte_exact_through_a_toast_merge() {
 fn a_key_change_without_its_stored_row_drops_it_instead_of_storing_it_incomplete() {
     let pg = TestPg::start();
     let r = TestRedis::new();
-    let f = setup(
-        &pg,
-        &r,
-        PRODUCTS,
-        &[("public.products", "product:{id}", "json", None)],
-        "",
-    );
-    let _g = support::ferry::start_streaming(&pg, &f);
+    let (f, _g) = json_products(&pg, &r);
     let tables: [Expect; 1] = [("public.products", &id_key("product:"), Mode::Json)];
     pg.sql(
         "INSERT INTO products VALUES
@@ -327,19 +336,14 @@ fn a_key_change_without_its_stored_row_drops_it_instead_of_storing_it_incomplete
             (2, 'b', 2.50, 2, 'short', NULL, 'n')",
     );
     wait_synced(&pg, &r, &f, &tables);
-    let mut c = r.conn();
-    let _: i64 = ::redis::cmd("DEL").arg("product:1").query(&mut c).unwrap();
+    let _: i64 = ::redis::cmd("DEL")
+        .arg("product:1")
+        .query(&mut r.conn())
+        .unwrap();
     pg.sql("UPDATE products SET id = 101 WHERE id = 1");
+    // Applied after the key change: once it is there, so is the key change.
     pg.sql("UPDATE products SET name = 'after' WHERE id = 2");
-    let deadline = Instant::now() + T;
-    loop {
-        let got: Option<String> = ::redis::cmd("GET").arg("product:2").query(&mut c).unwrap();
-        if got.is_some_and(|d| d.contains("\"after\"")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never applied:\n{}", f.log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_value(&r, &f, "product:2", "\"after\"");
     let keys = r.keys();
     assert!(
         !keys.iter().any(|k| k == "product:1" || k == "product:101"),

@@ -59,15 +59,7 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Proxies `http://127.0.0.1:PORT` to `http://127.0.0.1:upstream`.
     pub fn start(upstream: u16) -> FaultProxy {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (rt, listener, port) = super::proxy_listener();
         let state = Arc::new(Mutex::new(State::default()));
         let release = Arc::new(tokio::sync::Notify::new());
         let (st, rel) = (state.clone(), release.clone());

@@ -11,3 +11,18 @@ pub mod rng;
 pub mod tls_proxy;
 pub mod types_fixture;
 pub mod workload;
+
+/// A one-worker tokio runtime for a test proxy, and a listener on a free
+/// loopback port: (runtime, listener, port).
+pub fn proxy_listener() -> (tokio::runtime::Runtime, tokio::net::TcpListener, u16) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    (rt, listener, port)
+}

@@ -107,15 +107,7 @@ impl TlsProxy {
             .with_single_cert(certs, key)
             .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let listener = rt
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (rt, listener, port) = super::proxy_listener();
         let authorized = Arc::new(AtomicU64::new(0));
         let refused = Arc::new(AtomicU64::new(0));
         let expected = format!("authorization: {auth}").to_lowercase();
