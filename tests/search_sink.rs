@@ -1118,3 +1118,98 @@ fn a_half_applied_request_or_a_kill_9_inside_a_batch_leaves_every_document_whole
     fault_runs(&pg, node, runs);
     eprintln!("{} runs in {:?}", count + 1, started.elapsed());
 }
+
+/// `GET http://127.0.0.1:{port}{path}`: (status, body); `None` when nothing
+/// answers.
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let resp = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+            .await
+            .ok()?;
+        let status = resp.status().as_u16();
+        Some((status, resp.text().await.ok()?))
+    })
+}
+
+/// When the index has nothing to complete an update from and Postgres
+/// refuses the read (the source role may not SELECT the table), no partial
+/// document is indexed: the change is dead-lettered with the reason,
+/// counted, and `/readyz` says so until a later write repairs the rows.
+#[test]
+fn an_update_that_cannot_be_completed_is_dead_lettered_and_keeps_readyz_down_until_repaired() {
+    let node = node();
+    let _shared = node.shared();
+    let pg = TestPg::start();
+    // The rows predate the slot, so the index has nothing to complete from.
+    pg.sql(
+        "CREATE TABLE secret (id int PRIMARY KEY, n int, body text);
+         ALTER TABLE secret ALTER COLUMN body SET STORAGE EXTERNAL;
+         INSERT INTO secret SELECT i, 0, repeat(md5(i::text), 100) FROM generate_series(1, 5) i;
+         CREATE ROLE ferry LOGIN REPLICATION;
+         GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO ferry;
+         CREATE PUBLICATION pgferry FOR TABLE secret;",
+    );
+    let f = FerryDir::new();
+    let tables = [Table::new("secret", &["id"], "refused_secret")];
+    write_config(&pg, &f, node, &tables, "pgferry", "", "");
+    let port = support::pg::free_port();
+    let cfg = std::fs::read_to_string(f.path("pgferry.toml"))
+        .unwrap()
+        .replace(&pg.url(), &pg.url_for("ferry", "postgres"))
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(f.path("pgferry.toml"), cfg).unwrap();
+    let mut g = start(&pg, &f);
+    pg.sql("UPDATE secret SET n = 1 WHERE id <= 3");
+    let dead = f.path("state/search.dead-letter.jsonl");
+    let deadline = Instant::now() + T;
+    while dead_letters(&dead).len() < 3 {
+        assert!(Instant::now() < deadline, "{}", tail(&f.log(), 30));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (line, id) in dead_letters(&dead).iter().zip(1..) {
+        assert_eq!(line["id"], id.to_string(), "{line}");
+        assert_eq!(line["status"], Value::Null);
+        assert_eq!(
+            line["error"]["type"], "pgferry_incomplete_document",
+            "{line}"
+        );
+        let reason = line["error"]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("body") && reason.contains("permission denied"),
+            "{reason}"
+        );
+        assert_eq!(line["event"]["op"], "update");
+    }
+    // Nothing partial was indexed.
+    assert_eq!(node.count("refused_secret"), 0);
+    let (status, body) = http_get(port, "/readyz").unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("incompletely"), "{body}");
+    let (_, metrics) = http_get(port, "/metrics").unwrap();
+    assert!(
+        metrics.contains("pgferry_sink_incomplete_rows{sink=\"search\"} 3"),
+        "{metrics}"
+    );
+    // Changes that carry the whole rows repair them, and /readyz recovers.
+    pg.sql("UPDATE secret SET body = body || 'x' WHERE id <= 3");
+    let deadline = Instant::now() + T;
+    loop {
+        let ready = http_get(port, "/readyz");
+        if diff(&pg, node, &tables[0], "WHERE id <= 3").is_none()
+            && ready.as_ref().is_some_and(|r| r.0 == 200)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ready:?}\n{}",
+            tail(&f.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(terminate(&mut g.0).success(), "{}", f.log());
+}
