@@ -1236,6 +1236,51 @@ mod tests {
         assert!(c.latest.is_empty() && c.bytes == 0);
     }
 
+    #[test]
+    fn a_key_change_without_its_toast_value_completes_from_its_old_document() {
+        let plan = Plan {
+            index: "i".into(),
+            key: KeyTemplate::for_columns(&["id"]).unwrap(),
+            shape: Arc::new(Shape {
+                rel: rel(),
+                include: vec![true; 3],
+                key_columns: vec!["id".into()],
+            }),
+        };
+        // Row 1 moved to 2 without its body.
+        let moved = row(&[Some("2"), None, Some("5")], &[1]);
+        let mut c = Chunk::default();
+        let Action::Merge(m) = merge_action(&c, &plan, &moved, "1", 7) else {
+            panic!("nothing to merge with in the chunk: a merge to resolve")
+        };
+        assert_eq!(m.base.as_deref(), Some("1"));
+        assert_eq!(m.unsent, ["body"]);
+        assert_eq!(m.key, [json!(2)]);
+        assert_eq!(Value::Object(m.overlay.clone()), json!({"id": 2, "n": 5}));
+        c.put(pending("1", 10, Action::Delete));
+        c.put(pending("2", 10, Action::Merge(m)));
+        assert!(c.is_base(&"i".into(), "1") && !c.is_base(&"i".into(), "2"));
+        let (_, bases) = c.take();
+        assert!(bases.contains(&("i".into(), "1".to_string())));
+        // The chunk's own write of the old document completes it in memory.
+        c.put(pending(
+            "1",
+            9,
+            Action::Index(br#"{"id":1,"body":"long","n":4}"#.to_vec()),
+        ));
+        let Action::Index(doc) = merge_action(&c, &plan, &moved, "1", 7) else {
+            panic!("merged in memory")
+        };
+        let doc: Value = serde_json::from_slice(&doc).unwrap();
+        assert_eq!(doc, json!({"id": 2, "body": "long", "n": 5}));
+        // The chunk deletes the old document: only Postgres has the row.
+        c.put(pending("1", 10, Action::Delete));
+        let Action::Merge(m) = merge_action(&c, &plan, &moved, "1", 7) else {
+            panic!("a merge to resolve")
+        };
+        assert_eq!(m.base, None);
+    }
+
     #[tokio::test]
     async fn spilled_changes_stream_in_order_without_aborted_subtransactions() {
         let dir = tempfile::tempdir().unwrap();
