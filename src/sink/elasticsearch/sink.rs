@@ -525,11 +525,15 @@ impl ElasticsearchSink {
         if !chunk.ops.is_empty() {
             let (mut ops, bases) = chunk.take();
             self.resolve_merges(&mut ops).await?;
-            let (first, then): (Vec<Pending>, Vec<Pending>) = ops
-                .into_iter()
-                .partition(|p| !bases.contains(&(p.index.clone(), p.id.clone())));
-            self.send(first).await?;
-            self.send(then).await?;
+            if bases.is_empty() {
+                self.send(ops).await?;
+            } else {
+                let (first, then): (Vec<Pending>, Vec<Pending>) = ops
+                    .into_iter()
+                    .partition(|p| !bases.contains(&(p.index.clone(), p.id.clone())));
+                self.send(first).await?;
+                self.send(then).await?;
+            }
         }
         crate::metrics::global()
             .sink(&self.name)
