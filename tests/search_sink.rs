@@ -924,6 +924,7 @@ fn a_key_change_keeps_its_unchanged_toast_value_when_a_bulk_request_fails() {
     }
     assert!(!f.path("state/search.dead-letter.jsonl").exists());
     assert!(terminate(&mut g.0).success(), "{}", f.log());
+    node.req("DELETE", "/repro_moved", None);
 }
 
 /// What a fault run injects into the batch of the workload.
@@ -1061,6 +1062,8 @@ fn fault_run(pg: &TestPg, node: &Node, run: &str, inject: Inject, no_tombstones:
     );
     assert!(terminate(&mut g.0).success(), "{}", f.log());
     pg.sql(&format!("SELECT pg_drop_replication_slot('{slot}')"));
+    // Dozens of runs: their indices would slow a restart of the shared node.
+    node.req("DELETE", &format!("/{}", table.index), None);
     proxy.bulk_requests() - before
 }
 
