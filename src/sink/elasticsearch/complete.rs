@@ -331,7 +331,7 @@ async fn read_documents(
         let key_change = it.merge.base.as_deref() != Some(it.id);
         let d = decide(it.version, key_change, base_version, whole, target_version);
         if d != Decision::FromBase {
-            tracing::debug!(index = it.index, id = it.id, base = ?it.merge.base, version = it.version,
+            tracing::trace!(index = it.index, id = it.id, base = ?it.merge.base, version = it.version,
                 base_version, target_version, base_whole = whole, decision = ?d, "update without its unchanged TOAST values");
         }
         out.push((d, source.filter(|_| d == Decision::FromBase)));
