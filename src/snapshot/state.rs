@@ -54,8 +54,12 @@ pub struct Job {
     /// Extra SQL condition (backfill `--where`).
     #[serde(default)]
     pub filter: Option<String>,
-    /// `initial` or `backfill`.
+    /// `initial`, `backfill` or `data-loss`.
     pub kind: String,
+    /// Only these sinks get the rows (`None`: every sink). A sink whose
+    /// store lost its data is reloaded alone (`on_data_loss = "backfill"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sinks: Option<Vec<String>>,
     pub method: Method,
     pub rows_estimate: u64,
     /// Rows durably delivered.
@@ -174,6 +178,7 @@ mod tests {
             table: "public.t".into(),
             filter: Some("id > 5".into()),
             kind: "backfill".into(),
+            sinks: Some(vec!["cache".into()]),
             method: Method::Keyset,
             rows_estimate: 10,
             rows_done: 3,
