@@ -224,6 +224,8 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 /// the server's `wal_sender_timeout` plus [`SLOT_MARGIN`].
 const SLOT_RETRY: Duration = Duration::from_millis(500);
 const SLOT_MARGIN: Duration = Duration::from_secs(10);
+/// The longest wait between two attempts while a disk is full.
+const DISK_RETRY_MAX: Duration = Duration::from_secs(10);
 /// Longest time from SIGTERM or SIGINT to the exit, whatever a sink does
 /// (the batches not checkpointed by then are replayed at the next start).
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(8);
@@ -240,7 +242,7 @@ async fn run(config: &Config, opts: &source::RunOptions) -> anyhow::Result<std::
         .map_err(anyhow::Error::msg)?;
     let metrics = pgferry::metrics::global();
     let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
-    let mut disk_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let mut disk_backoff = Backoff::new(Duration::from_secs(1), DISK_RETRY_MAX);
     let mut slot_busy_since: Option<std::time::Instant> = None;
     loop {
         let streamed_before = metrics.sessions_streamed.load(Ordering::Relaxed);
@@ -257,7 +259,7 @@ async fn run(config: &Config, opts: &source::RunOptions) -> anyhow::Result<std::
             backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
             slot_busy_since = None;
             if !matches!(session, Err(SourceError::DiskFull(_))) {
-                disk_backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+                disk_backoff = Backoff::new(Duration::from_secs(1), DISK_RETRY_MAX);
             }
         }
         let (delay, msg) = match session {

@@ -317,12 +317,16 @@ pub struct SinkTask {
 }
 
 /// A sink's store lost pgferry's state (reported once, at start).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DataLoss {
     pub index: usize,
     pub sink: String,
     /// What the store lost, in the sink's words.
     pub what: String,
+    /// Sent by the session once it acted (a reload is planned and
+    /// persisted): only then does the sink apply anything, since its first
+    /// write would hide the loss from the next start.
+    pub go_on: tokio::sync::oneshot::Sender<()>,
 }
 
 /// How long a batch under way may still take once the session ends,
@@ -491,14 +495,21 @@ impl SinkTask {
             let e = match self.sink.lost_state().await {
                 Ok(lost) => {
                     self.state.failing.store(false, Ordering::Release);
-                    if let Some(what) = lost {
-                        let _ = report.send(DataLoss {
-                            index: self.index,
-                            sink: self.name.clone(),
-                            what,
-                        });
-                    }
-                    return Ok(true);
+                    let Some(what) = lost else {
+                        return Ok(true);
+                    };
+                    let (go_on, answer) = tokio::sync::oneshot::channel();
+                    let _ = report.send(DataLoss {
+                        index: self.index,
+                        sink: self.name.clone(),
+                        what,
+                        go_on,
+                    });
+                    // No answer: the session stops (on_data_loss = "stop").
+                    return Ok(tokio::select! {
+                        r = answer => r.is_ok(),
+                        _ = self.stop.wait_for(|s| *s) => false,
+                    });
                 }
                 Err(SinkError::Fatal(m)) => return Err(format!("sink {:?}: {m}", self.name)),
                 Err(e) => e,

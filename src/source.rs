@@ -504,6 +504,7 @@ struct Session<'a> {
     tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
     sinks_stop: watch::Sender<bool>,
     loss_rx: mpsc::UnboundedReceiver<DataLoss>,
+    loss_open: bool,
     snaps: Snapshots,
     assembler: Assembler,
     budget: Budget,
@@ -646,6 +647,7 @@ impl<'a> Session<'a> {
             tasks,
             sinks_stop,
             loss_rx,
+            loss_open: true,
             snaps,
             assembler,
             budget: Budget::new(memory),
@@ -689,9 +691,11 @@ impl<'a> Session<'a> {
                     server_shutting_down(end.ok().flatten())?;
                     continue;
                 }
-                loss = self.loss_rx.recv() => {
-                    if let Some(loss) = loss {
-                        self.on_data_loss(loss).await?;
+                loss = self.loss_rx.recv(), if self.loss_open => {
+                    match loss {
+                        Some(loss) => self.on_data_loss(loss).await?,
+                        // Every sink task has checked its store.
+                        None => self.loss_open = false,
                     }
                     continue;
                 }
@@ -902,32 +906,38 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// A sink's store lost pgferry's state: act as its `on_data_loss` says.
+    /// A sink's store lost pgferry's state: act as its `on_data_loss` says,
+    /// then let the sink go on.
     async fn on_data_loss(&mut self, loss: DataLoss) -> Result<(), SourceError> {
         let sc = &self.config.sinks[loss.index];
         crate::metrics::global().data_lost(&loss.sink, &loss.what);
         match sc.on_data_loss() {
-            OnDataLoss::Stop => Err(fatal(format!(
-                "sink {:?} lost its data: {}. The rows it held before its checkpoint are gone from it. on_data_loss = \"stop\": pgferry stops. \
-                 To refill it, set on_data_loss = \"backfill\" for this sink and start again (its tables are reloaded into it alone), or reload them with pgferry backfill; \
-                 to go on without the old rows, set on_data_loss = \"warn\"",
-                loss.sink, loss.what
-            ))),
+            OnDataLoss::Stop => {
+                return Err(fatal(format!(
+                    "sink {:?} lost its data: {}. The rows it held before its checkpoint are gone from it. on_data_loss = \"stop\": pgferry stops. \
+                     To refill it, set on_data_loss = \"backfill\" for this sink and start again (its tables are reloaded into it alone), or reload them with pgferry backfill; \
+                     to go on without the old rows, set on_data_loss = \"warn\"",
+                    loss.sink, loss.what
+                )))
+            }
             OnDataLoss::Warn => {
                 tracing::warn!(sink = %loss.sink, lost = %loss.what,
                     "the sink's store lost pgferry's state: the rows it held before its checkpoint are gone from it, and only rows that change again come back (on_data_loss = \"warn\"). \
                      Set on_data_loss = \"backfill\" to have pgferry reload its tables into it, or run pgferry backfill");
-                Ok(())
             }
             OnDataLoss::Backfill => {
                 tracing::warn!(sink = %loss.sink, lost = %loss.what,
                     "the sink's store lost pgferry's state: reloading its tables into this sink alone (on_data_loss = \"backfill\"); the other sinks are not sent the rows again");
-                let tables = sc.tables().unwrap_or_else(|| self.config.source.tables.clone());
+                let tables = sc
+                    .tables()
+                    .unwrap_or_else(|| self.config.source.tables.clone());
                 self.snaps
                     .backfill_sink(&self.client, &loss.sink, &tables)
-                    .await
+                    .await?;
             }
         }
+        let _ = loss.go_on.send(());
+        Ok(())
     }
 
     /// Ends the session. When the connection is broken or the server wants

@@ -5,6 +5,7 @@
 pub mod ferry;
 pub mod opensearch;
 pub mod pg;
+pub mod proxy;
 pub mod redis;
 pub mod rng;
 pub mod tls_proxy;

@@ -161,6 +161,59 @@ impl TestPg {
         );
     }
 
+    /// `pg_ctl restart -m fast`: a routine restart; returns once the server
+    /// accepts connections again.
+    pub fn restart_fast(&self) {
+        let data = self.data_dir();
+        let log = self.dir.path().join("server.log");
+        self.run_checked(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-l",
+                log.to_str().unwrap(),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                "60",
+                "restart",
+            ],
+        );
+    }
+
+    /// `pg_ctl stop -m fast`, waiting at most `timeout_secs`: whether the
+    /// server stopped in that time, and how long it took.
+    pub fn stop_fast(&self, timeout_secs: u32) -> (bool, std::time::Duration) {
+        let data = self.data_dir();
+        let started = std::time::Instant::now();
+        let out = self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-m",
+                "fast",
+                "-w",
+                "-t",
+                &timeout_secs.to_string(),
+                "stop",
+            ],
+        );
+        (out.status.success(), started.elapsed())
+    }
+
+    /// The pid of the walsender that holds `slot`, if one does.
+    pub fn slot_pid(&self, slot: &str) -> Option<i32> {
+        self.sql(&format!(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ))
+        .trim()
+        .parse()
+        .ok()
+    }
+
     /// `postgres://postgres@127.0.0.1:PORT/postgres`
     pub fn url(&self) -> String {
         self.url_for("postgres", "postgres")
