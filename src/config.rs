@@ -128,6 +128,20 @@ pub struct SourceConfig {
     pub network: NetworkConfig,
 }
 
+/// What a sink does when, at start, its store no longer holds pgferry's
+/// state although the sink has a checkpoint (`on_data_loss`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDataLoss {
+    /// Log it (WARN), count it and report it on `/readyz`; go on.
+    #[default]
+    Warn,
+    /// As `warn`, then reload the sink's tables into this sink alone.
+    Backfill,
+    /// Stop pgferry with the operator's options.
+    Stop,
+}
+
 /// `[source.network]`: how pgferry notices a dead or hung connection to the
 /// server. TCP keepalive finds a peer that vanished (a host or NAT state
 /// gone); the stream's read deadline (the server's `wal_sender_timeout`
@@ -481,9 +495,9 @@ impl SinkConfig {
     }
 
     /// What to do when the sink's store lost pgferry's state (`on_data_loss`).
-    pub fn on_data_loss(&self) -> crate::sink::OnDataLoss {
+    pub fn on_data_loss(&self) -> OnDataLoss {
         match self {
-            SinkConfig::Jsonl(_) | SinkConfig::Null(_) => crate::sink::OnDataLoss::Warn,
+            SinkConfig::Jsonl(_) | SinkConfig::Null(_) => OnDataLoss::Warn,
             SinkConfig::Redis(c) => c.on_data_loss,
             SinkConfig::Elasticsearch(c) => c.on_data_loss,
         }

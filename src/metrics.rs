@@ -636,6 +636,26 @@ impl Metrics {
         (reasons.is_empty(), reasons)
     }
 
+    /// `pgferry_disk_full{path}` and `pgferry_disk_full_errors_total`.
+    fn render_disks(&self, o: &mut String) {
+        head(
+            o,
+            "pgferry_disk_full",
+            "gauge",
+            "1 per path where the last write failed because the disk is full (spill, checkpoint or JSON-lines file); gone once a write there succeeds.",
+        );
+        for (path, _) in self.disks_full() {
+            let _ = writeln!(o, "pgferry_disk_full{{path=\"{}\"}} 1", label(&path));
+        }
+        scalar(
+            o,
+            "pgferry_disk_full_errors_total",
+            "counter",
+            "Writes that failed because a disk was full (each is retried).",
+            self.disk_full_errors.load(Ordering::Relaxed),
+        );
+    }
+
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
         let mut o = String::with_capacity(4096);
@@ -933,22 +953,7 @@ impl Metrics {
             );
         }
 
-        head(
-            &mut o,
-            "pgferry_disk_full",
-            "gauge",
-            "1 per path where the last write failed because the disk is full (spill, checkpoint or JSON-lines file); gone once a write there succeeds.",
-        );
-        for (path, _) in self.disks_full() {
-            let _ = writeln!(o, "pgferry_disk_full{{path=\"{}\"}} 1", label(&path));
-        }
-        scalar(
-            &mut o,
-            "pgferry_disk_full_errors_total",
-            "counter",
-            "Writes that failed because a disk was full (each is retried).",
-            self.disk_full_errors.load(Ordering::Relaxed),
-        );
+        self.render_disks(&mut o);
 
         // Snapshots.
         let snaps = lock(&self.snapshots).clone();
@@ -1227,6 +1232,49 @@ mod tests {
                 .any(|r| r.contains("retained WAL 3.0 GiB above warning threshold 1.0 GiB")),
             "{reasons:?}"
         );
+    }
+
+    #[test]
+    fn a_full_disk_and_a_data_loss_are_reported_until_cleared() {
+        let m = Metrics::default();
+        let spill = std::path::Path::new("/var/spill");
+        m.disk_full(
+            spill,
+            "disk full: writing a spill file in /var/spill: no space",
+        );
+        m.data_lost("cache", "Redis no longer holds the position");
+        let (ready, reasons) = m.readiness();
+        assert!(!ready);
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with("disk full") && r.contains("/var/spill")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.iter().any(|r| r.contains("sink cache lost data")),
+            "{reasons:?}"
+        );
+        let text = m.render();
+        assert!(
+            text.contains("pgferry_disk_full{path=\"/var/spill\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("pgferry_disk_full_errors_total 1"), "{text}");
+        assert!(
+            text.contains("pgferry_sink_data_loss_total{sink=\"cache\"} 1"),
+            "{text}"
+        );
+        m.disk_ok(spill);
+        m.data_restored("cache");
+        let (_, reasons) = m.readiness();
+        assert!(
+            !reasons
+                .iter()
+                .any(|r| r.contains("disk full") || r.contains("lost data")),
+            "{reasons:?}"
+        );
+        assert!(!m.render().contains("pgferry_disk_full{"));
     }
 
     #[test]

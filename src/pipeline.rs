@@ -139,10 +139,10 @@ impl Budget {
                             continue;
                         }
                         if link.state.failing.load(Ordering::Acquire) {
-                            link.detach("it is failing and the source waits for the memory it holds");
+                            link.detach("sink is failing and the source waits for the memory it holds");
                         } else if link.holds_items() && link.state.busy_for() >= link.slow_after {
                             link.detach(&format!(
-                                "one batch has taken over {} ms (pipeline.slow_sink_detach_ms) while the source waits for the memory its queue holds",
+                                "sink has spent over {} ms on one batch (pipeline.slow_sink_detach_ms) while the source waits for the memory its queue holds",
                                 link.slow_after.as_millis()
                             ));
                         }
@@ -218,7 +218,7 @@ impl SinkLink {
             .unwrap_or_else(|e| e.into_inner()) = why.to_string();
         self.state.detached.store(true, Ordering::Release);
         self.state.on_detach.notify_one();
-        tracing::warn!(sink = %self.name, reason = why, "sink detached: {why}; the other sinks go on, and it will be replayed from its checkpoint when it catches up");
+        tracing::warn!(sink = %self.name, "{why}: detached; the other sinks go on, and it will be replayed from its checkpoint when it catches up");
     }
 
     /// The queue holds items (and so, memory of the budget).
@@ -259,13 +259,13 @@ pub async fn fan_out_to(
         let full_since = tokio::time::Instant::now();
         loop {
             if link.state.failing.load(Ordering::Acquire) {
-                link.detach("it is failing and its queue is full");
+                link.detach("sink is failing and its queue is full");
                 break;
             }
             let waited = full_since.elapsed();
             if waited >= link.slow_after {
                 link.detach(&format!(
-                    "its queue has been full for {} ms (pipeline.slow_sink_detach_ms) while the other sinks wait",
+                    "sink queue has been full for {} ms (pipeline.slow_sink_detach_ms) while the other sinks wait",
                     waited.as_millis()
                 ));
                 break;
@@ -721,15 +721,20 @@ mod tests {
     use crate::event::{Changes, TxnMeta};
     use std::sync::Mutex;
 
-    /// An in-memory sink: records applied end LSNs; fails while `broken` is set.
+    /// An in-memory sink: records applied end LSNs; fails while `broken` is
+    /// set, and does not answer while `hung` is set.
     struct MemSink {
         applied: Arc<Mutex<Vec<Lsn>>>,
         broken: Arc<AtomicBool>,
+        hung: Arc<AtomicBool>,
     }
 
     #[async_trait::async_trait]
     impl Sink for MemSink {
         async fn apply(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
+            while self.hung.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             if self.broken.load(Ordering::Acquire) {
                 return Err(SinkError::Transient("down".into()));
             }
@@ -763,6 +768,7 @@ mod tests {
         links: Vec<SinkLink>,
         applied: Vec<Arc<Mutex<Vec<Lsn>>>>,
         broken: Vec<Arc<AtomicBool>>,
+        hung: Vec<Arc<AtomicBool>>,
         progress: Arc<Progress>,
         tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
         stop: tokio::sync::watch::Sender<bool>,
@@ -770,6 +776,10 @@ mod tests {
     }
 
     fn harness(n: usize, max_failure: Option<Duration>) -> Harness {
+        harness_with(n, max_failure, Duration::from_secs(3600))
+    }
+
+    fn harness_with(n: usize, max_failure: Option<Duration>, slow_after: Duration) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::open(dir.path()).unwrap();
         let progress = Progress::new(&vec![Lsn::ZERO; n]);
@@ -778,6 +788,7 @@ mod tests {
             links: vec![],
             applied: vec![],
             broken: vec![],
+            hung: vec![],
             progress: progress.clone(),
             tasks: vec![],
             stop,
@@ -788,11 +799,12 @@ mod tests {
             let state = Arc::new(SinkState::default());
             let applied = Arc::new(Mutex::new(Vec::new()));
             let broken = Arc::new(AtomicBool::new(false));
+            let hung = Arc::new(AtomicBool::new(false));
             h.links.push(SinkLink {
                 name: format!("s{i}"),
                 tx,
                 state: state.clone(),
-                slow_after: Duration::from_secs(3600),
+                slow_after,
             });
             let task = SinkTask {
                 index: i,
@@ -800,6 +812,7 @@ mod tests {
                 sink: Box::new(MemSink {
                     applied: applied.clone(),
                     broken: broken.clone(),
+                    hung: hung.clone(),
                 }),
                 rx,
                 store: store.clone(),
@@ -819,6 +832,7 @@ mod tests {
             h.tasks.push(tokio::spawn(task.run()));
             h.applied.push(applied);
             h.broken.push(broken);
+            h.hung.push(hung);
         }
         h
     }
@@ -912,6 +926,64 @@ mod tests {
         for t in h.tasks {
             t.await.unwrap().unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_hung_sink_is_detached_after_the_slow_bound_without_failing() {
+        let slow = Duration::from_millis(300);
+        let h = harness_with(2, None, slow);
+        h.hung[1].store(true, Ordering::Release);
+        let mut worst = Duration::ZERO;
+        for end in 1..=200u64 {
+            let started = std::time::Instant::now();
+            fan_out(&h.links, Item::Txn(txn(end))).await.unwrap();
+            worst = worst.max(started.elapsed());
+        }
+        // The healthy sink was held back once, for the bound, then never.
+        assert!(worst >= slow && worst < slow * 3, "{worst:?}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while h.progress.sink(0) < Lsn(200) {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let s1 = &h.links[1].state;
+        assert!(s1.detached.load(Ordering::Acquire) && !s1.failing.load(Ordering::Acquire));
+        assert!(s1
+            .detached_because()
+            .unwrap()
+            .contains("slow_sink_detach_ms"));
+        // Its queue was dropped at once, while the batch still hangs.
+        assert_eq!(h.links[1].tx.capacity(), h.links[1].tx.max_capacity());
+        // Released, it finishes its batch and asks to be replayed.
+        h.hung[1].store(false, Ordering::Release);
+        tokio::time::timeout(Duration::from_secs(10), h.progress.rejoin.notified())
+            .await
+            .expect("the released sink asks to rejoin");
+        assert!(h.progress.confirmed() < Lsn(200));
+        drop(h.links);
+        let _ = h.stop.send(true);
+        for t in h.tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sink_hung_at_shutdown_is_abandoned_after_the_grace() {
+        let h = harness(1, None);
+        h.hung[0].store(true, Ordering::Release);
+        fan_out(&h.links, Item::Txn(txn(1))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = h.stop.send(true);
+        drop(h.links);
+        let started = std::time::Instant::now();
+        let mut tasks = h.tasks;
+        tokio::time::timeout(STOP_GRACE * 2, tasks.pop().unwrap())
+            .await
+            .expect("gives up after the grace")
+            .unwrap()
+            .unwrap();
+        assert!(started.elapsed() >= STOP_GRACE);
+        assert_eq!(h.progress.confirmed(), Lsn::ZERO);
     }
 
     #[tokio::test]

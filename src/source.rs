@@ -24,7 +24,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::checkpoint::CheckpointStore;
-use crate::config::Config;
+use crate::config::{Config, OnDataLoss};
 use crate::conn::{self, wire::ConnError, StartOptions, WriteSide};
 use crate::decode::assembler::{AssembleError, Assembler};
 use crate::decode::types::TypeRegistry;
@@ -34,7 +34,6 @@ use crate::pipeline::{
 };
 use crate::protocol::pgoutput::{self, LogicalMessage};
 use crate::protocol::replication::{self, ReplicationMessage};
-use crate::sink::OnDataLoss;
 use crate::snapshot::Snapshots;
 
 /// Why a session ended.
@@ -522,6 +521,69 @@ struct Session<'a> {
     spill_dir: std::path::PathBuf,
 }
 
+/// The sink tasks of a session, and their ends.
+struct Sinks {
+    senders: Vec<SinkLink>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+    stop: watch::Sender<bool>,
+    loss_rx: mpsc::UnboundedReceiver<DataLoss>,
+}
+
+/// Builds every sink and starts its task; the sinks with a checkpoint
+/// check first that their store still holds pgferry's state.
+async fn start_sinks(
+    config: &Config,
+    p: &Prepared,
+    starts: &[Lsn],
+    progress: &Arc<Progress>,
+) -> Result<Sinks, SourceError> {
+    let s = &config.source;
+    let (stop, stop_rx) = watch::channel(false);
+    let (loss_tx, loss_rx) = mpsc::unbounded_channel();
+    let mut senders = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, sc) in config.sinks.iter().enumerate() {
+        let sink = crate::sink::build(sc)
+            .await
+            .map_err(|e| fatal(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(64);
+        let state = Arc::new(SinkState::default());
+        senders.push(SinkLink {
+            name: sc.name().to_string(),
+            tx,
+            state: state.clone(),
+            slow_after: Duration::from_millis(config.pipeline.slow_sink_detach_ms),
+        });
+        let task = SinkTask {
+            index: i,
+            name: sc.name().to_string(),
+            sink,
+            rx,
+            store: p.store.clone(),
+            slot: s.slot.clone(),
+            system_identifier: p.system.system_id.clone(),
+            checkpoint: starts[i],
+            progress: progress.clone(),
+            batch_max_events: config.pipeline.batch_max_events,
+            checkpoint_interval: Duration::from_millis(config.pipeline.checkpoint_interval_ms),
+            linger: sc.linger(),
+            state,
+            max_failure: sc.max_failure_secs().map(Duration::from_secs),
+            stop: stop_rx.clone(),
+            loss: p.checkpoints[i].is_some().then(|| loss_tx.clone()),
+            disk_full_path: None,
+        };
+        tasks.push(tokio::spawn(task.run()));
+    }
+
+    Ok(Sinks {
+        senders,
+        tasks,
+        stop,
+        loss_rx,
+    })
+}
+
 impl<'a> Session<'a> {
     /// Starts the sink tasks and the snapshot machinery, then streaming.
     async fn start(
@@ -540,44 +602,7 @@ impl<'a> Session<'a> {
         let start = starts.iter().copied().min().unwrap_or(p.slot_pos);
         let fresh = p.checkpoints.iter().all(Option::is_none);
         let progress = Progress::new(&starts);
-        let (sinks_stop, sinks_stop_rx) = watch::channel(false);
-        let (loss_tx, loss_rx) = mpsc::unbounded_channel();
-        let mut senders = Vec::new();
-        let mut tasks = Vec::new();
-        for (i, sc) in config.sinks.iter().enumerate() {
-            let sink = crate::sink::build(sc)
-                .await
-                .map_err(|e| fatal(e.to_string()))?;
-            let (tx, rx) = mpsc::channel(64);
-            let state = Arc::new(SinkState::default());
-            senders.push(SinkLink {
-                name: sc.name().to_string(),
-                tx,
-                state: state.clone(),
-                slow_after: Duration::from_millis(config.pipeline.slow_sink_detach_ms),
-            });
-            let task = SinkTask {
-                index: i,
-                name: sc.name().to_string(),
-                sink,
-                rx,
-                store: p.store.clone(),
-                slot: s.slot.clone(),
-                system_identifier: p.system.system_id.clone(),
-                checkpoint: starts[i],
-                progress: progress.clone(),
-                batch_max_events: config.pipeline.batch_max_events,
-                checkpoint_interval: Duration::from_millis(config.pipeline.checkpoint_interval_ms),
-                linger: sc.linger(),
-                state,
-                max_failure: sc.max_failure_secs().map(Duration::from_secs),
-                stop: sinks_stop_rx.clone(),
-                loss: p.checkpoints[i].is_some().then(|| loss_tx.clone()),
-                disk_full_path: None,
-            };
-            tasks.push(tokio::spawn(task.run()));
-        }
-
+        let sinks = start_sinks(config, &p, &starts, &progress).await?;
         // Status updates: at most every 10 s and every wal_sender_timeout/2.
         let mut interval = Duration::from_secs(s.status_interval_secs.min(10));
         if let Some(t) = p.wal_sender_timeout {
@@ -624,7 +649,7 @@ impl<'a> Session<'a> {
         );
         reader.set_read_timeout(Some(deadline));
         reader.set_coalesce(Duration::from_micros(s.read_coalesce_us));
-        let observed = crate::metrics::global().session(&progress, &senders);
+        let observed = crate::metrics::global().session(&progress, &sinks.senders);
         progress.received.store(start.0, Ordering::Release);
         let (reply_tx, reply_rx) = mpsc::channel::<()>(4);
         let (feedback_stop, stop_rx) = watch::channel(false);
@@ -643,10 +668,10 @@ impl<'a> Session<'a> {
             sql_watch: true,
             reader,
             progress,
-            senders,
-            tasks,
-            sinks_stop,
-            loss_rx,
+            senders: sinks.senders,
+            tasks: sinks.tasks,
+            sinks_stop: sinks.stop,
+            loss_rx: sinks.loss_rx,
             loss_open: true,
             snaps,
             assembler,
@@ -1127,6 +1152,34 @@ fn parse_duration_ms(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn back_to_back_reply_requests_mean_the_server_waits_to_shut_down() {
+        let mut p = Pings::default();
+        for _ in 0..19 {
+            assert!(!p.note());
+        }
+        assert!(p.note());
+        // Apart, as the walsender asks while it runs: never.
+        let mut p = Pings {
+            count: 0,
+            last: Some(Instant::now() - Duration::from_secs(3)),
+        };
+        assert!(!p.note());
+        assert_eq!(p.count, 1);
+    }
+
+    #[test]
+    fn the_stream_deadline_follows_wal_sender_timeout() {
+        let s = Duration::from_secs;
+        assert_eq!(
+            stream_deadline(Some(s(5)), Duration::from_millis(2500)),
+            s(10)
+        );
+        assert_eq!(stream_deadline(Some(s(60)), s(10)), s(65));
+        assert_eq!(stream_deadline(None, s(10)), s(65));
+        assert_eq!(stream_deadline(Some(s(1)), s(10)), s(25));
+    }
 
     #[test]
     fn guc_durations() {

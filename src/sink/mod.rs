@@ -67,20 +67,6 @@ impl SinkError {
     }
 }
 
-/// What a sink does when, at start, its store no longer holds pgferry's
-/// state although the sink has a checkpoint (`on_data_loss`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnDataLoss {
-    /// Log it (WARN), count it and report it on `/readyz`; go on.
-    #[default]
-    Warn,
-    /// As `warn`, then reload the sink's tables into this sink alone.
-    Backfill,
-    /// Stop pgferry with the operator's options.
-    Stop,
-}
-
 /// A destination for committed transactions.
 #[async_trait::async_trait]
 pub trait Sink: Send {

@@ -979,6 +979,19 @@ struct Mark {
     mark: String,
 }
 
+/// Reports the sinks whose reload (after a data loss) is now complete.
+fn repaired(done: &[Job], open: &[Job]) {
+    for sink in done.iter().flat_map(|j| j.sinks.iter().flatten()) {
+        let pending = open
+            .iter()
+            .any(|o| o.sinks.as_ref().is_some_and(|s| s.contains(sink)));
+        if !pending {
+            tracing::info!(sink = %sink, "the sink's tables are reloaded: its data loss is repaired");
+            crate::metrics::global().data_restored(sink);
+        }
+    }
+}
+
 /// Moves durable chunks into `snapshot.json`, logs progress, draws the bar.
 async fn coordinate(shared: Arc<Shared>, progress: Arc<Progress>) {
     let log_every = Duration::from_secs(shared.config.progress_log_secs);
@@ -1011,18 +1024,7 @@ async fn coordinate(shared: Arc<Shared>, progress: Arc<Progress>) {
             }
             let (done, open): (Vec<Job>, Vec<Job>) = st.jobs.drain(..).partition(|j| j.is_done());
             st.jobs = open;
-            for j in &done {
-                for sink in j.sinks.iter().flatten() {
-                    let pending = st
-                        .jobs
-                        .iter()
-                        .any(|o| o.sinks.as_ref().is_some_and(|s| s.contains(sink)));
-                    if !pending {
-                        tracing::info!(sink = %sink, "the sink's tables are reloaded: its data loss is repaired");
-                        crate::metrics::global().data_restored(sink);
-                    }
-                }
-            }
+            repaired(&done, &st.jobs);
             for j in done {
                 let secs = state::unix_now().saturating_sub(j.planned_at);
                 tracing::info!(table = %j.table, kind = %j.kind, rows = j.rows_done, seconds = secs, "snapshot of table finished");

@@ -67,7 +67,7 @@ pub struct ElasticsearchConfig {
     /// `/readyz`), `"backfill"` (the same, then reload this sink's tables
     /// into it alone, online) or `"stop"`.
     #[serde(default)]
-    pub on_data_loss: crate::sink::OnDataLoss,
+    pub on_data_loss: crate::config::OnDataLoss,
     /// The tables this sink indexes, by `schema.table`, each with its options.
     pub tables: BTreeMap<String, TableConfig>,
 }

@@ -42,7 +42,7 @@ pub struct RedisConfig {
     /// same, then reload this sink's tables into Redis alone, online) or
     /// `"stop"` (stop pgferry with the operator's options).
     #[serde(default)]
-    pub on_data_loss: crate::sink::OnDataLoss,
+    pub on_data_loss: crate::config::OnDataLoss,
 }
 
 /// `[sink.tables."schema.table"]`
