@@ -589,9 +589,15 @@ impl Metrics {
     }
 
     /// At start, `sink`'s store was found without pgferry's state.
+    /// Counted once until repaired (a later session that finds the same
+    /// loss before the sink wrote anything does not count it again).
     pub fn data_lost(&self, sink: &str, what: &str) {
-        self.sink(sink).data_losses.fetch_add(1, Ordering::Relaxed);
-        lock(&self.data_loss).insert(sink.to_string(), what.to_string());
+        let new = lock(&self.data_loss)
+            .insert(sink.to_string(), what.to_string())
+            .is_none();
+        if new {
+            self.sink(sink).data_losses.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The loss of `sink` is repaired (its backfill finished).

@@ -398,6 +398,17 @@ impl Snapshots {
     ) -> Result<(), SourceError> {
         let mut st = self.shared.lock_state().clone();
         for t in tables {
+            // Found again by a later session before the sink wrote anything.
+            let planned = st.jobs.iter().any(|j| {
+                j.table == *t
+                    && !j.is_done()
+                    && j.sinks
+                        .as_ref()
+                        .is_some_and(|s| s.iter().any(|n| n == sink))
+            });
+            if planned {
+                continue;
+            }
             let mut job = plan_job(&self.shared, client, &mut st, t, None, "data-loss").await?;
             job.sinks = Some(vec![sink.to_string()]);
             st.jobs.push(job);
@@ -467,9 +478,17 @@ impl Snapshots {
 }
 
 fn file_save(shared: &Shared, st: &State) -> Result<(), SourceError> {
-    shared
-        .save(st)
-        .map_err(|e| SourceError::Fatal(format!("{e}; check that checkpoint.dir is writable")))
+    shared.save(st).map_err(|e| {
+        if e.starts_with("disk full") {
+            // Retried from the checkpoints, like a full spill directory.
+            crate::metrics::global().disk_full(shared.file.path(), &e);
+            SourceError::DiskFull(e)
+        } else {
+            SourceError::Fatal(format!("{e}; check that checkpoint.dir is writable"))
+        }
+    })?;
+    crate::metrics::global().disk_ok(shared.file.path());
+    Ok(())
 }
 
 /// A backfill request read from the stream.

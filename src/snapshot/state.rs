@@ -139,8 +139,16 @@ impl StateFile {
         }
     }
 
+    /// Replaces the file atomically. A full disk gives a message that
+    /// starts with "disk full" (see [`crate::disk`]).
     pub fn save(&self, s: &State) -> Result<(), String> {
-        let io = |e: std::io::Error| format!("writing {}: {e}", self.path.display());
+        let io = |e: std::io::Error| {
+            if crate::disk::is_full(&e) {
+                crate::disk::full_message("writing", &self.path, &e)
+            } else {
+                format!("writing {}: {e}", self.path.display())
+            }
+        };
         let tmp = self.path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(s).map_err(|e| e.to_string())?;
         let mut f = std::fs::File::create(&tmp).map_err(io)?;

@@ -479,15 +479,15 @@ impl Sink for RedisSink {
     }
 
     /// A checkpoint implies the position key: when no change of our tables
-    /// came by yet, the position of a transaction passed is written now
-    /// (without overwriting one Redis already holds).
+    /// came by yet, the position of the last transaction passed (or the
+    /// empty position) is written now, without overwriting one Redis
+    /// already holds.
     async fn flush(&mut self) -> Result<(), SinkError> {
         if self.had_position {
             return Ok(());
         }
-        let Some(p) = self.passed else {
-            return Ok(());
-        };
+        // Nothing passed yet (only idle positions): "holds nothing".
+        let p = self.passed.unwrap_or_default();
         let mut conn = self.connection().await?;
         let key = self.rules.position_key.clone();
         redis::cmd("SET")
