@@ -16,7 +16,6 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::net::TcpStream;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,17 +38,19 @@ struct Rig {
     f: FerryDir,
     redis: Option<TestRedis>,
     metrics: u16,
+    /// Between pgferry and Postgres, or between pgferry and Redis.
+    proxy: Option<Proxy>,
 }
 
 /// What a rig is made of.
 #[derive(Default)]
 struct Setup<'a> {
-    /// pgferry reaches Postgres at this port (a proxy) instead.
-    pg_port: Option<u16>,
-    /// A Redis sink `cache` (json mode, `item:{id}`), at this port when set
-    /// (a proxy), else at the test Redis.
+    /// pgferry reaches Postgres through the rig's proxy.
+    pg_proxy: bool,
+    /// A Redis sink `cache` (json mode, `item:{id}`).
     redis: bool,
-    redis_port: Option<u16>,
+    /// pgferry reaches Redis through the rig's proxy.
+    redis_proxy: bool,
     /// Extra lines for the Redis sink, `[pipeline]` and the file.
     redis_extra: &'a str,
     pipeline: &'a str,
@@ -62,20 +63,35 @@ fn rig(s: Setup) -> Rig {
         ..Default::default()
     });
     pg.sql(DDL);
-    pg.sql("SELECT pg_create_logical_replication_slot('oracle', 'test_decoding')");
+    support::oracle::create(&pg);
     let redis = s.redis.then(TestRedis::new);
+    let proxy = match (s.pg_proxy, &redis) {
+        (true, _) => Some(Proxy::start(pg.port)),
+        (false, Some(redis)) if s.redis_proxy => Some(Proxy::start(redis.port)),
+        _ => None,
+    };
     let rig = Rig {
         pg,
         f: FerryDir::new(),
         redis,
         metrics: free_port(),
+        proxy,
     };
     write_config(&rig, &s);
     rig
 }
 
+/// A rig with pgferry streaming and the workload running.
+fn running(s: Setup) -> (Rig, Guard, Load) {
+    let r = rig(s);
+    let g = start(&r);
+    let load = start_load(&r.pg);
+    (r, g, load)
+}
+
 fn write_config(r: &Rig, s: &Setup) {
-    let pg_port = s.pg_port.unwrap_or(r.pg.port);
+    let proxied = |on: bool| r.proxy.as_ref().filter(|_| on).map(|p| p.port);
+    let pg_port = proxied(s.pg_proxy).unwrap_or(r.pg.port);
     let mut text = format!(
         "[source]\nurl = \"postgres://postgres@127.0.0.1:{pg_port}/postgres\"\nslot = \"pgferry\"\npublication = \"pgferry\"\n\
          tables = [\"public.items\"]\n\n[checkpoint]\ndir = \"{}\"\n\n[metrics]\nlisten = \"127.0.0.1:{}\"\n\n\
@@ -86,7 +102,7 @@ fn write_config(r: &Rig, s: &Setup) {
         r.f.jsonl().display(),
     );
     if let Some(redis) = &r.redis {
-        let port = s.redis_port.unwrap_or(redis.port);
+        let port = proxied(s.redis_proxy).unwrap_or(redis.port);
         text += &format!(
             "\n[[sink]]\nname = \"cache\"\ntype = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\n{}\n\
              [sink.tables.\"public.items\"]\nkey = \"item:{{id}}\"\nmode = \"json\"\n",
@@ -104,23 +120,14 @@ fn start(r: &Rig) -> Guard {
     g
 }
 
-/// A plain HTTP/1.1 GET on the metrics endpoint: (status, body).
+/// `GET path` on the metrics endpoint: (status, body).
 fn get(r: &Rig, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", r.metrics)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_string()))
+    support::http::get(r.metrics, path)
 }
 
 /// The value of one series (name with labels, exactly as exposed).
 fn metric(r: &Rig, series: &str) -> Option<f64> {
-    let text = get(r, "/metrics")?.1;
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    support::http::value(&get(r, "/metrics")?.1, series)
 }
 
 /// `/readyz` says ready and `pgferry_streaming` is 1.
@@ -173,7 +180,7 @@ struct Load {
 fn start_load(pg: &TestPg) -> Load {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let workers = support::workload::spawn_reconnecting(
+    let workers = support::workload::spawn(
         pg,
         &rt,
         &stop,
@@ -181,7 +188,7 @@ fn start_load(pg: &TestPg) -> Load {
             count: 3,
             seed: 0x1F2E_3D4C,
             pause: Duration::from_millis(10),
-            on_error: support::workload::OnError::Rollback,
+            on_error: support::workload::OnError::Reconnect,
         },
         |w| {
             let base = w as i32 * 10_000_000;
@@ -216,48 +223,6 @@ impl Load {
     fn stop(self) -> u32 {
         support::workload::stop(&self.rt, &self.stop, self.workers)
     }
-}
-
-/// (xid, op, id) of every row change, in commit order.
-type Trace = Vec<(u64, String, i64)>;
-
-/// Reads the oracle slot (test_decoding, committed transactions in commit order).
-fn oracle(pg: &TestPg) -> Trace {
-    let out = pg.sql(
-        "SELECT data FROM pg_logical_slot_get_changes('oracle', NULL, NULL, 'include-xids', '1', 'skip-empty-xacts', '1')",
-    );
-    let mut xid = 0u64;
-    let mut trace = Vec::new();
-    for line in out.lines() {
-        if let Some(x) = line.strip_prefix("BEGIN ") {
-            xid = x.trim().parse().unwrap();
-        } else if let Some(rest) = line.strip_prefix("table public.items: ") {
-            let (op, cols) = rest.split_once(": ").unwrap();
-            let id = cols
-                .strip_prefix("id[integer]:")
-                .and_then(|r| r.split(' ').next())
-                .unwrap_or_else(|| panic!("no id in {line:?}"))
-                .parse()
-                .unwrap();
-            trace.push((xid, op.to_lowercase(), id));
-        }
-    }
-    trace
-}
-
-/// The JSON-lines trace of `items`, snapshot reads left out.
-fn jsonl_trace(f: &FerryDir) -> Trace {
-    f.events()
-        .iter()
-        .filter(|e| e["table"] == "items" && e["op"] != "read")
-        .map(|e| {
-            (
-                e["xid"].as_u64().unwrap(),
-                e["op"].as_str().unwrap().to_string(),
-                e["key"]["id"].as_i64().unwrap(),
-            )
-        })
-        .collect()
 }
 
 /// The rows of `items` as the JSON-lines events leave them.
@@ -330,13 +295,13 @@ fn assert_equal(r: &Rig, load: Load) {
     let txns = load.stop();
     assert!(txns > 50, "the workload ran only {txns} transactions");
     r.pg.sql("INSERT INTO items VALUES (-1, 'last', 0)");
-    let expected = oracle(&r.pg);
+    let expected = support::oracle::read(&r.pg, "items");
     assert_eq!(expected.last().map(|t| t.2), Some(-1));
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut got = jsonl_trace(&r.f);
+    let mut got = support::oracle::jsonl(&r.f, "items");
     while got.len() < expected.len() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
-        got = jsonl_trace(&r.f);
+        got = support::oracle::jsonl(&r.f, "items");
     }
     if let Some(i) = got.iter().zip(&expected).position(|(a, b)| a != b) {
         panic!(
@@ -431,9 +396,7 @@ impl Tail {
 /// streams again within 5 s of the server being up.
 #[test]
 fn fast_restarts_keep_the_same_process_streaming() {
-    let r = rig(Setup::default());
-    let mut g = start(&r);
-    let load = start_load(&r.pg);
+    let (r, mut g, load) = running(Setup::default());
     for round in 0..3 {
         std::thread::sleep(Duration::from_millis(1500));
         let before = r.pg.slot_pid("pgferry");
@@ -473,17 +436,11 @@ fn fast_restarts_keep_the_same_process_streaming() {
 /// within wal_sender_timeout + 10 s of the path coming back.
 #[test]
 fn a_hung_network_path_is_detected_and_streaming_resumes() {
-    let r = rig(Setup::default());
-    let proxy = Proxy::start(r.pg.port);
-    write_config(
-        &r,
-        &Setup {
-            pg_port: Some(proxy.port),
-            ..Default::default()
-        },
-    );
-    let mut g = start(&r);
-    let load = start_load(&r.pg);
+    let (r, mut g, load) = running(Setup {
+        pg_proxy: true,
+        ..Default::default()
+    });
+    let proxy = r.proxy.as_ref().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(get(&r, "/readyz").map(|x| x.0), Some(200));
 
@@ -557,17 +514,11 @@ impl Rig {
 /// within a second of the slot being free.
 #[test]
 fn rst_cuts_and_a_busy_slot_are_retried_quickly() {
-    let r = rig(Setup::default());
-    let proxy = Proxy::start(r.pg.port);
-    write_config(
-        &r,
-        &Setup {
-            pg_port: Some(proxy.port),
-            ..Default::default()
-        },
-    );
-    let mut g = start(&r);
-    let load = start_load(&r.pg);
+    let (r, mut g, load) = running(Setup {
+        pg_proxy: true,
+        ..Default::default()
+    });
+    let proxy = r.proxy.as_ref().unwrap();
     let mut delays = Vec::new();
     for _ in 0..6 {
         std::thread::sleep(Duration::from_millis(800));
@@ -645,13 +596,11 @@ fn rst_cuts_and_a_busy_slot_are_retried_quickly() {
 /// sink's lag stays under 4 s throughout; after SIGCONT Redis catches up.
 #[test]
 fn a_frozen_redis_does_not_hold_back_the_other_sink() {
-    let r = rig(Setup {
+    let (r, mut g, load) = running(Setup {
         redis: true,
         pipeline: "slow_sink_detach_ms = 2000",
         ..Default::default()
     });
-    let mut g = start(&r);
-    let load = start_load(&r.pg);
     let redis = r.redis.as_ref().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let c = r.rt_client();
@@ -707,13 +656,11 @@ fn a_frozen_redis_does_not_hold_back_the_other_sink() {
 /// everything is delivered.
 #[test]
 fn a_sink_down_does_not_hold_up_a_fast_shutdown() {
-    let mut r = rig(Setup {
+    let (mut r, mut g, load) = running(Setup {
         redis: true,
         redis_extra: "timeout_secs = 2",
         ..Default::default()
     });
-    let mut g = start(&r);
-    let load = start_load(&r.pg);
     std::thread::sleep(Duration::from_secs(2));
     r.redis.as_mut().unwrap().stop();
     std::thread::sleep(Duration::from_secs(3));
@@ -742,13 +689,11 @@ fn a_sink_down_does_not_hold_up_a_fast_shutdown() {
 /// again), until Redis equals the source.
 #[test]
 fn a_redis_restarted_empty_is_refilled_by_a_backfill_into_it_alone() {
-    let mut r = rig(Setup {
+    let (mut r, mut g, load) = running(Setup {
         redis: true,
         redis_extra: "on_data_loss = \"stop\"",
         ..Default::default()
     });
-    let mut g = start(&r);
-    let load = start_load(&r.pg);
     std::thread::sleep(Duration::from_secs(3));
     assert!(terminate(&mut g.0).success());
     r.redis.as_mut().unwrap().restart_empty();
@@ -865,12 +810,10 @@ fn a_full_spill_directory_is_retried_and_recovers() {
         f.sync_all().unwrap();
     }
     let pipeline = format!("memory_limit_mb = 1\nspill_dir = \"{}\"", fs.0.display());
-    let r = rig(Setup {
+    let (r, mut g, load) = running(Setup {
         pipeline: &pipeline,
         ..Default::default()
     });
-    let mut g = start(&r);
-    let load = start_load(&r.pg);
     std::thread::sleep(Duration::from_secs(1));
     r.pg.sql("INSERT INTO items SELECT i, repeat('x', 60) || i, 0 FROM generate_series(50000001, 50040000) i");
     let path = fs.0.display().to_string();
@@ -926,19 +869,12 @@ fn a_full_spill_directory_is_retried_and_recovers() {
 /// the next run loses nothing.
 #[test]
 fn sigterm_during_a_sink_hang_exits_within_ten_seconds() {
-    let r = rig(Setup {
+    let (r, mut g, load) = running(Setup {
         redis: true,
+        redis_proxy: true,
         ..Default::default()
     });
-    let proxy = Proxy::start(r.redis.as_ref().unwrap().port);
-    let setup = Setup {
-        redis: true,
-        redis_port: Some(proxy.port),
-        ..Default::default()
-    };
-    write_config(&r, &setup);
-    let mut g = start(&r);
-    let load = start_load(&r.pg);
+    let proxy = r.proxy.as_ref().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     proxy.hang();
     std::thread::sleep(Duration::from_secs(2));
@@ -968,9 +904,7 @@ fn sigterm_during_a_sink_hang_exits_within_ten_seconds() {
 /// (remove the checkpoints, load the table again) then gives the source.
 #[test]
 fn a_dropped_slot_is_not_created_again_over_the_gap() {
-    let r = rig(Setup::default());
-    let mut g = start(&r);
-    let load = start_load(&r.pg);
+    let (r, mut g, load) = running(Setup::default());
     std::thread::sleep(Duration::from_secs(2));
     assert!(terminate(&mut g.0).success());
     r.pg.sql("SELECT pg_drop_replication_slot('pgferry')");

@@ -3,7 +3,9 @@
 #![allow(dead_code)]
 
 pub mod ferry;
+pub mod http;
 pub mod opensearch;
+pub mod oracle;
 pub mod pg;
 pub mod proxy;
 pub mod redis;
