@@ -329,9 +329,12 @@ async fn prepare(config: &Config) -> Result<Prepared, SourceError> {
             "server version {version} is too old: logical replication with pgoutput needs PostgreSQL 10 or later"
         )));
     }
-    let wal_sender_timeout = repl
-        .show("wal_sender_timeout")
-        .await?
+    let shown = match repl.show("wal_sender_timeout").await {
+        Ok(v) => v,
+        Err(e) if e.is_transient() => return Err(e.into()),
+        Err(_) => None,
+    };
+    let wal_sender_timeout = shown
         .and_then(|t| parse_duration_ms(&t))
         .filter(|ms| *ms > 0)
         .map(Duration::from_millis);

@@ -573,7 +573,8 @@ fn rst_cuts_and_a_busy_slot_are_retried_quickly() {
         "slot held {:?} after the cut; streaming again {again:?} after it was free",
         freed - cut
     );
-    assert!(again < Duration::from_millis(1500), "{again:?}");
+    // Asked every 0.5 s, plus the time to connect on a loaded machine.
+    assert!(again < Duration::from_millis(2500), "{again:?}");
     assert!(
         r.f.log().contains("55006"),
         "the slot was never found busy:\n{}",
