@@ -141,7 +141,7 @@ impl Budget {
                         if link.state.failing.load(Ordering::Acquire) {
                             link.detach("sink is failing and the source waits for the memory it holds");
                         } else if link.holds_items() && link.state.busy_for() >= link.slow_after {
-                            link.detach(&format!(
+                            link.detach_slow(&format!(
                                 "sink has spent over {} ms on one batch (pipeline.slow_sink_detach_ms) while the source waits for the memory its queue holds",
                                 link.slow_after.as_millis()
                             ));
@@ -166,6 +166,9 @@ pub struct SinkState {
     pub detach_reason: std::sync::Mutex<String>,
     /// When the `apply` under way started ([`clock_ms`]); 0: none under way.
     pub busy_since_ms: AtomicU64,
+    /// Detached for being slow (not failing), and when ([`clock_ms`]).
+    pub slow: AtomicBool,
+    pub detached_at_ms: AtomicU64,
 }
 
 impl SinkState {
@@ -186,6 +189,39 @@ impl SinkState {
             t => Duration::from_millis(clock_ms().saturating_sub(t)),
         }
     }
+}
+
+/// The longest a sink found slow (not hung) is allowed to hold the others
+/// back after its bound has grown (see [`slow_bound`]).
+pub const SLOW_BOUND_MAX: Duration = Duration::from_secs(60);
+
+fn slow_bounds() -> std::sync::MutexGuard<'static, std::collections::HashMap<String, Duration>> {
+    static B: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Duration>>> =
+        std::sync::OnceLock::new();
+    B.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long `sink`'s queue may stay full before it is detached: the
+/// configured `pipeline.slow_sink_detach_ms`, doubled (up to
+/// [`SLOW_BOUND_MAX`], for the life of the process) each time the sink,
+/// detached for slowness, caught up within that bound. Such a sink was slow,
+/// not hung (a large transaction, a loaded destination), and every detach
+/// costs a replay: this keeps a steadily slow sink from restarting the
+/// session over and over, while a hung one is still detached in bounded time.
+pub fn slow_bound(sink: &str, configured: Duration) -> Duration {
+    slow_bounds()
+        .get(sink)
+        .copied()
+        .unwrap_or(configured)
+        .max(configured)
+}
+
+fn grow_slow_bound(sink: &str, now: Duration) -> Duration {
+    let next = (now * 2).min(SLOW_BOUND_MAX).max(now);
+    slow_bounds().insert(sink.to_string(), next);
+    next
 }
 
 /// Milliseconds on a monotonic clock that starts at 1 (0 means "never").
@@ -210,7 +246,16 @@ pub struct SinkLink {
 }
 
 impl SinkLink {
+    /// Detaches a slow sink (its queue full, or a batch running, too long).
+    fn detach_slow(&self, why: &str) {
+        self.state.slow.store(true, Ordering::Release);
+        self.detach(why);
+    }
+
     fn detach(&self, why: &str) {
+        self.state
+            .detached_at_ms
+            .store(clock_ms(), Ordering::Release);
         *self
             .state
             .detach_reason
@@ -264,7 +309,7 @@ pub async fn fan_out_to(
             }
             let waited = full_since.elapsed();
             if waited >= link.slow_after {
-                link.detach(&format!(
+                link.detach_slow(&format!(
                     "sink queue has been full for {} ms (pipeline.slow_sink_detach_ms) while the other sinks wait",
                     waited.as_millis()
                 ));
@@ -314,6 +359,8 @@ pub struct SinkTask {
     pub loss: Option<mpsc::UnboundedSender<DataLoss>>,
     /// The path of the sink's last full-disk error, until a write succeeds.
     pub disk_full_path: Option<std::path::PathBuf>,
+    /// Its link's `slow_after` (see [`slow_bound`]).
+    pub slow_after: Duration,
 }
 
 /// A sink's store lost pgferry's state (reported once, at start).
@@ -480,6 +527,13 @@ impl SinkTask {
     /// A detached sink caught up: asks for a replay from its checkpoint and
     /// waits for the end of the session (nothing more arrives for it).
     async fn rejoin(&mut self, durable: Lsn) {
+        let st = &self.state;
+        let detached_for = clock_ms().saturating_sub(st.detached_at_ms.load(Ordering::Acquire));
+        if st.slow.load(Ordering::Acquire) && detached_for < self.slow_after.as_millis() as u64 {
+            let next = grow_slow_bound(&self.name, self.slow_after);
+            tracing::info!(sink = %self.name, caught_up_after_ms = detached_for, slow_sink_detach_ms = next.as_millis() as u64,
+                "the sink caught up soon after it was detached for being slow: it is slow, not hung, so from now on it is detached only after its queue stays full this long");
+        }
         tracing::info!(sink = %self.name, at = %durable, "detached sink recovered; asking for a replay from its checkpoint");
         self.progress.rejoin.notify_one();
         while self.rx.recv().await.is_some() {}
@@ -830,6 +884,7 @@ mod tests {
                 stop: stop_rx.clone(),
                 loss: None,
                 disk_full_path: None,
+                slow_after,
             };
             h.tasks.push(tokio::spawn(task.run()));
             h.applied.push(applied);
@@ -1030,6 +1085,22 @@ mod tests {
         for (d, base) in delays.iter().zip([100u128, 200, 400, 800, 800, 800]) {
             assert!(*d >= base * 3 / 4 && *d <= base * 5 / 4, "{delays:?}");
         }
+    }
+
+    #[test]
+    fn a_sink_found_slow_not_hung_gets_a_longer_bound_up_to_the_cap() {
+        let name = "slow-bound-test-sink";
+        let five = Duration::from_secs(5);
+        assert_eq!(slow_bound(name, five), five);
+        assert_eq!(grow_slow_bound(name, five), five * 2);
+        assert_eq!(slow_bound(name, five), five * 2);
+        // A larger configured value wins.
+        assert_eq!(slow_bound(name, five * 4), five * 4);
+        let mut b = five;
+        for _ in 0..10 {
+            b = grow_slow_bound(name, b);
+        }
+        assert_eq!(b, SLOW_BOUND_MAX);
     }
 
     #[test]

@@ -551,11 +551,15 @@ async fn start_sinks(
             .map_err(|e| fatal(e.to_string()))?;
         let (tx, rx) = mpsc::channel(64);
         let state = Arc::new(SinkState::default());
+        let slow_after = crate::pipeline::slow_bound(
+            sc.name(),
+            Duration::from_millis(config.pipeline.slow_sink_detach_ms),
+        );
         senders.push(SinkLink {
             name: sc.name().to_string(),
             tx,
             state: state.clone(),
-            slow_after: Duration::from_millis(config.pipeline.slow_sink_detach_ms),
+            slow_after,
         });
         let task = SinkTask {
             index: i,
@@ -575,6 +579,7 @@ async fn start_sinks(
             stop: stop_rx.clone(),
             loss: p.checkpoints[i].is_some().then(|| loss_tx.clone()),
             disk_full_path: None,
+            slow_after,
         };
         tasks.push(tokio::spawn(task.run()));
     }
