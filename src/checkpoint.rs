@@ -64,6 +64,11 @@ impl CheckpointStore {
         self.dir.join(format!("{sink}.checkpoint.json"))
     }
 
+    /// The file of `sink`'s checkpoint (errors of [`Self::save`] name it).
+    pub fn path_of(&self, sink: &str) -> PathBuf {
+        self.path(sink)
+    }
+
     /// The sink's checkpoint, or `None` if it never checkpointed.
     pub fn load(&self, sink: &str) -> Result<Option<Checkpoint>, CheckpointError> {
         let path = self.path(sink);

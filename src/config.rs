@@ -123,6 +123,90 @@ pub struct SourceConfig {
     /// position and deliver only changes.
     #[serde(default)]
     pub snapshot: SnapshotMode,
+    /// Liveness of the connections to the server (`[source.network]`).
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+/// What a sink does when, at start, its store no longer holds pgferry's
+/// state although the sink has a checkpoint (`on_data_loss`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnDataLoss {
+    /// Log it (WARN), count it and report it on `/readyz`; go on.
+    #[default]
+    Warn,
+    /// As `warn`, then reload the sink's tables into this sink alone.
+    Backfill,
+    /// Stop pgferry with the operator's options.
+    Stop,
+}
+
+/// `[source.network]`: how pgferry notices a dead or hung connection to the
+/// server. TCP keepalive finds a peer that vanished (a host or NAT state
+/// gone); the stream's read deadline (the server's `wal_sender_timeout`
+/// plus a margin, see `proto-notes/replication.md`) finds a path that stays
+/// open but carries nothing.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Seconds a connection is idle before the first TCP keepalive probe. Default 30.
+    #[serde(default = "default_keepalive_idle")]
+    pub tcp_keepalive_idle_secs: u64,
+    /// Seconds between two unanswered keepalive probes. Default 10.
+    #[serde(default = "ten")]
+    pub tcp_keepalive_interval_secs: u64,
+    /// Unanswered probes after which the kernel drops the connection. Default 3.
+    #[serde(default = "default_keepalive_count")]
+    pub tcp_keepalive_count: u32,
+    /// Seconds to connect, log in and get each answer before streaming starts
+    /// (creating the slot excepted: it waits for running transactions).
+    /// Default 10.
+    #[serde(default = "ten")]
+    pub connect_timeout_secs: u64,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            tcp_keepalive_idle_secs: default_keepalive_idle(),
+            tcp_keepalive_interval_secs: 10,
+            tcp_keepalive_count: default_keepalive_count(),
+            connect_timeout_secs: 10,
+        }
+    }
+}
+
+impl NetworkConfig {
+    /// [`Self::connect_timeout_secs`] as a duration.
+    pub fn connect_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.connect_timeout_secs)
+    }
+
+    /// Checks the values; the error is `(key below source.network, message)`.
+    fn validate(&self) -> Result<(), (&'static str, &'static str)> {
+        for (key, v) in [
+            ("tcp_keepalive_idle_secs", self.tcp_keepalive_idle_secs),
+            (
+                "tcp_keepalive_interval_secs",
+                self.tcp_keepalive_interval_secs,
+            ),
+            ("tcp_keepalive_count", u64::from(self.tcp_keepalive_count)),
+            ("connect_timeout_secs", self.connect_timeout_secs),
+        ] {
+            if v == 0 {
+                return Err((key, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_keepalive_idle() -> u64 {
+    30
+}
+fn default_keepalive_count() -> u32 {
+    3
 }
 
 /// `source.snapshot`
@@ -186,6 +270,7 @@ impl std::fmt::Debug for SourceConfig {
             .field("status_interval_secs", &self.status_interval_secs)
             .field("recv_buffer_kb", &self.recv_buffer_kb)
             .field("read_coalesce_us", &self.read_coalesce_us)
+            .field("network", &self.network)
             .finish()
     }
 }
@@ -288,6 +373,16 @@ pub struct PipelineConfig {
     /// makes the sink durable (e.g. an fsync) and lets the slot advance.
     #[serde(default = "default_checkpoint_ms")]
     pub checkpoint_interval_ms: u64,
+    /// A sink whose queue stays full this many milliseconds while the others
+    /// wait is detached, failing or not, so that it holds them back at most
+    /// this long; it is replayed from its checkpoint once it drains.
+    /// Default 5000.
+    #[serde(default = "default_slow_sink_detach_ms")]
+    pub slow_sink_detach_ms: u64,
+}
+
+fn default_slow_sink_detach_ms() -> u64 {
+    5000
 }
 
 impl Default for PipelineConfig {
@@ -297,6 +392,7 @@ impl Default for PipelineConfig {
             spill_dir: None,
             batch_max_events: default_batch_events(),
             checkpoint_interval_ms: default_checkpoint_ms(),
+            slow_sink_detach_ms: default_slow_sink_detach_ms(),
         }
     }
 }
@@ -395,6 +491,15 @@ impl SinkConfig {
             SinkConfig::Null(_) => None,
             SinkConfig::Redis(c) => c.max_failure_secs,
             SinkConfig::Elasticsearch(c) => c.max_failure_secs,
+        }
+    }
+
+    /// What to do when the sink's store lost pgferry's state (`on_data_loss`).
+    pub fn on_data_loss(&self) -> OnDataLoss {
+        match self {
+            SinkConfig::Jsonl(_) | SinkConfig::Null(_) => OnDataLoss::Warn,
+            SinkConfig::Redis(c) => c.on_data_loss,
+            SinkConfig::Elasticsearch(c) => c.on_data_loss,
         }
     }
 
@@ -567,6 +672,15 @@ impl Config {
         }
         if s.status_interval_secs == 0 {
             return Err(key_err("source.status_interval_secs", "must be at least 1"));
+        }
+        s.network
+            .validate()
+            .map_err(|(k, m)| key_err(format!("source.network.{k}"), m))?;
+        if self.pipeline.slow_sink_detach_ms < 100 {
+            return Err(key_err(
+                "pipeline.slow_sink_detach_ms",
+                "must be at least 100 (milliseconds)",
+            ));
         }
         if self.snapshot.workers == 0 || self.snapshot.workers > 64 {
             return Err(key_err("snapshot.workers", "must be between 1 and 64"));

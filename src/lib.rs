@@ -9,6 +9,7 @@
 //! - [`protocol`]: pure parsers of the replication and pgoutput messages (no I/O).
 //! - [`decode`]: type registry, `to_jsonb()`-exact values, transaction assembly.
 //! - [`spill`]: spill files that keep large transactions out of memory.
+//! - [`disk`]: full disks, recognised and reported the same way everywhere.
 //! - [`event`]: change events, the public output format.
 //! - [`pipeline`]: sink tasks, batching, backpressure, acknowledgements.
 //! - [`checkpoint`]: per-sink progress, persisted atomically.
@@ -25,6 +26,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod conn;
 pub mod decode;
+pub mod disk;
 pub mod event;
 pub mod lsn;
 pub mod metrics;

@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -146,14 +147,18 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match rt.block_on(dispatch(cli.command)) {
+    let code = match rt.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("pgferry: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // Tasks still running (a sink hung on its destination) must not hold
+    // the exit up.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 async fn dispatch(cmd: Command) -> anyhow::Result<std::process::ExitCode> {
@@ -210,6 +215,21 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
     Config::load(path).with_context(|| format!("invalid configuration in {}", path.display()))
 }
 
+/// The first delay before reconnecting after a session ended, and the
+/// longest: a restarted server is picked up within seconds of being back.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// While the slot is still held by the walsender of a connection the server
+/// has not noticed gone (55006), it is asked again this often, for up to
+/// the server's `wal_sender_timeout` plus [`SLOT_MARGIN`].
+const SLOT_RETRY: Duration = Duration::from_millis(500);
+const SLOT_MARGIN: Duration = Duration::from_secs(10);
+/// The longest wait between two attempts while a disk is full.
+const DISK_RETRY_MAX: Duration = Duration::from_secs(10);
+/// Longest time from SIGTERM or SIGINT to the exit, whatever a sink does
+/// (the batches not checkpointed by then are replayed at the next start).
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(8);
+
 async fn run(config: &Config, opts: &source::RunOptions) -> anyhow::Result<std::process::ExitCode> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -220,14 +240,29 @@ async fn run(config: &Config, opts: &source::RunOptions) -> anyhow::Result<std::
     let mut observer = pgferry::observe::start(config)
         .await
         .map_err(anyhow::Error::msg)?;
-    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    let metrics = pgferry::metrics::global();
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
+    let mut disk_backoff = Backoff::new(Duration::from_secs(1), DISK_RETRY_MAX);
+    let mut slot_busy_since: Option<std::time::Instant> = None;
     loop {
-        let started = std::time::Instant::now();
+        let streamed_before = metrics.sessions_streamed.load(Ordering::Relaxed);
         let session = tokio::select! {
             r = source::run(config, stop_rx.clone(), opts) => r,
             msg = observer.fatal() => Err(SourceError::Fatal(msg)),
+            _ = shutdown_deadline(stop_rx.clone()) => {
+                tracing::warn!(limit_secs = SHUTDOWN_LIMIT.as_secs(), "the session did not end in time after the signal: exiting now; what was not checkpointed is replayed at the next start");
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
         };
-        match session {
+        // The backoff starts over once a session has really streamed.
+        if metrics.sessions_streamed.load(Ordering::Relaxed) > streamed_before {
+            backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
+            slot_busy_since = None;
+            if !matches!(session, Err(SourceError::DiskFull(_))) {
+                disk_backoff = Backoff::new(Duration::from_secs(1), DISK_RETRY_MAX);
+            }
+        }
+        let (delay, msg) = match session {
             Ok(()) => {
                 tracing::info!("stopped cleanly");
                 return Ok(std::process::ExitCode::SUCCESS);
@@ -237,24 +272,40 @@ async fn run(config: &Config, opts: &source::RunOptions) -> anyhow::Result<std::
                 tracing::info!("restarting the session so a recovered sink catches up");
                 continue;
             }
-            Err(SourceError::Transient(msg)) => {
-                if *stop_rx.borrow() {
-                    return Ok(std::process::ExitCode::SUCCESS);
-                }
-                if started.elapsed() > Duration::from_secs(60) {
-                    backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
-                }
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %msg, retry_in_ms = delay.as_millis() as u64, "replication session ended; resuming from the checkpoints");
-                let mut stop = stop_rx.clone();
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = stop.changed() => return Ok(std::process::ExitCode::SUCCESS),
-                    msg = observer.fatal() => anyhow::bail!(msg),
+            Err(_) if *stop_rx.borrow() => return Ok(std::process::ExitCode::SUCCESS),
+            Err(SourceError::SlotActive(msg)) => {
+                let since = *slot_busy_since.get_or_insert_with(std::time::Instant::now);
+                let window =
+                    source::wal_sender_timeout().unwrap_or(Duration::from_secs(60)) + SLOT_MARGIN;
+                if since.elapsed() < window {
+                    (SLOT_RETRY, msg)
+                } else {
+                    let msg = format!("{msg}; the slot has been in use for {} s: another process (another pgferry?) streams from it", since.elapsed().as_secs());
+                    (backoff.next_delay(), msg)
                 }
             }
+            Err(SourceError::DiskFull(msg)) => (disk_backoff.next_delay(), msg),
+            Err(SourceError::Transient(msg)) => {
+                slot_busy_since = None;
+                (backoff.next_delay(), msg)
+            }
+        };
+        tracing::warn!(error = %msg, retry_in_ms = delay.as_millis() as u64, "replication session ended; resuming from the checkpoints");
+        let mut stop = stop_rx.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|s| *s) => return Ok(std::process::ExitCode::SUCCESS),
+            msg = observer.fatal() => anyhow::bail!(msg),
         }
     }
+}
+
+/// Resolves [`SHUTDOWN_LIMIT`] after the stop signal.
+async fn shutdown_deadline(mut stop: watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(SHUTDOWN_LIMIT).await;
 }
 
 async fn wait_for_signal() {

@@ -65,6 +65,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Metrics {
     /// Committed transactions received (before the sinks).
     pub transactions: AtomicU64,
+    /// Replication sessions that received data from the stream (each
+    /// counted once): a new one resets the reconnect backoff.
+    pub sessions_streamed: AtomicU64,
     /// Bytes of CopyData received on the replication connection.
     pub bytes_received: AtomicU64,
     /// Heartbeats emitted, and those that failed.
@@ -85,6 +88,14 @@ pub struct Metrics {
     pub server: ServerState,
     /// `metrics.wal_warn_bytes` (0: no threshold).
     pub wal_warn_bytes: AtomicU64,
+    /// Paths where a write last failed because the disk is full, with the
+    /// message; removed once a write there succeeds.
+    disk_full: Mutex<BTreeMap<String, String>>,
+    /// Writes that failed because a disk was full.
+    disk_full_errors: AtomicU64,
+    /// Sinks whose store lost pgferry's state, with what it lost, until it
+    /// is resolved (their backfill finished).
+    data_loss: Mutex<BTreeMap<String, String>>,
 }
 
 /// The server and slot as last polled on an ordinary SQL connection.
@@ -162,6 +173,8 @@ pub struct SinkMetrics {
     /// Documents the sink could not write whole and left out (dead-lettered),
     /// not yet repaired by a later write (see [`SinkMetrics::set_incomplete`]).
     incomplete: AtomicU64,
+    /// Times the sink's store was found without pgferry's state at start.
+    pub data_losses: AtomicU64,
     last_error: Mutex<Option<String>>,
     /// Commit time (µs since 2000-01-01) of the last transaction applied; 0: none yet.
     last_commit_time: AtomicI64,
@@ -462,6 +475,7 @@ impl Metrics {
                     retries: AtomicU64::new(0),
                     dead_letters: AtomicU64::new(0),
                     incomplete: AtomicU64::new(0),
+                    data_losses: AtomicU64::new(0),
                     last_error: Mutex::default(),
                     last_commit_time: AtomicI64::new(0),
                     applied_end: AtomicU64::new(0),
@@ -530,8 +544,12 @@ impl Metrics {
                         .clone()
                         .unwrap_or_else(|| "unknown error".into())
                 };
-                let h = if state.detached.load(Ordering::Acquire) {
-                    SinkHealth::Detached(err())
+                let h = if let Some(why) = state.detached_because() {
+                    let last = lock(&self.sink(name).last_error).clone();
+                    SinkHealth::Detached(match last {
+                        Some(e) => format!("{why}; last error: {e}"),
+                        None => why,
+                    })
                 } else if state.failing.load(Ordering::Acquire) {
                     SinkHealth::Failing(err())
                 } else {
@@ -560,6 +578,45 @@ impl Metrics {
             .then_some((retained, warn))
     }
 
+    /// A write to `path` failed because its disk is full (see [`crate::disk`]).
+    pub fn disk_full(&self, path: &std::path::Path, message: &str) {
+        self.disk_full_errors.fetch_add(1, Ordering::Relaxed);
+        lock(&self.disk_full).insert(path.display().to_string(), message.to_string());
+    }
+
+    /// A write to `path` succeeded: its disk is no longer reported full.
+    pub fn disk_ok(&self, path: &std::path::Path) {
+        let mut d = lock(&self.disk_full);
+        if !d.is_empty() {
+            d.remove(&path.display().to_string());
+        }
+    }
+
+    /// The paths currently reported full, with their messages.
+    pub fn disks_full(&self) -> Vec<(String, String)> {
+        lock(&self.disk_full)
+            .iter()
+            .map(|(p, m)| (p.clone(), m.clone()))
+            .collect()
+    }
+
+    /// At start, `sink`'s store was found without pgferry's state.
+    /// Counted once until repaired (a later session that finds the same
+    /// loss before the sink wrote anything does not count it again).
+    pub fn data_lost(&self, sink: &str, what: &str) {
+        let new = lock(&self.data_loss)
+            .insert(sink.to_string(), what.to_string())
+            .is_none();
+        if new {
+            self.sink(sink).data_losses.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The loss of `sink` is repaired (its backfill finished).
+    pub fn data_restored(&self, sink: &str) {
+        lock(&self.data_loss).remove(sink);
+    }
+
     /// `(ready, reasons)` for `/readyz`.
     pub fn readiness(&self) -> (bool, Vec<String>) {
         let mut reasons = Vec::new();
@@ -574,7 +631,7 @@ impl Metrics {
                 SinkHealth::Ok => {}
                 SinkHealth::Failing(e) => reasons.push(format!("sink {name} is failing: {e}")),
                 SinkHealth::Detached(e) => reasons.push(format!(
-                    "sink {name} is failing and detached (it is replayed from its checkpoint when it recovers): {e}"
+                    "sink {name} is detached (it is replayed from its checkpoint when it catches up): {e}"
                 )),
             }
         }
@@ -597,7 +654,33 @@ impl Metrics {
         if lock(&self.server.wal_status).as_deref() == Some("lost") {
             reasons.push("the replication slot is invalidated (wal_status = lost)".into());
         }
+        for (_, message) in self.disks_full() {
+            reasons.push(message);
+        }
+        for (sink, what) in lock(&self.data_loss).iter() {
+            reasons.push(format!("sink {sink} lost data: {what}"));
+        }
         (reasons.is_empty(), reasons)
+    }
+
+    /// `pgferry_disk_full{path}` and `pgferry_disk_full_errors_total`.
+    fn render_disks(&self, o: &mut String) {
+        head(
+            o,
+            "pgferry_disk_full",
+            "gauge",
+            "1 per path where the last write failed because the disk is full (spill, checkpoint or JSON-lines file); gone once a write there succeeds.",
+        );
+        for (path, _) in self.disks_full() {
+            let _ = writeln!(o, "pgferry_disk_full{{path=\"{}\"}} 1", label(&path));
+        }
+        scalar(
+            o,
+            "pgferry_disk_full_errors_total",
+            "counter",
+            "Writes that failed because a disk was full (each is retried).",
+            self.disk_full_errors.load(Ordering::Relaxed),
+        );
     }
 
     /// The Prometheus text exposition (format 0.0.4).
@@ -861,6 +944,12 @@ impl Metrics {
                 "Rows a sink could not write whole (their changes are dead letters), until a later write repairs them; /readyz is not ready meanwhile.",
                 |s| s.incomplete.load(Ordering::Relaxed),
             ),
+            (
+                "pgferry_sink_data_loss_total",
+                "counter",
+                "Times the sink had a checkpoint but its store no longer held pgferry's state at start (it restarted empty, was flushed, or lost an index).",
+                |s| s.data_losses.load(Ordering::Relaxed),
+            ),
         ] {
             head(&mut o, metric, kind, help);
             for s in &sinks {
@@ -896,6 +985,8 @@ impl Metrics {
                 (*h == SinkHealth::Ok) as u8
             );
         }
+
+        self.render_disks(&mut o);
 
         // Snapshots.
         let snaps = lock(&self.snapshots).clone();
@@ -1075,6 +1166,7 @@ mod tests {
                         retries: AtomicU64::new(0),
                         dead_letters: AtomicU64::new(0),
                         incomplete: AtomicU64::new(0),
+                        data_losses: AtomicU64::new(0),
                         last_error: Mutex::default(),
                         last_commit_time: AtomicI64::new(0),
                         applied_end: AtomicU64::new(0),
@@ -1174,6 +1266,49 @@ mod tests {
                 .any(|r| r.contains("retained WAL 3.0 GiB above warning threshold 1.0 GiB")),
             "{reasons:?}"
         );
+    }
+
+    #[test]
+    fn a_full_disk_and_a_data_loss_are_reported_until_cleared() {
+        let m = Metrics::default();
+        let spill = std::path::Path::new("/var/spill");
+        m.disk_full(
+            spill,
+            "disk full: writing a spill file in /var/spill: no space",
+        );
+        m.data_lost("cache", "Redis no longer holds the position");
+        let (ready, reasons) = m.readiness();
+        assert!(!ready);
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.starts_with("disk full") && r.contains("/var/spill")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.iter().any(|r| r.contains("sink cache lost data")),
+            "{reasons:?}"
+        );
+        let text = m.render();
+        assert!(
+            text.contains("pgferry_disk_full{path=\"/var/spill\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("pgferry_disk_full_errors_total 1"), "{text}");
+        assert!(
+            text.contains("pgferry_sink_data_loss_total{sink=\"cache\"} 1"),
+            "{text}"
+        );
+        m.disk_ok(spill);
+        m.data_restored("cache");
+        let (_, reasons) = m.readiness();
+        assert!(
+            !reasons
+                .iter()
+                .any(|r| r.contains("disk full") || r.contains("lost data")),
+            "{reasons:?}"
+        );
+        assert!(!m.render().contains("pgferry_disk_full{"));
     }
 
     #[test]

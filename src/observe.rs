@@ -71,6 +71,7 @@ impl Observer {
 /// Settings the tasks own (the config itself is borrowed by the sessions).
 struct Settings {
     url: String,
+    network: crate::config::NetworkConfig,
     user: String,
     slot: String,
     checkpoint_dir: std::path::PathBuf,
@@ -108,6 +109,7 @@ pub async fn start(config: &Config) -> Result<Observer, String> {
         .unwrap_or_else(|| "<pgferry's user>".into());
     let s = Arc::new(Settings {
         url: config.source.url.clone(),
+        network: config.source.network,
         user,
         slot: config.source.slot.clone(),
         checkpoint_dir: config.checkpoint.dir.clone(),
@@ -130,8 +132,8 @@ pub async fn start(config: &Config) -> Result<Observer, String> {
     Ok(Observer { fatal, local_addr })
 }
 
-async fn connect(url: &str) -> Result<tokio_postgres::Client, String> {
-    crate::source::sql_connect_url(url)
+async fn connect(s: &Settings) -> Result<tokio_postgres::Client, String> {
+    crate::source::sql_connect_url(&s.url, &s.network)
         .await
         .map_err(|e| e.to_string())
 }
@@ -158,7 +160,7 @@ async fn poll_loop(s: Arc<Settings>, fatal: watch::Sender<Option<String>>) {
         tick.tick().await;
         if client.as_ref().is_none_or(|(c, _)| c.is_closed()) {
             client = None;
-            match connect(&s.url).await {
+            match connect(&s).await {
                 Ok(c) => {
                     let v13 = crate::source::server_version(&c)
                         .await
@@ -186,13 +188,20 @@ async fn poll_loop(s: Arc<Settings>, fatal: watch::Sender<Option<String>>) {
              s.slot_name IS NOT NULL, s.confirmed_flush_lsn::text, s.restart_lsn::text, {wal_status} \
              FROM (SELECT 1) one LEFT JOIN pg_replication_slots s ON s.slot_name = $1"
         );
-        let row = match c.query_one(&q, &[&s.slot]).await {
-            Ok(r) => r,
-            Err(e) => {
+        // A hung path to the server must not stall the poller for good.
+        let limit = s.poll.max(s.network.connect_timeout());
+        let row = match tokio::time::timeout(limit, c.query_one(&q, &[&s.slot])).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 if last_error_log.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                     tracing::warn!(error = %describe(&e), "lag and slot polling failed; retrying");
                     last_error_log = Some(Instant::now());
                 }
+                continue;
+            }
+            Err(_) => {
+                tracing::debug!("lag and slot polling: no answer in time; reconnecting");
+                client = None;
                 continue;
             }
         };
@@ -256,7 +265,7 @@ async fn heartbeat_loop(s: Arc<Settings>, every: Duration) {
     loop {
         tick.tick().await;
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = match connect(&s.url).await {
+            client = match connect(&s).await {
                 Ok(c) => Some(c),
                 Err(e) => {
                     m.heartbeat_errors.fetch_add(1, Ordering::Relaxed);

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::checkpoint::{Checkpoint, CheckpointStore};
+use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
 use crate::event::Transaction;
 use crate::lsn::Lsn;
 use crate::sink::{Sink, SinkError};
@@ -115,10 +115,12 @@ impl Budget {
     /// Waits until `txn` fits in the budget and attaches the permit to it, so
     /// the memory is released when the last sink drops the transaction.
     ///
-    /// A failing sink holds the transactions it has queued, and with large
-    /// transactions those can be the whole budget before its queue is full.
-    /// So while this waits, every sink that is failing is detached: it then
-    /// releases what it holds, and the others keep flowing.
+    /// A failing or stuck sink holds the transactions it has queued, and
+    /// with large transactions those can be the whole budget before its
+    /// queue is full. So while this waits, every sink that is failing is
+    /// detached, and so is every sink that holds queued transactions while
+    /// one `apply` has run longer than its `slow_after`: it then releases
+    /// what it holds, and the others keep flowing.
     pub async fn admit(&self, txn: &mut Transaction, links: &[SinkLink]) {
         let kib = ((txn.mem_bytes / 1024) as u32).clamp(1, self.total_kib);
         let acquire = self.sem.clone().acquire_many_owned(kib);
@@ -133,10 +135,16 @@ impl Budget {
                 }
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {
                     for link in links {
-                        if link.state.failing.load(Ordering::Acquire)
-                            && !link.state.detached.load(Ordering::Acquire)
-                        {
-                            link.detach("the source waits for the memory it holds");
+                        if link.state.detached.load(Ordering::Acquire) {
+                            continue;
+                        }
+                        if link.state.failing.load(Ordering::Acquire) {
+                            link.detach("sink is failing and the source waits for the memory it holds");
+                        } else if link.holds_items() && link.state.busy_for() >= link.slow_after {
+                            link.detach_slow(&format!(
+                                "sink has spent over {} ms on one batch (pipeline.slow_sink_detach_ms) while the source waits for the memory its queue holds",
+                                link.slow_after.as_millis()
+                            ));
                         }
                     }
                 }
@@ -154,6 +162,76 @@ pub struct SinkState {
     pub detached: AtomicBool,
     /// Woken on detach, so that the sink releases what it holds at once.
     pub on_detach: tokio::sync::Notify,
+    /// Why it was detached (for logs and `/readyz`).
+    pub detach_reason: std::sync::Mutex<String>,
+    /// When the `apply` under way started ([`clock_ms`]); 0: none under way.
+    pub busy_since_ms: AtomicU64,
+    /// Detached for being slow (not failing), and when ([`clock_ms`]).
+    pub slow: AtomicBool,
+    pub detached_at_ms: AtomicU64,
+}
+
+impl SinkState {
+    /// Why the sink was detached, if it is.
+    pub fn detached_because(&self) -> Option<String> {
+        self.detached.load(Ordering::Acquire).then(|| {
+            self.detach_reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        })
+    }
+
+    /// How long the `apply` under way has been running.
+    fn busy_for(&self) -> Duration {
+        match self.busy_since_ms.load(Ordering::Acquire) {
+            0 => Duration::ZERO,
+            t => Duration::from_millis(clock_ms().saturating_sub(t)),
+        }
+    }
+}
+
+/// The longest a sink found slow (not hung) is allowed to hold the others
+/// back after its bound has grown (see [`slow_bound`]).
+pub const SLOW_BOUND_MAX: Duration = Duration::from_secs(60);
+
+fn slow_bounds() -> std::sync::MutexGuard<'static, std::collections::HashMap<String, Duration>> {
+    static B: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, Duration>>> =
+        std::sync::OnceLock::new();
+    B.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long `sink`'s queue may stay full before it is detached: the
+/// configured `pipeline.slow_sink_detach_ms`, doubled (up to
+/// [`SLOW_BOUND_MAX`], for the life of the process) each time the sink,
+/// detached for slowness, caught up within that bound. Such a sink was slow,
+/// not hung (a large transaction, a loaded destination), and every detach
+/// costs a replay: this keeps a steadily slow sink from restarting the
+/// session over and over, while a hung one is still detached in bounded time.
+pub fn slow_bound(sink: &str, configured: Duration) -> Duration {
+    slow_bounds()
+        .get(sink)
+        .copied()
+        .unwrap_or(configured)
+        .max(configured)
+}
+
+fn grow_slow_bound(sink: &str, now: Duration) -> Duration {
+    let next = (now * 2).min(SLOW_BOUND_MAX).max(now);
+    slow_bounds().insert(sink.to_string(), next);
+    next
+}
+
+/// Milliseconds on a monotonic clock that starts at 1 (0 means "never").
+pub fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
 }
 
 /// The source's end of one sink task.
@@ -162,13 +240,35 @@ pub struct SinkLink {
     pub name: String,
     pub tx: mpsc::Sender<Item>,
     pub state: Arc<SinkState>,
+    /// `pipeline.slow_sink_detach_ms`: how long a full queue may hold the
+    /// others back before the sink is detached, failing or not.
+    pub slow_after: Duration,
 }
 
 impl SinkLink {
+    /// Detaches a slow sink (its queue full, or a batch running, too long).
+    fn detach_slow(&self, why: &str) {
+        self.state.slow.store(true, Ordering::Release);
+        self.detach(why);
+    }
+
     fn detach(&self, why: &str) {
+        self.state
+            .detached_at_ms
+            .store(clock_ms(), Ordering::Release);
+        *self
+            .state
+            .detach_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = why.to_string();
         self.state.detached.store(true, Ordering::Release);
         self.state.on_detach.notify_one();
-        tracing::warn!(sink = %self.name, "sink is failing and {why}: detached; the other sinks go on, and it will be replayed from its checkpoint when it recovers");
+        tracing::warn!(sink = %self.name, "{why}: detached; the other sinks go on, and it will be replayed from its checkpoint when it catches up");
+    }
+
+    /// The queue holds items (and so, memory of the budget).
+    fn holds_items(&self) -> bool {
+        self.tx.capacity() < self.tx.max_capacity()
     }
 }
 
@@ -177,11 +277,23 @@ impl SinkLink {
 pub struct SinkGone(pub String);
 
 /// Hands `item` to every attached sink. Waits while a healthy sink is busy
-/// (backpressure), but detaches a sink that is failing and full, so the
-/// others keep flowing.
+/// (backpressure), but detaches a sink that is failing and full, or whose
+/// queue stays full for longer than its `slow_after`, so the others keep
+/// flowing: a slow sink holds them back for a bounded time.
 pub async fn fan_out(links: &[SinkLink], item: Item) -> Result<(), SinkGone> {
+    fan_out_to(links, item, None).await
+}
+
+/// [`fan_out`] to the sinks named in `only` (`None`: all of them).
+pub async fn fan_out_to(
+    links: &[SinkLink],
+    item: Item,
+    only: Option<&[String]>,
+) -> Result<(), SinkGone> {
     for link in links {
-        if link.state.detached.load(Ordering::Acquire) {
+        if link.state.detached.load(Ordering::Acquire)
+            || only.is_some_and(|o| !o.contains(&link.name))
+        {
             continue;
         }
         match link.tx.try_send(item.clone()) {
@@ -189,17 +301,27 @@ pub async fn fan_out(links: &[SinkLink], item: Item) -> Result<(), SinkGone> {
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(SinkGone(link.name.clone())),
             Err(mpsc::error::TrySendError::Full(_)) => {}
         }
+        let full_since = tokio::time::Instant::now();
         loop {
             if link.state.failing.load(Ordering::Acquire) {
-                link.detach("its queue is full");
+                link.detach("sink is failing and its queue is full");
                 break;
             }
+            let waited = full_since.elapsed();
+            if waited >= link.slow_after {
+                link.detach_slow(&format!(
+                    "sink queue has been full for {} ms (pipeline.slow_sink_detach_ms) while the other sinks wait",
+                    waited.as_millis()
+                ));
+                break;
+            }
+            let tick = (link.slow_after - waited).min(Duration::from_millis(200));
             tokio::select! {
                 r = link.tx.send(item.clone()) => {
                     r.map_err(|_| SinkGone(link.name.clone()))?;
                     break;
                 }
-                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = tokio::time::sleep(tick) => {}
             }
         }
     }
@@ -231,6 +353,39 @@ pub struct SinkTask {
     /// Turns true when the session ends: a sink that is retrying gives up
     /// (its batch is not checkpointed, so it is replayed next session).
     pub stop: tokio::sync::watch::Receiver<bool>,
+    /// Set when the sink has a checkpoint: before its first batch the task
+    /// asks the sink whether its store still holds pgferry's state
+    /// ([`Sink::lost_state`]) and reports a loss here.
+    pub loss: Option<mpsc::UnboundedSender<DataLoss>>,
+    /// The path of the sink's last full-disk error, until a write succeeds.
+    pub disk_full_path: Option<std::path::PathBuf>,
+    /// Its link's `slow_after` (see [`slow_bound`]).
+    pub slow_after: Duration,
+}
+
+/// A sink's store lost pgferry's state (reported once, at start).
+#[derive(Debug)]
+pub struct DataLoss {
+    pub index: usize,
+    pub sink: String,
+    /// What the store lost, in the sink's words.
+    pub what: String,
+    /// Sent by the session once it acted (a reload is planned and
+    /// persisted): only then does the sink apply anything, since its first
+    /// write would hide the loss from the next start.
+    pub go_on: tokio::sync::oneshot::Sender<()>,
+}
+
+/// How long a batch under way may still take once the session ends,
+/// before it is abandoned (and replayed next session): a hung destination
+/// must not hold up a shutdown.
+pub const STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Publishes a full disk reported by a sink (see [`crate::disk`]).
+fn note_disk(e: &SinkError) {
+    if let SinkError::DiskFull { path, message } = e {
+        crate::metrics::global().disk_full(path, message);
+    }
 }
 
 /// One exponential backoff with jitter, used for every retry in pgferry.
@@ -261,6 +416,15 @@ impl SinkTask {
         let mut durable = self.checkpoint;
         let mut last_checkpoint = tokio::time::Instant::now();
         let mut batch: Vec<Arc<Transaction>> = Vec::new();
+        if !self.check_state().await? {
+            // Not even `close`: a flush could write the state whose absence
+            // is the loss, and hide it from the next start.
+            return Ok(());
+        }
+        if self.state.detached.load(Ordering::Acquire) {
+            // Detached while its store did not answer: replay from here.
+            self.rejoin(durable).await;
+        }
         loop {
             // With progress not yet checkpointed, wait for more only until
             // the checkpoint is due.
@@ -341,10 +505,7 @@ impl SinkTask {
                 if applied > durable && self.checkpoint(applied).await? {
                     durable = applied;
                 }
-                tracing::info!(sink = %self.name, at = %durable, "detached sink recovered; asking for a replay from its checkpoint");
-                self.progress.rejoin.notify_one();
-                // Nothing more will arrive for it in this session.
-                while self.rx.recv().await.is_some() {}
+                self.rejoin(durable).await;
                 break;
             }
         }
@@ -353,10 +514,71 @@ impl SinkTask {
         if applied > durable {
             self.checkpoint(applied).await?;
         }
+        self.close().await
+    }
+
+    async fn close(&mut self) -> Result<(), String> {
         self.sink
             .close()
             .await
             .map_err(|e| format!("sink {:?}: closing failed: {e}", self.name))
+    }
+
+    /// A detached sink caught up: asks for a replay from its checkpoint and
+    /// waits for the end of the session (nothing more arrives for it).
+    async fn rejoin(&mut self, durable: Lsn) {
+        let st = &self.state;
+        let detached_for = clock_ms().saturating_sub(st.detached_at_ms.load(Ordering::Acquire));
+        if st.slow.load(Ordering::Acquire) && detached_for < self.slow_after.as_millis() as u64 {
+            let next = grow_slow_bound(&self.name, self.slow_after);
+            tracing::info!(sink = %self.name, caught_up_after_ms = detached_for, slow_sink_detach_ms = next.as_millis() as u64,
+                "the sink caught up soon after it was detached for being slow: it is slow, not hung, so from now on it is detached only after its queue stays full this long");
+        }
+        tracing::info!(sink = %self.name, at = %durable, "detached sink recovered; asking for a replay from its checkpoint");
+        self.progress.rejoin.notify_one();
+        while self.rx.recv().await.is_some() {}
+    }
+
+    /// When the sink has a checkpoint, asks it whether its store still holds
+    /// pgferry's state (retrying while the store does not answer) and
+    /// reports a loss to the session. `Ok(false)`: the session ended first.
+    async fn check_state(&mut self) -> Result<bool, String> {
+        let Some(report) = self.loss.take() else {
+            return Ok(true);
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        loop {
+            let e = match self.sink.lost_state().await {
+                Ok(lost) => {
+                    self.state.failing.store(false, Ordering::Release);
+                    let Some(what) = lost else {
+                        return Ok(true);
+                    };
+                    let (go_on, answer) = tokio::sync::oneshot::channel();
+                    let _ = report.send(DataLoss {
+                        index: self.index,
+                        sink: self.name.clone(),
+                        what,
+                        go_on,
+                    });
+                    // No answer: the session stops (on_data_loss = "stop").
+                    return Ok(tokio::select! {
+                        r = answer => r.is_ok(),
+                        _ = self.stop.wait_for(|s| *s) => false,
+                    });
+                }
+                Err(SinkError::Fatal(m)) => return Err(format!("sink {:?}: {m}", self.name)),
+                Err(e) => e,
+            };
+            let m = e.to_string();
+            crate::metrics::global().sink(&self.name).failed(&m, true);
+            self.state.failing.store(true, Ordering::Release);
+            let delay = backoff.next_delay();
+            tracing::warn!(sink = %self.name, error = %m, retry_in_ms = delay.as_millis() as u64, "cannot check whether the sink's store still holds pgferry's state; retrying");
+            if !self.wait_to_retry(delay, &mut []).await {
+                return Ok(false);
+            }
+        }
     }
 
     /// Flushes the sink (retrying transient failures) and saves the
@@ -370,7 +592,12 @@ impl SinkTask {
                     crate::metrics::global().sink(&self.name).failed(&m, false);
                     return Err(format!("sink {:?}: {m}", self.name));
                 }
-                Err(SinkError::Transient(m)) => {
+                Err(e) => {
+                    let m = e.to_string();
+                    if let SinkError::DiskFull { path, .. } = &e {
+                        self.disk_full_path = Some(path.clone());
+                    }
+                    note_disk(&e);
                     crate::metrics::global().sink(&self.name).failed(&m, true);
                     self.state.failing.store(true, Ordering::Release);
                     let delay = backoff.next_delay();
@@ -382,16 +609,44 @@ impl SinkTask {
             }
         }
         self.state.failing.store(false, Ordering::Release);
-        self.store
-            .save(&Checkpoint {
-                sink: self.name.clone(),
-                slot: self.slot.clone(),
-                system_identifier: self.system_identifier.clone(),
-                lsn,
-            })
-            .map_err(|e| format!("sink {:?}: {e}", self.name))?;
+        self.sink_disk_ok();
+        let cp = Checkpoint {
+            sink: self.name.clone(),
+            slot: self.slot.clone(),
+            system_identifier: self.system_identifier.clone(),
+            lsn,
+        };
+        // A full checkpoint directory is retried like any full disk; other
+        // errors (permissions, a corrupt directory) need the operator.
+        let path = self.store.path_of(&self.name);
+        loop {
+            match self.store.save(&cp) {
+                Ok(()) => {
+                    crate::metrics::global().disk_ok(&path);
+                    break;
+                }
+                Err(CheckpointError::Io { path, source }) if crate::disk::is_full(&source) => {
+                    let m =
+                        crate::disk::full_message("writing the checkpoint file", &path, &source);
+                    crate::metrics::global().disk_full(&path, &m);
+                    let delay = backoff.next_delay();
+                    tracing::warn!(sink = %self.name, path = %path.display(), retry_in_ms = delay.as_millis() as u64, "{m}");
+                    if !self.wait_to_retry(delay, &mut []).await {
+                        return Ok(false);
+                    }
+                }
+                Err(e) => return Err(format!("sink {:?}: {e}", self.name)),
+            }
+        }
         self.progress.set_sink(self.index, lsn);
         Ok(true)
+    }
+
+    /// A write of the sink succeeded: its disk (if it has one) is not full.
+    fn sink_disk_ok(&mut self) {
+        if let Some(p) = self.disk_full_path.take() {
+            crate::metrics::global().disk_ok(&p);
+        }
     }
 
     /// Waits `delay` before the next attempt. `false`: the session ended.
@@ -423,6 +678,40 @@ impl SinkTask {
         }
     }
 
+    /// One `apply`. While it runs, the task notes when it started (a batch
+    /// that takes too long while the source waits for memory gets the sink
+    /// detached) and, once detached, drops what is queued at once, so that
+    /// the memory it holds is released even while the destination hangs.
+    /// `None`: the session ended and the batch was still not applied
+    /// [`STOP_GRACE`] later (a hung destination): it is abandoned, not
+    /// checkpointed, and replayed next time.
+    async fn apply_once(&mut self, batch: &[Arc<Transaction>]) -> Option<Result<(), SinkError>> {
+        let (sink, rx, state, stop) = (&mut self.sink, &mut self.rx, &self.state, &mut self.stop);
+        state.busy_since_ms.store(clock_ms(), Ordering::Release);
+        let apply = sink.apply(batch);
+        tokio::pin!(apply);
+        let give_up = async {
+            let _ = stop.wait_for(|s| *s).await;
+            tokio::time::sleep(STOP_GRACE).await;
+        };
+        tokio::pin!(give_up);
+        let res = loop {
+            tokio::select! {
+                r = &mut apply => break Some(r),
+                _ = state.on_detach.notified() => {
+                    while rx.try_recv().is_ok() {}
+                }
+                _ = &mut give_up => break None,
+            }
+        };
+        state.busy_since_ms.store(0, Ordering::Release);
+        if state.detached.load(Ordering::Acquire) {
+            // Detached while the batch ran: drop what was queued meanwhile.
+            while rx.try_recv().is_ok() {}
+        }
+        res
+    }
+
     /// `Ok(true)`: applied. `Ok(false)`: the session ended while retrying.
     async fn apply_with_retry(&mut self, batch: &mut [Arc<Transaction>]) -> Result<bool, String> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
@@ -431,11 +720,14 @@ impl SinkTask {
         let metrics = crate::metrics::global().sink(&self.name);
         loop {
             let started = std::time::Instant::now();
-            let res = self.sink.apply(batch).await;
+            let Some(res) = self.apply_once(batch).await else {
+                tracing::warn!(sink = %self.name, "session ended while a batch was still under way: abandoned, it will be replayed");
+                return Ok(false);
+            };
             match &res {
                 Ok(()) => metrics.applied(batch, started.elapsed().as_secs_f64()),
                 Err(SinkError::Fatal(m)) => metrics.failed(m, false),
-                Err(SinkError::Transient(m)) => metrics.failed(m, true),
+                Err(e) => metrics.failed(&e.to_string(), true),
             }
             match res {
                 Ok(()) => {
@@ -443,10 +735,16 @@ impl SinkTask {
                         tracing::info!(sink = %self.name, attempts = attempt + 1, "sink recovered");
                     }
                     self.state.failing.store(false, Ordering::Release);
+                    self.sink_disk_ok();
                     return Ok(true);
                 }
                 Err(SinkError::Fatal(m)) => return Err(format!("sink {:?}: {m}", self.name)),
-                Err(SinkError::Transient(m)) => {
+                Err(e) => {
+                    if let SinkError::DiskFull { path, .. } = &e {
+                        self.disk_full_path = Some(path.clone());
+                    }
+                    note_disk(&e);
+                    let m = e.to_string();
                     attempt += 1;
                     self.state.failing.store(true, Ordering::Release);
                     let since = *failing_since.get_or_insert_with(std::time::Instant::now);
@@ -479,15 +777,20 @@ mod tests {
     use crate::event::{Changes, TxnMeta};
     use std::sync::Mutex;
 
-    /// An in-memory sink: records applied end LSNs; fails while `broken` is set.
+    /// An in-memory sink: records applied end LSNs; fails while `broken` is
+    /// set, and does not answer while `hung` is set.
     struct MemSink {
         applied: Arc<Mutex<Vec<Lsn>>>,
         broken: Arc<AtomicBool>,
+        hung: Arc<AtomicBool>,
     }
 
     #[async_trait::async_trait]
     impl Sink for MemSink {
         async fn apply(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
+            while self.hung.load(Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             if self.broken.load(Ordering::Acquire) {
                 return Err(SinkError::Transient("down".into()));
             }
@@ -521,6 +824,7 @@ mod tests {
         links: Vec<SinkLink>,
         applied: Vec<Arc<Mutex<Vec<Lsn>>>>,
         broken: Vec<Arc<AtomicBool>>,
+        hung: Vec<Arc<AtomicBool>>,
         progress: Arc<Progress>,
         tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
         stop: tokio::sync::watch::Sender<bool>,
@@ -528,6 +832,10 @@ mod tests {
     }
 
     fn harness(n: usize, max_failure: Option<Duration>) -> Harness {
+        harness_with(n, max_failure, Duration::from_secs(3600))
+    }
+
+    fn harness_with(n: usize, max_failure: Option<Duration>, slow_after: Duration) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::open(dir.path()).unwrap();
         let progress = Progress::new(&vec![Lsn::ZERO; n]);
@@ -536,6 +844,7 @@ mod tests {
             links: vec![],
             applied: vec![],
             broken: vec![],
+            hung: vec![],
             progress: progress.clone(),
             tasks: vec![],
             stop,
@@ -546,10 +855,12 @@ mod tests {
             let state = Arc::new(SinkState::default());
             let applied = Arc::new(Mutex::new(Vec::new()));
             let broken = Arc::new(AtomicBool::new(false));
+            let hung = Arc::new(AtomicBool::new(false));
             h.links.push(SinkLink {
                 name: format!("s{i}"),
                 tx,
                 state: state.clone(),
+                slow_after,
             });
             let task = SinkTask {
                 index: i,
@@ -557,6 +868,7 @@ mod tests {
                 sink: Box::new(MemSink {
                     applied: applied.clone(),
                     broken: broken.clone(),
+                    hung: hung.clone(),
                 }),
                 rx,
                 store: store.clone(),
@@ -570,10 +882,14 @@ mod tests {
                 state,
                 max_failure,
                 stop: stop_rx.clone(),
+                loss: None,
+                disk_full_path: None,
+                slow_after,
             };
             h.tasks.push(tokio::spawn(task.run()));
             h.applied.push(applied);
             h.broken.push(broken);
+            h.hung.push(hung);
         }
         h
     }
@@ -670,6 +986,64 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_hung_sink_is_detached_after_the_slow_bound_without_failing() {
+        let slow = Duration::from_millis(300);
+        let h = harness_with(2, None, slow);
+        h.hung[1].store(true, Ordering::Release);
+        let mut worst = Duration::ZERO;
+        for end in 1..=200u64 {
+            let started = std::time::Instant::now();
+            fan_out(&h.links, Item::Txn(txn(end))).await.unwrap();
+            worst = worst.max(started.elapsed());
+        }
+        // The healthy sink was held back once, for the bound, then never.
+        assert!(worst >= slow && worst < slow * 3, "{worst:?}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while h.progress.sink(0) < Lsn(200) {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let s1 = &h.links[1].state;
+        assert!(s1.detached.load(Ordering::Acquire) && !s1.failing.load(Ordering::Acquire));
+        assert!(s1
+            .detached_because()
+            .unwrap()
+            .contains("slow_sink_detach_ms"));
+        // Its queue was dropped at once, while the batch still hangs.
+        assert_eq!(h.links[1].tx.capacity(), h.links[1].tx.max_capacity());
+        // Released, it finishes its batch and asks to be replayed.
+        h.hung[1].store(false, Ordering::Release);
+        tokio::time::timeout(Duration::from_secs(10), h.progress.rejoin.notified())
+            .await
+            .expect("the released sink asks to rejoin");
+        assert!(h.progress.confirmed() < Lsn(200));
+        drop(h.links);
+        let _ = h.stop.send(true);
+        for t in h.tasks {
+            t.await.unwrap().unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sink_hung_at_shutdown_is_abandoned_after_the_grace() {
+        let h = harness(1, None);
+        h.hung[0].store(true, Ordering::Release);
+        fan_out(&h.links, Item::Txn(txn(1))).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = h.stop.send(true);
+        drop(h.links);
+        let started = std::time::Instant::now();
+        let mut tasks = h.tasks;
+        tokio::time::timeout(STOP_GRACE * 2, tasks.pop().unwrap())
+            .await
+            .expect("gives up after the grace")
+            .unwrap()
+            .unwrap();
+        assert!(started.elapsed() >= STOP_GRACE);
+        assert_eq!(h.progress.confirmed(), Lsn::ZERO);
+    }
+
+    #[tokio::test]
     async fn a_sink_failing_past_its_bound_stops_with_a_clear_error() {
         let h = harness(1, Some(Duration::from_millis(300)));
         h.broken[0].store(true, Ordering::Release);
@@ -711,6 +1085,22 @@ mod tests {
         for (d, base) in delays.iter().zip([100u128, 200, 400, 800, 800, 800]) {
             assert!(*d >= base * 3 / 4 && *d <= base * 5 / 4, "{delays:?}");
         }
+    }
+
+    #[test]
+    fn a_sink_found_slow_not_hung_gets_a_longer_bound_up_to_the_cap() {
+        let name = "slow-bound-test-sink";
+        let five = Duration::from_secs(5);
+        assert_eq!(slow_bound(name, five), five);
+        assert_eq!(grow_slow_bound(name, five), five * 2);
+        assert_eq!(slow_bound(name, five), five * 2);
+        // A larger configured value wins.
+        assert_eq!(slow_bound(name, five * 4), five * 4);
+        let mut b = five;
+        for _ in 0..10 {
+            b = grow_slow_bound(name, b);
+        }
+        assert_eq!(b, SLOW_BOUND_MAX);
     }
 
     #[test]

@@ -21,21 +21,23 @@
 
 mod rows;
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::checkpoint::CheckpointStore;
-use crate::config::Config;
+use crate::config::{Config, OnDataLoss};
 use crate::conn::{self, wire::ConnError, StartOptions, WriteSide};
-use crate::decode::assembler::Assembler;
+use crate::decode::assembler::{AssembleError, Assembler};
 use crate::decode::types::TypeRegistry;
 use crate::lsn::Lsn;
-use crate::pipeline::{fan_out, Budget, Item, Progress, SinkLink, SinkState, SinkTask};
+use crate::pipeline::{
+    fan_out, fan_out_to, Budget, DataLoss, Item, Progress, SinkLink, SinkState, SinkTask,
+};
 use crate::protocol::pgoutput::{self, LogicalMessage};
 use crate::protocol::replication::{self, ReplicationMessage};
 use crate::snapshot::Snapshots;
@@ -51,11 +53,21 @@ pub enum SourceError {
     /// minimum checkpoint.
     #[error("a detached sink recovered; replaying from its checkpoint")]
     Rejoin,
+    /// The slot is still held by another walsender (55006), typically the
+    /// one of pgferry's previous connection that the server has not noticed
+    /// gone yet: it is freed within `wal_sender_timeout`, so retry soon.
+    #[error("{0}")]
+    SlotActive(String),
+    /// A disk is full (spill files): retried with its own, slower backoff.
+    #[error("{0}")]
+    DiskFull(String),
 }
 
 impl From<ConnError> for SourceError {
     fn from(e: ConnError) -> Self {
-        if e.is_transient() {
+        if e.code() == Some("55006") {
+            SourceError::SlotActive(e.to_string())
+        } else if e.is_transient() {
             SourceError::Transient(e.to_string())
         } else {
             SourceError::Fatal(e.to_string())
@@ -105,20 +117,41 @@ pub fn pg_now() -> i64 {
 
 /// Opens the ordinary SQL connection.
 pub async fn sql_connect(config: &Config) -> Result<tokio_postgres::Client, SourceError> {
-    sql_connect_url(&config.source.url).await
+    sql_connect_url(&config.source.url, &config.source.network).await
 }
 
-/// Opens an ordinary SQL connection to `url` (`source.url`); its driver
-/// runs as a task of its own.
-pub async fn sql_connect_url(url: &str) -> Result<tokio_postgres::Client, SourceError> {
-    let pg: tokio_postgres::Config = url.parse().map_err(|e| fatal(format!("source.url: {e}")))?;
+/// Opens an ordinary SQL connection to `url` (`source.url`), with the
+/// keepalive and connect timeout of `net`; its driver runs as a task of
+/// its own.
+pub async fn sql_connect_url(
+    url: &str,
+    net: &crate::config::NetworkConfig,
+) -> Result<tokio_postgres::Client, SourceError> {
+    Ok(sql_connect_watched(url, net).await?.0)
+}
+
+/// [`sql_connect_url`], with a receiver that gets the SQLSTATE the server
+/// ended the connection with (`None`: it ended otherwise).
+pub async fn sql_connect_watched(
+    url: &str,
+    net: &crate::config::NetworkConfig,
+) -> Result<(tokio_postgres::Client, oneshot::Receiver<Option<String>>), SourceError> {
+    let mut pg: tokio_postgres::Config =
+        url.parse().map_err(|e| fatal(format!("source.url: {e}")))?;
+    conn::sql_liveness(&mut pg, net);
     let (client, connection) = pg.connect(tokio_postgres::NoTls).await?;
+    let (tx, rx) = oneshot::channel();
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "SQL connection ended");
-        }
+        let code = match connection.await {
+            Ok(()) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "SQL connection ended");
+                e.as_db_error().map(|d| d.code().code().to_string())
+            }
+        };
+        let _ = tx.send(code);
     });
-    Ok(client)
+    Ok((client, rx))
 }
 
 /// The slot as `pg_replication_slots` shows it.
@@ -232,17 +265,69 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     opts: &RunOptions,
 ) -> Result<(), SourceError> {
-    let until = opts.until;
+    let prepared = tokio::select! {
+        r = prepare(config) => r?,
+        _ = shutdown.wait_for(|s| *s) => return Ok(()),
+    };
+    let mut session = Session::start(config, opts, prepared).await?;
+    let result = session.stream(&mut shutdown).await;
+    session.end(result).await
+}
+
+/// What [`prepare`] found and opened.
+struct Prepared {
+    client: tokio_postgres::Client,
+    sql_end: oneshot::Receiver<Option<String>>,
+    repl: conn::ReplicationConn,
+    system: conn::SystemInfo,
+    version: u32,
+    /// Per sink: its checkpoint, if it has one.
+    checkpoints: Vec<Option<Lsn>>,
+    /// The slot's confirmed position (or its consistent point when created).
+    slot_pos: Lsn,
+    store: CheckpointStore,
+    /// The server's `wal_sender_timeout` (`None`: disabled).
+    wal_sender_timeout: Option<Duration>,
+}
+
+/// Runs `f` within `source.network.connect_timeout_secs`.
+async fn within<T>(
+    config: &Config,
+    what: &str,
+    f: impl std::future::Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
+    let t = config.source.network.connect_timeout();
+    tokio::time::timeout(t, f).await.map_err(|_| {
+        SourceError::Transient(format!(
+            "{what}: no answer from Postgres within {} s (source.network.connect_timeout_secs)",
+            t.as_secs()
+        ))
+    })?
+}
+
+/// Connects, checks the publication, reads the checkpoints and finds (or
+/// creates) the slot. The gap check runs before a slot is created, so a
+/// dropped slot never leaves a new one behind that holds WAL for nothing.
+async fn prepare(config: &Config) -> Result<Prepared, SourceError> {
     let s = &config.source;
     let pg: tokio_postgres::Config = s
         .url
         .parse()
         .map_err(|e| fatal(format!("source.url: {e}")))?;
-    let client = sql_connect(config).await?;
-    ensure_publication(&client, config).await?;
-
-    let mut repl =
-        conn::connect_with(&pg, s.recv_buffer_kb.map(|k| k.saturating_mul(1024))).await?;
+    let (client, sql_end) = within(
+        config,
+        "connecting",
+        sql_connect_watched(&s.url, &s.network),
+    )
+    .await?;
+    within(
+        config,
+        "checking the publication",
+        ensure_publication(&client, config),
+    )
+    .await?;
+    let recv_buffer = s.recv_buffer_kb.map(|k| k.saturating_mul(1024));
+    let mut repl = conn::connect_opts(&pg, recv_buffer, &s.network).await?;
     let system = repl.identify_system().await?;
     let version = repl.server_version_num().unwrap_or(0);
     if version < 100000 {
@@ -250,54 +335,23 @@ pub async fn run(
             "server version {version} is too old: logical replication with pgoutput needs PostgreSQL 10 or later"
         )));
     }
-    let proto_version = if version >= 140000 { 2 } else { 1 };
-    let streaming = s.streaming && version >= 140000;
-
-    // The slot: create it, or check that it is ours to use.
-    let slot = slot_info(&client, &s.slot).await?;
-    let created_at = match &slot {
-        None if s.create_slot => {
-            let lsn = repl.create_slot(&s.slot).await?;
-            tracing::info!(slot = %s.slot, consistent_point = %lsn, "created replication slot");
-            Some(lsn)
-        }
-        None => {
-            return Err(fatal(format!(
-                "replication slot {:?} does not exist and source.create_slot is false; create it with SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
-                s.slot, s.slot
-            )))
-        }
-        Some(info) => {
-            if info.plugin.as_deref() != Some("pgoutput") {
-                return Err(fatal(format!(
-                    "replication slot {:?} uses plugin {:?}, not pgoutput; drop it (pgferry slot drop) or choose another source.slot",
-                    s.slot, info.plugin
-                )));
-            }
-            if info.wal_status.as_deref() == Some("lost") {
-                return Err(fatal(crate::observe::lost_slot_message(
-                    &s.slot,
-                    &config.checkpoint.dir,
-                )));
-            }
-            None
-        }
+    let shown = match repl.show("wal_sender_timeout").await {
+        Ok(v) => v,
+        Err(e) if e.is_transient() => return Err(e.into()),
+        Err(_) => None,
     };
-    let slot_pos = match created_at {
-        Some(l) => l,
-        None => slot_info(&client, &s.slot)
-            .await?
-            .and_then(|i| i.confirmed_flush)
-            .unwrap_or(Lsn::ZERO),
-    };
-
-    // Checkpoints and the gap check.
+    let wal_sender_timeout = shown
+        .and_then(|t| parse_duration_ms(&t))
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis);
+    WAL_SENDER_TIMEOUT_MS.store(
+        wal_sender_timeout.map_or(0, |t| t.as_millis() as u64),
+        Ordering::Release,
+    );
     let store = CheckpointStore::open(&config.checkpoint.dir).map_err(|e| fatal(e.to_string()))?;
     let mut checkpoints = Vec::new();
-    let mut fresh = true;
     for sink in &config.sinks {
         let cp = store.load(sink.name()).map_err(|e| fatal(e.to_string()))?;
-        fresh &= cp.is_none();
         if let Some(cp) = &cp {
             if cp.system_identifier != system.system_id || cp.slot != s.slot {
                 return Err(fatal(format!(
@@ -305,271 +359,755 @@ pub async fn run(
                     sink.name(), cp.slot, cp.system_identifier, s.slot, system.system_id
                 )));
             }
-            if slot_pos > cp.lsn {
+        }
+        checkpoints.push(cp.map(|c| c.lsn));
+    }
+    let slot = within(config, "reading the slot", slot_info(&client, &s.slot)).await?;
+    let (slot_pos, created) = match &slot {
+        None => {
+            if let Some((sink, lsn)) = config
+                .sinks
+                .iter()
+                .zip(&checkpoints)
+                .find_map(|(c, l)| l.map(|l| (c.name(), l)))
+            {
                 return Err(fatal(format!(
-                    "changes were lost: slot {:?} has confirmed_flush_lsn {slot_pos}, ahead of the checkpoint {} of sink {:?}. \
+                    "changes were lost: replication slot {:?} does not exist, but sink {sink:?} has a checkpoint at {lsn}. \
+                     The slot was dropped, so the changes after that checkpoint are gone for the sinks, and a new slot would start after the gap; pgferry creates none. \
+                     Re-load the sinks from the tables (source.snapshot = \"initial\"), then remove the checkpoint files in {} so that pgferry starts afresh with a new slot",
+                    s.slot,
+                    config.checkpoint.dir.display()
+                )));
+            }
+            if !s.create_slot {
+                return Err(fatal(format!(
+                    "replication slot {:?} does not exist and source.create_slot is false; create it with SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+                    s.slot, s.slot
+                )));
+            }
+            let lsn = repl.create_slot(&s.slot).await?;
+            tracing::info!(slot = %s.slot, consistent_point = %lsn, "created replication slot");
+            (lsn, true)
+        }
+        Some(info) => {
+            check_slot(config, info)?;
+            (info.confirmed_flush.unwrap_or(Lsn::ZERO), false)
+        }
+    };
+    gap_check(config, &checkpoints, slot_pos, created)?;
+    Ok(Prepared {
+        client,
+        sql_end,
+        repl,
+        system,
+        version,
+        checkpoints,
+        slot_pos,
+        store,
+        wal_sender_timeout,
+    })
+}
+
+/// The slot exists: it must be ours to use.
+fn check_slot(config: &Config, info: &SlotInfo) -> Result<(), SourceError> {
+    let s = &config.source;
+    if info.plugin.as_deref() != Some("pgoutput") {
+        return Err(fatal(format!(
+            "replication slot {:?} uses plugin {:?}, not pgoutput; drop it (pgferry slot drop) or choose another source.slot",
+            s.slot, info.plugin
+        )));
+    }
+    if info.wal_status.as_deref() == Some("lost") {
+        return Err(fatal(crate::observe::lost_slot_message(
+            &s.slot,
+            &config.checkpoint.dir,
+        )));
+    }
+    Ok(())
+}
+
+/// No sink may start behind the slot: the changes in between are gone.
+fn gap_check(
+    config: &Config,
+    checkpoints: &[Option<Lsn>],
+    slot_pos: Lsn,
+    created: bool,
+) -> Result<(), SourceError> {
+    let s = &config.source;
+    for (sink, cp) in config.sinks.iter().zip(checkpoints) {
+        match cp {
+            Some(cp) if slot_pos > *cp => {
+                return Err(fatal(format!(
+                    "changes were lost: slot {:?} has confirmed_flush_lsn {slot_pos}, ahead of the checkpoint {cp} of sink {:?}. \
                      The slot was dropped and recreated, or another consumer advanced it, so the changes in between are gone for this sink. \
                      pgferry will not stream on over the gap. Re-load the sink from the table (snapshot), then remove {} to resume from the slot's position",
                     s.slot,
-                    cp.lsn,
                     sink.name(),
                     config.checkpoint.dir.join(format!("{}.checkpoint.json", sink.name())).display()
                 )));
             }
-        } else if created_at.is_none() {
-            tracing::warn!(sink = sink.name(), slot = %s.slot, position = %slot_pos, "sink has no checkpoint; it starts at the slot's confirmed position");
+            Some(_) => {}
+            None if !created => {
+                tracing::warn!(sink = sink.name(), slot = %s.slot, position = %slot_pos, "sink has no checkpoint; it starts at the slot's confirmed position");
+            }
+            None => {}
         }
-        checkpoints.push(cp.map(|c| c.lsn).unwrap_or(slot_pos));
     }
-    let start = checkpoints.iter().copied().min().unwrap_or(slot_pos);
+    Ok(())
+}
 
-    // Sinks.
-    let progress = Progress::new(&checkpoints);
-    let (sinks_stop_tx, sinks_stop) = watch::channel(false);
+/// The server's `wal_sender_timeout` as last read (0: disabled or unknown).
+static WAL_SENDER_TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
+
+/// The server's `wal_sender_timeout`, as the last session read it (`None`:
+/// disabled, or no session got that far yet).
+pub fn wal_sender_timeout() -> Option<Duration> {
+    match WAL_SENDER_TIMEOUT_MS.load(Ordering::Acquire) {
+        0 => None,
+        ms => Some(Duration::from_millis(ms)),
+    }
+}
+
+/// Spill files could not be written at this position because the disk was
+/// full (0: none): `/readyz` shows it until the stream gets past it.
+static SPILL_FULL_AT: AtomicU64 = AtomicU64::new(0);
+
+/// Consecutive keepalives that ask for a reply: the walsender asks again
+/// at once after each answer only when it is shutting down and waits for
+/// the client to confirm everything it sent (see proto-notes/replication.md).
+#[derive(Default)]
+struct Pings {
+    count: u32,
+    last: Option<Instant>,
+}
+
+impl Pings {
+    /// Notes one; true once they have come back to back long enough.
+    fn note(&mut self) -> bool {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_millis(500))
+        {
+            self.count += 1;
+        } else {
+            self.count = 1;
+        }
+        self.last = Some(now);
+        self.count >= 20
+    }
+}
+
+/// One streaming session: the stages wired together.
+struct Session<'a> {
+    config: &'a Config,
+    opts: &'a RunOptions,
+    client: tokio_postgres::Client,
+    /// Ends with the SQL connection (`Some(SQLSTATE)` when the server ended it).
+    sql_end: oneshot::Receiver<Option<String>>,
+    sql_watch: bool,
+    reader: conn::wire::Reader<conn::ReadSide>,
+    progress: Arc<Progress>,
+    senders: Vec<SinkLink>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+    sinks_stop: watch::Sender<bool>,
+    loss_rx: mpsc::UnboundedReceiver<DataLoss>,
+    loss_open: bool,
+    snaps: Snapshots,
+    assembler: Assembler,
+    budget: Budget,
+    received: crate::metrics::ReceiveCounter,
+    proto_version: u32,
+    reply_tx: mpsc::Sender<()>,
+    feedback: tokio::task::JoinHandle<()>,
+    feedback_stop: watch::Sender<bool>,
+    observed: Option<crate::metrics::SessionGuard>,
+    last_idle: Lsn,
+    last_idle_at: Instant,
+    pings: Pings,
+    streamed: bool,
+    started: Instant,
+    spill_dir: std::path::PathBuf,
+}
+
+/// The sink tasks of a session, and their ends.
+struct Sinks {
+    senders: Vec<SinkLink>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+    stop: watch::Sender<bool>,
+    loss_rx: mpsc::UnboundedReceiver<DataLoss>,
+}
+
+/// Builds every sink and starts its task; the sinks with a checkpoint
+/// check first that their store still holds pgferry's state.
+async fn start_sinks(
+    config: &Config,
+    p: &Prepared,
+    starts: &[Lsn],
+    progress: &Arc<Progress>,
+) -> Result<Sinks, SourceError> {
+    let s = &config.source;
+    let (stop, stop_rx) = watch::channel(false);
+    let (loss_tx, loss_rx) = mpsc::unbounded_channel();
     let mut senders = Vec::new();
     let mut tasks = Vec::new();
-    let row_source: Arc<dyn crate::sink::rows::RowSource> =
-        Arc::new(rows::PgRows::new(&config.source.url));
+    let row_source: Arc<dyn crate::sink::rows::RowSource> = Arc::new(rows::PgRows::new(
+        &config.source.url,
+        &config.source.network,
+    ));
     for (i, sc) in config.sinks.iter().enumerate() {
         let sink = crate::sink::build(sc, row_source.clone())
             .await
             .map_err(|e| fatal(e.to_string()))?;
         let (tx, rx) = mpsc::channel(64);
         let state = Arc::new(SinkState::default());
+        let slow_after = crate::pipeline::slow_bound(
+            sc.name(),
+            Duration::from_millis(config.pipeline.slow_sink_detach_ms),
+        );
         senders.push(SinkLink {
             name: sc.name().to_string(),
             tx,
             state: state.clone(),
+            slow_after,
         });
         let task = SinkTask {
             index: i,
             name: sc.name().to_string(),
             sink,
             rx,
-            store: store.clone(),
+            store: p.store.clone(),
             slot: s.slot.clone(),
-            system_identifier: system.system_id.clone(),
-            checkpoint: checkpoints[i],
+            system_identifier: p.system.system_id.clone(),
+            checkpoint: starts[i],
             progress: progress.clone(),
             batch_max_events: config.pipeline.batch_max_events,
             checkpoint_interval: Duration::from_millis(config.pipeline.checkpoint_interval_ms),
             linger: sc.linger(),
             state,
             max_failure: sc.max_failure_secs().map(Duration::from_secs),
-            stop: sinks_stop.clone(),
+            stop: stop_rx.clone(),
+            loss: p.checkpoints[i].is_some().then(|| loss_tx.clone()),
+            disk_full_path: None,
+            slow_after,
         };
         tasks.push(tokio::spawn(task.run()));
     }
 
-    // Status update interval: at most 10 s and at most wal_sender_timeout/2.
-    let mut interval = Duration::from_secs(s.status_interval_secs.min(10));
-    if let Some(t) = repl.show("wal_sender_timeout").await.ok().flatten() {
-        if let Some(ms) = parse_duration_ms(&t).filter(|ms| *ms > 0) {
-            interval = interval.min(Duration::from_millis((ms / 2).max(100)));
+    Ok(Sinks {
+        senders,
+        tasks,
+        stop,
+        loss_rx,
+    })
+}
+
+impl<'a> Session<'a> {
+    /// Starts the sink tasks and the snapshot machinery, then streaming.
+    async fn start(
+        config: &'a Config,
+        opts: &'a RunOptions,
+        p: Prepared,
+    ) -> Result<Session<'a>, SourceError> {
+        let s = &config.source;
+        let proto_version = if p.version >= 140000 { 2 } else { 1 };
+        let streaming = s.streaming && p.version >= 140000;
+        let starts: Vec<Lsn> = p
+            .checkpoints
+            .iter()
+            .map(|c| c.unwrap_or(p.slot_pos))
+            .collect();
+        let start = starts.iter().copied().min().unwrap_or(p.slot_pos);
+        let fresh = p.checkpoints.iter().all(Option::is_none);
+        let progress = Progress::new(&starts);
+        let sinks = start_sinks(config, &p, &starts, &progress).await?;
+        // Status updates: at most every 10 s and every wal_sender_timeout/2.
+        let mut interval = Duration::from_secs(s.status_interval_secs.min(10));
+        if let Some(t) = p.wal_sender_timeout {
+            interval = interval.min((t / 2).max(Duration::from_millis(100)));
         }
+        let spill_dir = config.spill_dir();
+        crate::spill::clean_dir(&spill_dir)
+            .map_err(|e| fatal(format!("spill directory {}: {e}", spill_dir.display())))?;
+        let memory = config.pipeline.memory_limit_mb * 1024 * 1024;
+        let assembler = Assembler::new(TypeRegistry::builtin(), memory as usize, spill_dir.clone());
+        let snaps = Snapshots::start(
+            config,
+            &p.client,
+            progress.clone(),
+            fresh,
+            opts.exit_after_snapshot,
+        )
+        .await?;
+        let start_opts = StartOptions {
+            slot: s.slot.clone(),
+            start,
+            proto_version,
+            publication: s.publication.clone(),
+            messages: true,
+            streaming,
+        };
+        let (mut reader, writer) = p.repl.start_replication(&start_opts).await?;
+        // Only now, with CopyBoth, does the session stream.
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            slot = %s.slot,
+            start = %start,
+            server_version = p.version,
+            proto_version,
+            streaming,
+            sinks = ?config.sinks.iter().map(|c| c.name()).collect::<Vec<_>>(),
+            "pgferry streaming"
+        );
+        let deadline = stream_deadline(p.wal_sender_timeout, interval);
+        tracing::debug!(
+            read_deadline_ms = deadline.as_millis() as u64,
+            status_interval_ms = interval.as_millis() as u64,
+            "liveness of the stream"
+        );
+        reader.set_read_timeout(Some(deadline));
+        reader.set_coalesce(Duration::from_micros(s.read_coalesce_us));
+        let observed = crate::metrics::global().session(&progress, &sinks.senders);
+        progress.received.store(start.0, Ordering::Release);
+        let (reply_tx, reply_rx) = mpsc::channel::<()>(4);
+        let (feedback_stop, stop_rx) = watch::channel(false);
+        let feedback = tokio::spawn(feedback_loop(
+            writer,
+            progress.clone(),
+            interval,
+            reply_rx,
+            stop_rx,
+        ));
+        Ok(Session {
+            config,
+            opts,
+            client: p.client,
+            sql_end: p.sql_end,
+            sql_watch: true,
+            reader,
+            progress,
+            senders: sinks.senders,
+            tasks: sinks.tasks,
+            sinks_stop: sinks.stop,
+            loss_rx: sinks.loss_rx,
+            loss_open: true,
+            snaps,
+            assembler,
+            budget: Budget::new(memory),
+            received: crate::metrics::ReceiveCounter::default(),
+            proto_version,
+            reply_tx,
+            feedback,
+            feedback_stop,
+            observed: Some(observed),
+            last_idle: Lsn::ZERO,
+            last_idle_at: Instant::now(),
+            pings: Pings::default(),
+            streamed: false,
+            started: Instant::now(),
+            spill_dir,
+        })
     }
 
-    let spill_dir = config.spill_dir();
-    crate::spill::clean_dir(&spill_dir)
-        .map_err(|e| fatal(format!("spill directory {}: {e}", spill_dir.display())))?;
-    let memory = config.pipeline.memory_limit_mb * 1024 * 1024;
-    let mut assembler = Assembler::new(TypeRegistry::builtin(), memory as usize, spill_dir);
-    let budget = Budget::new(memory);
-    let mut received = crate::metrics::ReceiveCounter::default();
-
-    let opts_run = opts;
-    let opts = StartOptions {
-        slot: s.slot.clone(),
-        start,
-        proto_version,
-        publication: s.publication.clone(),
-        messages: true,
-        streaming,
-    };
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        slot = %s.slot,
-        start = %start,
-        server_version = version,
-        proto_version,
-        streaming,
-        sinks = ?config.sinks.iter().map(|c| c.name()).collect::<Vec<_>>(),
-        "pgferry streaming"
-    );
-    let mut snaps = Snapshots::start(
-        config,
-        &client,
-        progress.clone(),
-        fresh,
-        opts_run.exit_after_snapshot,
-    )
-    .await?;
-    let (mut reader, writer) = repl.start_replication(&opts).await?;
-    let observed = crate::metrics::global().session(&progress, &senders);
-    reader.set_coalesce(Duration::from_micros(s.read_coalesce_us));
-    let started = Instant::now();
-    progress.received.store(start.0, Ordering::Release);
-
-    let (reply_tx, reply_rx) = mpsc::channel::<()>(4);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let feedback = tokio::spawn(feedback_loop(
-        writer,
-        progress.clone(),
-        interval,
-        reply_rx,
-        stop_rx,
-    ));
-
-    let mut last_idle = Lsn::ZERO;
-    let mut last_idle_at = Instant::now();
-    let result: Result<(), SourceError> = async {
+    /// Reads the stream until it ends, an error, or `shutdown`.
+    async fn stream(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), SourceError> {
+        let until = self.opts.until;
+        let watch_progress = until.is_some() || self.opts.exit_after_snapshot;
         loop {
-            if until.is_some_and(|u| progress.confirmed() >= u) {
+            if until.is_some_and(|u| self.progress.confirmed() >= u) {
                 tracing::info!(until = %until.unwrap_or_default(), "every sink reached the --until position");
                 return Ok(());
             }
-            if snaps.exit_now() {
+            if self.snaps.exit_now() {
                 tracing::info!("the snapshot is done in every sink (--exit-after-snapshot)");
                 return Ok(());
             }
             let m = tokio::select! {
-                m = reader.next() => m?,
-                _ = progress.changed.notified(), if until.is_some() || opts_run.exit_after_snapshot => continue,
-                _ = snaps.pickup().notified() => {
-                    for t in snaps.service().await? {
-                        deliver(&budget, &senders, t).await?;
-                    }
-                    continue;
-                }
-                _ = shutdown.changed() => {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => {
                     tracing::info!("shutdown requested: finishing the batches in flight");
                     return Ok(());
                 }
-                _ = progress.rejoin.notified() => {
-                    return Err(SourceError::Rejoin);
+                m = self.reader.next() => m?,
+                end = &mut self.sql_end, if self.sql_watch => {
+                    self.sql_watch = false;
+                    server_shutting_down(end.ok().flatten())?;
+                    continue;
                 }
+                loss = self.loss_rx.recv(), if self.loss_open => {
+                    match loss {
+                        Some(loss) => self.on_data_loss(loss).await?,
+                        // Every sink task has checked its store.
+                        None => self.loss_open = false,
+                    }
+                    continue;
+                }
+                _ = self.progress.changed.notified(), if watch_progress => continue,
+                _ = self.snaps.pickup().notified() => {
+                    for t in self.snaps.service().await? {
+                        self.deliver(t).await?;
+                    }
+                    continue;
+                }
+                _ = self.progress.rejoin.notified() => return Err(SourceError::Rejoin),
             };
-            match m.tag {
-                b'd' => {}
-                b'c' => return Err(SourceError::Transient("the server ended the replication stream".into())),
-                b'E' => return Err(conn::wire::parse_error_fields(&m.body).into()),
-                b'N' => continue,
-                t => {
-                    return Err(fatal(format!(
-                        "unexpected message {:?} in the replication stream",
-                        t as char
-                    )))
-                }
-            }
-            received.bytes(&m.body);
-            let msg = replication::parse_copy_data(m.body)
-                .map_err(|e| fatal(format!("{e}; this is a bug or a corrupted stream: please report it")))?;
-            match msg {
-                ReplicationMessage::XLogData { wal_start, data, .. } => {
-                    progress.received.fetch_max(wal_start.0, Ordering::AcqRel);
-                    let ctx = assembler.parse_context(proto_version);
-                    let lm = pgoutput::parse(&data, ctx).map_err(|e| {
-                        fatal(format!("at {wal_start}: {e}; this is a bug or a corrupted stream: please report it"))
-                    })?;
-                    received.message(&lm);
-                    if let LogicalMessage::Relation(r) = &lm {
-                        let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
-                        let missing = assembler.types_mut().missing(&oids);
-                        if !missing.is_empty() {
-                            assembler.types_mut().load(&client, &missing).await?;
-                        }
-                    }
-                    let spilled_before = assembler.spilled_txns;
-                    let committed = assembler
-                        .handle(wal_start, lm)
-                        .map_err(|e| fatal(format!("{e}; this is a bug or a corrupted stream: please report it")))?;
-                    if assembler.spilled_txns != spilled_before {
-                        tracing::info!(at = %wal_start, memory_limit_mb = config.pipeline.memory_limit_mb, "transaction spilled to disk");
-                    }
-                    if let Some(mut txn) = committed {
-                        let before = snaps
-                            .on_commit(&mut txn, &client, |oid| assembler.relation_info(oid))
-                            .await?;
-                        for t in before {
-                            received.committed(&t);
-                            deliver(&budget, &senders, t).await?;
-                        }
-                        received.committed(&txn);
-                        let txn = deliver(&budget, &senders, txn).await?;
-                        snaps.delivered(&txn)?;
-                    }
-                }
-                ReplicationMessage::PrimaryKeepalive { wal_end, reply_requested, .. } => {
-                    progress.received.fetch_max(wal_end.0, Ordering::AcqRel);
-                    if reply_requested {
-                        let _ = reply_tx.try_send(());
-                    }
-                    // Nothing open: every commit before wal_end was received,
-                    // so the sinks may checkpoint it once they are caught up.
-                    if assembler.is_idle() {
-                        for t in snaps.on_idle(wal_end).await? {
-                            deliver(&budget, &senders, t).await?;
-                        }
-                    }
-                    if assembler.is_idle()
-                        && wal_end > last_idle
-                        && (reply_requested || last_idle_at.elapsed() >= Duration::from_secs(1))
-                    {
-                        last_idle = wal_end;
-                        last_idle_at = Instant::now();
-                        snaps.delivered_idle(wal_end);
-                        fan_out(&senders, Item::Idle(wal_end)).await.map_err(|g| fatal(format!("sink {:?} stopped", g.0)))?;
-                    }
+            // Handing a transaction over can wait on the sinks: a shutdown
+            // does not wait with it (what was not delivered is replayed).
+            tokio::select! {
+                r = self.handle(m) => r?,
+                _ = shutdown.wait_for(|s| *s) => {
+                    tracing::info!("shutdown requested: finishing the batches in flight");
+                    return Ok(());
                 }
             }
         }
     }
-    .await;
-    drop(observed);
 
-    // Drain: healthy sinks finish what they hold and checkpoint it; a sink
-    // that is retrying gives up (it is replayed from its checkpoint).
-    snaps.stop().await;
-    drop(senders);
-    let _ = sinks_stop_tx.send(true);
+    /// One message of the CopyBoth stream.
+    async fn handle(&mut self, m: conn::wire::BackendMessage) -> Result<(), SourceError> {
+        match m.tag {
+            b'd' => {}
+            // How the walsender ends a session (proto-notes/replication.md):
+            // CopyDone, or CommandComplete "COPY 0" once the client confirmed
+            // everything at shutdown; either way the session is over.
+            b'c' => {
+                return Err(SourceError::Transient(
+                    "the server ended the replication stream (CopyDone)".into(),
+                ))
+            }
+            b'C' | b'Z' => {
+                return Err(SourceError::Transient(
+                    "the server ended the replication stream (CommandComplete): it is shutting down or restarting".into(),
+                ))
+            }
+            b'E' => return Err(conn::wire::parse_error_fields(&m.body).into()),
+            b'N' | b'S' => return Ok(()),
+            t => {
+                return Err(fatal(format!(
+                    "unexpected message {:?} in the replication stream",
+                    t as char
+                )))
+            }
+        }
+        if !self.streamed {
+            self.streamed = true;
+            crate::metrics::global()
+                .sessions_streamed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.received.bytes(&m.body);
+        let msg = replication::parse_copy_data(m.body).map_err(|e| {
+            fatal(format!(
+                "{e}; this is a bug or a corrupted stream: please report it"
+            ))
+        })?;
+        match msg {
+            ReplicationMessage::XLogData {
+                wal_start, data, ..
+            } => self.on_xlog(wal_start, &data).await,
+            ReplicationMessage::PrimaryKeepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => self.on_keepalive(wal_end, reply_requested).await,
+        }
+    }
+
+    async fn on_xlog(&mut self, wal_start: Lsn, data: &bytes::Bytes) -> Result<(), SourceError> {
+        self.progress
+            .received
+            .fetch_max(wal_start.0, Ordering::AcqRel);
+        let ctx = self.assembler.parse_context(self.proto_version);
+        let lm = pgoutput::parse(data, ctx).map_err(|e| {
+            fatal(format!(
+                "at {wal_start}: {e}; this is a bug or a corrupted stream: please report it"
+            ))
+        })?;
+        self.received.message(&lm);
+        if let LogicalMessage::Relation(r) = &lm {
+            let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
+            let missing = self.assembler.types_mut().missing(&oids);
+            if !missing.is_empty() {
+                self.assembler
+                    .types_mut()
+                    .load(&self.client, &missing)
+                    .await?;
+            }
+        }
+        let spilled_before = self.assembler.spilled_txns;
+        let committed = self
+            .assembler
+            .handle(wal_start, lm)
+            .map_err(|e| self.assemble_error(wal_start, e))?;
+        if self.assembler.spilled_txns != spilled_before {
+            tracing::info!(at = %wal_start, memory_limit_mb = self.config.pipeline.memory_limit_mb, "transaction spilled to disk");
+        }
+        let Some(mut txn) = committed else {
+            return Ok(());
+        };
+        self.past_spill_failure(txn.meta.end_lsn);
+        let before = self
+            .snaps
+            .on_commit(&mut txn, &self.client, |oid| {
+                self.assembler.relation_info(oid)
+            })
+            .await?;
+        for t in before {
+            self.received.committed(&t);
+            self.deliver(t).await?;
+        }
+        self.received.committed(&txn);
+        let txn = self.deliver(txn).await?;
+        self.snaps.delivered(&txn)
+    }
+
+    async fn on_keepalive(
+        &mut self,
+        wal_end: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), SourceError> {
+        self.progress
+            .received
+            .fetch_max(wal_end.0, Ordering::AcqRel);
+        if reply_requested {
+            let _ = self.reply_tx.try_send(());
+            let confirmed = self.progress.confirmed();
+            if self.pings.note() && confirmed < wal_end {
+                return Err(SourceError::Transient(format!(
+                    "the server is shutting down and waits for pgferry to confirm {wal_end}, but the sinks hold the flush position back at {confirmed}: \
+                     closing the session so that the server can stop; resuming from the checkpoints"
+                )));
+            }
+        }
+        // Nothing open: every commit before wal_end was received, so the
+        // sinks may checkpoint it once they are caught up.
+        if !self.assembler.is_idle() {
+            return Ok(());
+        }
+        self.past_spill_failure(wal_end);
+        for t in self.snaps.on_idle(wal_end).await? {
+            self.deliver(t).await?;
+        }
+        if wal_end > self.last_idle
+            && (reply_requested || self.last_idle_at.elapsed() >= Duration::from_secs(1))
+        {
+            self.last_idle = wal_end;
+            self.last_idle_at = Instant::now();
+            self.snaps.delivered_idle(wal_end);
+            fan_out(&self.senders, Item::Idle(wal_end))
+                .await
+                .map_err(|g| fatal(format!("sink {:?} stopped", g.0)))?;
+        }
+        Ok(())
+    }
+
+    /// Hands one committed transaction to its sinks, within the memory budget.
+    async fn deliver(
+        &mut self,
+        mut txn: crate::event::Transaction,
+    ) -> Result<Arc<crate::event::Transaction>, SourceError> {
+        let only = self.snaps.only_for(txn.meta.end_lsn);
+        self.budget.admit(&mut txn, &self.senders).await;
+        let txn = Arc::new(txn);
+        fan_out_to(&self.senders, Item::Txn(txn.clone()), only.as_deref())
+            .await
+            .map_err(|g| fatal(format!("sink {:?} stopped", g.0)))?;
+        Ok(txn)
+    }
+
+    /// A spill file failed: a full disk is retried (and reported), other
+    /// I/O errors are retried too; only protocol violations are bugs.
+    fn assemble_error(&self, at: Lsn, e: AssembleError) -> SourceError {
+        match e {
+            AssembleError::Spill(io) => {
+                let dir = &self.spill_dir;
+                if crate::disk::is_full(&io) {
+                    let m = crate::disk::full_message("writing a spill file in", dir, &io);
+                    crate::metrics::global().disk_full(dir, &m);
+                    SPILL_FULL_AT.store(at.0.max(1), Ordering::Release);
+                    SourceError::DiskFull(m)
+                } else {
+                    SourceError::Transient(format!(
+                        "spill file in {}: {io}; retrying from the checkpoints",
+                        dir.display()
+                    ))
+                }
+            }
+            e => fatal(format!(
+                "{e}; this is a bug or a corrupted stream: please report it"
+            )),
+        }
+    }
+
+    /// The stream got past the position where spilling failed.
+    fn past_spill_failure(&self, at: Lsn) {
+        let failed = SPILL_FULL_AT.load(Ordering::Acquire);
+        if failed != 0 && at.0 > failed {
+            SPILL_FULL_AT.store(0, Ordering::Release);
+            crate::metrics::global().disk_ok(&self.spill_dir);
+            tracing::info!(dir = %self.spill_dir.display(), "spilling works again: the disk is no longer full");
+        }
+    }
+
+    /// A sink's store lost pgferry's state: act as its `on_data_loss` says,
+    /// then let the sink go on.
+    async fn on_data_loss(&mut self, loss: DataLoss) -> Result<(), SourceError> {
+        let sc = &self.config.sinks[loss.index];
+        crate::metrics::global().data_lost(&loss.sink, &loss.what);
+        match sc.on_data_loss() {
+            OnDataLoss::Stop => {
+                return Err(fatal(format!(
+                    "sink {:?} lost its data: {}. The rows it held before its checkpoint are gone from it. on_data_loss = \"stop\": pgferry stops. \
+                     To refill it, set on_data_loss = \"backfill\" for this sink and start again (its tables are reloaded into it alone), or reload them with pgferry backfill; \
+                     to go on without the old rows, set on_data_loss = \"warn\"",
+                    loss.sink, loss.what
+                )))
+            }
+            OnDataLoss::Warn => {
+                tracing::warn!(sink = %loss.sink, lost = %loss.what,
+                    "the sink's store lost pgferry's state: the rows it held before its checkpoint are gone from it, and only rows that change again come back (on_data_loss = \"warn\"). \
+                     Set on_data_loss = \"backfill\" to have pgferry reload its tables into it, or run pgferry backfill");
+            }
+            OnDataLoss::Backfill => {
+                tracing::warn!(sink = %loss.sink, lost = %loss.what,
+                    "the sink's store lost pgferry's state: reloading its tables into this sink alone (on_data_loss = \"backfill\"); the other sinks are not sent the rows again");
+                let tables = sc
+                    .tables()
+                    .unwrap_or_else(|| self.config.source.tables.clone());
+                self.snaps
+                    .backfill_sink(&self.client, &loss.sink, &tables)
+                    .await?;
+            }
+        }
+        let _ = loss.go_on.send(());
+        Ok(())
+    }
+
+    /// Ends the session. When the connection is broken or the server wants
+    /// to go (an error), the replication connection is closed first, so
+    /// that the server is never held while the sinks drain; after a clean
+    /// stop the sinks drain first, and the final position is reported.
+    async fn end(self, result: Result<(), SourceError>) -> Result<(), SourceError> {
+        let Session {
+            reader,
+            observed,
+            snaps,
+            senders,
+            sinks_stop,
+            tasks,
+            feedback_stop,
+            feedback,
+            started,
+            ..
+        } = self;
+        drop(observed);
+        let close_first = matches!(
+            result,
+            Err(SourceError::Transient(_)
+                | SourceError::DiskFull(_)
+                | SourceError::SlotActive { .. })
+        );
+        let mut reader = Some(reader);
+        let mut feedback = Some(feedback);
+        let stats = reader
+            .as_ref()
+            .map(|r| (r.reads, r.bytes))
+            .unwrap_or_default();
+        if close_first {
+            close_stream(&feedback_stop, feedback.take()).await;
+            drop(reader.take());
+        }
+        snaps.stop().await;
+        drop(senders);
+        let _ = sinks_stop.send(true);
+        let sink_error = drain(tasks).await;
+        close_stream(&feedback_stop, feedback.take()).await;
+        drop(reader);
+        tracing::info!(
+            reads = stats.0,
+            bytes = stats.1,
+            seconds = started.elapsed().as_secs_f64(),
+            "session statistics"
+        );
+        if let Some(e) = sink_error {
+            return Err(fatal(e));
+        }
+        result
+    }
+}
+
+/// The stream's read deadline: the server answers every status update
+/// pgferry sends (they ask for a reply) and sends keepalives of its own, so
+/// silence for the server's own `wal_sender_timeout` (at least two status
+/// intervals) plus a margin means the path is hung.
+fn stream_deadline(wal_sender_timeout: Option<Duration>, interval: Duration) -> Duration {
+    const MARGIN: Duration = Duration::from_secs(5);
+    wal_sender_timeout
+        .unwrap_or(Duration::from_secs(60))
+        .max(interval * 2)
+        + MARGIN
+}
+
+/// The session's SQL connection ended; `code` is the SQLSTATE the server
+/// ended it with. A fast or immediate shutdown ends every SQL session
+/// first (57P01, 57P02), before the walsender is asked to stop: closing the
+/// replication session then means the server never waits for pgferry.
+fn server_shutting_down(code: Option<String>) -> Result<(), SourceError> {
+    match code.as_deref() {
+        Some(c @ ("57P01" | "57P02")) => Err(SourceError::Transient(format!(
+            "the server is shutting down (it ended pgferry's SQL connection with {c}): closing the replication session at once so that the server is not held up; resuming from the checkpoints"
+        ))),
+        other => {
+            tracing::debug!(code = ?other, "the session's SQL connection ended");
+            Ok(())
+        }
+    }
+}
+
+/// Stops the feedback task (a last status update and CopyDone, bounded in
+/// time: the path may be hung).
+async fn close_stream(stop: &watch::Sender<bool>, feedback: Option<tokio::task::JoinHandle<()>>) {
+    let Some(feedback) = feedback else { return };
+    let _ = stop.send(true);
+    let abort = feedback.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(1), feedback)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
+}
+
+/// Waits for the sink tasks (healthy sinks finish and checkpoint what they
+/// hold; a failing or hung one gives up after [`crate::pipeline::STOP_GRACE`]),
+/// but no longer than [`DRAIN_LIMIT`]. Returns a sink's fatal error.
+async fn drain(tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>) -> Option<String> {
+    let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
     let mut sink_error = None;
     for t in tasks {
-        match t.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => sink_error = Some(e),
-            Err(e) => sink_error = Some(format!("a sink task panicked: {e}")),
+        let abort = t.abort_handle();
+        match tokio::time::timeout_at(deadline, t).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => sink_error = Some(e),
+            Ok(Err(e)) => sink_error = Some(format!("a sink task panicked: {e}")),
+            Err(_) => {
+                tracing::warn!("a sink did not finish in time at the end of the session: abandoned, its batch is replayed");
+                abort.abort();
+            }
         }
     }
-    let _ = stop_tx.send(true);
-    let _ = feedback.await;
-    tracing::info!(
-        reads = reader.reads,
-        bytes = reader.bytes,
-        seconds = started.elapsed().as_secs_f64(),
-        "session statistics"
-    );
-    if let Some(e) = sink_error {
-        return Err(fatal(e));
-    }
-    result
+    sink_error
 }
 
-/// Hands one committed transaction to every sink, within the memory budget.
-async fn deliver(
-    budget: &Budget,
-    senders: &[SinkLink],
-    mut txn: crate::event::Transaction,
-) -> Result<Arc<crate::event::Transaction>, SourceError> {
-    budget.admit(&mut txn, senders).await;
-    let txn = Arc::new(txn);
-    fan_out(senders, Item::Txn(txn.clone()))
-        .await
-        .map_err(|g| fatal(format!("sink {:?} stopped", g.0)))?;
-    Ok(txn)
-}
+/// Longest wait for the sinks at the end of a session.
+const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// Sends standby status updates: on a timer, when the server asks, and when
 /// a checkpoint moves; a last one at shutdown, followed by CopyDone.
+///
+/// Those sent on the timer ask for a reply, so the server answers each with
+/// a keepalive: a healthy stream is never silent for longer than the
+/// interval plus a round trip, which the read deadline relies on.
 async fn feedback_loop(
     mut w: WriteSide,
     progress: Arc<Progress>,
@@ -582,20 +1120,21 @@ async fn feedback_loop(
     let mut sent_flush = Lsn::ZERO;
     let mut buf = BytesMut::new();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            r = reply_rx.recv() => if r.is_none() { break },
+        let ask = tokio::select! {
+            _ = tick.tick() => true,
+            r = reply_rx.recv() => if r.is_none() { break } else { false },
             _ = progress.changed.notified() => {
                 // Tell the server promptly, but not more than ~10 times a second.
                 if progress.confirmed() == sent_flush { continue; }
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                false
             }
             _ = stop.changed() => break,
-        }
+        };
         let flush = progress.confirmed();
         let write = Lsn(progress.received.load(Ordering::Acquire)).max(flush);
         buf.clear();
-        replication::write_standby_status_update(write, flush, flush, pg_now(), false, &mut buf);
+        replication::write_standby_status_update(write, flush, flush, pg_now(), ask, &mut buf);
         if w.write_all(&buf).await.is_err() || w.flush().await.is_err() {
             return;
         }
@@ -631,6 +1170,34 @@ fn parse_duration_ms(s: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn back_to_back_reply_requests_mean_the_server_waits_to_shut_down() {
+        let mut p = Pings::default();
+        for _ in 0..19 {
+            assert!(!p.note());
+        }
+        assert!(p.note());
+        // Apart, as the walsender asks while it runs: never.
+        let mut p = Pings {
+            count: 0,
+            last: Some(Instant::now() - Duration::from_secs(3)),
+        };
+        assert!(!p.note());
+        assert_eq!(p.count, 1);
+    }
+
+    #[test]
+    fn the_stream_deadline_follows_wal_sender_timeout() {
+        let s = Duration::from_secs;
+        assert_eq!(
+            stream_deadline(Some(s(5)), Duration::from_millis(2500)),
+            s(10)
+        );
+        assert_eq!(stream_deadline(Some(s(60)), s(10)), s(65));
+        assert_eq!(stream_deadline(None, s(10)), s(65));
+        assert_eq!(stream_deadline(Some(s(1)), s(10)), s(25));
+    }
 
     #[test]
     fn guc_durations() {

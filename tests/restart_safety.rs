@@ -11,54 +11,11 @@ use std::time::{Duration, Instant};
 use support::ferry::{kill9, terminate, FerryDir, Guard};
 use support::pg::TestPg;
 
-/// (xid, op, id) of every row change, in delivery order.
-type Trace = Vec<(u64, String, i64)>;
-
-/// Reads the oracle slot: test_decoding prints committed transactions in
-/// commit order, e.g. `table public.ledger: INSERT: id[integer]:5 ...`.
-fn oracle(pg: &TestPg) -> Trace {
-    let out = pg.sql(
-        "SELECT data FROM pg_logical_slot_get_changes('oracle', NULL, NULL, 'include-xids', '1', 'skip-empty-xacts', '1')",
-    );
-    let mut xid = 0u64;
-    let mut trace = Vec::new();
-    for line in out.lines() {
-        if let Some(x) = line.strip_prefix("BEGIN ") {
-            xid = x.trim().parse().unwrap();
-        } else if let Some(rest) = line.strip_prefix("table public.ledger: ") {
-            let (op, cols) = rest.split_once(": ").unwrap();
-            let cols = cols.split("new-tuple: ").last().unwrap();
-            let id = cols
-                .strip_prefix("id[integer]:")
-                .and_then(|r| r.split(' ').next())
-                .unwrap_or_else(|| panic!("no id in {line:?}"))
-                .parse()
-                .unwrap();
-            trace.push((xid, op.to_lowercase(), id));
-        }
-    }
-    trace
-}
-
-fn jsonl_trace(f: &FerryDir) -> Trace {
-    f.events()
-        .iter()
-        .filter(|e| e["table"] == "ledger")
-        .map(|e| {
-            (
-                e["xid"].as_u64().unwrap(),
-                e["op"].as_str().unwrap().to_string(),
-                e["key"]["id"].as_i64().unwrap(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn kill_9_at_random_points_loses_and_duplicates_nothing() {
     let pg = TestPg::start();
     pg.sql("CREATE TABLE ledger (id int PRIMARY KEY, v text, n int)");
-    pg.sql("SELECT pg_create_logical_replication_slot('oracle', 'test_decoding')");
+    support::oracle::create(&pg);
     let f = FerryDir::new();
     f.write_config(&pg.url(), &["public.ledger"], "", "");
     let mut ferry = support::ferry::start_streaming(&pg, &f);
@@ -125,15 +82,15 @@ fn kill_9_at_random_points_loses_and_duplicates_nothing() {
     let txns = support::workload::stop(&rt, &stop, workers);
     pg.sql("INSERT INTO ledger VALUES (-1, 'marker', 0)");
 
-    let expected = oracle(&pg);
+    let expected = support::oracle::read(&pg, "ledger");
     assert!(txns > 100, "the workload ran only {txns} transactions");
     assert_eq!(expected.last().map(|t| t.2), Some(-1));
     let deadline = Instant::now() + Duration::from_secs(120);
-    while jsonl_trace(&f).len() < expected.len() && Instant::now() < deadline {
+    while support::oracle::jsonl(&f, "ledger").len() < expected.len() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(terminate(&mut ferry.0).success(), "{}", f.log());
-    let got = jsonl_trace(&f);
+    let got = support::oracle::jsonl(&f, "ledger");
     assert_eq!(got.len(), expected.len(), "same number of changes");
     if let Some(i) = got.iter().zip(&expected).position(|(a, b)| a != b) {
         panic!(

@@ -14,6 +14,14 @@
 //! After `START_REPLICATION` the socket is split: the [`wire::Reader`] half
 //! goes to the decoding loop, the write half to the feedback task, so status
 //! updates keep flowing even while the reader waits on a slow sink.
+//!
+//! Liveness (`[source.network]`): every TCP connection, the replication one
+//! and the SQL ones, has TCP keepalive (idle, interval, count), which finds
+//! a peer that vanished. A path that stays open but carries nothing (a hung
+//! proxy or firewall) is found by read deadlines instead: connecting, logging
+//! in and every answer before streaming must come within
+//! `connect_timeout_secs`, and the stream itself has the deadline the
+//! session sets with [`wire::Reader::set_read_timeout`].
 
 pub mod wire;
 
@@ -22,6 +30,7 @@ use std::pin::Pin;
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio_postgres::config::Host;
 
+use crate::config::NetworkConfig;
 use crate::lsn::Lsn;
 use wire::{ConnError, Connection, Rows, Startup};
 
@@ -70,7 +79,34 @@ pub async fn connect_with(
     config: &tokio_postgres::Config,
     recv_buffer: Option<u32>,
 ) -> Result<ReplicationConn, ConnError> {
-    let stream = open_stream(config, recv_buffer).await?;
+    connect_opts(config, recv_buffer, &NetworkConfig::default()).await
+}
+
+/// Like [`connect_with`], with the keepalive and timeouts of `net`. The
+/// connection keeps `net.connect_timeout_secs` as the deadline of every
+/// answer until [`ReplicationConn::start_replication`].
+pub async fn connect_opts(
+    config: &tokio_postgres::Config,
+    recv_buffer: Option<u32>,
+    net: &NetworkConfig,
+) -> Result<ReplicationConn, ConnError> {
+    let timeout = net.connect_timeout();
+    tokio::time::timeout(timeout, connect_inner(config, recv_buffer, net))
+        .await
+        .map_err(|_| {
+            ConnError::Timeout(format!(
+                "connecting and logging in took longer than {} s (source.network.connect_timeout_secs)",
+                timeout.as_secs()
+            ))
+        })?
+}
+
+async fn connect_inner(
+    config: &tokio_postgres::Config,
+    recv_buffer: Option<u32>,
+    net: &NetworkConfig,
+) -> Result<ReplicationConn, ConnError> {
+    let stream = open_stream(config, recv_buffer, net).await?;
     let (r, w) = tokio::io::split(stream);
     let user = config
         .get_user()
@@ -89,12 +125,38 @@ pub async fn connect_with(
         },
     )
     .await?;
-    Ok(ReplicationConn { conn })
+    let mut conn = ReplicationConn { conn };
+    conn.conn
+        .reader
+        .set_read_timeout(Some(net.connect_timeout()));
+    Ok(conn)
+}
+
+/// The TCP keepalive of `net`.
+fn keepalive(net: &NetworkConfig) -> socket2::TcpKeepalive {
+    socket2::TcpKeepalive::new()
+        .with_time(std::time::Duration::from_secs(net.tcp_keepalive_idle_secs))
+        .with_interval(std::time::Duration::from_secs(
+            net.tcp_keepalive_interval_secs,
+        ))
+        .with_retries(net.tcp_keepalive_count)
+}
+
+/// Gives an ordinary SQL connection the keepalive and connect timeout of `net`.
+pub fn sql_liveness(pg: &mut tokio_postgres::Config, net: &NetworkConfig) {
+    pg.keepalives(true)
+        .keepalives_idle(std::time::Duration::from_secs(net.tcp_keepalive_idle_secs))
+        .keepalives_interval(std::time::Duration::from_secs(
+            net.tcp_keepalive_interval_secs,
+        ))
+        .keepalives_retries(net.tcp_keepalive_count)
+        .connect_timeout(net.connect_timeout());
 }
 
 async fn open_stream(
     config: &tokio_postgres::Config,
     recv_buffer: Option<u32>,
+    net: &NetworkConfig,
 ) -> Result<BoxStream, ConnError> {
     if !matches!(
         config.get_ssl_mode(),
@@ -113,6 +175,7 @@ async fn open_stream(
             Host::Tcp(h) => match tcp_connect(h, port, recv_buffer).await {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
+                    socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive(net))?;
                     Ok(Box::pin(s))
                 }
                 Err(e) => Err(e),
@@ -133,6 +196,7 @@ async fn open_stream(
         let s =
             tokio::net::TcpStream::connect(("127.0.0.1", ports.first().copied().unwrap_or(5432)))
                 .await?;
+        socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive(net))?;
         return Ok(Box::pin(s));
     }
     Err(ConnError::Io(last.unwrap_or_else(|| {
@@ -268,13 +332,18 @@ impl ReplicationConn {
     }
 
     /// Creates a logical slot using pgoutput; returns its consistent point.
+    /// No deadline: the server waits for the transactions running now.
     pub async fn create_slot(&mut self, slot: &str) -> Result<Lsn, ConnError> {
+        let deadline = self.conn.reader.read_timeout();
+        self.conn.reader.set_read_timeout(None);
         let rows = self
             .query(&format!(
                 "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
                 quote_ident(slot)
             ))
-            .await?;
+            .await;
+        self.conn.reader.set_read_timeout(deadline);
+        let rows = rows?;
         rows.first()
             .and_then(|r| r.get(1).cloned().flatten())
             .and_then(|l| l.parse().ok())
@@ -288,6 +357,7 @@ impl ReplicationConn {
     /// stays open and idle, and the slot goes away with the connection.
     /// Returns the consistent point and the snapshot's name.
     pub async fn create_exported_slot(&mut self, slot: &str) -> Result<(Lsn, String), ConnError> {
+        self.conn.reader.set_read_timeout(None);
         let rows = self
             .query(&format!(
                 "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT",

@@ -26,6 +26,9 @@ pub enum ConnError {
     Io(#[from] std::io::Error),
     #[error("the server closed the connection")]
     Closed,
+    /// Nothing arrived within a deadline: the path to the server is hung.
+    #[error("no answer from Postgres: {0}")]
+    Timeout(String),
     #[error("Postgres error {code}: {message}{}", fmt_extra(.detail, .hint))]
     Server {
         severity: String,
@@ -64,7 +67,7 @@ impl ConnError {
     /// lost, or the server is starting up, shutting down or overloaded.
     pub fn is_transient(&self) -> bool {
         match self {
-            ConnError::Io(_) | ConnError::Closed => true,
+            ConnError::Io(_) | ConnError::Closed | ConnError::Timeout(_) => true,
             ConnError::Server { code, .. } => {
                 // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
                 // 53xxx insufficient resources, 08xxx connection exceptions,
@@ -126,6 +129,11 @@ pub struct Reader<R> {
     /// server's many small writes arrive as one read (zero: off).
     coalesce: std::time::Duration,
     last_short_read: Option<tokio::time::Instant>,
+    /// When nothing arrives for this long, [`Reader::next`] fails with
+    /// [`ConnError::Timeout`] (`None`: wait forever).
+    read_timeout: Option<std::time::Duration>,
+    /// When bytes last arrived (or the deadline was set).
+    last_data: tokio::time::Instant,
     /// `read` calls made and bytes received, for statistics.
     pub reads: u64,
     pub bytes: u64,
@@ -139,6 +147,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             read_size: 1 << 20,
             coalesce: std::time::Duration::ZERO,
             last_short_read: None,
+            read_timeout: None,
+            last_data: tokio::time::Instant::now(),
             reads: 0,
             bytes: 0,
         }
@@ -147,6 +157,21 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// Sets the pause after a short read (see the field's doc).
     pub fn set_coalesce(&mut self, d: std::time::Duration) {
         self.coalesce = d;
+    }
+
+    /// Sets the read deadline (see the field's doc); the time without data
+    /// counts from now. The deadline is measured from the last bytes
+    /// received, not from each call, so it holds even when `next` is
+    /// cancelled and called again; data already in the socket is always read
+    /// before the deadline is checked.
+    pub fn set_read_timeout(&mut self, t: Option<std::time::Duration>) {
+        self.read_timeout = t;
+        self.last_data = tokio::time::Instant::now();
+    }
+
+    /// The read deadline.
+    pub fn read_timeout(&self) -> Option<std::time::Duration> {
+        self.read_timeout
     }
 
     /// The next complete message, reading from the socket only when the
@@ -162,7 +187,20 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             if let Some(at) = self.last_short_read.take() {
                 tokio::time::sleep_until(at + self.coalesce).await;
             }
-            let n = self.io.read_buf(&mut self.buf).await?;
+            let read = self.io.read_buf(&mut self.buf);
+            let n = match self.read_timeout {
+                None => read.await?,
+                Some(t) => match tokio::time::timeout_at(self.last_data + t, read).await {
+                    Ok(r) => r?,
+                    Err(_) => {
+                        return Err(ConnError::Timeout(format!(
+                            "nothing received for {:.1} s",
+                            t.as_secs_f64()
+                        )))
+                    }
+                },
+            };
+            self.last_data = tokio::time::Instant::now();
             self.reads += 1;
             self.bytes += n as u64;
             if !self.coalesce.is_zero() && n < self.read_size / 16 {
@@ -460,6 +498,25 @@ mod tests {
             assert_eq!((m.tag, &m.body[..]), (b'd', &[i][..]));
         }
         assert!(matches!(r.next().await, Err(ConnError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn a_silent_peer_hits_the_read_deadline_but_buffered_data_is_read_first() {
+        let (mut server, client) = tokio::io::duplex(1024);
+        let mut r = Reader::new(client);
+        r.set_read_timeout(Some(std::time::Duration::from_millis(200)));
+        use tokio::io::AsyncWriteExt;
+        server.write_all(&[b'd', 0, 0, 0, 5, 7]).await.unwrap();
+        // Past the deadline, but the message is already there.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert_eq!(r.next().await.unwrap().body[..], [7]);
+        let started = std::time::Instant::now();
+        let e = r.next().await.unwrap_err();
+        assert!(
+            matches!(e, ConnError::Timeout(_)) && e.is_transient(),
+            "{e}"
+        );
+        assert!(started.elapsed() >= std::time::Duration::from_millis(150));
     }
 
     #[test]

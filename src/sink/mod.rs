@@ -44,6 +44,28 @@ pub enum SinkError {
     /// Retrying cannot help; the message tells the operator what to do.
     #[error("{0}")]
     Fatal(String),
+    /// A disk is full (or over quota): retried like a transient failure,
+    /// and reported with its path on `/readyz` and in the metrics.
+    #[error("{message}")]
+    DiskFull {
+        path: std::path::PathBuf,
+        message: String,
+    },
+}
+
+impl SinkError {
+    /// An I/O error while writing `path`: [`SinkError::DiskFull`] when the
+    /// disk is full, [`SinkError::Transient`] otherwise.
+    pub fn io(what: &str, path: &std::path::Path, e: std::io::Error) -> SinkError {
+        if crate::disk::is_full(&e) {
+            SinkError::DiskFull {
+                path: path.to_path_buf(),
+                message: crate::disk::full_message(what, path, &e),
+            }
+        } else {
+            SinkError::Transient(format!("{what} {}: {e}", path.display()))
+        }
+    }
 }
 
 /// A destination for committed transactions.
@@ -61,6 +83,16 @@ pub trait Sink: Send {
     /// itself keep the default.
     async fn flush(&mut self) -> Result<(), SinkError> {
         Ok(())
+    }
+
+    /// Whether the store still holds pgferry's state. Called before the
+    /// first batch when the sink has a checkpoint: `Ok(Some(what))` says
+    /// what the store lost (it restarted empty, was flushed, or an index was
+    /// deleted), so the rows applied before the checkpoint are gone from it.
+    /// A sink must make sure that a checkpoint implies the state exists
+    /// (write it in `flush` when nothing else did). Default: nothing to lose.
+    async fn lost_state(&mut self) -> Result<Option<String>, SinkError> {
+        Ok(None)
     }
 
     /// Flushes and releases resources at shutdown.

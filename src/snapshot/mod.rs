@@ -112,6 +112,8 @@ pub(crate) enum Registered {
         oid: u32,
         rows: oneshot::Receiver<ChunkData>,
         done: oneshot::Sender<Result<Lsn, Refused>>,
+        /// The job's sinks (`None`: all).
+        only: Option<Vec<String>>,
     },
     Copy {
         /// Tells the worker the stream is paused; it may create the slot.
@@ -120,6 +122,8 @@ pub(crate) enum Registered {
         point: oneshot::Receiver<Lsn>,
         data: oneshot::Receiver<(SpillReader, u64)>,
         done: oneshot::Sender<Result<Lsn, Refused>>,
+        /// The job's sinks (`None`: all).
+        only: Option<Vec<String>>,
     },
 }
 
@@ -148,6 +152,8 @@ pub(crate) struct Shared {
     slot: String,
     sql_url: String,
     spill_dir: std::path::PathBuf,
+    /// Keepalive and timeouts of the snapshot connections.
+    network: crate::config::NetworkConfig,
     file: StateFile,
     state: Mutex<State>,
     registry: Mutex<HashMap<String, Registered>>,
@@ -260,6 +266,7 @@ impl Snapshots {
             slot: config.source.slot.clone(),
             sql_url: config.source.url.clone(),
             spill_dir: config.spill_dir(),
+            network: config.source.network,
             file,
             state: Mutex::new(State::default()),
             registry: Mutex::new(HashMap::new()),
@@ -315,6 +322,7 @@ impl Snapshots {
                 seq: 0,
                 max_buffer: (config.pipeline.memory_limit_mb as usize).saturating_mul(1 << 20),
                 delivered: Lsn::ZERO,
+                targets: HashMap::new(),
             },
             shared,
             tasks,
@@ -369,6 +377,47 @@ impl Snapshots {
     /// Idle positions handed to the sinks (a copy's point must stay ahead of them).
     pub fn delivered_idle(&mut self, wal_end: Lsn) {
         self.merger.delivered = self.merger.delivered.max(wal_end);
+    }
+
+    /// The sinks that alone get the transaction ending at `end` (the rows
+    /// of a job for some sinks only); `None`: every sink.
+    pub fn only_for(&mut self, end: Lsn) -> Option<Vec<String>> {
+        if self.merger.targets.is_empty() {
+            return None;
+        }
+        self.merger.targets.remove(&end)
+    }
+
+    /// Plans a reload of `tables` into `sink` alone (its store lost its
+    /// data): persisted, and run like a backfill.
+    pub async fn backfill_sink(
+        &mut self,
+        client: &tokio_postgres::Client,
+        sink: &str,
+        tables: &[String],
+    ) -> Result<(), SourceError> {
+        let mut st = self.shared.lock_state().clone();
+        for t in tables {
+            // Found again by a later session before the sink wrote anything.
+            let planned = st.jobs.iter().any(|j| {
+                j.table == *t
+                    && !j.is_done()
+                    && j.sinks
+                        .as_ref()
+                        .is_some_and(|s| s.iter().any(|n| n == sink))
+            });
+            if planned {
+                continue;
+            }
+            let mut job = plan_job(&self.shared, client, &mut st, t, None, "data-loss").await?;
+            job.sinks = Some(vec![sink.to_string()]);
+            st.jobs.push(job);
+        }
+        file_save(&self.shared, &st)?;
+        *self.shared.lock_state() = st;
+        self.shared.work.notify_waiters();
+        tracing::info!(sink, tables = ?tables, "reload of the sink's tables planned");
+        Ok(())
     }
 
     /// Picks up registrations (called when [`Self::pickup`] fires).
@@ -429,9 +478,17 @@ impl Snapshots {
 }
 
 fn file_save(shared: &Shared, st: &State) -> Result<(), SourceError> {
-    shared
-        .save(st)
-        .map_err(|e| SourceError::Fatal(format!("{e}; check that checkpoint.dir is writable")))
+    shared.save(st).map_err(|e| {
+        if e.starts_with("disk full") {
+            // Retried from the checkpoints, like a full spill directory.
+            crate::metrics::global().disk_full(shared.file.path(), &e);
+            SourceError::DiskFull(e)
+        } else {
+            SourceError::Fatal(format!("{e}; check that checkpoint.dir is writable"))
+        }
+    })?;
+    crate::metrics::global().disk_ok(shared.file.path());
+    Ok(())
 }
 
 /// A backfill request read from the stream.
@@ -506,6 +563,7 @@ async fn plan_job(
         table: qualified.to_string(),
         filter,
         kind: kind.to_string(),
+        sinks: None,
         method,
         rows_estimate: info.rows_estimate,
         rows_done: 0,
@@ -525,6 +583,7 @@ struct PendingCopy {
     point: Lsn,
     data: oneshot::Receiver<(SpillReader, u64)>,
     done: oneshot::Sender<Result<Lsn, Refused>>,
+    only: Option<Vec<String>>,
 }
 
 /// A chunk whose low watermark the stream passed.
@@ -532,6 +591,8 @@ struct OpenWindow {
     id: String,
     state: WinState,
     done: oneshot::Sender<Result<Lsn, Refused>>,
+    /// The job's sinks (`None`: all).
+    only: Option<Vec<String>>,
 }
 
 enum WinState {
@@ -565,6 +626,9 @@ struct Merger {
     max_buffer: usize,
     /// Highest end position handed to the sinks.
     delivered: Lsn,
+    /// End positions of transactions that carry the rows of a job for some
+    /// sinks only, with those sinks (see [`Snapshots::only_for`]).
+    targets: HashMap<Lsn, Vec<String>>,
 }
 
 impl Merger {
@@ -626,6 +690,7 @@ impl Merger {
             id: w.id,
             state: WinState::Active(window),
             done: w.done,
+            only: w.only,
         })
     }
 
@@ -724,6 +789,7 @@ impl Merger {
                 point,
                 data,
                 done,
+                only,
             } = r
             else {
                 continue;
@@ -742,6 +808,7 @@ impl Merger {
                 point: p,
                 data,
                 done,
+                only,
             });
         }
         let mut out = Vec::new();
@@ -759,6 +826,9 @@ impl Merger {
                 continue;
             };
             tracing::info!(at = %p, rows, "exported-snapshot copy delivered");
+            if let Some(only) = c.only {
+                self.targets.insert(p, only);
+            }
             out.push(Transaction {
                 meta: TxnMeta {
                     xid: 0,
@@ -841,7 +911,13 @@ impl Merger {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&mark.id);
-                    let Some(Registered::Chunk { oid, rows, done }) = reg else {
+                    let Some(Registered::Chunk {
+                        oid,
+                        rows,
+                        done,
+                        only,
+                    }) = reg
+                    else {
                         // Another session's or process's watermark.
                         continue;
                     };
@@ -856,6 +932,7 @@ impl Merger {
                             overflow: false,
                         },
                         done,
+                        only,
                     });
                 }
                 "high" => {
@@ -881,12 +958,22 @@ impl Merger {
                         .filter(|r| same_columns(r, &chunk_rel))
                         .unwrap_or(chunk_rel);
                     let changes = window.into_changes(rel, txn.meta.commit_lsn, txn.meta.xid);
+                    // The high watermark is a transaction of its own, so it
+                    // normally holds no change for any other sink.
+                    let had_changes = !txn.is_empty();
                     let bytes: usize = changes.iter().map(|c| c.mem_size()).sum();
                     match &mut txn.changes {
                         Changes::Memory(v) => v.extend(changes),
                         Changes::Spilled { tail, .. } => tail.extend(changes),
                     }
                     txn.mem_bytes += bytes;
+                    if let Some(only) = w.only {
+                        if had_changes {
+                            tracing::warn!(chunk = %w.id, "a chunk for some sinks only closed in a transaction with changes of its own: every sink gets its rows");
+                        } else {
+                            self.targets.insert(txn.meta.end_lsn, only);
+                        }
+                    }
                     let _ = w.done.send(Ok(txn.meta.end_lsn));
                 }
                 _ => {}
@@ -909,6 +996,19 @@ fn same_columns(a: &RelationInfo, b: &RelationInfo) -> bool {
 struct Mark {
     id: String,
     mark: String,
+}
+
+/// Reports the sinks whose reload (after a data loss) is now complete.
+fn repaired(done: &[Job], open: &[Job]) {
+    for sink in done.iter().flat_map(|j| j.sinks.iter().flatten()) {
+        let pending = open
+            .iter()
+            .any(|o| o.sinks.as_ref().is_some_and(|s| s.contains(sink)));
+        if !pending {
+            tracing::info!(sink = %sink, "the sink's tables are reloaded: its data loss is repaired");
+            crate::metrics::global().data_restored(sink);
+        }
+    }
 }
 
 /// Moves durable chunks into `snapshot.json`, logs progress, draws the bar.
@@ -943,6 +1043,7 @@ async fn coordinate(shared: Arc<Shared>, progress: Arc<Progress>) {
             }
             let (done, open): (Vec<Job>, Vec<Job>) = st.jobs.drain(..).partition(|j| j.is_done());
             st.jobs = open;
+            repaired(&done, &st.jobs);
             for j in done {
                 let secs = state::unix_now().saturating_sub(j.planned_at);
                 tracing::info!(table = %j.table, kind = %j.kind, rows = j.rows_done, seconds = secs, "snapshot of table finished");

@@ -54,8 +54,12 @@ pub struct Job {
     /// Extra SQL condition (backfill `--where`).
     #[serde(default)]
     pub filter: Option<String>,
-    /// `initial` or `backfill`.
+    /// `initial`, `backfill` or `data-loss`.
     pub kind: String,
+    /// Only these sinks get the rows (`None`: every sink). A sink whose
+    /// store lost its data is reloaded alone (`on_data_loss = "backfill"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sinks: Option<Vec<String>>,
     pub method: Method,
     pub rows_estimate: u64,
     /// Rows durably delivered.
@@ -135,8 +139,16 @@ impl StateFile {
         }
     }
 
+    /// Replaces the file atomically. A full disk gives a message that
+    /// starts with "disk full" (see [`crate::disk`]).
     pub fn save(&self, s: &State) -> Result<(), String> {
-        let io = |e: std::io::Error| format!("writing {}: {e}", self.path.display());
+        let io = |e: std::io::Error| {
+            if crate::disk::is_full(&e) {
+                crate::disk::full_message("writing", &self.path, &e)
+            } else {
+                format!("writing {}: {e}", self.path.display())
+            }
+        };
         let tmp = self.path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(s).map_err(|e| e.to_string())?;
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
@@ -174,6 +186,7 @@ mod tests {
             table: "public.t".into(),
             filter: Some("id > 5".into()),
             kind: "backfill".into(),
+            sinks: Some(vec!["cache".into()]),
             method: Method::Keyset,
             rows_estimate: 10,
             rows_done: 3,

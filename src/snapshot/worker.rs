@@ -75,7 +75,7 @@ pub(crate) async fn run(shared: Arc<Shared>, n: usize) {
 }
 
 async fn connect(shared: &Shared) -> Result<Client, String> {
-    let client = crate::source::sql_connect_url(&shared.sql_url)
+    let client = crate::source::sql_connect_url(&shared.sql_url, &shared.network)
         .await
         .map_err(|e| format!("snapshot connection: {e}"))?;
     client
@@ -322,6 +322,7 @@ async fn read_chunk(
                 oid: info.rel.oid,
                 rows: rows_rx,
                 done: done_tx,
+                only: job.sinks.clone(),
             },
         );
     let oids = info.type_oids();
@@ -412,6 +413,7 @@ async fn copy_whole(
                 point: point_rx,
                 data: data_rx,
                 done: done_tx,
+                only: job.sinks.clone(),
             },
         );
     shared.pickup.notify_one();
@@ -422,7 +424,7 @@ async fn copy_whole(
         .sql_url
         .parse()
         .map_err(|e| format!("source.url: {e}"))?;
-    let mut repl = crate::conn::connect_with(&pg, None)
+    let mut repl = crate::conn::connect_opts(&pg, None, &shared.network)
         .await
         .map_err(|e| format!("replication connection for the copy: {e}"))?;
     let slot = format!(

@@ -30,21 +30,24 @@ const VISIBLE_WITHIN: Duration = Duration::from_secs(30);
 
 pub struct PgRows {
     url: String,
+    net: crate::config::NetworkConfig,
     conn: Mutex<Option<Client>>,
 }
 
 impl PgRows {
-    /// Reads with `url` (`source.url`); connects on first use.
-    pub fn new(url: &str) -> PgRows {
+    /// Reads with `url` (`source.url`) over `net`'s socket settings;
+    /// connects on first use.
+    pub fn new(url: &str, net: &crate::config::NetworkConfig) -> PgRows {
         PgRows {
             url: url.to_string(),
+            net: net.clone(),
             conn: Mutex::new(None),
         }
     }
 }
 
-async fn connect(url: &str) -> Result<Client, RowError> {
-    let client = super::sql_connect_url(url)
+async fn connect(url: &str, net: &crate::config::NetworkConfig) -> Result<Client, RowError> {
+    let client = super::sql_connect_url(url, net)
         .await
         .map_err(|e| RowError::Transient(format!("connecting: {e}")))?;
     let settings = format!(
@@ -155,7 +158,7 @@ impl RowSource for PgRows {
         let deadline = Instant::now() + VISIBLE_WITHIN;
         loop {
             if conn.is_none() {
-                *conn = Some(connect(&self.url).await?);
+                *conn = Some(connect(&self.url, &self.net).await?);
             }
             let Some(client) = conn.as_ref() else {
                 continue;

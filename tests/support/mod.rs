@@ -4,8 +4,11 @@
 
 pub mod fault_proxy;
 pub mod ferry;
+pub mod http;
 pub mod opensearch;
+pub mod oracle;
 pub mod pg;
+pub mod proxy;
 pub mod redis;
 pub mod rng;
 pub mod tls_proxy;

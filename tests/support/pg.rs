@@ -126,39 +126,64 @@ impl TestPg {
         self.dir.path().join("data")
     }
 
-    /// Starts (or restarts) the server and waits until it accepts connections.
-    pub fn start_server(&mut self) {
+    /// `pg_ctl -D <data> -l <log> -w <args>`.
+    fn pg_ctl(&self, args: &[&str]) -> Output {
         let data = self.data_dir();
         let log = self.dir.path().join("server.log");
-        self.run_checked(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-l",
-                log.to_str().unwrap(),
-                "-w",
-                "-t",
-                "60",
-                "start",
-            ],
+        let mut all = vec![
+            "-D",
+            data.to_str().unwrap(),
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+        ];
+        all.extend_from_slice(args);
+        self.run("pg_ctl", &all)
+    }
+
+    fn pg_ctl_checked(&self, args: &[&str]) {
+        let out = self.pg_ctl(args);
+        assert!(
+            out.status.success(),
+            "pg_ctl {args:?} failed: {}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
         );
+    }
+
+    /// Starts (or restarts) the server and waits until it accepts connections.
+    pub fn start_server(&mut self) {
+        self.pg_ctl_checked(&["-t", "60", "start"]);
     }
 
     /// Stops the server at once (`-m immediate`), as a crash would.
     pub fn stop_server(&self) {
-        let data = self.data_dir();
-        let _ = self.run(
-            "pg_ctl",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        );
+        let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
+    }
+
+    /// `pg_ctl restart -m fast`: a routine restart; returns once the server
+    /// accepts connections again.
+    pub fn restart_fast(&self) {
+        self.pg_ctl_checked(&["-m", "fast", "-t", "60", "restart"]);
+    }
+
+    /// `pg_ctl stop -m fast`, waiting at most `timeout_secs`: whether the
+    /// server stopped in that time, and how long it took.
+    pub fn stop_fast(&self, timeout_secs: u32) -> (bool, std::time::Duration) {
+        let started = std::time::Instant::now();
+        let out = self.pg_ctl(&["-m", "fast", "-t", &timeout_secs.to_string(), "stop"]);
+        (out.status.success(), started.elapsed())
+    }
+
+    /// The pid of the walsender that holds `slot`, if one does.
+    pub fn slot_pid(&self, slot: &str) -> Option<i32> {
+        self.sql(&format!(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        ))
+        .trim()
+        .parse()
+        .ok()
     }
 
     /// `postgres://postgres@127.0.0.1:PORT/postgres`

@@ -219,6 +219,17 @@ impl TestRedis {
         }
     }
 
+    /// Kills the server (SIGKILL) and brings it back empty, as a server
+    /// without persistence (or one that failed over to an empty replica).
+    pub fn restart_empty(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(self.dir.path().join("dump.rdb"));
+        self.start();
+    }
+
     /// Freezes the server (SIGSTOP): connections stay open, replies stop.
     pub fn pause(&self) {
         self.signal("-STOP");

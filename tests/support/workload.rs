@@ -15,6 +15,22 @@ pub enum OnError {
     Panic,
     /// Roll back and go on (deadlocks between sessions are expected).
     Rollback,
+    /// Roll back and go on, and when the connection is gone, connect again
+    /// (every 100 ms until the server is back): for tests that restart or
+    /// stop the server. Only committed transactions matter to them, as they
+    /// compare with the server's state.
+    Reconnect,
+}
+
+/// A new connection to `url` (its driver on the current runtime).
+async fn connect(url: &str) -> Option<tokio_postgres::Client> {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Some(c)
 }
 
 /// How many sessions, and how they behave.
@@ -51,15 +67,25 @@ where
     (0..count)
         .map(|w| {
             let stop = stop.clone();
-            let client = rt.block_on(pg.client());
+            let url = pg.url();
+            let mut client = rt.block_on(pg.client());
             let mut txn = make(w);
             rt.spawn(async move {
                 let mut rng = XorShift::new(seed ^ (w * 7919 + 1));
                 let mut txns = 0u32;
                 while !stop.load(Ordering::Relaxed) {
+                    if on_error == OnError::Reconnect && client.is_closed() {
+                        match connect(&url).await {
+                            Some(c) => client = c,
+                            None => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                continue;
+                            }
+                        }
+                    }
                     for sql in txn(&mut rng, txns) {
                         if let Err(e) = client.batch_execute(&sql).await {
-                            assert!(on_error == OnError::Rollback, "{sql}: {e}");
+                            assert!(on_error != OnError::Panic, "{sql}: {e}");
                             let _ = client.batch_execute("ROLLBACK").await;
                             break;
                         }

@@ -62,6 +62,12 @@ pub struct ElasticsearchConfig {
     /// this many seconds. Default: keep retrying forever.
     #[serde(default)]
     pub max_failure_secs: Option<u64>,
+    /// What to do when, at start, the sink has a checkpoint but one of its
+    /// indices is missing: `"warn"` (default: log, count and report on
+    /// `/readyz`), `"backfill"` (the same, then reload this sink's tables
+    /// into it alone, online) or `"stop"`.
+    #[serde(default)]
+    pub on_data_loss: crate::config::OnDataLoss,
     /// The tables this sink indexes, by `schema.table`, each with its options.
     pub tables: BTreeMap<String, TableConfig>,
 }
@@ -132,6 +138,7 @@ impl std::fmt::Debug for ElasticsearchConfig {
             .field("mapping_file", &self.mapping_file)
             .field("request_timeout_secs", &self.request_timeout_secs)
             .field("max_failure_secs", &self.max_failure_secs)
+            .field("on_data_loss", &self.on_data_loss)
             .field("tables", &self.tables)
             .finish()
     }

@@ -595,6 +595,14 @@ impl ElasticsearchSink {
         Ok(())
     }
 
+    /// The sink's indices (sorted, once each).
+    fn indices(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.routes.values().map(|r| r.index.to_string()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     async fn ensure_index(&mut self, index: &str) -> Result<(), SinkError> {
         if self.known.contains(index) {
             return Ok(());
@@ -824,6 +832,31 @@ impl Sink for ElasticsearchSink {
             }
         }
         self.flush(&mut chunk).await
+    }
+
+    /// Before the first checkpoint, every index of the sink exists (created
+    /// empty when no document went to it yet): so a checkpoint implies its
+    /// indices, and a missing one at start means it was lost.
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        for index in self.indices() {
+            self.ensure_index(&index).await?;
+        }
+        Ok(())
+    }
+
+    async fn lost_state(&mut self) -> Result<Option<String>, SinkError> {
+        let mut missing = Vec::new();
+        for index in self.indices() {
+            if !self.client.index_exists(&index).await? {
+                missing.push(index);
+            }
+        }
+        Ok((!missing.is_empty()).then(|| {
+            format!(
+                "the cluster has no index {} (deleted, or the cluster was rebuilt)",
+                missing.join(", ")
+            )
+        }))
     }
 
     async fn close(&mut self) -> Result<(), SinkError> {

@@ -15,6 +15,8 @@ enum Out {
 /// Writes change events as JSON lines.
 pub struct JsonlSink {
     out: Out,
+    /// The file (`-`: stdout), for messages.
+    path: std::path::PathBuf,
     fsync: bool,
     filter: TableFilter,
     /// The newest transaction in the file and how many of its events it holds.
@@ -31,6 +33,7 @@ impl JsonlSink {
         if cfg.path.as_os_str() == "-" {
             return Ok(JsonlSink {
                 out: Out::Stdout(std::io::stdout()),
+                path: cfg.path.clone(),
                 fsync: false,
                 filter,
                 last_commit: Lsn::ZERO,
@@ -60,6 +63,7 @@ impl JsonlSink {
         file.seek(SeekFrom::End(0)).map_err(fatal)?;
         Ok(JsonlSink {
             out: Out::File(file),
+            path: cfg.path.clone(),
             fsync: cfg.fsync,
             filter,
             last_commit,
@@ -71,7 +75,7 @@ impl JsonlSink {
 
     /// Writes what is buffered (one write call).
     fn flush_buf(&mut self) -> Result<(), SinkError> {
-        write_out(&mut self.out, &mut self.buf).map_err(write_err)
+        write_out(&mut self.out, &mut self.buf).map_err(|e| write_err(&self.path, e))
     }
 
     fn write_batch(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
@@ -105,7 +109,7 @@ impl JsonlSink {
                 }
                 Ok(())
             })
-            .map_err(write_err)?;
+            .map_err(|e| write_err(&self.path, e))?;
             if written > 0 {
                 if commit == self.last_commit {
                     self.last_count = self.last_count.max(written);
@@ -119,8 +123,8 @@ impl JsonlSink {
     }
 }
 
-fn write_err(e: std::io::Error) -> SinkError {
-    SinkError::Transient(format!("jsonl write failed: {e}"))
+fn write_err(path: &std::path::Path, e: std::io::Error) -> SinkError {
+    SinkError::io("jsonl write failed:", path, e)
 }
 
 /// Writes and clears `buf`.
@@ -245,7 +249,7 @@ impl Sink for JsonlSink {
         if self.fsync {
             if let Out::File(f) = &self.out {
                 f.sync_data()
-                    .map_err(|e| SinkError::Transient(format!("jsonl fsync failed: {e}")))?;
+                    .map_err(|e| SinkError::io("jsonl fsync failed:", &self.path, e))?;
             }
         }
         Ok(())

@@ -35,6 +35,14 @@ pub struct RedisConfig {
     /// this many seconds. Default: keep retrying forever.
     #[serde(default)]
     pub max_failure_secs: Option<u64>,
+    /// What to do when, at start, the sink has a checkpoint but Redis no
+    /// longer holds `<state_prefix>:position` (it restarted empty, was
+    /// flushed, or failed over to a replica that was behind): `"warn"`
+    /// (default: log, count and report on `/readyz`), `"backfill"` (the
+    /// same, then reload this sink's tables into Redis alone, online) or
+    /// `"stop"` (stop pgferry with the operator's options).
+    #[serde(default)]
+    pub on_data_loss: crate::config::OnDataLoss,
 }
 
 /// `[sink.tables."schema.table"]`
@@ -83,6 +91,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("state_prefix", &self.state_prefix)
             .field("timeout_secs", &self.timeout_secs)
             .field("max_failure_secs", &self.max_failure_secs)
+            .field("on_data_loss", &self.on_data_loss)
             .finish()
     }
 }

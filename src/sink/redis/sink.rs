@@ -23,6 +23,8 @@ pub struct RedisSink {
     position: Option<Position>,
     /// Redis held a position at some point in this process.
     had_position: bool,
+    /// The last transaction seen in a batch that needed nothing from Redis.
+    passed: Option<Position>,
 }
 
 impl RedisSink {
@@ -64,6 +66,7 @@ impl RedisSink {
             rules: Arc::new(Rules::new(cfg)?),
             position: None,
             had_position: false,
+            passed: None,
         })
     }
 
@@ -135,6 +138,14 @@ impl RedisSink {
             Changes::Spilled { .. } => true,
         });
         if !relevant {
+            if let Some(last) = batch.last() {
+                if let Changes::Memory(v) = &last.changes {
+                    self.passed = Some(Position {
+                        commit: last.meta.commit_lsn,
+                        changes: v.len() as u64,
+                    });
+                }
+            }
             return Ok(());
         }
         let mut conn = self.connection().await?;
@@ -465,6 +476,45 @@ impl Sink for RedisSink {
             self.position = None;
         }
         res
+    }
+
+    /// A checkpoint implies the position key: when no change of our tables
+    /// came by yet, the position of the last transaction passed (or the
+    /// empty position) is written now, without overwriting one Redis
+    /// already holds.
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        if self.had_position {
+            return Ok(());
+        }
+        // Nothing passed yet (only idle positions): "holds nothing".
+        let p = self.passed.unwrap_or_default();
+        let mut conn = self.connection().await?;
+        let key = self.rules.position_key.clone();
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(p.encode())
+            .arg("NX")
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.classify(e, "writing the position"))?;
+        self.had_position = true;
+        Ok(())
+    }
+
+    async fn lost_state(&mut self) -> Result<Option<String>, SinkError> {
+        let mut conn = self.connection().await?;
+        let key = self.rules.position_key.clone();
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.classify(e, "checking the position"))?;
+        Ok((!exists).then(|| {
+            format!(
+                "Redis at {} no longer holds {key:?} (it restarted without persistence, was flushed, or failed over to a replica that was behind)",
+                self.url
+            )
+        }))
     }
 }
 
