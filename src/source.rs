@@ -57,6 +57,15 @@ impl From<ConnError> for SourceError {
     }
 }
 
+impl From<crate::publication::PublicationError> for SourceError {
+    fn from(e: crate::publication::PublicationError) -> Self {
+        match e {
+            crate::publication::PublicationError::Refused(m) => SourceError::Fatal(m),
+            crate::publication::PublicationError::Postgres(e) => e.into(),
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for SourceError {
     fn from(e: tokio_postgres::Error) -> Self {
         // tokio-postgres's Display omits the cause ("invalid configuration"),
@@ -161,52 +170,6 @@ pub async fn server_version(client: &tokio_postgres::Client) -> Result<u32, Sour
     Ok(row.get::<_, i32>(0) as u32)
 }
 
-/// Creates the publication for the configured tables when it is missing
-/// (and allowed); checks that it exists otherwise.
-async fn ensure_publication(
-    client: &tokio_postgres::Client,
-    config: &Config,
-) -> Result<(), SourceError> {
-    let s = &config.source;
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&s.publication],
-        )
-        .await?
-        .is_some();
-    if exists {
-        return Ok(());
-    }
-    if !s.create_publication {
-        return Err(fatal(format!(
-            "publication {:?} does not exist and source.create_publication is false; create it with CREATE PUBLICATION {} FOR TABLE ...",
-            s.publication, s.publication
-        )));
-    }
-    let tables: Vec<String> = s
-        .table_names()
-        .iter()
-        .map(|(sch, t)| format!("{}.{}", conn::quote_ident(sch), conn::quote_ident(t)))
-        .collect();
-    client
-        .batch_execute(&format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
-            conn::quote_ident(&s.publication),
-            tables.join(", ")
-        ))
-        .await
-        .map_err(|e| {
-            fatal(format!(
-                "creating publication {:?} failed: {}; check that every table in source.tables exists and that the user owns them",
-                s.publication,
-                e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())
-            ))
-        })?;
-    tracing::info!(publication = %s.publication, tables = ?s.tables, "created publication");
-    Ok(())
-}
-
 /// How `pgferry run` was asked to end, besides a signal.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOptions {
@@ -233,7 +196,8 @@ pub async fn run(
         .parse()
         .map_err(|e| fatal(format!("source.url: {e}")))?;
     let client = sql_connect(config).await?;
-    ensure_publication(&client, config).await?;
+    let slot = slot_info(&client, &s.slot).await?;
+    let added = crate::publication::ensure(&client, config, slot.is_some()).await?;
 
     let mut repl =
         conn::connect_with(&pg, s.recv_buffer_kb.map(|k| k.saturating_mul(1024))).await?;
@@ -248,10 +212,9 @@ pub async fn run(
     let streaming = s.streaming && version >= 140000;
 
     // The slot: create it, or check that it is ours to use.
-    let slot = slot_info(&client, &s.slot).await?;
     let created_at = match &slot {
         None if s.create_slot => {
-            let lsn = repl.create_slot(&s.slot).await?;
+            let lsn = repl.create_slot(&s.slot).await.map_err(slot_create_error)?;
             tracing::info!(slot = %s.slot, consistent_point = %lsn, "created replication slot");
             Some(lsn)
         }
@@ -262,11 +225,8 @@ pub async fn run(
             )))
         }
         Some(info) => {
-            if info.plugin.as_deref() != Some("pgoutput") {
-                return Err(fatal(format!(
-                    "replication slot {:?} uses plugin {:?}, not pgoutput; drop it (pgferry slot drop) or choose another source.slot",
-                    s.slot, info.plugin
-                )));
+            if let Some(why) = slot_mismatch(info, &s.slot, system.dbname.as_deref()) {
+                return Err(fatal(why));
             }
             if info.wal_status.as_deref() == Some("lost") {
                 return Err(fatal(crate::observe::lost_slot_message(
@@ -316,14 +276,20 @@ pub async fn run(
         checkpoints.push(cp.map(|c| c.lsn).unwrap_or(slot_pos));
     }
     let start = checkpoints.iter().copied().min().unwrap_or(slot_pos);
+    backfill_added_tables(&client, config, &added, fresh).await;
 
     // Sinks.
     let progress = Progress::new(&checkpoints);
     let (sinks_stop_tx, sinks_stop) = watch::channel(false);
     let mut senders = Vec::new();
     let mut tasks = Vec::new();
+    let owner = crate::sink::StreamOwner {
+        system_identifier: system.system_id.clone(),
+        database: system.dbname.clone().unwrap_or_default(),
+        slot: s.slot.clone(),
+    };
     for (i, sc) in config.sinks.iter().enumerate() {
-        let sink = crate::sink::build(sc)
+        let sink = crate::sink::build(sc, &owner)
             .await
             .map_err(|e| fatal(e.to_string()))?;
         let (tx, rx) = mpsc::channel(64);
@@ -374,7 +340,7 @@ pub async fn run(
         slot: s.slot.clone(),
         start,
         proto_version,
-        publication: s.publication.clone(),
+        publications: crate::publication::stream_publications(config),
         messages: true,
         streaming,
     };
@@ -420,7 +386,7 @@ pub async fn run(
                 tracing::info!(until = %until.unwrap_or_default(), "every sink reached the --until position");
                 return Ok(());
             }
-            if snaps.exit_now() {
+            if snaps.exit_now()? {
                 tracing::info!("the snapshot is done in every sink (--exit-after-snapshot)");
                 return Ok(());
             }
@@ -544,6 +510,68 @@ pub async fn run(
         return Err(fatal(e));
     }
     result
+}
+
+/// Why an existing slot cannot be this session's, or `None`: another
+/// plugin than pgoutput, or another database than the one connected to.
+pub fn slot_mismatch(info: &SlotInfo, slot: &str, database: Option<&str>) -> Option<String> {
+    if info.plugin.as_deref() != Some("pgoutput") {
+        let plugin = info.plugin.as_deref().unwrap_or("(none)");
+        return Some(format!(
+            "replication slot {slot:?} uses the plugin {plugin}, not pgoutput; drop it (pgferry slot drop) or choose another source.slot"
+        ));
+    }
+    match (info.database.as_deref(), database) {
+        (Some(theirs), Some(ours)) if theirs != ours => Some(format!(
+            "replication slot {slot:?} belongs to database {theirs:?}, but source.url connects to database {ours:?}; \
+             choose another source.slot, or point source.url at database {theirs:?}"
+        )),
+        _ => None,
+    }
+}
+
+/// Creating the slot failed: all slots in use is the operator's to fix,
+/// not something a retry can.
+fn slot_create_error(e: ConnError) -> SourceError {
+    match &e {
+        ConnError::Server { code, .. } if code == "53400" => fatal(format!(
+            "cannot create the replication slot: {e}. Every slot is taken (max_replication_slots): drop an unused one \
+             (SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active AND …), \
+             or raise max_replication_slots (ALTER SYSTEM SET max_replication_slots = …; then restart Postgres)"
+        )),
+        _ => e.into(),
+    }
+}
+
+/// Tables just added to a publication start with their changes only: the
+/// rows they already hold need a backfill. With `source.snapshot =
+/// "initial"` pgferry requests it itself (through the stream, like `pgferry
+/// backfill`); otherwise it says so, with the command. On the very first
+/// start (`fresh`) the initial snapshot, if any, covers them.
+async fn backfill_added_tables(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    added: &[String],
+    fresh: bool,
+) {
+    if fresh || added.is_empty() {
+        return;
+    }
+    let auto = config.source.snapshot == crate::config::SnapshotMode::Initial;
+    for table in added {
+        if auto {
+            match crate::snapshot::emit_backfill_request(client, config, table, None).await {
+                Ok(lsn) => {
+                    tracing::warn!(table = %table, at = %lsn, "table added to the publication: its changes are replicated from now on, and a backfill of its rows was requested (source.snapshot = \"initial\")");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(table = %table, error = %e, "could not request a backfill of the added table")
+                }
+            }
+        }
+        tracing::warn!(table = %table, "table added to the publication: its changes are replicated from now on, but the rows it already holds are not in the sinks; load them with: pgferry backfill --config <this config> --table {table}");
+    }
 }
 
 /// Hands one committed transaction to every sink, within the memory budget.
