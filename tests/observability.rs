@@ -5,28 +5,15 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use support::ferry::{FerryDir, Guard};
+use support::http::get;
 use support::pg::{free_port, TestPg};
 use support::redis::TestRedis;
 
 const T: Duration = Duration::from_secs(30);
-
-/// A plain HTTP/1.1 GET: (status, body).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, body.to_string()))
-}
 
 fn scrape(port: u16) -> String {
     let (status, body) = get(port, "/metrics").expect("scrape /metrics");

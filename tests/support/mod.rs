@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 pub mod ferry;
+pub mod http;
 pub mod opensearch;
 pub mod pg;
+pub mod progress;
 pub mod redis;
 pub mod rng;
 pub mod tls_proxy;
