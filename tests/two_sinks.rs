@@ -150,7 +150,7 @@ fn redis_diff(rows: &BTreeMap<String, Value>, r: &TestRedis) -> Vec<String> {
     }
     let want: BTreeSet<String> = rows.keys().map(|id| format!("product:{id}")).collect();
     let members: BTreeSet<String> = redis::cmd("SMEMBERS")
-        .arg("pgferry:cache:keys:public.products")
+        .arg("pgferry:pgferry:cache:keys:public.products")
         .query(&mut c)
         .unwrap();
     if members != want {
@@ -202,30 +202,36 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Waits until Redis and the index both equal the table; returns how long it took.
+/// Waits until Redis and the index both equal the table; returns how long
+/// it took. Fails only when the differences stopped changing for `T`.
 fn wait_both_equal(s: &Setup, node: &Node) -> Duration {
     let started = Instant::now();
-    loop {
+    let problems = || {
         let rows = pg_rows(&s.pg);
         let mut problems = redis_diff(&rows, &s.redis);
         let in_redis = problems.len();
         problems.extend(index_diff(&rows, node, &s.index));
-        if problems.is_empty() {
-            return started.elapsed();
-        }
-        if started.elapsed() > T {
-            let n = problems.len();
-            problems.truncate(12);
-            panic!(
-                "{} rows; {in_redis} differences in Redis, {} in the index, e.g.\n  {}\n--- pgferry log (end) ---\n{}",
-                rows.len(),
+        (rows.len(), in_redis, problems)
+    };
+    support::progress::wait_for(
+        T,
+        || match problems() {
+            (_, _, p) if p.is_empty() => Ok(()),
+            (_, _, p) => Err(p),
+        },
+        || {
+            let (rows, in_redis, mut p) = problems();
+            let n = p.len();
+            p.truncate(12);
+            format!(
+                "{rows} rows; {in_redis} differences in Redis, {} in the index, e.g.\n  {}\n--- pgferry log (end) ---\n{}",
                 n - in_redis,
-                problems.join("\n  "),
+                p.join("\n  "),
                 tail(&s.f.log(), 60)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
+            )
+        },
+    );
+    started.elapsed()
 }
 
 /// The messages (JSON log lines) pgferry logged for `sink` (any sink: `None`).

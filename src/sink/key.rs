@@ -1,11 +1,17 @@
 //! Keys and document ids built from a row: templates such as
 //! `"product:{id}"` or `"{tenant_id}:{id}"`.
 //!
-//! Collision-freedom: a column value is inserted with `%` and every character
-//! that occurs in the template's literal text percent-encoded (`:` → `%3A`,
-//! `%` → `%25`, using the UTF-8 bytes). A value can therefore never produce a
-//! separator, and two different value tuples always give two different keys:
-//! `{a}:{b}` with (`x:y`, `z`) gives `x%3Ay:z`, with (`x`, `y:z`) gives `x:y%3Az`.
+//! Collision-freedom: a column value is inserted as it is, except for a few
+//! percent-encoded characters (their UTF-8 bytes: `:` → `%3A`, `%` →
+//! `%25`): `%` itself, every character of the template's literal text that
+//! is not a letter or digit (the separators: `:` in `product:{id}`), and
+//! the first character of each literal that follows a column. A value can
+//! therefore never produce the literal that ends it, and two different value
+//! tuples always give two different keys: `{a}:{b}` with (`x:y`, `z`) gives
+//! `x%3Ay:z`, with (`x`, `y:z`) gives `x:y%3Az`. Letters and digits of a
+//! prefix stay as they are (`s1:{id}` gives `s1:1`), so ordinary keys stay
+//! readable. Two columns must be separated by literal text: `{a}{b}` could
+//! give `abc` for (`ab`, `c`) and for (`a`, `bc`).
 //!
 //! A value is its text: a JSON string's content (unescaped), or the JSON text
 //! of anything else (`42`, `true`, `1.50`).
@@ -96,12 +102,29 @@ impl KeyTemplate {
         if !parts.iter().any(|p| matches!(p, Part::Col(_))) {
             return Err(err("names no column; use e.g. \"product:{id}\""));
         }
+        if parts
+            .windows(2)
+            .any(|w| matches!(w, [Part::Col(_), Part::Col(_)]))
+        {
+            return Err(err(
+                "two columns follow each other without text between them, so two rows could get the same key; separate them, e.g. \"{a}:{b}\"",
+            ));
+        }
         let mut special = vec!['%'];
-        for p in &parts {
+        let mut add = |c: char| {
+            if !special.contains(&c) {
+                special.push(c);
+            }
+        };
+        for (i, p) in parts.iter().enumerate() {
             if let Part::Lit(l) = p {
-                for c in l.chars() {
-                    if !special.contains(&c) {
-                        special.push(c);
+                l.chars()
+                    .filter(|c| !c.is_alphanumeric())
+                    .for_each(&mut add);
+                // The literal that ends a column's value.
+                if i > 0 {
+                    if let Some(first) = l.chars().next() {
+                        add(first);
                     }
                 }
             }
@@ -545,6 +568,7 @@ mod tests {
     #[test]
     fn bad_templates_and_missing_values_are_errors() {
         assert!(KeyTemplate::parse("product:").is_err());
+        assert!(KeyTemplate::parse("{a}{b}").is_err());
         assert!(KeyTemplate::parse("{id").is_err());
         assert!(KeyTemplate::parse("id}").is_err());
         assert_eq!(
@@ -588,5 +612,28 @@ mod tests {
             let key = collide(x, y).unwrap();
             assert!(t(x).matches(&key) && t(y).matches(&key), "{x} {y} {key}");
         }
+    }
+
+    #[test]
+    fn only_separators_are_escaped_so_ordinary_keys_stay_readable() {
+        let one = |t: &str, v: &str| {
+            KeyTemplate::parse(t)
+                .unwrap()
+                .render(&rel(), &row(&[Some(v), Some("1"), None]))
+                .unwrap()
+        };
+        // The letters and digits of a prefix are not escaped in values.
+        assert_eq!(one("s1:{id}", "\"x\""), "s1:1");
+        assert_eq!(
+            one("user:{tenant}", "\"user@example.com\""),
+            "user:user@example.com"
+        );
+        // Separators are, and so is the first character after a column.
+        assert_eq!(one("t:{tenant}:x", "\"a:b\""), "t:a%3Ab:x");
+        assert_eq!(one("{tenant}x{id}", "\"axb\""), "a%78bx1");
+        // Hierarchical keys sharing a prefix cannot collide.
+        let a = KeyTemplate::parse("product:{id}").unwrap();
+        let b = KeyTemplate::parse("product:{id}:detail").unwrap();
+        assert_eq!(a.collision(&b), None);
     }
 }

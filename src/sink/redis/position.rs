@@ -8,8 +8,11 @@
 //! same `state_prefix` would otherwise skip each other's changes as
 //! "already applied". A position of another owner stops the sink.
 //!
-//! pgferry before owners wrote `"<commit_lsn> <n>"`; such a position is read
-//! as unowned, adopted, and rewritten with the owner by the next write.
+//! pgferry before owners wrote `"<commit_lsn> <n>"`, and escaped more
+//! characters in keys (every character of the template's text, where this
+//! version escapes only separators: see `sink::key`), so its keys may differ
+//! from the ones written now. Such a position stops the sink with the steps
+//! to re-load the cache ([`OLDER_VERSION`]) rather than mixing both.
 
 use serde::{Deserialize, Serialize};
 
@@ -42,6 +45,12 @@ struct Record {
     database: String,
     slot: String,
 }
+
+/// What to do about a position an older pgferry wrote (the end of a sentence).
+pub const OLDER_VERSION: &str = "whose keys escaped more characters than this version's (s1:{id} gave s1:%31 for id 1, now s1:1), \
+     so keeping its keys would leave stale ones beside the new ones. Re-load the cache: stop pgferry, delete the tables' keys and \
+     pgferry's keys under the old prefix (redis-cli --scan --pattern '<prefix>:*' | xargs redis-cli del), start pgferry, \
+     then pgferry backfill --table <table> for each table (invalidate mode: make the application compute keys the new way first)";
 
 /// `<prefix>:position`.
 pub fn position_key(prefix: &str) -> String {

@@ -167,9 +167,12 @@ impl RedisSink {
                 }
                 match stored {
                     Stored::Owned(p, _) => p,
-                    Stored::Unowned(p) => {
-                        tracing::info!(sink = %self.name, key = %key, "the position in Redis was written by an older pgferry without its owner; adopting it (the next write records the owner)");
-                        p
+                    Stored::Unowned(_) => {
+                        return Err(SinkError::Fatal(format!(
+                            "sink {:?}: Redis key {key:?} holds a position written by an older pgferry, {}",
+                            self.name,
+                            position::OLDER_VERSION
+                        )))
                     }
                 }
             }
@@ -194,10 +197,10 @@ impl RedisSink {
             .map_err(|e| self.classify(e, "reading the position"))?;
         match old {
             Some(text) if position::decode(&text).is_some() => Err(SinkError::Fatal(format!(
-                "sink {:?}: Redis holds this sink's position under {key:?}, the default state_prefix of older pgferry versions, \
-                 while the default is now pgferry:<slot>:<sink name>. Keep using it: set state_prefix = {legacy:?} in the sink's config \
-                 (or delete {key:?} and the {legacy}:keys:* sets to start this sink's bookkeeping afresh)",
-                self.name
+                "sink {:?}: Redis holds this sink's position under {key:?}, the default state_prefix of older pgferry versions \
+                 (the default is now pgferry:<slot>:<sink name>), {}",
+                self.name,
+                position::OLDER_VERSION
             ))),
             _ => Ok(()),
         }
@@ -806,30 +809,43 @@ mod tests {
             .collect();
         let t = txn(500, changes);
         let mut c = s.conn().unwrap();
+        let at = |n| Position {
+            commit: crate::lsn::Lsn(500),
+            changes: n,
+        };
+        let _: () = redis::cmd("SET")
+            .arg("pgferry:t:position")
+            .arg(position::encode(at(20), &owner("s")))
+            .query(&mut c)
+            .unwrap();
+        sink(&s.url(), "json")
+            .await
+            .apply(&[t.clone()])
+            .await
+            .unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS").arg("doc:*").query(&mut c).unwrap();
+        assert_eq!(keys.len() as u64, n - 20);
+        assert!(!keys.contains(&"doc:20".to_string()) && keys.contains(&"doc:21".to_string()));
+        let p: String = redis::cmd("GET")
+            .arg("pgferry:t:position")
+            .query(&mut c)
+            .unwrap();
+        assert_eq!(
+            position::decode(&p),
+            Some(Stored::Owned(at(50), owner("s"))),
+            "{p}"
+        );
+        // A position of an older pgferry (no owner; its keys escaped more
+        // characters) stops the sink with the steps to re-load.
         let _: () = redis::cmd("SET")
             .arg("pgferry:t:position")
             .arg("0/1F4 20")
             .query(&mut c)
             .unwrap();
-        sink(&s.url(), "json").await.apply(&[t]).await.unwrap();
-        let keys: Vec<String> = redis::cmd("KEYS").arg("doc:*").query(&mut c).unwrap();
-        assert_eq!(keys.len() as u64, n - 20);
-        assert!(!keys.contains(&"doc:20".to_string()) && keys.contains(&"doc:21".to_string()));
-        // The position of an older pgferry (no owner) was adopted, and is
-        // now written with its owner.
-        let p: String = redis::cmd("GET")
-            .arg("pgferry:t:position")
-            .query(&mut c)
-            .unwrap();
-        let want = Position {
-            commit: crate::lsn::Lsn(500),
-            changes: 50,
-        };
-        assert_eq!(
-            position::decode(&p),
-            Some(Stored::Owned(want, owner("s"))),
-            "{p}"
-        );
+        match sink(&s.url(), "json").await.apply(&[t]).await {
+            Err(SinkError::Fatal(m)) => assert!(m.contains("older pgferry"), "{m}"),
+            other => panic!("expected a fatal error, got {other:?}"),
+        }
     }
 
     /// Another stream's position (same state_prefix, another slot) is never
