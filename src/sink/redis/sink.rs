@@ -820,7 +820,7 @@ mod tests {
             .unwrap();
         sink(&s.url(), "json")
             .await
-            .apply(&[t.clone()])
+            .apply(std::slice::from_ref(&t))
             .await
             .unwrap();
         let keys: Vec<String> = redis::cmd("KEYS").arg("doc:*").query(&mut c).unwrap();
