@@ -123,9 +123,9 @@ fn log_format(cli: &Cli) -> LogFormat {
     })
 }
 
-/// Sets up logging to stderr; returns true for JSON lines. Colours only
-/// on a terminal: never ANSI codes in a file or a pipe.
-fn init_logging(format: LogFormat) -> bool {
+/// Sets up logging to stderr. Colours only on a terminal: never ANSI codes
+/// in a file or a pipe.
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGFERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let terminal = std::io::stderr().is_terminal();
@@ -143,12 +143,11 @@ fn init_logging(format: LogFormat) -> bool {
     } else {
         builder.init();
     }
-    json
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let json = init_logging(log_format(&cli));
+    init_logging(log_format(&cli));
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -162,12 +161,8 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            // Once: a JSON log line for machines, a plain line for people.
-            if json {
-                tracing::error!("{e:#}");
-            } else {
-                eprintln!("pgferry: {e:#}");
-            }
+            // Once, as a log line in the chosen format (JSON or text).
+            tracing::error!("{e:#}");
             std::process::ExitCode::FAILURE
         }
     }

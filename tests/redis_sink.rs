@@ -674,7 +674,8 @@ fn bad_redis_configs_are_rejected_at_load_naming_the_key() {
             .arg(f.path("pgferry.toml"))
             .output()
             .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+        // One JSON log line: quotes in its message are escaped.
+        let err = String::from_utf8_lossy(&out.stderr).replace("\\\"", "\"");
         assert!(!out.status.success(), "{want}: {err}");
         assert!(
             err.contains(want) && err.contains("sink[1]"),

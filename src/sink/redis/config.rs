@@ -179,17 +179,6 @@ impl RedisConfig {
                     ));
                 }
             }
-            for own in [
-                format!("{prefix}:position"),
-                format!("{prefix}:keys:{name}"),
-            ] {
-                if template.matches(&own) {
-                    return Err((
-                        at("key"),
-                        format!("can produce {own:?}, one of pgferry's own keys (state_prefix {prefix:?}); choose another prefix for the template or for state_prefix"),
-                    ));
-                }
-            }
             templates.push((name, template.clone()));
             if t.mode == Mode::Invalidate {
                 if template.literal_prefix().is_empty() {
@@ -211,6 +200,17 @@ impl RedisConfig {
                     at("ttl_seconds"),
                     "must be at least 1; leave it out for no expiry".into(),
                 ));
+            }
+            for own in [
+                format!("{prefix}:position"),
+                format!("{prefix}:keys:{name}"),
+            ] {
+                if template.matches(&own) {
+                    return Err((
+                        at("key"),
+                        format!("can produce {own:?}, one of pgferry's own keys (state_prefix {prefix:?}); choose another prefix for the template or for state_prefix"),
+                    ));
+                }
             }
         }
         Ok(())
