@@ -305,21 +305,7 @@ fn main_findings(
             adds: Vec::new(),
         });
     }
-    for t in all_ops.iter().filter(|t| !p.has(&t.name)) {
-        let sql = format!("ALTER PUBLICATION {pubname} ADD TABLE {}", t.sql());
-        out.push(Finding {
-            what: format!(
-                "{} is not in publication {}: its changes would never reach the sinks",
-                t.name, p.name
-            ),
-            fix: format!(
-                "{sql};  (then pgferry backfill --table {} for the rows it holds)",
-                t.name
-            ),
-            repair: Some(sql),
-            adds: vec![t.name.clone()],
-        });
-    }
+    missing_tables(p, all_ops, "changes", out);
     if p.update || p.delete {
         for t in insert_only.iter().filter(|t| p.has(&t.name)) {
             let (fix, repair) = if p.all_tables {
@@ -418,21 +404,7 @@ fn insert_findings(
             adds: Vec::new(),
         });
     }
-    for t in insert_only.iter().filter(|t| !p.has(&t.name)) {
-        let sql = format!("ALTER PUBLICATION {pubname} ADD TABLE {}", t.sql());
-        out.push(Finding {
-            what: format!(
-                "{} is not in publication {}: its inserts would never reach the sinks",
-                t.name, p.name
-            ),
-            fix: format!(
-                "{sql};  (then pgferry backfill --table {} for the rows it holds)",
-                t.name
-            ),
-            repair: Some(sql),
-            adds: vec![t.name.clone()],
-        });
-    }
+    missing_tables(p, insert_only, "inserts", out);
 }
 
 /// The columns of `schema.table` (not dropped, in order), each with whether
@@ -471,6 +443,30 @@ pub async fn identity_columns(
             })
             .collect(),
     ))
+}
+
+/// The tables of `tables` that publication `p` lacks: pgferry adds them
+/// (when it manages `p`), and their rows then need a backfill.
+fn missing_tables(p: &PubState, tables: &[&TableState], what: &str, out: &mut Vec<Finding>) {
+    for t in tables.iter().filter(|t| !p.has(&t.name)) {
+        let sql = format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            sql_ident(&p.name),
+            t.sql()
+        );
+        out.push(Finding {
+            what: format!(
+                "{} is not in publication {}: its {what} would never reach the sinks",
+                t.name, p.name
+            ),
+            fix: format!(
+                "{sql};  (then pgferry backfill --table {} for the rows it holds)",
+                t.name
+            ),
+            repair: Some(sql),
+            adds: vec![t.name.clone()],
+        });
+    }
 }
 
 /// The publications a session streams: the main one, and the insert-only

@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use support::ferry::{terminate, wait_active, wait_timeout, FerryDir, Guard};
+use support::ferry::{start_streaming, terminate, wait_active, wait_timeout, FerryDir, Guard};
 use support::pg::TestPg;
 use support::redis::TestRedis;
 
@@ -31,6 +31,18 @@ fn write(f: &FerryDir, pg: &TestPg, slot: &str, tables: &[&str], source_extra: &
         f.path("state").display()
     );
     std::fs::write(f.path("pgferry.toml"), text).unwrap();
+}
+
+/// [`write`] for slot `pgferry` with the JSONL sink of [`jsonl`].
+fn write_jsonl(f: &FerryDir, pg: &TestPg, tables: &[&str], source_extra: &str, sink_extra: &str) {
+    write(
+        f,
+        pg,
+        "pgferry",
+        tables,
+        source_extra,
+        &jsonl(f, sink_extra),
+    );
 }
 
 /// A JSONL sink named `changes` into `f.jsonl()`, with `extra` lines.
@@ -80,14 +92,7 @@ fn a_publication_lacking_a_configured_table_is_completed_or_refused() {
     );
     // Not managed: refused, naming the table and the statement.
     let f = FerryDir::new();
-    write(
-        &f,
-        &pg,
-        "pgferry",
-        &["public.a"],
-        "create_publication = false",
-        &jsonl(&f, ""),
-    );
+    write_jsonl(&f, &pg, &["public.a"], "create_publication = false", "");
     let log = run_refused(&f);
     assert!(
         log.contains("public.a is not in publication pgferry")
@@ -95,9 +100,8 @@ fn a_publication_lacking_a_configured_table_is_completed_or_refused() {
         "{log}"
     );
     // Managed (the default): pgferry adds the table, and a's changes arrive.
-    write(&f, &pg, "pgferry", &["public.a"], "", &jsonl(&f, ""));
-    let mut g = Guard(f.run());
-    wait_active(&pg, &f, "pgferry");
+    write_jsonl(&f, &pg, &["public.a"], "", "");
+    let mut g = start_streaming(&pg, &f);
     pg.sql("INSERT INTO a VALUES (2, 'after'); INSERT INTO b VALUES (1, 'b')");
     let ev = f.wait_events(1, STALL);
     assert_eq!(ids_of(&ev, "a"), [2], "{ev:?}");
@@ -114,16 +118,14 @@ fn a_publication_lacking_a_configured_table_is_completed_or_refused() {
         "CREATE TABLE c (id int PRIMARY KEY, v text);
          INSERT INTO c VALUES (10, 'old'), (11, 'old');",
     );
-    write(
+    write_jsonl(
         &f,
         &pg,
-        "pgferry",
         &["public.a", "public.c"],
         "snapshot = \"initial\"",
-        &jsonl(&f, ""),
+        "",
     );
-    let mut g = Guard(f.run());
-    wait_active(&pg, &f, "pgferry");
+    let mut g = start_streaming(&pg, &f);
     pg.sql("INSERT INTO c VALUES (12, 'new')");
     let ev = f.wait_events_until(STALL, "c's rows", |ev| ids_of(ev, "c").len() >= 3);
     let mut c = ids_of(&ev, "c");
@@ -138,16 +140,8 @@ fn a_publication_lacking_a_configured_table_is_completed_or_refused() {
 
     // With source.snapshot = "never", pgferry says what to run.
     pg.sql("CREATE TABLE d (id int PRIMARY KEY); INSERT INTO d VALUES (1)");
-    write(
-        &f,
-        &pg,
-        "pgferry",
-        &["public.a", "public.c", "public.d"],
-        "",
-        &jsonl(&f, ""),
-    );
-    let mut g = Guard(f.run());
-    wait_active(&pg, &f, "pgferry");
+    write_jsonl(&f, &pg, &["public.a", "public.c", "public.d"], "", "");
+    let mut g = start_streaming(&pg, &f);
     assert!(
         log_text(&f).contains("pgferry backfill --config <this config> --table public.d"),
         "{}",
@@ -162,30 +156,15 @@ fn bare_table_names_in_a_sink_filter_match_the_stream() {
     let pg = TestPg::start();
     pg.sql("CREATE TABLE products (id int PRIMARY KEY, name text)");
     let f = FerryDir::new();
-    write(
-        &f,
-        &pg,
-        "pgferry",
-        &["products"],
-        "",
-        &jsonl(&f, "tables = [\"products\"]"),
-    );
-    let mut g = Guard(f.run());
-    wait_active(&pg, &f, "pgferry");
+    write_jsonl(&f, &pg, &["products"], "", "tables = [\"products\"]");
+    let mut g = start_streaming(&pg, &f);
     pg.sql("INSERT INTO products VALUES (1, 'a'), (2, 'b')");
     let ev = f.wait_events(2, STALL);
     assert_eq!(ids_of(&ev, "products"), [1, 2], "{ev:?}");
     assert!(ev.iter().all(|e| e["schema"] == "public"), "{ev:?}");
     terminate(&mut g.0);
     // A filter that matches no table of source.tables is refused at load.
-    write(
-        &f,
-        &pg,
-        "pgferry",
-        &["products"],
-        "",
-        &jsonl(&f, "tables = [\"prodcts\"]"),
-    );
+    write_jsonl(&f, &pg, &["products"], "", "tables = [\"prodcts\"]");
     let log = run_refused(&f);
     assert!(
         log.contains("sink[0].tables") && log.contains("public.prodcts"),
@@ -241,7 +220,7 @@ fn a_stdout_reader_that_exits_loses_no_event() {
     );
     // Started again with a reader (a file here), it sends events 3 to 5:
     // the failed writes were never counted as written.
-    write(&f, &pg, "pgferry", &["public.items"], "", &jsonl(&f, ""));
+    write_jsonl(&f, &pg, &["public.items"], "", "");
     let mut g = Guard(f.run());
     let ev = f.wait_events_until(STALL, "events 3 to 5", |ev| {
         let ids = ids_of(ev, "items");
@@ -264,21 +243,17 @@ fn redis_get(r: &TestRedis, key: &str) -> Option<String> {
     redis::cmd("GET").arg(key).query(&mut r.conn()).unwrap()
 }
 
-/// Waits until `key` holds a value for which `ok` is true.
+/// Waits until `key` holds a value for which `ok` is true (or it stayed
+/// the same for `STALL`).
 fn wait_key(r: &TestRedis, f: &FerryDir, key: &str, ok: impl Fn(&Option<String>) -> bool) {
-    let deadline = std::time::Instant::now() + STALL;
-    loop {
-        let v = redis_get(r, key);
-        if ok(&v) {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{key} = {v:?}\n--- pgferry log ---\n{}",
-            f.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    support::progress::wait_for(
+        STALL,
+        || match redis_get(r, key) {
+            v if ok(&v) => Ok(()),
+            v => Err(v),
+        },
+        || format!("{key}\n--- pgferry log ---\n{}", f.log()),
+    )
 }
 
 /// Case 4: two pgferry instances (two slots) with Redis sinks of the same name.
@@ -407,8 +382,7 @@ fn key_templates_that_can_collide_are_refused() {
         "",
         &sink("item:{code}"),
     );
-    let mut g = Guard(f.run());
-    wait_active(&pg, &f, "pgferry");
+    let mut g = start_streaming(&pg, &f);
     pg.sql("INSERT INTO products VALUES (5, 'product'); INSERT INTO items VALUES ('5', 'item')");
     wait_key(&r, &f, "item:5", |v| v.is_some());
     pg.sql("DELETE FROM items WHERE code = '5'");
@@ -426,7 +400,7 @@ fn a_table_without_replica_identity_is_never_published_with_its_updates() {
          INSERT INTO events (what) VALUES ('first');",
     );
     let f = FerryDir::new();
-    write(&f, &pg, "pgferry", &["public.events"], "", &jsonl(&f, ""));
+    write_jsonl(&f, &pg, &["public.events"], "", "");
     let log = run_refused(&f);
     assert!(
         log.contains("public.events cannot be published")
@@ -443,16 +417,14 @@ fn a_table_without_replica_identity_is_never_published_with_its_updates() {
 
     // Insert-only, as configured: inserts arrive, and the application's
     // updates and deletes keep working.
-    write(
+    write_jsonl(
         &f,
         &pg,
-        "pgferry",
         &["public.events"],
         "publish = { \"public.events\" = \"insert\" }",
-        &jsonl(&f, ""),
+        "",
     );
-    let mut g = Guard(f.run());
-    wait_active(&pg, &f, "pgferry");
+    let mut g = start_streaming(&pg, &f);
     pg.sql("INSERT INTO events (what) VALUES ('second')");
     pg.sql("UPDATE events SET what = 'edited again'; DELETE FROM events WHERE what = 'second'");
     pg.sql("INSERT INTO events (what) VALUES ('third')");
