@@ -26,7 +26,7 @@ use support::redis::TestRedis;
 
 /// How long a wait for a snapshot or for the stores to catch up may go
 /// without progress (rows done, rows equal) before the test fails.
-const T: Duration = Duration::from_secs(180);
+const T: Duration = Duration::from_secs(300);
 
 /// `body` is stored out of line; every 500th row has a 9.6 kB one, which
 /// the workload leaves unchanged while it updates other columns.

@@ -234,6 +234,24 @@ fn wait_both_equal(s: &Setup, node: &Node) -> Duration {
     started.elapsed()
 }
 
+/// Waits until both Redis and the index hold something; fails only when
+/// neither moved for `T`.
+fn wait_replicating(s: &Setup, node: &Node) {
+    support::progress::wait_for(
+        T,
+        || {
+            let dbsize: i64 = redis::cmd("DBSIZE").query(&mut s.redis.conn()).unwrap();
+            let indexed = node.count(&s.index);
+            if dbsize > 0 && indexed > 0 {
+                Ok(())
+            } else {
+                Err((dbsize, indexed))
+            }
+        },
+        || format!("nothing replicated yet:\n{}", tail(&s.f.log(), 30)),
+    )
+}
+
 /// The messages (JSON log lines) pgferry logged for `sink` (any sink: `None`).
 fn messages(f: &FerryDir, sink: Option<&str>) -> Vec<String> {
     f.log()
@@ -553,9 +571,9 @@ fn a_redis_outage_does_not_stop_the_index() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let workers = start_workload(&s.pg, &rt, &stop, OUTAGE_LOAD);
-    std::thread::sleep(Duration::from_secs(3));
+    // Both stores have started (waits on progress, not on a fixed time).
+    wait_replicating(&s, node);
     let before = node.count(&s.index);
-    assert!(before > 0, "nothing indexed yet:\n{}", tail(&s.f.log(), 30));
 
     s.redis.stop();
     let down = Instant::now();
@@ -610,14 +628,9 @@ fn a_search_outage_does_not_stop_redis() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let workers = start_workload(&s.pg, &rt, &stop, OUTAGE_LOAD);
-    std::thread::sleep(Duration::from_secs(3));
+    wait_replicating(&s, node);
     let keys = |r: &TestRedis| -> i64 { redis::cmd("DBSIZE").query(&mut r.conn()).unwrap() };
     let before = keys(&s.redis);
-    assert!(
-        node.count(&s.index) > 0 && before > 0,
-        "nothing replicated yet:\n{}",
-        tail(&s.f.log(), 30)
-    );
 
     node.kill();
     let down = Instant::now();
