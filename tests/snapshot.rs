@@ -632,6 +632,17 @@ fn a_table_without_a_key_is_copied_in_an_exported_snapshot() {
     let stop = Arc::new(AtomicBool::new(false));
     let _g = Guard(f.run());
     wait_active(&pg, &f, "pgferry");
+    // The workload starts once the copy's point is fixed (the temporary
+    // slot exists), so that every change comes after the copied rows: on
+    // a loaded machine the first changes could otherwise precede the point.
+    support::progress::wait_for(
+        T,
+        || match f.log() {
+            l if l.contains("copying the table in an exported snapshot") => Ok(()),
+            l => Err(l.len()),
+        },
+        || tail(&f.log(), 20),
+    );
     // A workload on the table while it is copied.
     let client = rt.block_on(pg.client());
     let stop2 = stop.clone();
