@@ -9,13 +9,15 @@ cd "$(dirname "$0")/.."
 
 ensure_packages postgresql util-linux
 ensure_cargo
-echo "== building pgferry (release)" >&2
+echo "== building pgferry (release; the first build takes a few minutes)" >&2
 cargo build --release --quiet
-BIN="$PWD/target/release/pgferry"
+BIN="${CARGO_TARGET_DIR:-$PWD/target}/release/pgferry"
 PGBIN="$(pg_bin)"
 
 WORK="$(mktemp -d /tmp/pgferry-demo.XXXXXX)"
-PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PORT="$(free_port)"
+METRICS_PORT="$(free_port)"   # the default 9187 may be taken
 RUN=()
 if [ "$(id -u)" = 0 ]; then
   chown postgres: "$WORK"
@@ -55,13 +57,16 @@ snapshot = "initial"
 [checkpoint]
 dir = "$WORK/state"
 
+[metrics]
+listen = "127.0.0.1:$METRICS_PORT"
+
 [[sink]]
 name = "changes"
 type = "jsonl"
 path = "-"
 TOML
 
-echo "== pgferry run --config $WORK/pgferry.toml  (change events on stdout)" >&2
+echo "== pgferry run --config $WORK/pgferry.toml  (change events on stdout; metrics on http://127.0.0.1:$METRICS_PORT/metrics)" >&2
 "$BIN" --log-format text run --config "$WORK/pgferry.toml" &
 PIDS+=($!)
 until [ "$("${PSQL[@]}" -Atc "SELECT count(*) FROM pg_replication_slots WHERE active")" = 1 ]; do sleep 0.2; done

@@ -17,4 +17,19 @@ echo "== using PostgreSQL binaries in $PGFERRY_PG_BIN" >&2
 
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
-cargo test --quiet 2>&1
+
+# Every test file runs, even after one fails (--no-fail-fast); the end of
+# the output lists every failing test with its file.
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --no-fail-fast 2>&1 | tee "$log" || status=$?
+if [ "$status" -ne 0 ]; then
+  echo >&2
+  echo "== failing tests" >&2
+  awk '/^ *Running /{bin = ($2 == "unittests") ? $3 : $2}
+       / \.\.\. FAILED$/{sub(/^test /, ""); sub(/ \.\.\. FAILED$/, ""); print "  " bin ": " $0}
+       /^error: (could not compile|[0-9]+ targets? failed)/{tail = 1}
+       tail' "$log" >&2
+  exit "$status"
+fi

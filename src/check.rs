@@ -7,7 +7,7 @@
 use std::io::Write;
 
 use crate::checkpoint::CheckpointStore;
-use crate::config::Config;
+use crate::config::{Config, SinkConfig};
 use crate::source::{self, slot_info};
 
 struct Report<'a, W: Write> {
@@ -109,10 +109,14 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
         }
         Err(e) => r.fail(format!("cannot read role attributes: {e}"), "check the connection"),
     }
+    let mut sys_id = String::new();
     match s.url.parse::<tokio_postgres::Config>() {
         Ok(pg) => match crate::conn::connect(&pg).await {
             Ok(mut c) => match c.identify_system().await {
-                Ok(sys) => r.pass(format!("replication connection works (system {}, timeline {}, WAL at {})", sys.system_id, sys.timeline, sys.xlogpos)),
+                Ok(sys) => {
+                    r.pass(format!("replication connection works (system {}, timeline {}, WAL at {})", sys.system_id, sys.timeline, sys.xlogpos));
+                    sys_id = sys.system_id;
+                }
                 Err(e) => r.fail(format!("IDENTIFY_SYSTEM failed: {e}"), "check the REPLICATION privilege"),
             },
             Err(e) => r.fail(
@@ -123,86 +127,12 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
         Err(e) => r.fail(format!("source.url: {e}"), "fix source.url"),
     }
 
-    let publication_exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&s.publication],
-        )
-        .await
-        .map(|r| r.is_some())
-        .unwrap_or(false);
-    if publication_exists {
-        r.pass(format!("publication {} exists", s.publication));
-    } else if s.create_publication {
-        r.pass(format!(
-            "publication {} is missing and will be created for source.tables",
-            s.publication
-        ));
-    } else {
-        r.fail(
-            format!("publication {} does not exist", s.publication),
-            format!(
-                "CREATE PUBLICATION {} FOR TABLE {};  (or set source.create_publication = true)",
-                s.publication,
-                s.tables.join(", ")
-            ),
-        );
-    }
-    for (schema, table) in s.table_names() {
-        let name = format!("{schema}.{table}");
-        let row = client
-            .query_opt(
-                "SELECT c.relreplident::text, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
-                &[&schema, &table],
-            )
-            .await;
-        match row {
-            Ok(None) => r.fail(
-                format!("table {name} does not exist"),
-                "create it, or remove it from source.tables",
-            ),
-            Err(e) => r.fail(
-                format!("cannot inspect {name}: {e}"),
-                "check the connection and privileges",
-            ),
-            Ok(Some(row)) => {
-                let ident: String = row.get(0);
-                let has_pk: bool = row.get(1);
-                match (ident.as_str(), has_pk) {
-                    ("d", true) => r.pass(format!("{name}: replica identity is the primary key")),
-                    ("d", false) => r.fail(
-                        format!("{name} has no primary key: updates and deletes cannot be replicated (Postgres refuses them once published)"),
-                        format!("add a primary key, or ALTER TABLE {name} REPLICA IDENTITY FULL;"),
-                    ),
-                    ("f", _) => r.pass(format!("{name}: replica identity FULL (before-images carry the whole row)")),
-                    ("i", _) => r.pass(format!("{name}: replica identity is a unique index")),
-                    _ => r.fail(
-                        format!("{name} has REPLICA IDENTITY NOTHING: updates and deletes carry no key"),
-                        format!("ALTER TABLE {name} REPLICA IDENTITY DEFAULT; (with a primary key) or FULL"),
-                    ),
-                }
-                if publication_exists {
-                    let published = client
-                        .query_opt(
-                            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                            &[&s.publication, &schema, &table],
-                        )
-                        .await
-                        .map(|r| r.is_some())
-                        .unwrap_or(false);
-                    if published {
-                        r.pass(format!("{name} is in publication {}", s.publication));
-                    } else {
-                        r.fail(
-                            format!("{name} is not in publication {}", s.publication),
-                            format!("ALTER PUBLICATION {} ADD TABLE {name};", s.publication),
-                        );
-                    }
-                }
-            }
-        }
-    }
+    let database = match q("SELECT current_database()::text").await {
+        Ok(row) => row.get::<_, String>(0),
+        Err(_) => String::new(),
+    };
+    let slot = slot_info(client, &s.slot).await.ok().flatten();
+    publication_checks(client, config, slot.is_some(), r).await;
     if config.heartbeat.enabled {
         match q("SELECT has_function_privilege('pg_logical_emit_message(boolean, text, text)', 'EXECUTE'), current_user::text").await {
             Ok(row) if row.get::<_, bool>(0) => r.pass("heartbeat: pg_logical_emit_message is allowed"),
@@ -216,13 +146,88 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
             Err(e) => r.fail(format!("cannot check the heartbeat's privilege: {e}"), "check the connection"),
         }
     }
+    slot_checks(client, config, &database, r).await;
+    let owner = crate::sink::StreamOwner {
+        system_identifier: sys_id,
+        database,
+        slot: s.slot.clone(),
+    };
+    for sink in &config.sinks {
+        sink_checks(client, config, sink, &owner, r).await;
+    }
+}
+
+/// The publications and tables: what `run` would refuse, what it would
+/// create or add itself, and the replica identity of each table.
+async fn publication_checks<W: Write>(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    slot_exists: bool,
+    r: &mut Report<'_, W>,
+) {
+    let insp = match crate::publication::inspect(client, config).await {
+        Ok(i) => i,
+        Err(e) => {
+            return r.fail(
+                format!("cannot read the publications and tables: {e}"),
+                "check the connection and privileges",
+            )
+        }
+    };
+    for t in &insp.tables {
+        use crate::publication::Identity;
+        let what = match t.identity {
+            Identity::PrimaryKey => "replica identity is the primary key",
+            Identity::Index => "replica identity is a unique index",
+            Identity::Full => "replica identity FULL (before-images carry the whole row)",
+            Identity::Missing(_) if t.exists && t.ops == crate::config::PublishOps::Insert => {
+                "no replica identity, replicated insert-only (source.publish)"
+            }
+            Identity::Missing(_) => continue,
+        };
+        r.pass(format!("{}: {what}", t.name));
+    }
+    let managed = config.source.create_publication;
+    let found = crate::publication::findings(&insp, slot_exists);
+    for f in &found {
+        match &f.repair {
+            Some(sql) if managed && f.adds.is_empty() => {
+                r.pass(format!("{}; pgferry run does: {sql}", f.what))
+            }
+            Some(sql) if managed && insp.main.exists => r.warn(
+                format!("{}; pgferry run adds it: {sql}", f.what),
+                format!(
+                    "nothing for the changes; the rows it already holds need a backfill (pgferry backfill --table {}; automatic with source.snapshot = \"initial\")",
+                    f.adds.join(", ")
+                ),
+            ),
+            Some(sql) if managed => r.pass(format!("{}; pgferry run does: {sql}", f.what)),
+            _ => r.fail(&f.what, &f.fix),
+        }
+    }
+    for p in [&insp.main, &insp.insert] {
+        if p.exists
+            && !found
+                .iter()
+                .any(|f| f.what.contains(&format!("publication {}", p.name)))
+        {
+            r.pass(format!("publication {} exists", p.name));
+        }
+    }
+}
+
+/// The slot: its plugin, database and state, or that it can be created.
+async fn slot_checks<W: Write>(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    database: &str,
+    r: &mut Report<'_, W>,
+) {
+    let s = &config.source;
     match slot_info(client, &s.slot).await {
         Ok(Some(info)) => {
-            if info.plugin.as_deref() != Some("pgoutput") {
-                r.fail(
-                    format!("slot {} uses plugin {:?}", s.slot, info.plugin),
-                    "drop it (pgferry slot drop) or choose another source.slot",
-                );
+            if let Some(why) = source::slot_mismatch(&info, &s.slot, Some(database).filter(|d| !d.is_empty())) {
+                r.fail(why, "see above");
             } else if info.wal_status.as_deref() == Some("lost") {
                 r.fail(
                     format!("slot {} is invalidated (wal_status = lost)", s.slot),
@@ -233,20 +238,207 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
                 );
             } else {
                 r.pass(format!(
-                    "slot {} exists (pgoutput, confirmed_flush_lsn {}, {})",
+                    "slot {} exists (pgoutput, database {}, confirmed_flush_lsn {}, {})",
                     s.slot,
+                    info.database.as_deref().unwrap_or("-"),
                     info.confirmed_flush.map(|l| l.to_string()).unwrap_or("-".into()),
                     if info.active { "in use" } else { "not in use" }
                 ));
             }
         }
-        Ok(None) if s.create_slot => r.pass(format!("slot {} is missing and will be created", s.slot)),
+        Ok(None) if s.create_slot => {
+            let used = client
+                .query_one(
+                    "SELECT (SELECT count(*) FROM pg_replication_slots)::int, current_setting('max_replication_slots')::int",
+                    &[],
+                )
+                .await;
+            match used {
+                Ok(row) if row.get::<_, i32>(0) >= row.get::<_, i32>(1) => r.fail(
+                    format!(
+                        "slot {} is missing and cannot be created: all {} replication slots are taken (max_replication_slots)",
+                        s.slot,
+                        row.get::<_, i32>(1)
+                    ),
+                    "drop an unused slot (SELECT slot_name, active FROM pg_replication_slots; then SELECT pg_drop_replication_slot('…')), or raise max_replication_slots (ALTER SYSTEM SET max_replication_slots = …; restart Postgres)",
+                ),
+                _ => r.pass(format!("slot {} is missing and will be created", s.slot)),
+            }
+        }
         Ok(None) => r.fail(
             format!("slot {} does not exist", s.slot),
             format!("SELECT pg_create_logical_replication_slot('{}', 'pgoutput'); (or set source.create_slot = true)", s.slot),
         ),
         Err(e) => r.fail(format!("cannot read pg_replication_slots: {e}"), "check privileges"),
     }
+}
+
+/// One sink: that it can be reached with its credentials, and that its key
+/// templates (or id columns) use columns of each table's replica identity.
+async fn sink_checks<W: Write>(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    sink: &SinkConfig,
+    owner: &crate::sink::StreamOwner,
+    r: &mut Report<'_, W>,
+) {
+    let name = sink.name();
+    match sink {
+        SinkConfig::Jsonl(c) if c.path.as_os_str() == "-" => {
+            r.pass(format!("sink {name}: writes to stdout"))
+        }
+        SinkConfig::Jsonl(c) => match writable_dir(&c.path) {
+            Ok(dir) => r.pass(format!(
+                "sink {name}: {} is writable ({})",
+                dir.display(),
+                c.path.display()
+            )),
+            Err(e) => r.fail(
+                format!("sink {name}: cannot write {}: {e}", c.path.display()),
+                "create the directory, or fix its permissions, or change the sink's path",
+            ),
+        },
+        SinkConfig::Null(_) => r.pass(format!("sink {name}: discards everything")),
+        SinkConfig::Redis(c) => {
+            match crate::sink::redis::RedisSink::open(c, owner.clone()).await {
+                Ok(mut sink) => match sink.probe().await {
+                    Ok(what) => r.pass(format!("sink {name}: {what}")),
+                    Err(e) => r.fail(
+                        format!("sink {name}: {e}"),
+                        "check the sink's url (host, port, user, password, database), that Redis runs, and its TLS settings",
+                    ),
+                },
+                Err(e) => r.fail(format!("sink {name}: {e}"), "fix the sink's config"),
+            }
+            for (table, t) in &c.tables {
+                let cols: Vec<String> = crate::sink::key::KeyTemplate::parse(&t.key)
+                    .map(|k| k.columns().map(str::to_string).collect())
+                    .unwrap_or_default();
+                key_columns_check(
+                    client,
+                    config,
+                    name,
+                    table,
+                    &format!("key template {:?}", t.key),
+                    &cols,
+                    r,
+                )
+                .await;
+            }
+        }
+        SinkConfig::Elasticsearch(c) => {
+            match crate::sink::elasticsearch::probe(c).await {
+                Ok((version, indices)) => {
+                    r.pass(format!("sink {name}: {version}"));
+                    for (index, exists) in indices {
+                        r.pass(format!(
+                            "sink {name}: index {index} {}",
+                            if exists { "exists and is readable" } else { "does not exist yet (created on first use)" }
+                        ));
+                    }
+                }
+                Err(e) => r.fail(
+                    format!("sink {name}: {e}"),
+                    "check the sink's url, credentials (username/password or api_key), ca_file, and that the user may read and write the indices",
+                ),
+            }
+            for (table, t) in &c.tables {
+                if let Some(cols) = &t.id_columns {
+                    key_columns_check(client, config, name, table, "id_columns", cols, r).await;
+                }
+            }
+        }
+    }
+}
+
+/// A key template's (or id's) columns must exist, and be part of the
+/// replica identity unless the table is insert-only: otherwise an update or
+/// delete does not carry the old key, and the sink stops at the first one.
+async fn key_columns_check<W: Write>(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    sink: &str,
+    table: &str,
+    what: &str,
+    columns: &[String],
+    r: &mut Report<'_, W>,
+) {
+    let Some((schema, tbl)) = crate::config::split_table(table) else {
+        return;
+    };
+    let cols = match crate::publication::identity_columns(client, &schema, &tbl).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return, // reported with the publication checks
+        Err(e) => {
+            return r.fail(
+                format!("cannot read the columns of {table}: {e}"),
+                "check privileges",
+            )
+        }
+    };
+    let insert_only = config.source.publish_ops(table) == crate::config::PublishOps::Insert;
+    let identity: Vec<&str> = cols
+        .iter()
+        .filter(|(_, k)| *k)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    for c in columns {
+        match cols.iter().find(|(n, _)| n == c) {
+            None => {
+                return r.fail(
+                    format!("sink {sink}: {what} of {table} names column {c:?}, which {table} does not have"),
+                    format!("use columns of the table (its replica identity: {})", identity.join(", ")),
+                )
+            }
+            Some((_, false)) if !insert_only => {
+                return r.fail(
+                    format!(
+                        "sink {sink}: {what} of {table} uses column {c:?}, which is not in the table's replica identity ({}): updates and deletes would not carry its old value",
+                        identity.join(", ")
+                    ),
+                    format!(
+                        "build the key from the replica identity columns, or ALTER TABLE {} REPLICA IDENTITY FULL;",
+                        crate::config::sql_table(&schema, &tbl)
+                    ),
+                )
+            }
+            Some(_) => {}
+        }
+    }
+    r.pass(format!(
+        "sink {sink}: {what} of {table} uses replica identity columns"
+    ));
+}
+
+/// The directory `path` goes into, once it is checked writable (by creating
+/// and removing a file in it, or in the nearest existing parent when it
+/// does not exist yet: pgferry creates it).
+fn writable_dir(path: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    let mut dir = path.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+    if dir.as_os_str().is_empty() {
+        dir = ".".into();
+    }
+    let mut probe_dir = dir.clone();
+    while !probe_dir.exists() {
+        match probe_dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => probe_dir = p.to_path_buf(),
+            _ => {
+                probe_dir = ".".into();
+                break;
+            }
+        }
+    }
+    if !probe_dir.is_dir() {
+        return Err(format!("{} is not a directory", probe_dir.display()));
+    }
+    let probe = probe_dir.join(format!(".pgferry-check-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| format!("{}: {e}", probe_dir.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(dir)
 }
 
 /// Prints the slot's state and each sink's checkpoint.

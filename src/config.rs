@@ -7,7 +7,16 @@
 //!   before the file is interpreted; a missing variable is an error naming the
 //!   key and the variable;
 //! - secrets (the connection password) never reach `Debug` or logs: the source
-//!   URL is only ever printed through [`SourceConfig::redacted_url`].
+//!   URL is only ever printed through [`SourceConfig::redacted_url`], which
+//!   parses the URL or key=value string rather than matching a pattern;
+//! - every table name is canonical after loading: `schema.table`, a bare
+//!   `table` meaning `public.table`, in `source.tables`, `source.publish` and
+//!   every sink's `tables`, so a name matches the stream's names whatever way
+//!   it was written; a sink table that is not in `source.tables` is an error;
+//! - relative paths (`checkpoint.dir`, `pipeline.spill_dir`, a JSONL `path`,
+//!   CA, mapping and dead-letter files) are relative to the config file's
+//!   directory, not to the current directory, so every command finds the
+//!   same state wherever it is run from.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -49,8 +58,9 @@ pub struct Config {
     /// Tuning of snapshots and backfills.
     #[serde(default)]
     pub snapshot: SnapshotConfig,
-    /// The destinations. At least one.
-    #[serde(rename = "sink")]
+    /// The destinations (`[[sink]]`). At least one. Read by
+    /// [`SinkConfig::from_toml`], one at a time, so errors name their path.
+    #[serde(skip)]
     pub sinks: Vec<SinkConfig>,
     /// The `/metrics`, `/healthz` and `/readyz` endpoints, lag and slot polling.
     #[serde(default)]
@@ -93,12 +103,26 @@ pub struct SourceConfig {
     pub slot: String,
     /// The publication (created for `tables` when missing and `create_publication`).
     pub publication: String,
-    /// `schema.table` names to replicate.
+    /// `schema.table` names to replicate (a bare `table` means `public.table`).
     pub tables: Vec<String>,
+    /// Per table, which changes are published: `"all"` (default: inserts,
+    /// updates, deletes and truncates) or `"insert"` (inserts and truncates
+    /// only). A table without a primary key, replica identity index or
+    /// `REPLICA IDENTITY FULL` must be `"insert"`: publishing its updates and
+    /// deletes would make Postgres refuse the application's own `UPDATE` and
+    /// `DELETE` on it, so pgferry refuses to start instead. Insert-only tables
+    /// go to a second publication, `<publication>_insert`.
+    #[serde(default)]
+    pub publish: BTreeMap<String, PublishOps>,
     /// Create the slot when it does not exist. Default true.
     #[serde(default = "yes")]
     pub create_slot: bool,
-    /// Create the publication when it does not exist. Default true.
+    /// pgferry manages the publication (default true): it creates it when it
+    /// does not exist, together with `<publication>_insert` for insert-only
+    /// tables, and adds the tables of `tables` that it lacks (a table added
+    /// there later then needs a backfill, which pgferry requests itself with
+    /// `source.snapshot = "initial"`). With false, pgferry refuses to start
+    /// until the publication covers `tables`, and names the statement to run.
     #[serde(default = "yes")]
     pub create_publication: bool,
     /// Ask for in-progress transactions to be streamed (protocol 2, PostgreSQL 14+). Default true.
@@ -209,6 +233,18 @@ fn default_keepalive_count() -> u32 {
     3
 }
 
+/// `source.publish`: which changes of a table are published.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishOps {
+    /// Inserts, updates, deletes and truncates.
+    #[default]
+    All,
+    /// Inserts and truncates: for tables without a replica identity, whose
+    /// updates and deletes cannot be published.
+    Insert,
+}
+
 /// `source.snapshot`
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -263,6 +299,7 @@ impl std::fmt::Debug for SourceConfig {
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("tables", &self.tables)
+            .field("publish", &self.publish)
             .field("create_slot", &self.create_slot)
             .field("create_publication", &self.create_publication)
             .field("streaming", &self.streaming)
@@ -285,6 +322,16 @@ impl SourceConfig {
     pub fn table_names(&self) -> Vec<(String, String)> {
         self.tables.iter().filter_map(|t| split_table(t)).collect()
     }
+
+    /// What is published of `table` (a canonical `schema.table`).
+    pub fn publish_ops(&self, table: &str) -> PublishOps {
+        self.publish.get(table).copied().unwrap_or_default()
+    }
+
+    /// The publication of the insert-only tables (`source.publish = "insert"`).
+    pub fn insert_publication(&self) -> String {
+        format!("{}_insert", self.publication)
+    }
 }
 
 /// Splits `schema.table`; a bare `table` means `public.table`.
@@ -299,51 +346,255 @@ pub fn split_table(name: &str) -> Option<(String, String)> {
     Some((schema.to_string(), table.to_string()))
 }
 
-/// Replaces the password in a `postgres://user:password@host` URL, or in a
-/// `password=...` key of a key=value string, with `***`.
-pub fn redact_url(url: &str) -> String {
-    if let Some(rest) = url
-        .strip_prefix("postgres://")
-        .map(|r| ("postgres://", r))
-        .or_else(|| {
-            url.strip_prefix("postgresql://")
-                .map(|r| ("postgresql://", r))
-        })
-    {
-        let (scheme, rest) = rest;
-        if let Some(at) = rest.rfind('@') {
-            let userinfo = &rest[..at];
-            if let Some(colon) = userinfo.find(':') {
-                return format!("{scheme}{}:***{}", &userinfo[..colon], &rest[at..]);
-            }
-        }
-        // A password can also hide in the query string.
-        if let Some(q) = rest.find('?') {
-            let (head, query) = rest.split_at(q + 1);
-            let parts: Vec<String> = query
-                .split('&')
-                .map(|kv| {
-                    if kv.starts_with("password=") {
-                        "password=***".to_string()
-                    } else {
-                        kv.to_string()
-                    }
-                })
-                .collect();
-            return format!("{scheme}{head}{}", parts.join("&"));
-        }
-        return url.to_string();
+/// The one spelling of a table name used everywhere: `schema.table`, with
+/// `public` for a bare `table`. `None`: not a table name.
+pub fn canonical_table(name: &str) -> Option<String> {
+    split_table(name).map(|(s, t)| format!("{s}.{t}"))
+}
+
+/// An identifier as SQL needs it: bare when it is a lower-case name that
+/// needs no quotes, else double-quoted (`Products` → `"Products"`).
+pub fn sql_ident(s: &str) -> String {
+    let plain = s
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$');
+    if plain && !is_reserved(s) {
+        s.to_string()
+    } else {
+        format!("\"{}\"", s.replace('"', "\"\""))
     }
-    url.split_whitespace()
-        .map(|kv| {
-            if kv.starts_with("password=") {
-                "password=***".to_string()
-            } else {
-                kv.to_string()
+}
+
+/// `schema.table` as SQL needs it, each part quoted when needed.
+pub fn sql_table(schema: &str, table: &str) -> String {
+    format!("{}.{}", sql_ident(schema), sql_ident(table))
+}
+
+/// Reserved words that cannot be bare identifiers (the common ones; an
+/// unlisted one only makes a suggested statement fail, never a wrong one).
+fn is_reserved(s: &str) -> bool {
+    const WORDS: &[&str] = &[
+        "all",
+        "analyse",
+        "analyze",
+        "and",
+        "any",
+        "array",
+        "as",
+        "asc",
+        "both",
+        "case",
+        "cast",
+        "check",
+        "collate",
+        "column",
+        "constraint",
+        "create",
+        "default",
+        "desc",
+        "distinct",
+        "do",
+        "else",
+        "end",
+        "except",
+        "false",
+        "for",
+        "foreign",
+        "from",
+        "grant",
+        "group",
+        "having",
+        "in",
+        "initially",
+        "intersect",
+        "into",
+        "leading",
+        "limit",
+        "not",
+        "null",
+        "offset",
+        "on",
+        "only",
+        "or",
+        "order",
+        "primary",
+        "references",
+        "select",
+        "some",
+        "table",
+        "then",
+        "to",
+        "trailing",
+        "true",
+        "union",
+        "unique",
+        "user",
+        "using",
+        "when",
+        "where",
+        "with",
+    ];
+    WORDS.contains(&s)
+}
+
+/// Replaces the password of a Postgres connection string with `***`, by
+/// parsing it: the `user:password@` of a URL and a `password` query
+/// parameter, or the `password` key of a key=value string (quoted values,
+/// spaces, `=` and `&` included). A string that does not parse is redacted
+/// from its `password` on.
+pub fn redact_url(url: &str) -> String {
+    for scheme in ["postgres://", "postgresql://"] {
+        if let Some(rest) = url.strip_prefix(scheme) {
+            return format!("{scheme}{}", redact_uri_rest(rest));
+        }
+    }
+    redact_conninfo(url)
+}
+
+/// Redacts the password of an URL's `user:password@` (everything between
+/// `scheme://` and the last `@`), keeping the user: `rest` is the URL after
+/// `scheme://`. Used for Postgres, Redis and search URLs alike.
+pub fn redact_userinfo(rest: &str) -> String {
+    // The last '@' ends the user info: a password may hold '@', '/', '?'.
+    let Some(at) = rest.rfind('@') else {
+        return rest.to_string();
+    };
+    let (userinfo, host) = rest.split_at(at);
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***{host}"),
+        // A user alone is no secret; `redis://password@host` is handled by
+        // its caller.
+        None => format!("{userinfo}{host}"),
+    }
+}
+
+fn redact_uri_rest(rest: &str) -> String {
+    let redacted = redact_userinfo(rest);
+    // A password can also be a query parameter (percent-encoded key).
+    let Some(q) = redacted.find('?') else {
+        return redacted;
+    };
+    let (head, query) = redacted.split_at(q + 1);
+    let mut out = head.to_string();
+    let mut secret = false;
+    for (i, kv) in query.split('&').enumerate() {
+        let key = kv.split('=').next().unwrap_or("");
+        let key = percent_decode(key);
+        if i > 0 {
+            out.push('&');
+        }
+        if key == "password" {
+            out.push_str(&kv[..kv.find('=').map_or(kv.len(), |e| e + 1)]);
+            out.push_str("***");
+            secret = true;
+        } else if secret && !kv.contains('=') {
+            // A raw '&' inside the password: the rest of it.
+            out.push_str("***");
+        } else {
+            secret = false;
+            out.push_str(kv);
+        }
+    }
+    out
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Some(v) = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(v);
+                i += 3;
+                continue;
             }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Redacts the `password` of a libpq key=value string: `key = value` pairs,
+/// a value either bare (up to white space, `\` escapes) or single-quoted
+/// (`\'` and `\\` escapes).
+fn redact_conninfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = String::with_capacity(s.len());
+    let mut i = 0;
+    let ws = |c: u8| c.is_ascii_whitespace();
+    while i < b.len() {
+        // White space between pairs is kept as it is.
+        let start = i;
+        while i < b.len() && ws(b[i]) {
+            i += 1;
+        }
+        out.push_str(&s[start..i]);
+        if i >= b.len() {
+            break;
+        }
+        let key_start = i;
+        while i < b.len() && b[i] != b'=' && !ws(b[i]) {
+            i += 1;
+        }
+        let key = &s[key_start..i];
+        while i < b.len() && ws(b[i]) {
+            i += 1;
+        }
+        if i >= b.len() || b[i] != b'=' {
+            // Not key=value: redact from a password on, keep the rest.
+            return redact_tail(s, &out, key_start);
+        }
+        i += 1;
+        while i < b.len() && ws(b[i]) {
+            i += 1;
+        }
+        let value_start = i;
+        if i < b.len() && b[i] == b'\'' {
+            i += 1;
+            loop {
+                match b.get(i) {
+                    None => return redact_tail(s, &out, key_start),
+                    Some(b'\\') => i += 2,
+                    Some(b'\'') => {
+                        i += 1;
+                        break;
+                    }
+                    Some(_) => i += 1,
+                }
+            }
+        } else {
+            while i < b.len() && !ws(b[i]) {
+                i += if b[i] == b'\\' { 2 } else { 1 };
+            }
+        }
+        let i_end = i.min(b.len());
+        out.push_str(&s[key_start..value_start]);
+        if key == "password" {
+            out.push_str("***");
+        } else {
+            out.push_str(&s[value_start..i_end]);
+        }
+        i = i_end;
+    }
+    out
+}
+
+/// `s` could not be parsed from `from` on: keep what was parsed, and the
+/// rest only when it holds no password.
+fn redact_tail(s: &str, parsed: &str, from: usize) -> String {
+    let rest = &s[from..];
+    match rest.find("password") {
+        Some(p) => format!("{parsed}{}password=***", &rest[..p]),
+        None => format!("{parsed}{rest}"),
+    }
 }
 
 /// `[checkpoint]`
@@ -460,8 +711,7 @@ impl Default for HeartbeatConfig {
 }
 
 /// One `[[sink]]`. The `type` key picks the variant.
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+#[derive(Debug)]
 pub enum SinkConfig {
     /// JSON lines to a file or stdout.
     Jsonl(crate::sink::jsonl::JsonlConfig),
@@ -469,12 +719,101 @@ pub enum SinkConfig {
     Null(crate::sink::null::NullConfig),
     /// Keeps Redis keys in step with the tables (json, hash or invalidate).
     Redis(crate::sink::redis::RedisConfig),
-    /// Documents in Elasticsearch or OpenSearch indices.
-    #[serde(alias = "opensearch")]
+    /// Documents in Elasticsearch or OpenSearch indices (`type =
+    /// "elasticsearch"` or `"opensearch"`).
     Elasticsearch(crate::sink::elasticsearch::ElasticsearchConfig),
 }
 
 impl SinkConfig {
+    /// Reads `sink[i]`: its `type` picks the variant, and the other keys
+    /// are read with their full path in errors.
+    fn from_toml(i: usize, item: toml::Value) -> Result<SinkConfig, ConfigError> {
+        let at = format!("sink[{i}]");
+        let toml::Value::Table(mut table) = item else {
+            return Err(key_err(
+                at,
+                "must be a table: write [[sink]] and its keys below it",
+            ));
+        };
+        const TYPES: &str = "jsonl, redis, elasticsearch, opensearch or null";
+        let kind = match table.remove("type") {
+            Some(toml::Value::String(s)) => s,
+            Some(_) => {
+                return Err(key_err(
+                    format!("{at}.type"),
+                    format!("must be a string: one of {TYPES}"),
+                ))
+            }
+            None => {
+                return Err(key_err(
+                    format!("{at}.type"),
+                    format!("is missing; set it to one of {TYPES}"),
+                ))
+            }
+        };
+        let value = toml::Value::Table(table);
+        Ok(match kind.as_str() {
+            "jsonl" => SinkConfig::Jsonl(deserialize_at(&at, value)?),
+            "null" => SinkConfig::Null(deserialize_at(&at, value)?),
+            "redis" => SinkConfig::Redis(deserialize_at(&at, value)?),
+            "elasticsearch" | "opensearch" => {
+                SinkConfig::Elasticsearch(deserialize_at(&at, value)?)
+            }
+            other => {
+                return Err(key_err(
+                    format!("{at}.type"),
+                    format!("unknown sink type {other:?}; use one of {TYPES}"),
+                ))
+            }
+        })
+    }
+
+    /// Calls `f` on every file or directory path of the sink's config.
+    fn for_each_path(&mut self, f: &impl Fn(&mut PathBuf)) {
+        match self {
+            SinkConfig::Jsonl(c) => f(&mut c.path),
+            SinkConfig::Null(_) => {}
+            SinkConfig::Redis(c) => c.tls_ca_file.iter_mut().for_each(f),
+            SinkConfig::Elasticsearch(c) => {
+                c.ca_file.iter_mut().for_each(f);
+                c.dead_letter_path.iter_mut().for_each(f);
+                c.mapping_file.iter_mut().for_each(f);
+                for t in c.tables.values_mut() {
+                    t.mapping_file.iter_mut().for_each(f);
+                }
+            }
+        }
+    }
+
+    /// Rewrites the sink's table names into canonical `schema.table`. The
+    /// error is `(key below the sink, message)`.
+    fn canonicalize_tables(&mut self) -> Result<(), (String, String)> {
+        let list = |tables: &mut Option<Vec<String>>| -> Result<(), (String, String)> {
+            for (i, t) in tables.iter_mut().flatten().enumerate() {
+                *t = canonical_table(t).ok_or_else(|| {
+                    (
+                        format!("tables[{i}]"),
+                        format!("{t:?} is not a table name; write schema.table, e.g. \"public.products\""),
+                    )
+                })?;
+            }
+            Ok(())
+        };
+        let keyed = |e: (String, String)| (format!("tables.{:?}", e.0), e.1);
+        match self {
+            SinkConfig::Jsonl(c) => list(&mut c.tables),
+            SinkConfig::Null(c) => list(&mut c.tables),
+            SinkConfig::Redis(c) => {
+                c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
+                Ok(())
+            }
+            SinkConfig::Elasticsearch(c) => {
+                c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
+                Ok(())
+            }
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             SinkConfig::Jsonl(c) => &c.name,
@@ -567,15 +906,18 @@ fn default_wal_warn_bytes() -> u64 {
 
 impl Config {
     /// Reads, substitutes `${VAR}`s, parses and validates a config file.
+    /// Relative paths in it are taken relative to the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::parse(&text, path, |name| std::env::var(name).ok())
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        Self::parse(&text, &path, |name| std::env::var(name).ok())
     }
 
-    /// Parses config text; `env` resolves `${VAR}` references.
+    /// Parses config text; `env` resolves `${VAR}` references. Relative
+    /// paths are resolved against `path`'s directory.
     pub fn parse(
         text: &str,
         path: &Path,
@@ -586,39 +928,90 @@ impl Config {
             message: e.to_string(),
         })?;
         substitute(&mut value, &mut Vec::new(), &env)?;
-        let config: Config = serde_path_to_error::deserialize(value).map_err(|e| {
-            let mut key = e.path().to_string();
-            // The message alone: the error's Display repeats the key ("in `sink`").
-            let message = e.into_inner().message().to_string();
-            // Inside a `[[sink]]` (an internally tagged enum) the path stops at
-            // `sink[0]`; complete it with the unknown key, as for other tables.
-            if let Some(field) = message
-                .strip_prefix("unknown field `")
-                .and_then(|r| r.split('`').next())
-            {
-                if key.rsplit(['.', '[']).next() != Some(field) {
-                    key = format!("{key}.{field}");
-                }
+        // Each `[[sink]]` is read on its own, so that errors inside it name
+        // their full path (serde loses it inside an internally tagged enum).
+        let sinks = match value.as_table_mut().and_then(|t| t.remove("sink")) {
+            None => Vec::new(),
+            Some(toml::Value::Array(items)) => items,
+            Some(_) => {
+                return Err(key_err(
+                    "sink",
+                    "must be a list of tables: write each sink as [[sink]], with two brackets",
+                ))
             }
-            key_err(key, message)
-        })?;
-        let mut config = config;
+        };
+        let mut config: Config = deserialize_at("", value)?;
+        for (i, item) in sinks.into_iter().enumerate() {
+            config.sinks.push(SinkConfig::from_toml(i, item)?);
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            config.resolve_paths(dir);
+        }
+        config.canonicalize_tables()?;
         config.resolve_defaults();
         config.validate()?;
         Ok(config)
     }
 
+    /// Makes every relative path relative to `dir` (the config file's).
+    fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() && p.as_os_str() != "-" {
+                *p = dir.join(&*p);
+            }
+        };
+        fix(&mut self.checkpoint.dir);
+        if let Some(p) = &mut self.pipeline.spill_dir {
+            fix(p);
+        }
+        for sink in &mut self.sinks {
+            sink.for_each_path(&fix);
+        }
+    }
+
+    /// Rewrites every table name into its canonical `schema.table`.
+    fn canonicalize_tables(&mut self) -> Result<(), ConfigError> {
+        let s = &mut self.source;
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for (i, t) in s.tables.iter_mut().enumerate() {
+            let c = canonical_table(t).ok_or_else(|| {
+                key_err(
+                    format!("source.tables[{i}]"),
+                    format!(
+                        "{t:?} is not a table name; write schema.table, e.g. \"public.products\""
+                    ),
+                )
+            })?;
+            if let Some(j) = seen.insert(c.clone(), i) {
+                return Err(key_err(
+                    format!("source.tables[{i}]"),
+                    format!("{t:?} names the same table as source.tables[{j}] ({c})"),
+                ));
+            }
+            *t = c;
+        }
+        s.publish = canonical_keys(std::mem::take(&mut s.publish))
+            .map_err(|(k, m)| key_err(format!("source.publish.{k:?}"), m))?;
+        for (i, sink) in self.sinks.iter_mut().enumerate() {
+            sink.canonicalize_tables()
+                .map_err(|(k, m)| key_err(format!("sink[{i}].{k}"), m))?;
+        }
+        Ok(())
+    }
+
     /// Fills in defaults that depend on other keys.
     fn resolve_defaults(&mut self) {
         for sink in &mut self.sinks {
-            if let SinkConfig::Elasticsearch(c) = sink {
-                if c.dead_letter_path.is_none() {
+            match sink {
+                SinkConfig::Elasticsearch(c) if c.dead_letter_path.is_none() => {
                     c.dead_letter_path = Some(
                         self.checkpoint
                             .dir
                             .join(format!("{}.dead-letter.jsonl", c.name)),
                     );
                 }
+                SinkConfig::Redis(c) => c.default_state_prefix(&self.source.slot),
+                _ => {}
             }
         }
     }
@@ -669,6 +1062,20 @@ impl Config {
                     ),
                 ));
             }
+        }
+        for t in s.publish.keys() {
+            if !s.tables.contains(t) {
+                return Err(key_err(
+                    format!("source.publish.{t:?}"),
+                    format!("{t:?} is not in source.tables; add it there or remove it here"),
+                ));
+            }
+        }
+        if s.publish.values().any(|p| *p == PublishOps::Insert) && s.publication.len() > 56 {
+            return Err(key_err(
+                "source.publication",
+                "is longer than 56 characters: insert-only tables (source.publish) need a second publication named <publication>_insert, which Postgres limits to 63",
+            ));
         }
         if s.status_interval_secs == 0 {
             return Err(key_err("source.status_interval_secs", "must be at least 1"));
@@ -745,12 +1152,21 @@ impl Config {
             sink.validate()
                 .map_err(|(k, m)| key_err(format!("sink[{i}].{k}"), m))?;
             if let Some(tables) = sink.tables() {
+                // A filter that matches nothing would let the sink's
+                // checkpoint advance over every change unwritten.
+                if tables.is_empty() {
+                    return Err(key_err(
+                        format!("sink[{i}].tables"),
+                        "is empty, so the sink would receive nothing; list tables of source.tables, or leave the key out for all of them",
+                    ));
+                }
                 for t in &tables {
                     if !s.tables.contains(t) {
                         return Err(key_err(
                             format!("sink[{i}].tables.{t:?}"),
                             format!(
-                                "{t:?} is not in source.tables; add it there or remove it here"
+                                "{t:?} is not in source.tables ({}); add it there or remove it here",
+                                s.tables.join(", ")
                             ),
                         ));
                     }
@@ -767,6 +1183,92 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.checkpoint.dir.join("spill"))
     }
+}
+
+/// Deserializes `value` (found at `prefix`, e.g. `sink[0]`) and names the
+/// full path of any error: `sink[0].tables."public.products".keyy`.
+fn deserialize_at<T: serde::de::DeserializeOwned>(
+    prefix: &str,
+    value: toml::Value,
+) -> Result<T, ConfigError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut key = prefix.to_string();
+        for seg in e.path().iter() {
+            use serde_path_to_error::Segment;
+            match seg {
+                Segment::Seq { index } => key.push_str(&format!("[{index}]")),
+                Segment::Map { key: k } | Segment::Enum { variant: k } => push_key(&mut key, k),
+                Segment::Unknown => {}
+            }
+        }
+        // The message alone: the error's Display repeats the key.
+        let message = e.into_inner().message().to_string();
+        let quoted = |prefix: &str| {
+            message
+                .strip_prefix(prefix)
+                .and_then(|r| r.split('`').next())
+                .map(str::to_string)
+        };
+        if let Some(field) = quoted("unknown field `") {
+            // The path ends at the unknown key, or at its table.
+            let mut own = String::new();
+            push_key(&mut own, &field);
+            if !key.ends_with(&format!(".{own}")) && key != own {
+                push_key(&mut key, &field);
+            }
+            let expected = message.split_once(", expected ").map(|(_, e)| e);
+            let hint = expected.map_or(String::new(), |e| format!("; expected {e}"));
+            return key_err(key, format!("is not a known key{hint}"));
+        }
+        if let Some(field) = quoted("missing field `") {
+            push_key(&mut key, &field);
+            return key_err(key, "is missing; it is required");
+        }
+        if key.is_empty() {
+            key = "(top level)".into();
+        }
+        key_err(key, message)
+    })
+}
+
+/// Appends one key to a path, quoted when it is not a bare key.
+fn push_key(path: &mut String, key: &str) {
+    if !path.is_empty() {
+        path.push('.');
+    }
+    if !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        path.push_str(key);
+    } else {
+        path.push_str(&format!("{key:?}"));
+    }
+}
+
+/// Re-keys a map of tables by canonical names. The error is (the key as
+/// written, message).
+pub fn canonical_keys<V>(
+    map: BTreeMap<String, V>,
+) -> Result<BTreeMap<String, V>, (String, String)> {
+    let mut out = BTreeMap::new();
+    let mut written: BTreeMap<String, String> = BTreeMap::new();
+    for (name, v) in map {
+        let c = canonical_table(&name).ok_or_else(|| {
+            (
+                name.clone(),
+                format!(
+                    "{name:?} is not a table name; write schema.table, e.g. \"public.products\""
+                ),
+            )
+        })?;
+        if let Some(prev) = written.insert(c.clone(), name.clone()) {
+            return Err((name, format!("names the same table as {prev:?} ({c})")));
+        }
+        out.insert(c, v);
+    }
+    Ok(out)
 }
 
 /// Replaces `${VAR}` in every string of the document.
@@ -1203,5 +1705,185 @@ index = "products"
             "url = \"http://h:9200\"\nbatch_max_docs = 0",
         );
         assert!(e.contains("sink[1].batch_max_docs"), "{e}");
+    }
+
+    /// Issue 10, case 2: one canonical spelling of table names everywhere,
+    /// and a filter that matches nothing is refused.
+    #[test]
+    fn table_names_are_canonical_everywhere_and_empty_filters_are_refused() {
+        let bare = EXAMPLE
+            .replace("\"public.products\"", "\"products\"")
+            .replace("path = ", "tables = [\"products\"]\npath = ");
+        let c = parse(&bare).unwrap();
+        assert_eq!(c.source.tables, ["public.products"]);
+        assert_eq!(
+            c.sinks[0].tables(),
+            Some(vec!["public.products".to_string()])
+        );
+        let redis = format!(
+            "{bare}\n[[sink]]\nname = \"cache\"\ntype = \"redis\"\nurl = \"redis://127.0.0.1\"\n[sink.tables.products]\nkey = \"p:{{id}}\"\n"
+        );
+        let c = parse(&redis).unwrap();
+        assert_eq!(
+            c.sinks[1].tables(),
+            Some(vec!["public.products".to_string()])
+        );
+        let e = parse(&EXAMPLE.replace("path = ", "tables = []\npath = "))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("sink[0].tables") && e.contains("is empty"),
+            "{e}"
+        );
+        let e = parse(&EXAMPLE.replace("path = ", "tables = [\"public.other\"]\npath = "))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not in source.tables"), "{e}");
+        let e = parse(&EXAMPLE.replace(
+            "[\"public.products\"]",
+            "[\"public.products\", \"products\"]",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("source.tables[1]") && e.contains("same table"),
+            "{e}"
+        );
+        let c = parse(&EXAMPLE.replace(
+            "tables = [\"public.products\"]",
+            "tables = [\"products\"]\npublish = { products = \"insert\" }",
+        ))
+        .unwrap();
+        assert_eq!(c.source.publish_ops("public.products"), PublishOps::Insert);
+        let e = parse(&EXAMPLE.replace(
+            "tables = [\"public.products\"]",
+            "tables = [\"products\"]\npublish = { other = \"insert\" }",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("source.publish") && e.contains("public.other"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn errors_inside_a_sink_and_missing_keys_name_their_full_path() {
+        let no_sink = &EXAMPLE[..EXAMPLE.find("[[sink]]").unwrap()];
+        let e = parse(no_sink).unwrap_err().to_string();
+        assert!(e.contains("`sink`") && !e.contains("`.`"), "{e}");
+        let e = parse(&EXAMPLE.replace("slot = \"pgferry\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`source.slot`") && e.contains("missing"), "{e}");
+        let e = parse(&EXAMPLE.replace("path = ", "fsync = \"yes\"\npath = "))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`sink[0].fsync`"), "{e}");
+        let redis = format!(
+            "{EXAMPLE}\n[[sink]]\nname = \"cache\"\ntype = \"redis\"\nurl = \"redis://h\"\n[sink.tables.\"public.products\"]\nkey = \"p:{{id}}\"\nkeyy = 1\n"
+        );
+        let e = parse(&redis).unwrap_err().to_string();
+        assert!(
+            e.contains("`sink[1].tables.\"public.products\".keyy`"),
+            "{e}"
+        );
+        let e = parse(&redis.replace("keyy = 1", "ttl_seconds = \"x\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`sink[1].tables.\"public.products\".ttl_seconds`"),
+            "{e}"
+        );
+        let e = parse(&EXAMPLE.replace("type = \"jsonl\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`sink[0].type`") && e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn relative_paths_are_relative_to_the_config_file() {
+        let c = Config::parse(EXAMPLE, Path::new("/etc/pgferry/pgferry.toml"), |_| None).unwrap();
+        assert_eq!(
+            c.checkpoint.dir,
+            PathBuf::from("/etc/pgferry/pgferry-state")
+        );
+        assert_eq!(
+            c.spill_dir(),
+            PathBuf::from("/etc/pgferry/pgferry-state/spill")
+        );
+        let SinkConfig::Jsonl(j) = &c.sinks[0] else {
+            panic!()
+        };
+        assert_eq!(j.path, PathBuf::from("/etc/pgferry/changes.jsonl"));
+        let abs = EXAMPLE.replace("\"pgferry-state\"", "\"/var/lib/x\"");
+        let c = Config::parse(&abs, Path::new("/etc/pgferry/pgferry.toml"), |_| None).unwrap();
+        assert_eq!(c.checkpoint.dir, PathBuf::from("/var/lib/x"));
+        let stdout = EXAMPLE.replace("\"changes.jsonl\"", "\"-\"");
+        let c = Config::parse(&stdout, Path::new("/etc/pgferry/pgferry.toml"), |_| None).unwrap();
+        let SinkConfig::Jsonl(j) = &c.sinks[0] else {
+            panic!()
+        };
+        assert_eq!(j.path, PathBuf::from("-"));
+    }
+
+    /// Issue 10, case 5: templates whose keys can collide are refused;
+    /// the default state prefix includes the slot (case 4).
+    #[test]
+    fn colliding_redis_key_templates_are_refused_and_the_prefix_names_the_slot() {
+        let two = EXAMPLE.replace(
+            "tables = [\"public.products\"]",
+            "tables = [\"public.products\", \"public.items\"]",
+        ) + "\n[[sink]]\nname = \"cache\"\ntype = \"redis\"\nurl = \"redis://h\"\n\
+             [sink.tables.\"public.products\"]\nkey = \"k:{id}\"\n[sink.tables.\"public.items\"]\nkey = \"k:{code}\"\n";
+        let e = parse(&two).unwrap_err().to_string();
+        assert!(
+            e.contains("sink[1].tables.\"public.products\".key")
+                && e.contains("public.items")
+                && e.contains("k:0")
+                && e.contains("own literal prefix"),
+            "{e}"
+        );
+        let ok = parse(&two.replace("k:{code}", "item:{code}")).unwrap();
+        let SinkConfig::Redis(r) = &ok.sinks[1] else {
+            panic!()
+        };
+        assert_eq!(r.state_prefix(), "pgferry:pgferry:cache");
+        // A bare column can render "pgferry:pgferry:cache:position".
+        let e = parse(&two.replace("k:{code}", "{code}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pgferry's own keys"), "{e}");
+    }
+
+    #[test]
+    fn passwords_are_redacted_by_parsing_in_both_forms() {
+        for pw in ["Sup3r Secret", "a=b", "x&y", "it's", "back\\slash", "@t"] {
+            let quoted = pw.replace('\\', "\\\\").replace('\'', "\\'");
+            let kv = format!("host=h user=u password='{quoted}' dbname=d");
+            let r = redact_url(&kv);
+            assert_eq!(r, "host=h user=u password=*** dbname=d", "{pw}");
+            let kv = format!("password = '{quoted}' host=h");
+            assert_eq!(redact_url(&kv), "password = *** host=h", "{pw}");
+            for url in [
+                format!("postgres://u:{pw}@h:5432/d"),
+                format!("postgresql://u:{pw}@h/d?sslmode=disable"),
+            ] {
+                let r = redact_url(&url);
+                assert!(!r.contains(pw) && r.contains("u:***@h"), "{url} -> {r}");
+            }
+            let q = format!("postgres://u@h/d?sslmode=disable&password={pw}&application_name=x");
+            let r = redact_url(&q);
+            assert!(
+                !r.contains(&format!("password={pw}"))
+                    && r.contains("password=***&")
+                    && r.ends_with("&application_name=x"),
+                "{q} -> {r}"
+            );
+        }
+        assert_eq!(redact_url("host=h password=p"), "host=h password=***");
+        assert_eq!(redact_url("password=p"), "password=***");
+        // Unparseable: redacted from the password on.
+        assert_eq!(redact_url("host=h password='open"), "host=h password=***");
     }
 }

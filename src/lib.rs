@@ -16,6 +16,8 @@
 //! - [`sink`]: the sinks (`jsonl`, `redis`, `elasticsearch`, `null`).
 //! - [`snapshot`]: initial snapshots and backfills (watermarked chunks).
 //! - [`source`]: one replication session, wiring the stages together.
+//! - [`publication`]: what the publications must hold before a session
+//!   streams; created, completed or refused at every start.
 //! - [`config`]: the TOML configuration.
 //! - [`metrics`]: the Prometheus registry and the `/metrics`, `/healthz`, `/readyz` endpoints.
 //! - [`observe`]: heartbeat, lag and slot polling, progress log lines (once per process).
@@ -33,6 +35,7 @@ pub mod metrics;
 pub mod observe;
 pub mod pipeline;
 pub mod protocol;
+pub mod publication;
 pub mod sink;
 pub mod snapshot;
 pub mod source;

@@ -52,16 +52,24 @@ enum Command {
     },
     /// Re-load a table (or the rows matching --where) into every sink while
     /// the stream keeps flowing. The request travels through the WAL, so the
-    /// running pgferry picks it up (or the next one to start).
+    /// running pgferry picks it up (or the next one to start). Also lists
+    /// the snapshot jobs (--list) and cancels one (--cancel ID), which
+    /// acknowledges a failed one.
     Backfill {
         #[arg(long, short)]
         config: PathBuf,
         /// `schema.table`, one of source.tables.
-        #[arg(long)]
-        table: String,
+        #[arg(long, required_unless_present_any = ["list", "cancel"], conflicts_with_all = ["list", "cancel"])]
+        table: Option<String>,
         /// SQL condition on the table's columns, e.g. "updated_at > now() - interval '1 day'".
-        #[arg(long = "where")]
+        #[arg(long = "where", requires = "table")]
         filter: Option<String>,
+        /// List the snapshot jobs: running, failed (with the error) and recently finished.
+        #[arg(long, conflicts_with = "cancel")]
+        list: bool,
+        /// Cancel a running or failed job (the ID that --list shows).
+        #[arg(long, value_name = "ID")]
+        cancel: Option<u64>,
     },
     /// Validate the config and the source server; print every check as OK or FAIL.
     Check {
@@ -116,17 +124,21 @@ fn log_format(cli: &Cli) -> LogFormat {
     })
 }
 
+/// Sets up logging to stderr. Colours only on a terminal: never ANSI codes
+/// in a file or a pipe.
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PGFERRY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let terminal = std::io::stderr().is_terminal();
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
-        LogFormat::Auto => !std::io::stderr().is_terminal(),
+        LogFormat::Auto => !terminal,
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(terminal && !json);
     if json {
         builder.json().init();
     } else {
@@ -150,8 +162,8 @@ fn main() -> std::process::ExitCode {
     let code = match rt.block_on(dispatch(cli.command)) {
         Ok(code) => code,
         Err(e) => {
+            // Once, as a log line in the chosen format (JSON or text).
             tracing::error!("{e:#}");
-            eprintln!("pgferry: {e:#}");
             std::process::ExitCode::FAILURE
         }
     };
@@ -178,15 +190,30 @@ async fn dispatch(cmd: Command) -> anyhow::Result<std::process::ExitCode> {
             config,
             table,
             filter,
+            list,
+            cancel,
         } => {
             let cfg = load(&config)?;
-            let lsn = pgferry::snapshot::request_backfill(&cfg, &table, filter.as_deref())
-                .await
-                .map_err(anyhow::Error::msg)?;
-            println!(
-                "backfill of {table} requested at {lsn}; the pgferry streaming slot {} picks it up from the stream (progress in its log and metrics)",
-                cfg.source.slot
-            );
+            if list {
+                pgferry::snapshot::list_backfills(&cfg, &mut std::io::stdout())
+                    .map_err(anyhow::Error::msg)?;
+            } else if let Some(id) = cancel {
+                let lsn = pgferry::snapshot::cancel_backfill(&cfg, id)
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                println!(
+                    "cancel of job {id} requested at {lsn}; the pgferry streaming slot {} applies it from the stream",
+                    cfg.source.slot
+                );
+            } else if let Some(table) = table {
+                let lsn = pgferry::snapshot::request_backfill(&cfg, &table, filter.as_deref())
+                    .await
+                    .map_err(anyhow::Error::msg)?;
+                println!(
+                    "backfill of {table} requested at {lsn}; the pgferry streaming slot {} picks it up from the stream (progress in its log and metrics, and in pgferry backfill --list)",
+                    cfg.source.slot
+                );
+            }
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Check { config } => {

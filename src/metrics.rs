@@ -80,6 +80,11 @@ pub struct Metrics {
     /// Per sink name, the tables it takes (`None`: all).
     sink_tables: Mutex<HashMap<String, Option<Vec<String>>>>,
     snapshots: Mutex<BTreeMap<String, SnapshotProgress>>,
+    /// Snapshot jobs that failed for good and are not cancelled yet: id →
+    /// (table, error). Shown by `/readyz`.
+    failed_jobs: Mutex<BTreeMap<u64, (String, String)>>,
+    /// Snapshot jobs that failed for good, since the process started.
+    snapshot_failures: AtomicU64,
     session: Mutex<Option<Session>>,
     /// Positions of the last session, reported while none streams.
     last_received: AtomicU64,
@@ -522,6 +527,20 @@ impl Metrics {
         );
     }
 
+    /// A snapshot job failed for good (`counted`: just now, rather than in
+    /// an earlier run, found in `snapshot.json`).
+    pub fn snapshot_job_failed(&self, id: u64, table: &str, error: &str, counted: bool) {
+        if counted {
+            self.snapshot_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        lock(&self.failed_jobs).insert(id, (table.to_string(), error.to_string()));
+    }
+
+    /// A failed snapshot job was cancelled (acknowledged).
+    pub fn snapshot_job_cleared(&self, id: u64) {
+        lock(&self.failed_jobs).remove(&id);
+    }
+
     /// Row changes received so far, over all tables.
     pub fn events_received(&self) -> u64 {
         lock(&self.received)
@@ -659,6 +678,11 @@ impl Metrics {
         }
         for (sink, what) in lock(&self.data_loss).iter() {
             reasons.push(format!("sink {sink} lost data: {what}"));
+        }
+        for (id, (table, error)) in lock(&self.failed_jobs).iter() {
+            reasons.push(format!(
+                "snapshot job {id} of {table} failed: {error} (acknowledge with pgferry backfill --cancel {id})"
+            ));
         }
         (reasons.is_empty(), reasons)
     }
@@ -1014,6 +1038,20 @@ impl Metrics {
                 let _ = writeln!(o, "{metric}{{table=\"{}\"}} {v}", label(t));
             }
         }
+        scalar(
+            &mut o,
+            "pgferry_snapshot_failures_total",
+            "counter",
+            "Snapshot and backfill jobs that failed with an error no retry can fix.",
+            self.snapshot_failures.load(Ordering::Relaxed),
+        );
+        scalar(
+            &mut o,
+            "pgferry_snapshot_failed_jobs",
+            "gauge",
+            "Failed snapshot jobs not cancelled yet (pgferry backfill --cancel ID).",
+            lock(&self.failed_jobs).len(),
+        );
         o
     }
 }

@@ -75,6 +75,15 @@ impl From<ConnError> for SourceError {
     }
 }
 
+impl From<crate::publication::PublicationError> for SourceError {
+    fn from(e: crate::publication::PublicationError) -> Self {
+        match e {
+            crate::publication::PublicationError::Refused(m) => SourceError::Fatal(m),
+            crate::publication::PublicationError::Postgres(e) => e.into(),
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for SourceError {
     fn from(e: tokio_postgres::Error) -> Self {
         // tokio-postgres's Display omits the cause ("invalid configuration"),
@@ -200,52 +209,6 @@ pub async fn server_version(client: &tokio_postgres::Client) -> Result<u32, Sour
     Ok(row.get::<_, i32>(0) as u32)
 }
 
-/// Creates the publication for the configured tables when it is missing
-/// (and allowed); checks that it exists otherwise.
-async fn ensure_publication(
-    client: &tokio_postgres::Client,
-    config: &Config,
-) -> Result<(), SourceError> {
-    let s = &config.source;
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&s.publication],
-        )
-        .await?
-        .is_some();
-    if exists {
-        return Ok(());
-    }
-    if !s.create_publication {
-        return Err(fatal(format!(
-            "publication {:?} does not exist and source.create_publication is false; create it with CREATE PUBLICATION {} FOR TABLE ...",
-            s.publication, s.publication
-        )));
-    }
-    let tables: Vec<String> = s
-        .table_names()
-        .iter()
-        .map(|(sch, t)| format!("{}.{}", conn::quote_ident(sch), conn::quote_ident(t)))
-        .collect();
-    client
-        .batch_execute(&format!(
-            "CREATE PUBLICATION {} FOR TABLE {}",
-            conn::quote_ident(&s.publication),
-            tables.join(", ")
-        ))
-        .await
-        .map_err(|e| {
-            fatal(format!(
-                "creating publication {:?} failed: {}; check that every table in source.tables exists and that the user owns them",
-                s.publication,
-                e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())
-            ))
-        })?;
-    tracing::info!(publication = %s.publication, tables = ?s.tables, "created publication");
-    Ok(())
-}
-
 /// How `pgferry run` was asked to end, besides a signal.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOptions {
@@ -288,6 +251,8 @@ struct Prepared {
     store: CheckpointStore,
     /// The server's `wal_sender_timeout` (`None`: disabled).
     wal_sender_timeout: Option<Duration>,
+    /// Tables just added to the publication (their old rows need a backfill).
+    added: Vec<String>,
 }
 
 /// Runs `f` within `source.network.connect_timeout_secs`.
@@ -320,11 +285,10 @@ async fn prepare(config: &Config) -> Result<Prepared, SourceError> {
         sql_connect_watched(&s.url, &s.network),
     )
     .await?;
-    within(
-        config,
-        "checking the publication",
-        ensure_publication(&client, config),
-    )
+    let slot = within(config, "reading the slot", slot_info(&client, &s.slot)).await?;
+    let added = within(config, "checking the publication", async {
+        Ok(crate::publication::ensure(&client, config, slot.is_some()).await?)
+    })
     .await?;
     let recv_buffer = s.recv_buffer_kb.map(|k| k.saturating_mul(1024));
     let mut repl = conn::connect_opts(&pg, recv_buffer, &s.network).await?;
@@ -362,7 +326,6 @@ async fn prepare(config: &Config) -> Result<Prepared, SourceError> {
         }
         checkpoints.push(cp.map(|c| c.lsn));
     }
-    let slot = within(config, "reading the slot", slot_info(&client, &s.slot)).await?;
     let (slot_pos, created) = match &slot {
         None => {
             if let Some((sink, lsn)) = config
@@ -385,12 +348,12 @@ async fn prepare(config: &Config) -> Result<Prepared, SourceError> {
                     s.slot, s.slot
                 )));
             }
-            let lsn = repl.create_slot(&s.slot).await?;
+            let lsn = repl.create_slot(&s.slot).await.map_err(slot_create_error)?;
             tracing::info!(slot = %s.slot, consistent_point = %lsn, "created replication slot");
             (lsn, true)
         }
         Some(info) => {
-            check_slot(config, info)?;
+            check_slot(config, info, system.dbname.as_deref())?;
             (info.confirmed_flush.unwrap_or(Lsn::ZERO), false)
         }
     };
@@ -405,17 +368,15 @@ async fn prepare(config: &Config) -> Result<Prepared, SourceError> {
         slot_pos,
         store,
         wal_sender_timeout,
+        added,
     })
 }
 
 /// The slot exists: it must be ours to use.
-fn check_slot(config: &Config, info: &SlotInfo) -> Result<(), SourceError> {
+fn check_slot(config: &Config, info: &SlotInfo, database: Option<&str>) -> Result<(), SourceError> {
     let s = &config.source;
-    if info.plugin.as_deref() != Some("pgoutput") {
-        return Err(fatal(format!(
-            "replication slot {:?} uses plugin {:?}, not pgoutput; drop it (pgferry slot drop) or choose another source.slot",
-            s.slot, info.plugin
-        )));
+    if let Some(why) = slot_mismatch(info, &s.slot, database) {
+        return Err(fatal(why));
     }
     if info.wal_status.as_deref() == Some("lost") {
         return Err(fatal(crate::observe::lost_slot_message(
@@ -454,6 +415,68 @@ fn gap_check(
         }
     }
     Ok(())
+}
+
+/// Why an existing slot cannot be this session's, or `None`: another
+/// plugin than pgoutput, or another database than the one connected to.
+pub fn slot_mismatch(info: &SlotInfo, slot: &str, database: Option<&str>) -> Option<String> {
+    if info.plugin.as_deref() != Some("pgoutput") {
+        let plugin = info.plugin.as_deref().unwrap_or("(none)");
+        return Some(format!(
+            "replication slot {slot:?} uses the plugin {plugin}, not pgoutput; drop it (pgferry slot drop) or choose another source.slot"
+        ));
+    }
+    match (info.database.as_deref(), database) {
+        (Some(theirs), Some(ours)) if theirs != ours => Some(format!(
+            "replication slot {slot:?} belongs to database {theirs:?}, but source.url connects to database {ours:?}; \
+             choose another source.slot, or point source.url at database {theirs:?}"
+        )),
+        _ => None,
+    }
+}
+
+/// Creating the slot failed: all slots in use is the operator's to fix,
+/// not something a retry can.
+fn slot_create_error(e: ConnError) -> SourceError {
+    match &e {
+        ConnError::Server { code, .. } if code == "53400" => fatal(format!(
+            "cannot create the replication slot: {e}. Every slot is taken (max_replication_slots): drop an unused one \
+             (SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE NOT active AND …), \
+             or raise max_replication_slots (ALTER SYSTEM SET max_replication_slots = …; then restart Postgres)"
+        )),
+        _ => e.into(),
+    }
+}
+
+/// Tables just added to a publication start with their changes only: the
+/// rows they already hold need a backfill. With `source.snapshot =
+/// "initial"` pgferry requests it itself (through the stream, like `pgferry
+/// backfill`); otherwise it says so, with the command. On the very first
+/// start (`fresh`) the initial snapshot, if any, covers them.
+async fn backfill_added_tables(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    added: &[String],
+    fresh: bool,
+) {
+    if fresh || added.is_empty() {
+        return;
+    }
+    let auto = config.source.snapshot == crate::config::SnapshotMode::Initial;
+    for table in added {
+        if auto {
+            match crate::snapshot::emit_backfill_request(client, config, table, None).await {
+                Ok(lsn) => {
+                    tracing::warn!(table = %table, at = %lsn, "table added to the publication: its changes are replicated from now on, and a backfill of its rows was requested (source.snapshot = \"initial\")");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(table = %table, error = %e, "could not request a backfill of the added table")
+                }
+            }
+        }
+        tracing::warn!(table = %table, "table added to the publication: its changes are replicated from now on, but the rows it already holds are not in the sinks; load them with: pgferry backfill --config <this config> --table {table}");
+    }
 }
 
 /// The server's `wal_sender_timeout` as last read (0: disabled or unknown).
@@ -551,12 +574,17 @@ async fn start_sinks(
     let (loss_tx, loss_rx) = mpsc::unbounded_channel();
     let mut senders = Vec::new();
     let mut tasks = Vec::new();
+    let owner = crate::sink::StreamOwner {
+        system_identifier: p.system.system_id.clone(),
+        database: p.system.dbname.clone().unwrap_or_default(),
+        slot: s.slot.clone(),
+    };
     let row_source: Arc<dyn crate::sink::rows::RowSource> = Arc::new(rows::PgRows::new(
         &config.source.url,
         &config.source.network,
     ));
     for (i, sc) in config.sinks.iter().enumerate() {
-        let sink = crate::sink::build(sc, row_source.clone())
+        let sink = crate::sink::build(sc, &owner, row_source.clone())
             .await
             .map_err(|e| fatal(e.to_string()))?;
         let (tx, rx) = mpsc::channel(64);
@@ -619,6 +647,7 @@ impl<'a> Session<'a> {
             .collect();
         let start = starts.iter().copied().min().unwrap_or(p.slot_pos);
         let fresh = p.checkpoints.iter().all(Option::is_none);
+        backfill_added_tables(&p.client, config, &p.added, fresh).await;
         let progress = Progress::new(&starts);
         let sinks = start_sinks(config, &p, &starts, &progress).await?;
         // Status updates: at most every 10 s and every wal_sender_timeout/2.
@@ -643,7 +672,7 @@ impl<'a> Session<'a> {
             slot: s.slot.clone(),
             start,
             proto_version,
-            publication: s.publication.clone(),
+            publications: crate::publication::stream_publications(config),
             messages: true,
             streaming,
         };
@@ -718,7 +747,7 @@ impl<'a> Session<'a> {
                 tracing::info!(until = %until.unwrap_or_default(), "every sink reached the --until position");
                 return Ok(());
             }
-            if self.snaps.exit_now() {
+            if self.snaps.exit_now()? {
                 tracing::info!("the snapshot is done in every sink (--exit-after-snapshot)");
                 return Ok(());
             }

@@ -258,3 +258,251 @@ fn sigint_stops_run_cleanly() {
     assert!(f.log().contains("stopped cleanly"), "{}", f.log());
     assert!(f.path("state/changes.checkpoint.json").exists());
 }
+
+/// The FAIL lines (with their fix) of a `check` run, as one text.
+fn fails(out: &CommandOutput) -> String {
+    let all: Vec<&str> = out.stdout.lines().collect();
+    let mut text = String::new();
+    for (i, l) in all.iter().enumerate() {
+        if l.starts_with("FAIL") {
+            text += l;
+            text += "\n";
+            text += all.get(i + 1).copied().unwrap_or_default();
+            text += "\n";
+        }
+    }
+    text
+}
+
+/// `check` connects to every sink: an unreachable Redis, a wrong password,
+/// a key template naming a missing or non-key column, and a JSONL path that
+/// cannot be written all fail, with rc 1; a good config passes.
+#[test]
+fn check_connects_to_every_sink_and_checks_key_columns() {
+    let pg = TestPg::start();
+    pg.sql("CREATE TABLE products (id int PRIMARY KEY, sku text, name text)");
+    let r = support::redis::TestRedis::new();
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("requirepass")
+        .arg("right")
+        .query(&mut r.conn())
+        .unwrap();
+    let f = FerryDir::new();
+    let redis = |url: &str, key: &str| {
+        format!(
+            "\n[[sink]]\nname = \"cache\"\ntype = \"redis\"\nurl = \"{url}\"\ntimeout_secs = 5\n\
+             [sink.tables.\"public.products\"]\nkey = \"{key}\"\n"
+        )
+    };
+    let good = format!("redis://:right@127.0.0.1:{}", r.port);
+    let cases = [
+        (
+            redis(&format!("redis://127.0.0.1:{}", support::pg::free_port()), "p:{id}"),
+            "sink cache",
+        ),
+        (
+            redis(&format!("redis://:wrong@127.0.0.1:{}", r.port), "p:{id}"),
+            "sink cache",
+        ),
+        (redis(&good, "p:{nope}"), "does not have"),
+        (redis(&good, "p:{sku}"), "not in the table's replica identity"),
+        (
+            "\n[[sink]]\nname = \"search\"\ntype = \"elasticsearch\"\nurl = \"http://127.0.0.1:1\"\n\
+             [sink.tables.\"public.products\"]\nindex = \"products\"\n"
+                .to_string(),
+            "sink search",
+        ),
+    ];
+    for (sink, needle) in &cases {
+        f.write_config(&pg.url(), &["public.products"], "", sink);
+        let out = f.command(&["check"], &[]);
+        assert!(!out.status.success(), "{needle}: {out:?}");
+        let text = fails(&out);
+        assert!(text.contains(needle), "{needle}:\n{}", out.stdout);
+        assert!(!text.contains("right") && !text.contains("wrong"), "{text}");
+    }
+    // A JSONL path whose directory cannot be made (a regular file is in the way).
+    std::fs::write(f.path("file"), "").unwrap();
+    f.write_config(&pg.url(), &["public.products"], "", "");
+    let cfg = std::fs::read_to_string(f.path("pgferry.toml"))
+        .unwrap()
+        .replace(
+            &f.jsonl().display().to_string(),
+            &f.path("file/sub/out.jsonl").display().to_string(),
+        );
+    std::fs::write(f.path("pgferry.toml"), cfg).unwrap();
+    let out = f.command(&["check"], &[]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        fails(&out).contains("sink changes: cannot write"),
+        "{}",
+        out.stdout
+    );
+    // All good.
+    f.write_config(&pg.url(), &["public.products"], "", &redis(&good, "p:{id}"));
+    let out = f.command(&["check"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(has_ok(&out, "sink cache: Redis"), "{}", out.stdout);
+    assert!(
+        has_ok(
+            &out,
+            "key template \"p:{id}\" of public.products uses replica identity columns"
+        ),
+        "{}",
+        out.stdout
+    );
+    assert!(has_ok(&out, "sink changes:"), "{}", out.stdout);
+}
+
+/// Slots `run` cannot use: every slot taken when ours must be created, a
+/// slot of another database, a slot of another plugin. `check` fails each,
+/// and `run` stops at once instead of retrying forever.
+#[test]
+fn check_and_run_refuse_slots_they_cannot_use() {
+    let pg = TestPg::start_with(PgOptions {
+        conf: "max_replication_slots = 1\n".into(),
+        hba: None,
+    });
+    pg.sql("CREATE TABLE items (id int PRIMARY KEY)");
+    pg.sql("CREATE DATABASE other");
+    let f = FerryDir::new();
+    f.write_config(&pg.url(), &["public.items"], "", "");
+    let refused = |needle: &str| {
+        let out = f.command(&["check"], &[]);
+        assert!(!out.status.success(), "{out:?}");
+        assert!(fails(&out).contains(needle), "{needle}:\n{}", out.stdout);
+        let mut child = f.run();
+        let st = support::ferry::wait_timeout(&mut child, T)
+            .unwrap_or_else(|| panic!("run kept retrying ({needle}):\n{}", f.log()));
+        assert!(!st.success());
+        assert!(
+            f.log().replace("\\\"", "\"").contains(needle),
+            "{needle}:\n{}",
+            f.log()
+        );
+    };
+    pg.sql_in(
+        "other",
+        "SELECT pg_create_logical_replication_slot('taken', 'pgoutput')",
+    );
+    refused("max_replication_slots");
+    pg.sql("SELECT pg_drop_replication_slot('taken')");
+    pg.sql_in(
+        "other",
+        "SELECT pg_create_logical_replication_slot('pgferry', 'pgoutput')",
+    );
+    refused("belongs to database \"other\"");
+    pg.sql("SELECT pg_drop_replication_slot('pgferry')");
+    pg.sql("SELECT pg_create_logical_replication_slot('pgferry', 'test_decoding')");
+    refused("uses the plugin test_decoding, not pgoutput");
+}
+
+/// Suggested statements quote what needs quotes, and connection strings are
+/// redacted by parsing (a password with a space).
+#[test]
+fn check_quotes_mixed_case_names_and_never_shows_a_password() {
+    let pg = TestPg::start();
+    pg.sql("CREATE TABLE \"Products\" (id int PRIMARY KEY); CREATE PUBLICATION pgferry");
+    let f = FerryDir::new();
+    let url = format!(
+        "host=127.0.0.1 port={} user=postgres password='Sup3r Secret' dbname=postgres",
+        pg.port
+    );
+    f.write_config(&url, &["public.Products"], "create_publication = false", "");
+    let out = f.command(&["check"], &[]);
+    assert!(!out.status.success(), "{out:?}");
+    let fix = fix_for(&out, "public.Products is not in publication pgferry");
+    assert!(
+        fix.contains("ALTER PUBLICATION pgferry ADD TABLE public.\"Products\";"),
+        "{fix}"
+    );
+    assert!(out.stdout.contains("password=***"), "{}", out.stdout);
+    assert!(
+        !out.stdout.contains("Secret") && !out.stderr.contains("Secret"),
+        "{out:?}"
+    );
+}
+
+/// An error is printed once, and text logs carry no colour codes into a file.
+#[test]
+fn errors_are_printed_once_and_text_logs_have_no_ansi_codes() {
+    let f = FerryDir::new();
+    write_raw(
+        &f,
+        "url = \"postgres://postgres@127.0.0.1:1/postgres\"\nslott = \"x\"",
+        "path = \"out.jsonl\"",
+    );
+    for format in ["auto", "text", "json"] {
+        let out = f.command(&["--log-format", format, "check"], &[]);
+        assert!(!out.status.success());
+        assert_eq!(
+            out.stderr.matches("source.slott").count(),
+            1,
+            "{format}: {}",
+            out.stderr
+        );
+        assert!(!out.stderr.contains('\x1b'), "{format}: {:?}", out.stderr);
+    }
+    let pg = TestPg::start();
+    pg.sql("CREATE TABLE items (id int PRIMARY KEY)");
+    f.write_config(&pg.url(), &["public.items"], "", "");
+    let mut g = Guard(f.spawn(&["--log-format", "text", "run"]));
+    wait_active(&pg, &f, "pgferry");
+    terminate(&mut g.0);
+    assert!(f.log().contains("pgferry streaming"), "{}", f.log());
+    assert!(!f.log().contains('\x1b'), "{:?}", f.log());
+}
+
+/// Relative paths in the config are relative to the config file, whatever
+/// the current directory of the command.
+#[test]
+fn relative_paths_resolve_against_the_config_file() {
+    let pg = TestPg::start();
+    pg.sql("CREATE TABLE items (id int PRIMARY KEY)");
+    let f = FerryDir::new();
+    std::fs::write(
+        f.path("pgferry.toml"),
+        format!(
+            "[source]\nurl = \"{}\"\nslot = \"pgferry\"\npublication = \"pgferry\"\ntables = [\"public.items\"]\n\n\
+             [checkpoint]\ndir = \"state\"\n\n[metrics]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[sink]]\nname = \"changes\"\ntype = \"jsonl\"\npath = \"out/changes.jsonl\"\n",
+            pg.url()
+        ),
+    )
+    .unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let cmd = |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_pgferry"));
+        c.args(args)
+            .arg("--config")
+            .arg(f.path("pgferry.toml"))
+            .current_dir(elsewhere.path());
+        c
+    };
+    let log = std::fs::File::create(f.path("pgferry.log")).unwrap();
+    let mut g = Guard(cmd(&["run"]).stderr(log).spawn().unwrap());
+    wait_active(&pg, &f, "pgferry");
+    pg.sql("INSERT INTO items VALUES (1)");
+    support::progress::wait_for(
+        T,
+        || {
+            let n = support::ferry::read_jsonl(&f.path("out/changes.jsonl")).len();
+            if n == 1 {
+                Ok(())
+            } else {
+                Err(n)
+            }
+        },
+        || f.log(),
+    );
+    terminate(&mut g.0);
+    let out = cmd(&["slot", "status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("sink changes: checkpoint"), "{text}");
+    assert_eq!(
+        std::fs::read_dir(elsewhere.path()).unwrap().count(),
+        0,
+        "files created in the current directory"
+    );
+}

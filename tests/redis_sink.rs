@@ -143,7 +143,7 @@ fn compare(pg: &TestPg, r: &TestRedis, tables: &[Expect]) -> Result<(), String> 
         }
         // The key set pgferry keeps for TRUNCATE holds exactly the table's keys.
         let members: BTreeSet<String> = ::redis::cmd("SMEMBERS")
-            .arg(format!("pgferry:cache:keys:{table}"))
+            .arg(format!("pgferry:pgferry:cache:keys:{table}"))
             .query(&mut c)
             .unwrap();
         let keys: BTreeSet<String> = rows.keys().cloned().collect();
@@ -166,28 +166,19 @@ fn compare(pg: &TestPg, r: &TestRedis, tables: &[Expect]) -> Result<(), String> 
     Ok(())
 }
 
-/// Waits until [`compare`] holds.
+/// Waits until [`compare`] holds. Fails only when the differences stopped
+/// changing for `T` (progress, not wall time).
 fn wait_synced(pg: &TestPg, r: &TestRedis, f: &FerryDir, tables: &[Expect]) {
-    let deadline = Instant::now() + T;
-    loop {
-        match compare(pg, r, tables) {
-            Ok(()) => return,
-            Err(e) if Instant::now() > deadline => {
-                let log = f.log();
-                let tail: String = log
-                    .lines()
-                    .rev()
-                    .take(40)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                panic!("Redis never matched Postgres: {e}\n--- pgferry log (tail) ---\n{tail}");
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
+    support::progress::wait_for(
+        T,
+        || compare(pg, r, tables),
+        || {
+            let log = f.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+            format!("Redis never matched Postgres\n--- pgferry log (tail) ---\n{tail}")
+        },
+    )
 }
 
 /// Inserts, updates, deletes, a primary-key change, TOASTed values left
@@ -447,7 +438,7 @@ fn invalidate_mode_deletes_the_keys_of_changed_rows() {
     assert!(
         r.keys()
             .iter()
-            .all(|k| !k.starts_with("pgferry:cache:keys:")),
+            .all(|k| !k.starts_with("pgferry:pgferry:cache:keys:")),
         "{:?}",
         r.keys()
     );
@@ -540,7 +531,7 @@ fn a_transaction_lands_as_one_multi_exec() {
     assert!(
         lines[multi..exec]
             .iter()
-            .any(|l| l.contains("\"pgferry:cache:position\"")),
+            .any(|l| l.contains("\"pgferry:pgferry:cache:position\"")),
         "{log}"
     );
 }
@@ -672,7 +663,7 @@ fn a_spilled_transaction_is_split_and_resumes_after_kill9() {
     let mut positions = BTreeSet::new();
     loop {
         let p: Option<String> = ::redis::cmd("GET")
-            .arg("pgferry:cache:position")
+            .arg("pgferry:pgferry:cache:position")
             .query(&mut c)
             .unwrap();
         let u: Option<String> = ::redis::cmd("GET").arg("product:1").query(&mut c).unwrap();
@@ -740,7 +731,8 @@ fn bad_redis_configs_are_rejected_at_load_naming_the_key() {
             .arg(f.path("pgferry.toml"))
             .output()
             .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+        // One JSON log line: quotes in its message are escaped.
+        let err = String::from_utf8_lossy(&out.stderr).replace("\\\"", "\"");
         assert!(!out.status.success(), "{want}: {err}");
         assert!(
             err.contains(want) && err.contains("sink[1]"),

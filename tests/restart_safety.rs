@@ -6,7 +6,7 @@ mod support;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::ferry::{kill9, terminate, FerryDir, Guard};
 use support::pg::TestPg;
@@ -85,10 +85,15 @@ fn kill_9_at_random_points_loses_and_duplicates_nothing() {
     let expected = support::oracle::read(&pg, "ledger");
     assert!(txns > 100, "the workload ran only {txns} transactions");
     assert_eq!(expected.last().map(|t| t.2), Some(-1));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while support::oracle::jsonl(&f, "ledger").len() < expected.len() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // Until every change is in, or none came for two minutes.
+    support::progress::wait_for(
+        Duration::from_secs(120),
+        || match support::oracle::jsonl(&f, "ledger").len() {
+            n if n >= expected.len() => Ok(()),
+            n => Err(n),
+        },
+        || f.log(),
+    );
     assert!(terminate(&mut ferry.0).success(), "{}", f.log());
     let got = support::oracle::jsonl(&f, "ledger");
     assert_eq!(got.len(), expected.len(), "same number of changes");

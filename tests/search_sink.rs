@@ -164,26 +164,31 @@ fn short(v: &Value) -> String {
     }
 }
 
-/// Waits until every table equals its index.
+/// Waits until every table equals its index. Fails only when the
+/// differences stopped changing for `T`.
 fn wait_equal(pg: &TestPg, node: &Node, f: &FerryDir, tables: &[&Table]) -> Duration {
     let start = Instant::now();
-    loop {
-        let d: Vec<String> = tables
+    let diffs = || -> Vec<String> {
+        tables
             .iter()
             .filter_map(|t| diff(pg, node, t, ""))
-            .collect();
-        if d.is_empty() {
-            return start.elapsed();
-        }
-        if start.elapsed() > T {
-            panic!(
+            .collect()
+    };
+    support::progress::wait_for(
+        T,
+        || match diffs() {
+            d if d.is_empty() => Ok(()),
+            d => Err(d),
+        },
+        || {
+            format!(
                 "the index never matched the table:\n{}\n--- pgferry log (end) ---\n{}",
-                d.join("\n"),
+                diffs().join("\n"),
                 tail(&f.log(), 60)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
+            )
+        },
+    );
+    start.elapsed()
 }
 
 fn tail(s: &str, n: usize) -> String {

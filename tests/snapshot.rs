@@ -16,15 +16,16 @@ mod support;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
-use support::ferry::{kill9, read_jsonl, wait_active, FerryDir, Guard};
+use support::ferry::{kill9, read_jsonl, terminate, wait_active, FerryDir, Guard};
 use support::opensearch::{node, Node};
 use support::pg::TestPg;
 use support::redis::TestRedis;
 
-/// Longest wait for a snapshot or for the stores to catch up.
+/// How long a wait for a snapshot or for the stores to catch up may go
+/// without progress (rows done, rows equal) before the test fails.
 const T: Duration = Duration::from_secs(300);
 
 /// `body` is stored out of line; every 500th row has a 9.6 kB one, which
@@ -233,38 +234,49 @@ fn differences(pg: &TestPg, f: &FerryDir, s: &Stores) -> (usize, Vec<String>) {
     (rows.len(), problems)
 }
 
+/// Waits until every store equals the table. Fails only when the stores
+/// made no progress (rows held, differences left) for `T`.
 fn wait_equal(pg: &TestPg, f: &FerryDir, s: &Stores) -> usize {
-    let started = Instant::now();
     // Cheap first: the stores hold as many rows as the table (the full
     // comparison below parses every event and document).
-    loop {
-        let rows: usize = pg.sql("SELECT count(*) FROM items").trim().parse().unwrap();
-        let redis_ok = s
-            .redis
-            .as_ref()
-            .is_none_or(|r| r.keys().iter().filter(|k| k.starts_with("item:")).count() == rows);
-        let index_ok = s.node.is_none_or(|n| n.count(&s.index) as usize == rows);
-        if (redis_ok && index_ok) || started.elapsed() > T {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    loop {
-        let (n, mut problems) = differences(pg, f, s);
-        if problems.is_empty() {
-            return n;
-        }
-        if started.elapsed() > T {
+    support::progress::wait_for(
+        T,
+        || {
+            let rows: usize = pg.sql("SELECT count(*) FROM items").trim().parse().unwrap();
+            let redis = s
+                .redis
+                .as_ref()
+                .map(|r| r.keys().iter().filter(|k| k.starts_with("item:")).count());
+            let index = s.node.map(|n| n.count(&s.index) as usize);
+            if redis.is_none_or(|n| n == rows) && index.is_none_or(|n| n == rows) {
+                Ok(())
+            } else {
+                Err((redis, index))
+            }
+        },
+        || tail(&f.log(), 40),
+    );
+    support::progress::wait_for(
+        T,
+        || {
+            let (n, problems) = differences(pg, f, s);
+            if problems.is_empty() {
+                Ok(n)
+            } else {
+                Err(problems)
+            }
+        },
+        || {
+            let (n, mut problems) = differences(pg, f, s);
             let k = problems.len();
             problems.truncate(12);
-            panic!(
+            format!(
                 "{n} rows, {k} differences, e.g.\n  {}\n--- pgferry log (end) ---\n{}",
                 problems.join("\n  "),
                 tail(&f.log(), 40)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+            )
+        },
+    )
 }
 
 fn tail(s: &str, n: usize) -> String {
@@ -280,23 +292,31 @@ fn state(f: &FerryDir) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// Waits until `snapshot.json` shows `finished` jobs for `n` tables and no open job.
+/// Waits until `snapshot.json` shows `finished` jobs for `n` tables and no
+/// open job. Fails only when no row was done for `T`.
 fn wait_snapshot_done(f: &FerryDir, n: usize) -> Value {
-    let started = Instant::now();
-    loop {
-        let st = state(f);
-        let open = st["jobs"].as_array().map_or(usize::MAX, Vec::len);
-        let done = st["finished"].as_array().map_or(0, Vec::len);
-        if open == 0 && done >= n {
-            return st;
-        }
-        assert!(
-            started.elapsed() < T,
-            "the snapshot did not finish: {st}\n{}",
-            tail(&f.log(), 30)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    support::progress::wait_for(
+        T,
+        || {
+            let st = state(f);
+            let open = st["jobs"].as_array().map_or(usize::MAX, Vec::len);
+            let done = st["finished"].as_array().map_or(0, Vec::len);
+            if open == 0 && done >= n {
+                return Ok(st);
+            }
+            let rows: u64 = st["jobs"].as_array().map_or(0, |j| {
+                j.iter().filter_map(|j| j["rows_done"].as_u64()).sum()
+            });
+            Err((done, rows))
+        },
+        || {
+            format!(
+                "the snapshot did not finish: {}\n{}",
+                state(f),
+                tail(&f.log(), 30)
+            )
+        },
+    )
 }
 
 /// Three sessions changing `items` until `stop`: updates of `n` and `note`
@@ -423,24 +443,22 @@ fn kill_9_mid_snapshot_resumes_without_reading_finished_chunks_again() {
     wait_active(&pg, &f, "pgferry");
     let workers = start_workload(&pg, &rt, &stop, 100_000);
     // Kill once a good part, but not all, is durably done.
-    let started = Instant::now();
-    loop {
-        let st = state(&f);
-        let done = st["jobs"][0]["rows_done"].as_u64().unwrap_or(0);
-        if done >= 20_000 {
-            break;
-        }
-        assert!(
-            st["finished"].as_array().is_none_or(|a| a.is_empty()),
-            "the snapshot finished before it could be killed: {st}"
-        );
-        assert!(
-            started.elapsed() < T,
-            "no progress: {st}\n{}",
-            tail(&f.log(), 30)
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::progress::wait_for(
+        T,
+        || {
+            let st = state(&f);
+            let done = st["jobs"][0]["rows_done"].as_u64().unwrap_or(0);
+            if done >= 20_000 {
+                return Ok(());
+            }
+            assert!(
+                st["finished"].as_array().is_none_or(|a| a.is_empty()),
+                "the snapshot finished before it could be killed: {st}"
+            );
+            Err(done)
+        },
+        || format!("{}\n{}", state(&f), tail(&f.log(), 30)),
+    );
     kill9(&mut g.0);
     let st = state(&f);
     let job = &st["jobs"][0];
@@ -593,14 +611,8 @@ fn cli_backfill_with_where_loads_only_the_matching_rows() {
         ok.stdout
     );
     wait_snapshot_done(&f, 1);
-    let started = Instant::now();
-    let r = loop {
-        let r = reads(&f.events());
-        if r.len() >= 300 || started.elapsed() > T {
-            break r;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let ev = f.wait_events_until(T, "300 reads", |ev| reads(ev).len() >= 300);
+    let r = reads(&ev);
     assert_eq!(r.len(), 300, "reads: {}", r.len());
     assert!(r.keys().all(|id| id.parse::<i64>().unwrap() % 10 == 3));
     assert!(r.values().all(|n| *n == 1));
@@ -620,6 +632,17 @@ fn a_table_without_a_key_is_copied_in_an_exported_snapshot() {
     let stop = Arc::new(AtomicBool::new(false));
     let _g = Guard(f.run());
     wait_active(&pg, &f, "pgferry");
+    // The workload starts once the copy's point is fixed (the temporary
+    // slot exists), so that every change comes after the copied rows: on
+    // a loaded machine the first changes could otherwise precede the point.
+    support::progress::wait_for(
+        T,
+        || match f.log() {
+            l if l.contains("copying the table in an exported snapshot") => Ok(()),
+            l => Err(l.len()),
+        },
+        || tail(&f.log(), 20),
+    );
     // A workload on the table while it is copied.
     let client = rt.block_on(pg.client());
     let stop2 = stop.clone();
@@ -661,8 +684,8 @@ fn a_table_without_a_key_is_copied_in_an_exported_snapshot() {
         v.sort();
         v
     };
-    let started = Instant::now();
-    loop {
+    // The events replayed as a multiset of rows, against the table.
+    let rebuilt = || {
         let mut got: Vec<String> = Vec::new();
         for e in f.events() {
             let take = |got: &mut Vec<String>, row: &Value| {
@@ -684,27 +707,33 @@ fn a_table_without_a_key_is_copied_in_an_exported_snapshot() {
             }
         }
         got.sort();
-        let w = want();
-        if got == w {
-            eprintln!(
-                "{} rows after the copy and {txns} workload transactions",
-                w.len()
-            );
-            break;
-        }
-        assert!(
-            started.elapsed() < T,
-            "{} rows rebuilt, {} in the table; first differences: {:?}\n{}",
-            got.len(),
-            w.len(),
-            got.iter()
-                .filter(|r| !w.contains(r))
-                .take(3)
-                .collect::<Vec<_>>(),
-            tail(&f.log(), 20)
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+        got
+    };
+    let n = support::progress::wait_for(
+        T,
+        || {
+            let (got, w) = (rebuilt(), want());
+            if got == w {
+                Ok(w.len())
+            } else {
+                Err(f.events().len())
+            }
+        },
+        || {
+            let (got, w) = (rebuilt(), want());
+            format!(
+                "{} rows rebuilt, {} in the table; first differences: {:?}\n{}",
+                got.len(),
+                w.len(),
+                got.iter()
+                    .filter(|r| !w.contains(r))
+                    .take(3)
+                    .collect::<Vec<_>>(),
+                tail(&f.log(), 20)
+            )
+        },
+    );
+    eprintln!("{n} rows after the copy and {txns} workload transactions");
 }
 
 /// The chunks of two workers go through a memory budget smaller than one
@@ -734,4 +763,125 @@ fn a_snapshot_through_a_budget_smaller_than_a_chunk_finishes() {
     let n = wait_equal(&pg, &f, &s);
     assert_eq!(n, 100_000);
     assert_eq!(reads(&f.events()).len(), 100_000);
+}
+
+/// `pgferry backfill --list` until a line starts with `job ` and holds
+/// `needle`; returns that job's id.
+fn wait_listed(f: &FerryDir, needle: &str) -> u64 {
+    support::progress::wait_for(
+        T,
+        || {
+            let out = f.command(&["backfill", "--list"], &[]);
+            assert!(out.status.success(), "{out:?}");
+            out.stdout
+                .lines()
+                .find(|l| l.starts_with("job ") && l.contains(needle))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                .ok_or(())
+        },
+        || {
+            format!(
+                "no job {needle:?} in backfill --list\n{}",
+                tail(&f.log(), 30)
+            )
+        },
+    )
+}
+
+/// Issue 10: a backfill requested through SQL with a bad `where` is marked
+/// failed once (not retried forever), logged, counted, shown by `/readyz`
+/// until cancelled, and makes `--exit-after-snapshot` end with an error. A
+/// condition that only fails while rows are read fails the same way.
+#[test]
+fn a_backfill_that_cannot_run_fails_once_is_shown_until_cancelled() {
+    let pg = TestPg::start();
+    pg.sql(DDL);
+    pg.sql("CREATE TABLE canary (x int); INSERT INTO canary VALUES (1)");
+    fill(&pg, 1, 3_000);
+    let s = Stores {
+        redis: None,
+        node: None,
+        index: String::new(),
+    };
+    let f = FerryDir::new();
+    write_config(&pg, &f, &s, "never", "chunk_rows = 500");
+    let port = support::pg::free_port();
+    let cfg = std::fs::read_to_string(f.path("pgferry.toml"))
+        .unwrap()
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(f.path("pgferry.toml"), cfg).unwrap();
+    let ready = |want: u16| {
+        support::progress::wait_for(
+            T,
+            || match support::http::get(port, "/readyz") {
+                Some((st, body)) if st == want => Ok(body),
+                other => Err(other.map(|o| o.0)),
+            },
+            || tail(&f.log(), 30),
+        )
+    };
+    let mut g = Guard(f.run());
+    wait_active(&pg, &f, "pgferry");
+    ready(200);
+    let emit = |body: &str| {
+        pg.sql(&format!(
+            "SELECT pg_logical_emit_message(true, 'pgferry.backfill', '{}')",
+            body.replace('\'', "''")
+        ))
+    };
+    emit(r#"{"table":"public.items","where":"true; DROP TABLE canary; --"}"#);
+    let id = wait_listed(&f, "FAILED");
+    let list = f.command(&["backfill", "--list"], &[]).stdout;
+    assert!(list.contains("syntax error"), "{list}");
+    let body = ready(503);
+    assert!(
+        body.contains(&format!("snapshot job {id} of public.items failed"))
+            && body.contains(&format!("--cancel {id}")),
+        "{body}"
+    );
+    let metrics = support::http::get(port, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("pgferry_snapshot_failures_total 1"),
+        "{metrics}"
+    );
+    assert_eq!(pg.sql("SELECT count(*) FROM canary").trim(), "1");
+    // Not retried: one failure in the log, however long it runs.
+    std::thread::sleep(Duration::from_secs(3));
+    let failures = |f: &FerryDir| f.log().matches("snapshot job failed").count();
+    assert_eq!(failures(&f), 1, "{}", f.log());
+
+    // A condition that fails only while rows are read (division by zero
+    // at id 2000) fails the same way, from the worker.
+    emit(r#"{"table":"public.items","where":"1 / (id - 2000) IS NOT NULL"}"#);
+    let id2 = wait_listed(&f, "division by zero");
+    assert_ne!(id, id2);
+    terminate(&mut g.0);
+
+    // --exit-after-snapshot ends with an error naming the failed jobs.
+    let out = f.command(&["run", "--exit-after-snapshot"], &[]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!("job {id} (public.items)")),
+        "{out:?}"
+    );
+
+    // Cancelling acknowledges: /readyz is ready again, the list is empty.
+    let mut g = Guard(f.run());
+    wait_active(&pg, &f, "pgferry");
+    for j in [id, id2] {
+        let out = f.command(&["backfill", "--cancel", &j.to_string()], &[]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    ready(200);
+    let list = f.command(&["backfill", "--list"], &[]).stdout;
+    assert!(
+        list.contains("no snapshot job is running or failed"),
+        "{list}"
+    );
+    let out = f.command(&["backfill", "--cancel", "999"], &[]);
+    assert!(
+        !out.status.success() && out.stderr.contains("no snapshot job 999"),
+        "{out:?}"
+    );
+    terminate(&mut g.0);
 }

@@ -328,22 +328,15 @@ fn streamed_values_equal_to_jsonb_for_every_type() {
         pg.sql(sql);
         markers += 1;
         pg.sql(&format!("INSERT INTO public.marker VALUES ({markers})"));
-        let deadline = std::time::Instant::now() + T;
-        loop {
-            let ev = f.events();
-            if let Some(end) = ev
-                .iter()
-                .position(|e| e["table"] == "marker" && e["key"]["id"] == markers)
-            {
-                return ev[before..end].to_vec();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no marker {markers}:\n{}",
-                f.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let ev = f.wait_events_until(T, &format!("marker {markers}"), |ev| {
+            ev.iter()
+                .any(|e| e["table"] == "marker" && e["key"]["id"] == markers)
+        });
+        let end = ev
+            .iter()
+            .position(|e| e["table"] == "marker" && e["key"]["id"] == markers)
+            .unwrap_or(ev.len());
+        ev[before..end].to_vec()
     };
     let reference = |pg: &TestPg| -> std::collections::BTreeMap<i64, Value> {
         pg.sql("SELECT to_jsonb(t) FROM public.all_types t")

@@ -150,7 +150,7 @@ fn redis_diff(rows: &BTreeMap<String, Value>, r: &TestRedis) -> Vec<String> {
     }
     let want: BTreeSet<String> = rows.keys().map(|id| format!("product:{id}")).collect();
     let members: BTreeSet<String> = redis::cmd("SMEMBERS")
-        .arg("pgferry:cache:keys:public.products")
+        .arg("pgferry:pgferry:cache:keys:public.products")
         .query(&mut c)
         .unwrap();
     if members != want {
@@ -202,30 +202,54 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
-/// Waits until Redis and the index both equal the table; returns how long it took.
+/// Waits until Redis and the index both equal the table; returns how long
+/// it took. Fails only when the differences stopped changing for `T`.
 fn wait_both_equal(s: &Setup, node: &Node) -> Duration {
     let started = Instant::now();
-    loop {
+    let problems = || {
         let rows = pg_rows(&s.pg);
         let mut problems = redis_diff(&rows, &s.redis);
         let in_redis = problems.len();
         problems.extend(index_diff(&rows, node, &s.index));
-        if problems.is_empty() {
-            return started.elapsed();
-        }
-        if started.elapsed() > T {
-            let n = problems.len();
-            problems.truncate(12);
-            panic!(
-                "{} rows; {in_redis} differences in Redis, {} in the index, e.g.\n  {}\n--- pgferry log (end) ---\n{}",
-                rows.len(),
+        (rows.len(), in_redis, problems)
+    };
+    support::progress::wait_for(
+        T,
+        || match problems() {
+            (_, _, p) if p.is_empty() => Ok(()),
+            (_, _, p) => Err(p),
+        },
+        || {
+            let (rows, in_redis, mut p) = problems();
+            let n = p.len();
+            p.truncate(12);
+            format!(
+                "{rows} rows; {in_redis} differences in Redis, {} in the index, e.g.\n  {}\n--- pgferry log (end) ---\n{}",
                 n - in_redis,
-                problems.join("\n  "),
+                p.join("\n  "),
                 tail(&s.f.log(), 60)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
+            )
+        },
+    );
+    started.elapsed()
+}
+
+/// Waits until both Redis and the index hold something; fails only when
+/// neither moved for `T`.
+fn wait_replicating(s: &Setup, node: &Node) {
+    support::progress::wait_for(
+        T,
+        || {
+            let dbsize: i64 = redis::cmd("DBSIZE").query(&mut s.redis.conn()).unwrap();
+            let indexed = node.count(&s.index);
+            if dbsize > 0 && indexed > 0 {
+                Ok(())
+            } else {
+                Err((dbsize, indexed))
+            }
+        },
+        || format!("nothing replicated yet:\n{}", tail(&s.f.log(), 30)),
+    )
 }
 
 /// The messages (JSON log lines) pgferry logged for `sink` (any sink: `None`).
@@ -547,9 +571,9 @@ fn a_redis_outage_does_not_stop_the_index() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let workers = start_workload(&s.pg, &rt, &stop, OUTAGE_LOAD);
-    std::thread::sleep(Duration::from_secs(3));
+    // Both stores have started (waits on progress, not on a fixed time).
+    wait_replicating(&s, node);
     let before = node.count(&s.index);
-    assert!(before > 0, "nothing indexed yet:\n{}", tail(&s.f.log(), 30));
 
     s.redis.stop();
     let down = Instant::now();
@@ -604,14 +628,9 @@ fn a_search_outage_does_not_stop_redis() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let workers = start_workload(&s.pg, &rt, &stop, OUTAGE_LOAD);
-    std::thread::sleep(Duration::from_secs(3));
+    wait_replicating(&s, node);
     let keys = |r: &TestRedis| -> i64 { redis::cmd("DBSIZE").query(&mut r.conn()).unwrap() };
     let before = keys(&s.redis);
-    assert!(
-        node.count(&s.index) > 0 && before > 0,
-        "nothing replicated yet:\n{}",
-        tail(&s.f.log(), 30)
-    );
 
     node.kill();
     let down = Instant::now();

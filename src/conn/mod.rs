@@ -248,7 +248,9 @@ pub struct StartOptions {
     pub slot: String,
     pub start: Lsn,
     pub proto_version: u32,
-    pub publication: String,
+    /// `publication_names`: the main publication, and the insert-only one
+    /// when a table is insert-only.
+    pub publications: Vec<String>,
     pub messages: bool,
     pub streaming: bool,
 }
@@ -260,7 +262,14 @@ impl StartOptions {
             format!("proto_version '{}'", self.proto_version),
             format!(
                 "publication_names {}",
-                quote_literal(&quote_ident(&self.publication))
+                quote_literal(
+                    &self
+                        .publications
+                        .iter()
+                        .map(|p| quote_ident(p))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
             ),
         ];
         if self.messages {
@@ -413,13 +422,23 @@ mod tests {
             slot: "pgferry".into(),
             start: Lsn(0x1_0000_0010),
             proto_version: 2,
-            publication: "pub".into(),
+            publications: vec!["pub".into()],
             messages: true,
             streaming: true,
         };
         assert_eq!(
             o.command(),
             "START_REPLICATION SLOT \"pgferry\" LOGICAL 1/10 (proto_version '2', publication_names '\"pub\"', messages 'true', streaming 'on')"
+        );
+        let two = StartOptions {
+            publications: vec!["pub".into(), "pub_insert".into()],
+            ..o
+        };
+        assert!(
+            two.command()
+                .contains("publication_names '\"pub\",\"pub_insert\"'"),
+            "{}",
+            two.command()
         );
     }
 }

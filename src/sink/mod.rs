@@ -120,16 +120,31 @@ impl TableFilter {
     }
 }
 
-/// Builds the sink described by a config entry. `rows` reads rows back from
-/// Postgres, for the search sink's updates it cannot complete otherwise.
+/// The change stream a sink follows: the server (its system identifier),
+/// the database and the slot. Sinks that record their position inside
+/// their store record it too, so that two pgferry instances sharing a store
+/// never take each other's position for their own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamOwner {
+    pub system_identifier: String,
+    pub database: String,
+    pub slot: String,
+}
+
+/// Builds the sink described by a config entry, for the stream `owner`.
+/// `rows` reads rows back from Postgres, for the search sink's updates it
+/// cannot complete otherwise.
 pub async fn build(
     cfg: &crate::config::SinkConfig,
+    owner: &StreamOwner,
     rows: Arc<dyn rows::RowSource>,
 ) -> Result<Box<dyn Sink>, SinkError> {
     match cfg {
         crate::config::SinkConfig::Jsonl(c) => Ok(Box::new(jsonl::JsonlSink::open(c)?)),
         crate::config::SinkConfig::Null(_) => Ok(Box::new(null::NullSink)),
-        crate::config::SinkConfig::Redis(c) => Ok(Box::new(redis::RedisSink::open(c).await?)),
+        crate::config::SinkConfig::Redis(c) => {
+            Ok(Box::new(redis::RedisSink::open(c, owner.clone()).await?))
+        }
         crate::config::SinkConfig::Elasticsearch(c) => Ok(Box::new(
             elasticsearch::ElasticsearchSink::open(c, Some(rows))?,
         )),

@@ -53,7 +53,14 @@
 //! (or any SQL client) emits a transactional logical message with prefix
 //! [`BACKFILL_PREFIX`]. The request is persisted before its transaction can
 //! be checkpointed, so it survives a crash, and runs like the initial
-//! snapshot.
+//! snapshot. A job that fails with a definite error (SQLSTATE classes 42,
+//! 22, 0A, and read-only violations: a bad `--where`, a missing column, no
+//! permission) is not retried: it is marked failed in `snapshot.json`,
+//! logged, counted (`pgferry_snapshot_failures_total`) and shown by
+//! `/readyz` until the operator cancels it (`pgferry backfill --cancel ID`,
+//! which travels through the stream too). `--exit-after-snapshot` then ends
+//! with an error instead of waiting forever. Other errors (a lost
+//! connection) are retried with backoff.
 
 pub mod copy;
 pub mod merge;
@@ -195,6 +202,26 @@ impl Shared {
         None
     }
 
+    /// Marks job `id` failed for good (a definite error): no worker takes
+    /// it again, and it is shown until cancelled.
+    fn fail_job(&self, id: u64, error: &str) {
+        let mut st = self.lock_state();
+        let Some(job) = st.jobs.iter().find(|j| j.id == id).cloned() else {
+            return;
+        };
+        st.fail(id, error);
+        if let Err(e) = self.save(&st) {
+            tracing::error!(error = %e, "could not record the failed snapshot job");
+        }
+        drop(st);
+        report_failure(id, &job.table, &job.kind, error, true);
+    }
+
+    /// Job `id` is still planned (not finished, failed or cancelled).
+    fn job_active(&self, id: u64) -> bool {
+        self.lock_state().jobs.iter().any(|j| j.id == id)
+    }
+
     fn release(&self, job: u64, range: usize) {
         self.taken
             .lock()
@@ -286,7 +313,12 @@ impl Snapshots {
         let initial_running = st.jobs.iter().any(|j| j.kind == "initial");
         if config.source.snapshot == SnapshotMode::Initial && fresh && !initial_running {
             for t in &config.source.tables {
-                let job = plan_job(&shared, client, &mut st, t, None, "initial").await?;
+                let (job, info) = plan_job(&shared, client, &mut st, t, None, "initial").await?;
+                shared
+                    .infos
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(job.id, Arc::new(info));
                 st.jobs.push(job);
             }
             st.initial_planned = true;
@@ -305,6 +337,9 @@ impl Snapshots {
                 .map(|j| format!("{} ({} rows done)", j.table, j.rows_done))
                 .collect();
             tracing::info!(jobs = ?pending, "resuming snapshot jobs");
+        }
+        for f in &st.failed {
+            report_failure(f.id, &f.table, &f.kind, &f.error, false);
         }
         *shared.lock_state() = st;
         let mut tasks = Vec::new();
@@ -330,9 +365,30 @@ impl Snapshots {
         })
     }
 
-    /// Every planned job is durably done (and `--exit-after-snapshot` was asked).
-    pub fn exit_now(&self) -> bool {
-        self.exit_when_done && !self.shared.lock_state().active()
+    /// Every planned job is durably done (and `--exit-after-snapshot` was
+    /// asked). An error when some failed for good: exiting as if the
+    /// snapshot were complete would hide it.
+    pub fn exit_now(&self) -> Result<bool, SourceError> {
+        if !self.exit_when_done {
+            return Ok(false);
+        }
+        let st = self.shared.lock_state();
+        if st.active() {
+            return Ok(false);
+        }
+        if st.failed.is_empty() {
+            return Ok(true);
+        }
+        let list: Vec<String> = st
+            .failed
+            .iter()
+            .map(|f| format!("job {} ({}): {}", f.id, f.table, f.error))
+            .collect();
+        Err(SourceError::Fatal(format!(
+            "the snapshot ended, but {} job(s) failed: {}; fix the cause and request them again, and acknowledge the failures with pgferry backfill --cancel ID",
+            list.len(),
+            list.join("; ")
+        )))
     }
 
     /// Woken when a worker needs the stream side to act between transactions.
@@ -396,25 +452,47 @@ impl Snapshots {
         sink: &str,
         tables: &[String],
     ) -> Result<(), SourceError> {
-        let mut st = self.shared.lock_state().clone();
-        for t in tables {
+        let targets_sink = |j: &Job, t: &str| {
+            j.table == t
+                && !j.is_done()
+                && j.sinks
+                    .as_ref()
+                    .is_some_and(|s| s.iter().any(|n| n == sink))
+        };
+        // Planning reads the catalog: outside the lock, on a scratch state
+        // (only this task allocates job ids).
+        let (next_job, todo) = {
+            let st = self.shared.lock_state();
             // Found again by a later session before the sink wrote anything.
-            let planned = st.jobs.iter().any(|j| {
-                j.table == *t
-                    && !j.is_done()
-                    && j.sinks
-                        .as_ref()
-                        .is_some_and(|s| s.iter().any(|n| n == sink))
-            });
-            if planned {
-                continue;
-            }
-            let mut job = plan_job(&self.shared, client, &mut st, t, None, "data-loss").await?;
+            let todo: Vec<&String> = tables
+                .iter()
+                .filter(|t| !st.jobs.iter().any(|j| targets_sink(j, t)))
+                .collect();
+            (st.next_job, todo)
+        };
+        let mut scratch = State {
+            next_job,
+            ..State::default()
+        };
+        let mut planned = Vec::new();
+        for t in todo {
+            let (mut job, info) =
+                plan_job(&self.shared, client, &mut scratch, t, None, "data-loss").await?;
             job.sinks = Some(vec![sink.to_string()]);
+            planned.push((job, info));
+        }
+        let mut st = self.shared.lock_state();
+        st.next_job = scratch.next_job;
+        for (job, info) in planned {
+            self.shared
+                .infos
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(job.id, Arc::new(info));
             st.jobs.push(job);
         }
         file_save(&self.shared, &st)?;
-        *self.shared.lock_state() = st;
+        drop(st);
         self.shared.work.notify_waiters();
         tracing::info!(sink, tables = ?tables, "reload of the sink's tables planned");
         Ok(())
@@ -425,43 +503,116 @@ impl Snapshots {
         self.merger.cross(None, None).await
     }
 
+    /// Acts on a backfill request or cancellation from the stream. A request
+    /// that cannot run (unknown table, bad condition) becomes a failed job,
+    /// visible until cancelled; a lost connection ends the session, and the
+    /// request is read again from the stream.
     async fn backfill_request(
         &mut self,
         client: &tokio_postgres::Client,
         r: (Lsn, Request),
     ) -> Result<(), SourceError> {
         let (lsn, req) = r;
-        let mut st = self.shared.lock_state().clone();
-        if lsn <= st.last_request() {
-            return Ok(());
-        }
+        let next_job = {
+            let st = self.shared.lock_state();
+            if lsn <= st.last_request() {
+                return Ok(());
+            }
+            st.next_job
+        };
+        // Planning reads the catalog: outside the lock, on a scratch state
+        // (only this task allocates job ids).
+        let mut scratch = State {
+            next_job,
+            ..State::default()
+        };
+        let planned = match (&req.cancel, &req.table) {
+            (Some(_), _) => None,
+            (None, Some(t)) => Some(self.plan_request(client, &mut scratch, t, &req).await?),
+            (None, None) => Some(Err((
+                "(none)".to_string(),
+                "the request names no table".to_string(),
+            ))),
+        };
+        let mut st = self.shared.lock_state();
         st.last_request_lsn = Some(lsn.to_string());
-        if !self.shared.tables.contains(&req.table) {
-            tracing::warn!(table = %req.table, at = %lsn, "backfill request for a table that is not in source.tables: ignored");
-        } else {
-            match plan_job(
-                &self.shared,
-                client,
-                &mut st,
-                &req.table,
-                req.filter.clone(),
-                "backfill",
-            )
-            .await
-            {
-                Ok(job) => {
-                    tracing::info!(table = %req.table, filter = ?req.filter, at = %lsn, rows_estimate = job.rows_estimate, "backfill requested");
-                    st.jobs.push(job);
-                }
-                Err(e) => {
-                    tracing::warn!(table = %req.table, error = %e, "backfill request could not be planned: ignored");
-                }
+        if let Some(id) = req.cancel {
+            if st.cancel(id) {
+                tracing::info!(job = id, at = %lsn, "snapshot job cancelled");
+                crate::metrics::global().snapshot_job_cleared(id);
+            } else {
+                tracing::warn!(job = id, at = %lsn, "cancel request for a snapshot job that does not exist (finished, or already cancelled): ignored");
+            }
+        }
+        match planned {
+            None => {}
+            Some(Ok((job, info))) => {
+                tracing::info!(job = job.id, table = %job.table, filter = ?job.filter, at = %lsn, rows_estimate = job.rows_estimate, "backfill requested");
+                st.next_job = scratch.next_job;
+                self.shared
+                    .infos
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(job.id, Arc::new(info));
+                st.jobs.push(job);
+            }
+            Some(Err((table, error))) => {
+                st.next_job += 1;
+                let id = st.next_job;
+                st.failed.push(state::FailedJob {
+                    id,
+                    table: table.clone(),
+                    filter: req.filter.clone(),
+                    kind: "backfill".into(),
+                    error: error.clone(),
+                    failed_at: state::unix_now(),
+                    rows_done: 0,
+                });
+                report_failure(id, &table, "backfill", &error, true);
             }
         }
         file_save(&self.shared, &st)?;
-        *self.shared.lock_state() = st;
+        drop(st);
         self.shared.work.notify_waiters();
         Ok(())
+    }
+
+    /// Plans a requested backfill. `Err` inside: (table, why it cannot run).
+    async fn plan_request(
+        &self,
+        client: &tokio_postgres::Client,
+        scratch: &mut State,
+        table: &str,
+        req: &Request,
+    ) -> Result<Result<(Job, TableInfo), (String, String)>, SourceError> {
+        let Some(table) = crate::config::canonical_table(table) else {
+            return Ok(Err((
+                table.to_string(),
+                format!("{table:?} is not a table name (schema.table)"),
+            )));
+        };
+        if !self.shared.tables.contains(&table) {
+            return Ok(Err((
+                table.clone(),
+                format!(
+                    "{table} is not in source.tables; only replicated tables can be backfilled"
+                ),
+            )));
+        }
+        match plan_job(
+            &self.shared,
+            client,
+            scratch,
+            &table,
+            req.filter.clone(),
+            "backfill",
+        )
+        .await
+        {
+            Ok(x) => Ok(Ok(x)),
+            Err(SourceError::Fatal(e)) => Ok(Err((table, e))),
+            Err(e) => Err(e),
+        }
     }
 
     /// Ends the session's workers; unfinished chunks are read again next time.
@@ -494,14 +645,30 @@ fn file_save(shared: &Shared, st: &State) -> Result<(), SourceError> {
 /// A backfill request read from the stream.
 #[derive(Debug, Clone, Deserialize)]
 pub(crate) struct Request {
-    table: String,
+    #[serde(default)]
+    table: Option<String>,
     #[serde(default, rename = "where")]
     filter: Option<String>,
     #[serde(default)]
     slot: Option<String>,
+    /// Cancel this job (active or failed) instead of planning one.
+    #[serde(default)]
+    cancel: Option<u64>,
 }
 
-/// Describes the table and cuts it into ranges.
+/// Logs a job that failed for good and shows it in the metrics and `/readyz`.
+/// `now`: it failed just now (counted), rather than in an earlier run.
+fn report_failure(id: u64, table: &str, kind: &str, error: &str, now: bool) {
+    if now {
+        tracing::error!(job = id, table = %table, kind = %kind, error = %error,
+            "snapshot job failed, and retrying cannot help: fix the cause and request it again; acknowledge with pgferry backfill --cancel {id}");
+    }
+    crate::metrics::global().snapshot_job_failed(id, table, error, now);
+}
+
+/// Describes the table, checks the filter, and cuts the table into ranges.
+/// A `Fatal` error is definite (no such table, a condition Postgres
+/// refuses); the caller inserts the returned info into `shared.infos`.
 async fn plan_job(
     shared: &Shared,
     client: &tokio_postgres::Client,
@@ -509,7 +676,7 @@ async fn plan_job(
     qualified: &str,
     filter: Option<String>,
     kind: &str,
-) -> Result<Job, SourceError> {
+) -> Result<(Job, TableInfo), SourceError> {
     let Some((schema, table)) = crate::config::split_table(qualified) else {
         return Err(SourceError::Fatal(format!(
             "{qualified:?} is not schema.table"
@@ -522,6 +689,16 @@ async fn plan_job(
                 "table {qualified} does not exist; remove it from source.tables or create it"
             ))
         })?;
+    if let Some(f) = &filter {
+        check_filter(client, &info.qualified_sql(), f)
+            .await
+            .map_err(|e| match e {
+                FilterError::Refused(m) => SourceError::Fatal(format!(
+                    "the condition {f:?} cannot be used on {qualified}: {m}"
+                )),
+                FilterError::Other(e) => e.into(),
+            })?;
+    }
     let method = if info.key_cols.is_empty() {
         tracing::info!(table = qualified, "no primary key or replica identity index: the table will be copied in an exported snapshot");
         Method::Copy
@@ -570,12 +747,44 @@ async fn plan_job(
         planned_at: state::unix_now(),
         ranges,
     };
-    shared
-        .infos
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(job.id, Arc::new(info));
-    Ok(job)
+    Ok((job, info))
+}
+
+/// Why a backfill condition cannot be used.
+pub(crate) enum FilterError {
+    /// Postgres refused it for good (syntax, unknown column, permission).
+    Refused(String),
+    Other(tokio_postgres::Error),
+}
+
+/// SQLSTATEs that no retry can fix in a snapshot read: syntax errors and
+/// access rules (42), data exceptions (22), unsupported features (0A),
+/// and writing in a read-only transaction (25006).
+pub(crate) fn is_definite(code: &str) -> bool {
+    code.starts_with("42") || code.starts_with("22") || code.starts_with("0A") || code == "25006"
+}
+
+/// Checks a `--where` condition on `table` (SQL name) without reading a
+/// row, in a read-only transaction, as one statement (the extended
+/// protocol runs no second statement smuggled in with `;`).
+pub(crate) async fn check_filter(
+    client: &tokio_postgres::Client,
+    table: &str,
+    filter: &str,
+) -> Result<(), FilterError> {
+    let sql = format!("SELECT 1 FROM {table} WHERE ({filter}) LIMIT 0");
+    client
+        .batch_execute("BEGIN READ ONLY")
+        .await
+        .map_err(FilterError::Other)?;
+    let res = client.query(sql.as_str(), &[]).await.map(|_| ());
+    let _ = client.batch_execute("ROLLBACK").await;
+    res.map_err(|e| match e.as_db_error() {
+        Some(d) if is_definite(d.code().code()) => {
+            FilterError::Refused(format!("{}: {}", d.code().code(), d.message()))
+        }
+        _ => FilterError::Other(e),
+    })
 }
 
 /// An exported-snapshot copy waiting for the stream to reach its point.
@@ -1027,7 +1236,9 @@ async fn coordinate(shared: Arc<Shared>, progress: Arc<Progress>) {
             ready
         };
         if !ready.is_empty() {
-            let mut st = shared.lock_state().clone();
+            // Under the lock throughout: the stream side and the workers
+            // change the state too (requests, cancels, failures).
+            let mut st = shared.lock_state();
             for c in &ready {
                 let Some(j) = st.jobs.iter_mut().find(|j| j.id == c.job) else {
                     continue;
@@ -1066,7 +1277,7 @@ async fn coordinate(shared: Arc<Shared>, progress: Arc<Progress>) {
             if let Err(e) = shared.save(&st) {
                 tracing::error!(error = %e, "could not record snapshot progress; chunks will be read again after a restart");
             }
-            *shared.lock_state() = st;
+            drop(st);
             progress.changed.notify_waiters();
         }
         let st = shared.lock_state().clone();
@@ -1143,35 +1354,70 @@ pub async fn request_backfill(
     table: &str,
     filter: Option<&str>,
 ) -> Result<Lsn, String> {
-    if !config.source.tables.iter().any(|t| t == table) {
-        return Err(format!(
-            "{table} is not in source.tables ({}); only replicated tables can be backfilled",
-            config.source.tables.join(", ")
-        ));
-    }
+    let table = crate::config::canonical_table(table)
+        .filter(|t| config.source.tables.contains(t))
+        .ok_or_else(|| {
+            format!(
+                "{table} is not in source.tables ({}); only replicated tables can be backfilled",
+                config.source.tables.join(", ")
+            )
+        })?;
     let client = crate::source::sql_connect(config)
         .await
         .map_err(|e| e.to_string())?;
     if let Some(f) = filter {
         // Check the condition now rather than in the running pgferry's log.
-        let (schema, name) = crate::config::split_table(table).unwrap_or_default();
-        client
-            .simple_query(&format!(
-                "SELECT 1 FROM {}.{} WHERE ({f}) LIMIT 0",
-                crate::conn::quote_ident(&schema),
-                crate::conn::quote_ident(&name)
-            ))
-            .await
-            .map_err(|e| {
-                format!(
-                    "--where {f:?} is not a valid condition on {table}: {}",
-                    e.as_db_error()
-                        .map(|d| d.message().to_string())
-                        .unwrap_or(e.to_string())
-                )
-            })?;
+        let (schema, name) = crate::config::split_table(&table).unwrap_or_default();
+        let sql_name = format!(
+            "{}.{}",
+            crate::conn::quote_ident(&schema),
+            crate::conn::quote_ident(&name)
+        );
+        check_filter(&client, &sql_name, f).await.map_err(|e| {
+            let why = match e {
+                FilterError::Refused(m) => m,
+                FilterError::Other(e) => e.to_string(),
+            };
+            format!("--where {f:?} is not a valid condition on {table}: {why}")
+        })?;
     }
+    emit_backfill_request(&client, config, &table, filter).await
+}
+
+/// Emits a backfill request for `table` into the WAL (the running pgferry
+/// of `source.slot` acts on it from the stream). Returns its LSN.
+pub async fn emit_backfill_request(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    table: &str,
+    filter: Option<&str>,
+) -> Result<Lsn, String> {
     let body = serde_json::json!({"table": table, "where": filter, "slot": config.source.slot});
+    emit_request(client, &body).await
+}
+
+/// `pgferry backfill --cancel ID`: asks the running pgferry (through the
+/// stream) to cancel a snapshot job, running or failed. Returns the
+/// request's LSN.
+pub async fn cancel_backfill(config: &Config, id: u64) -> Result<Lsn, String> {
+    let st = StateFile::new(&config.checkpoint.dir).load()?;
+    if !st.jobs.iter().any(|j| j.id == id) && !st.failed.iter().any(|j| j.id == id) {
+        return Err(format!(
+            "there is no snapshot job {id} in {}; pgferry backfill --list shows them",
+            StateFile::new(&config.checkpoint.dir).path().display()
+        ));
+    }
+    let client = crate::source::sql_connect(config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let body = serde_json::json!({"cancel": id, "slot": config.source.slot});
+    emit_request(&client, &body).await
+}
+
+async fn emit_request(
+    client: &tokio_postgres::Client,
+    body: &serde_json::Value,
+) -> Result<Lsn, String> {
     let row = client
         .query_one(
             "SELECT pg_logical_emit_message(true, $1::text, $2::text)::text",
@@ -1186,4 +1432,62 @@ pub async fn request_backfill(
         })?;
     let lsn: String = row.get(0);
     lsn.parse().map_err(|_| format!("unexpected LSN {lsn:?}"))
+}
+
+/// `pgferry backfill --list`: the snapshot jobs in `snapshot.json`, one
+/// per line: running, failed (with the error), and the last finished.
+pub fn list_backfills<W: std::io::Write>(config: &Config, out: &mut W) -> Result<(), String> {
+    let file = StateFile::new(&config.checkpoint.dir);
+    let st = file.load()?;
+    let io = |e: std::io::Error| e.to_string();
+    let filter = |f: &Option<String>| {
+        f.as_ref()
+            .map(|f| format!(" where {f:?}"))
+            .unwrap_or_default()
+    };
+    if st.jobs.is_empty() && st.failed.is_empty() {
+        writeln!(
+            out,
+            "no snapshot job is running or failed ({})",
+            file.path().display()
+        )
+        .map_err(io)?;
+    }
+    for j in &st.jobs {
+        let ranges_done = j.ranges.iter().filter(|r| r.done).count();
+        writeln!(
+            out,
+            "job {} {} {}{}: running, {} of ~{} rows, {ranges_done}/{} ranges done",
+            j.id,
+            j.kind,
+            j.table,
+            filter(&j.filter),
+            j.rows_done,
+            j.rows_estimate,
+            j.ranges.len()
+        )
+        .map_err(io)?;
+    }
+    for f in &st.failed {
+        writeln!(
+            out,
+            "job {} {} {}{}: FAILED: {} (cancel with pgferry backfill --cancel {})",
+            f.id,
+            f.kind,
+            f.table,
+            filter(&f.filter),
+            f.error,
+            f.id
+        )
+        .map_err(io)?;
+    }
+    for f in st.finished.iter().rev().take(10) {
+        writeln!(
+            out,
+            "finished: {} {} ({} rows, {} s)",
+            f.kind, f.table, f.rows, f.seconds
+        )
+        .map_err(io)?;
+    }
+    Ok(())
 }

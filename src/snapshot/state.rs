@@ -8,6 +8,10 @@
 //! - a backfill request seen in the stream is written here before the
 //!   transaction that carried it can be checkpointed, so a request is never
 //!   lost; `last_request_lsn` makes a replayed request a no-op;
+//! - a job that failed with a definite error (a bad `--where`, a missing
+//!   column, no permission) moves to `failed`: it is not retried, and stays
+//!   there (shown by `/readyz` and `pgferry backfill --list`) until the
+//!   operator cancels it (`pgferry backfill --cancel ID`);
 //! - the file is replaced atomically (temporary file, fsync, rename, fsync
 //!   of the directory), like the checkpoints.
 
@@ -34,6 +38,25 @@ pub struct State {
     /// The last finished jobs (newest last), for `pgferry` logs and checks.
     #[serde(default)]
     pub finished: Vec<Finished>,
+    /// Jobs that failed for good, until cancelled.
+    #[serde(default)]
+    pub failed: Vec<FailedJob>,
+}
+
+/// A job that failed with an error no retry can fix.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailedJob {
+    pub id: u64,
+    pub table: String,
+    #[serde(default)]
+    pub filter: Option<String>,
+    pub kind: String,
+    pub error: String,
+    /// Unix seconds.
+    pub failed_at: u64,
+    /// Rows delivered before it failed.
+    #[serde(default)]
+    pub rows_done: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +129,32 @@ impl State {
     /// Active (unfinished) jobs exist.
     pub fn active(&self) -> bool {
         self.jobs.iter().any(|j| !j.is_done())
+    }
+
+    /// Moves job `id` to `failed`; false when it is not an active job.
+    pub fn fail(&mut self, id: u64, error: &str) -> bool {
+        let Some(i) = self.jobs.iter().position(|j| j.id == id) else {
+            return false;
+        };
+        let j = self.jobs.remove(i);
+        self.failed.push(FailedJob {
+            id: j.id,
+            table: j.table,
+            filter: j.filter,
+            kind: j.kind,
+            error: error.to_string(),
+            failed_at: unix_now(),
+            rows_done: j.rows_done,
+        });
+        true
+    }
+
+    /// Removes job `id`, active or failed; false when there is none.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        let before = self.jobs.len() + self.failed.len();
+        self.jobs.retain(|j| j.id != id);
+        self.failed.retain(|j| j.id != id);
+        self.jobs.len() + self.failed.len() != before
     }
 }
 

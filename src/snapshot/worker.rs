@@ -23,6 +23,38 @@ use crate::pipeline::Backoff;
 
 type Client = tokio_postgres::Client;
 
+/// Why a unit of snapshot work stopped.
+#[derive(Debug)]
+pub(crate) enum ReadError {
+    /// Worth retrying: a lost connection, the session ending.
+    Retry(String),
+    /// Postgres refused the read for good (see [`super::is_definite`]).
+    Definite(String),
+    /// The job was cancelled or failed meanwhile.
+    Gone,
+}
+
+impl From<String> for ReadError {
+    fn from(e: String) -> Self {
+        ReadError::Retry(e)
+    }
+}
+
+impl From<&str> for ReadError {
+    fn from(e: &str) -> Self {
+        ReadError::Retry(e.to_string())
+    }
+}
+
+impl std::fmt::Display for ReadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadError::Retry(e) | ReadError::Definite(e) => f.write_str(e),
+            ReadError::Gone => f.write_str("the job was cancelled"),
+        }
+    }
+}
+
 /// The worker loop: one unit of work after another until the session ends.
 pub(crate) async fn run(shared: Arc<Shared>, n: usize) {
     let mut client: Option<Client> = None;
@@ -60,7 +92,13 @@ pub(crate) async fn run(shared: Arc<Shared>, n: usize) {
             // The range stays taken: it is done once durable (the
             // coordinator marks it), and must not be read again meanwhile.
             Ok(()) => backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30)),
-            Err(e) => {
+            Err(ReadError::Gone) => shared.release(job.id, range),
+            Err(ReadError::Definite(e)) => {
+                shared.release(job.id, range);
+                shared.fail_job(job.id, &e);
+                client = None;
+            }
+            Err(ReadError::Retry(e)) => {
                 shared.release(job.id, range);
                 if shared.stopping.load(Ordering::Acquire) {
                     return;
@@ -134,7 +172,7 @@ async fn copy_rows(
     sql: &str,
     parser: &mut RowParser<'_>,
     mut each: impl FnMut(Row) -> Result<(), String>,
-) -> Result<(u64, Vec<u8>), String> {
+) -> Result<(u64, Vec<u8>), ReadError> {
     let stream = c.copy_out(sql).await.map_err(|e| db(&e))?;
     futures_util::pin_mut!(stream);
     let mut buf = BytesMut::new();
@@ -170,10 +208,15 @@ async fn copy_rows(
     Ok((n, last))
 }
 
-fn db(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map(|d| format!("{}: {}", d.code().code(), d.message()))
-        .unwrap_or_else(|| e.to_string())
+/// A Postgres error of a read, classified.
+fn db(e: &tokio_postgres::Error) -> ReadError {
+    match e.as_db_error() {
+        Some(d) if super::is_definite(d.code().code()) => {
+            ReadError::Definite(format!("{}: {}", d.code().code(), d.message()))
+        }
+        Some(d) => ReadError::Retry(format!("{}: {}", d.code().code(), d.message())),
+        None => ReadError::Retry(e.to_string()),
+    }
 }
 
 /// A chunk read and handed over, waiting for the stream side.
@@ -199,7 +242,7 @@ async fn keyset(
     job: &Job,
     range: usize,
     info: Arc<TableInfo>,
-) -> Result<(), String> {
+) -> Result<(), ReadError> {
     let limit = shared.config.chunk_rows;
     let mut after = job.ranges[range].after.clone();
     let upper = job.ranges[range].upper.clone();
@@ -208,6 +251,9 @@ async fn keyset(
     loop {
         if shared.stopping.load(Ordering::Acquire) {
             return Err("session ended".into());
+        }
+        if !shared.job_active(job.id) {
+            return Err(ReadError::Gone);
         }
         while inflight.len() >= PIPELINE || (exhausted && !inflight.is_empty()) {
             let Some(mut f) = inflight.pop_front() else {
@@ -270,10 +316,13 @@ async fn repair(
     job: &Job,
     info: &Arc<TableInfo>,
     f: &InFlight,
-) -> Result<crate::lsn::Lsn, String> {
+) -> Result<crate::lsn::Lsn, ReadError> {
     loop {
         if shared.stopping.load(Ordering::Acquire) {
             return Err("session ended".into());
+        }
+        if !shared.job_active(job.id) {
+            return Err(ReadError::Gone);
         }
         // An empty chunk's interval reaches to the range's end: nothing
         // was read, so there is nothing to repair but the order.
@@ -307,7 +356,7 @@ async fn read_chunk(
         u64,
         Option<Vec<String>>,
     ),
-    String,
+    ReadError,
 > {
     let id = shared.chunk_id();
     let (rows_tx, rows_rx) = oneshot::channel();
@@ -350,7 +399,7 @@ async fn read_chunk(
             Some(parser.key_text(&last_line)?)
         };
         c.batch_execute("COMMIT").await.map_err(|e| db(&e))?;
-        Ok::<_, String>((rows, xip, last))
+        Ok::<_, ReadError>((rows, xip, last))
     }
     .await;
     let (rows, xip, last) = match read {
@@ -396,7 +445,7 @@ async fn copy_whole(
     job: &Job,
     range: usize,
     info: Arc<TableInfo>,
-) -> Result<(), String> {
+) -> Result<(), ReadError> {
     let (paused_tx, paused_rx) = oneshot::channel();
     let (point_tx, point_rx) = oneshot::channel();
     let (data_tx, data_rx) = oneshot::channel();
@@ -469,7 +518,7 @@ async fn copy_whole(
         .await?;
         c.batch_execute("COMMIT").await.map_err(|e| db(&e))?;
         let reader = w.finish().map_err(|e| format!("spill file: {e}"))?;
-        Ok::<_, String>((reader, n))
+        Ok::<_, ReadError>((reader, n))
     }
     .await;
     drop(repl);
@@ -494,9 +543,9 @@ async fn copy_whole(
             });
             Ok(())
         }
-        Ok(Err(_)) => {
-            Err("the stream passed the copy's point before it was registered; copying again".into())
-        }
+        Ok(Err(_)) => Err(ReadError::Retry(
+            "the stream passed the copy's point before it was registered; copying again".into(),
+        )),
         Err(_) => Err("session ended".into()),
     }
 }

@@ -40,7 +40,7 @@ impl PgRows {
     pub fn new(url: &str, net: &crate::config::NetworkConfig) -> PgRows {
         PgRows {
             url: url.to_string(),
-            net: net.clone(),
+            net: *net,
             conn: Mutex::new(None),
         }
     }

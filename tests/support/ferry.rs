@@ -132,29 +132,45 @@ impl FerryDir {
         read_jsonl(&self.jsonl())
     }
 
-    /// Waits until the output holds at least `n` events.
-    pub fn wait_events(&self, n: usize, timeout: Duration) -> Vec<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let ev = self.events();
-            if ev.len() >= n {
-                return ev;
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for {n} events, have {}:\n{}\n--- pgferry log ---\n{}",
-                    ev.len(),
-                    ev.iter()
+    /// Waits until the output holds at least `n` events. Fails only when no
+    /// new event came for `stall` (progress, not wall time: see
+    /// [`super::progress`]).
+    pub fn wait_events(&self, n: usize, stall: Duration) -> Vec<Value> {
+        self.wait_events_until(stall, &format!("{n} events"), |ev| ev.len() >= n)
+    }
+
+    /// Waits until `done` holds for the events; fails only when no new
+    /// event came for `stall`.
+    pub fn wait_events_until(
+        &self,
+        stall: Duration,
+        what: &str,
+        done: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        super::progress::wait_for(
+            stall,
+            || {
+                let ev = self.events();
+                if done(&ev) {
+                    return Ok(ev);
+                }
+                Err(ev.len())
+            },
+            || {
+                format!(
+                    "waiting for {what}, have {} events:\n{}\n--- pgferry log ---\n{}",
+                    self.events().len(),
+                    self.events()
+                        .iter()
                         .rev()
                         .take(5)
                         .map(|e| e.to_string())
                         .collect::<Vec<_>>()
                         .join("\n"),
                     self.log()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                )
+            },
+        )
     }
 }
 

@@ -1,10 +1,10 @@
-//! A plain HTTP/1.1 client for pgferry's metrics endpoint.
+//! A plain HTTP/1.1 GET, for pgferry's `/metrics`, `/healthz` and `/readyz`.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-/// `GET path` on `127.0.0.1:port`: (status, body).
+/// `GET path` on `127.0.0.1:port`: (status, body), or `None` when nothing answers.
 pub fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;

@@ -8,6 +8,7 @@ pub mod http;
 pub mod opensearch;
 pub mod oracle;
 pub mod pg;
+pub mod progress;
 pub mod proxy;
 pub mod redis;
 pub mod rng;

@@ -197,6 +197,11 @@ impl TestPg {
 
     /// Runs SQL through `psql -X -At -v ON_ERROR_STOP=1` and returns its output.
     pub fn sql(&self, sql: &str) -> String {
+        self.sql_in("postgres", sql)
+    }
+
+    /// [`TestPg::sql`] in database `db`.
+    pub fn sql_in(&self, db: &str, sql: &str) -> String {
         let out = Command::new(self.bin.join("psql"))
             .args([
                 "-X",
@@ -210,7 +215,7 @@ impl TestPg {
                 "-U",
                 "postgres",
                 "-d",
-                "postgres",
+                db,
                 "-c",
                 sql,
             ])

@@ -92,3 +92,33 @@ mod sink;
 
 pub use config::{ElasticsearchConfig, OnError, TableConfig};
 pub use sink::ElasticsearchSink;
+
+/// For `pgferry check`: the cluster's product and version (`GET /`, which
+/// verifies the address, TLS and credentials), and for each index of the
+/// sink whether it exists (`HEAD`, which a user without rights on it is
+/// refused). Writes nothing.
+pub async fn probe(cfg: &ElasticsearchConfig) -> Result<(String, Vec<(String, bool)>), String> {
+    let client = client::Client::new(cfg)?;
+    let root = client
+        .json(reqwest::Method::GET, &[], &[], None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let product = root["version"]["distribution"]
+        .as_str()
+        .unwrap_or("elasticsearch");
+    let version = root["version"]["number"].as_str().unwrap_or("?");
+    let mut indices = Vec::new();
+    for table in cfg.tables.keys() {
+        if let Some(index) = cfg.index_for(table) {
+            if indices.iter().any(|(i, _)| *i == index) {
+                continue;
+            }
+            let exists = client
+                .index_exists(&index)
+                .await
+                .map_err(|e| format!("index {index}: {e}"))?;
+            indices.push((index, exists));
+        }
+    }
+    Ok((format!("{product} {version}"), indices))
+}

@@ -75,20 +75,22 @@ impl JsonlSink {
 
     /// Writes what is buffered (one write call).
     fn flush_buf(&mut self) -> Result<(), SinkError> {
-        write_out(&mut self.out, &mut self.buf).map_err(|e| write_err(&self.path, e))
+        let stdout = matches!(self.out, Out::Stdout(_));
+        write_out(&mut self.out, &mut self.buf).map_err(|e| write_err(&self.path, e, stdout))
     }
 
+    /// Writes the batch. The counters of what the output holds move only
+    /// once the write succeeded: a failed write never counts as written, so
+    /// the retry (or the next start, from the checkpoint) writes it again.
     fn write_batch(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
+        let stdout = matches!(self.out, Out::Stdout(_));
+        let (mut last_commit, mut last_count) = (self.last_commit, self.last_count);
         for txn in batch {
             let commit = txn.meta.commit_lsn;
-            if commit < self.last_commit {
+            if commit < last_commit {
                 continue;
             }
-            let mut skip = if commit == self.last_commit {
-                self.last_count
-            } else {
-                0
-            };
+            let mut skip = if commit == last_commit { last_count } else { 0 };
             let mut written = 0u64;
             let (filter, buf, out) = (&self.filter, &mut self.buf, &mut self.out);
             let tail = txn.meta.json_tail();
@@ -109,35 +111,47 @@ impl JsonlSink {
                 }
                 Ok(())
             })
-            .map_err(|e| write_err(&self.path, e))?;
+            .map_err(|e| write_err(&self.path, e, stdout))?;
             if written > 0 {
-                if commit == self.last_commit {
-                    self.last_count = self.last_count.max(written);
+                if commit == last_commit {
+                    last_count = last_count.max(written);
                 } else {
-                    self.last_commit = commit;
-                    self.last_count = written;
+                    last_commit = commit;
+                    last_count = written;
                 }
             }
         }
-        self.flush_buf()
+        self.flush_buf()?;
+        self.last_commit = last_commit;
+        self.last_count = last_count;
+        Ok(())
     }
 }
 
-fn write_err(path: &std::path::Path, e: std::io::Error) -> SinkError {
+/// A failed write: retried (a full disk as such, with its path), except
+/// when stdout's reader is gone (a broken pipe): no retry can deliver to
+/// it, and going on would drop the events.
+fn write_err(path: &std::path::Path, e: std::io::Error, stdout: bool) -> SinkError {
+    if stdout && e.kind() == std::io::ErrorKind::BrokenPipe {
+        return SinkError::Fatal(format!(
+            "jsonl write to stdout failed: {e}: the program reading pgferry's output exited. \
+             The events not written are not checkpointed: they are sent again when pgferry starts with a reader"
+        ));
+    }
     SinkError::io("jsonl write failed:", path, e)
 }
 
-/// Writes and clears `buf`.
+/// Writes `buf`, and clears it once written.
 fn write_out(out: &mut Out, buf: &mut Vec<u8>) -> std::io::Result<()> {
     if buf.is_empty() {
         return Ok(());
     }
-    let res = match out {
+    match out {
         Out::Stdout(s) => s.write_all(buf).and_then(|_| s.flush()),
         Out::File(f) => f.write_all(buf),
-    };
+    }?;
     buf.clear();
-    res
+    Ok(())
 }
 
 /// Cuts a torn last line; returns the newest transaction's `commit_lsn` in the
@@ -234,6 +248,8 @@ impl Sink for JsonlSink {
                 self.last_commit = commit;
                 self.last_count = count;
             }
+            // On stdout the counters still say what was written before the
+            // failed batch: the batch is written again (at-least-once).
             self.buf.clear();
             self.needs_recovery = false;
         }

@@ -5,10 +5,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::config::{Mode, RedisConfig};
+pub use super::position::Position;
+use super::position::{encode, position_key};
 use crate::event::{BeforeKind, Cell, Change, Op, RelationInfo, Row};
-use crate::lsn::Lsn;
 use crate::sink::key::{KeyError, KeyTemplate};
-use crate::sink::SinkError;
+use crate::sink::{SinkError, StreamOwner};
 
 /// A unit closes after a whole transaction once it holds this many bytes of
 /// arguments or this many commands: transactions are never split below it.
@@ -18,29 +19,6 @@ const SOFT_COMMANDS: usize = 4096;
 /// atomic), so memory stays bounded whatever its size.
 pub(super) const HARD_BYTES: usize = 8 << 20;
 pub(super) const HARD_COMMANDS: usize = 32768;
-
-/// How far Redis has applied the stream: every transaction committed before
-/// `commit`, and the first `changes` changes of the one committed at `commit`
-/// (counting every change of the transaction, in WAL order, whatever its table).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
-pub struct Position {
-    pub commit: Lsn,
-    pub changes: u64,
-}
-
-impl Position {
-    pub fn encode(&self) -> String {
-        format!("{} {}", self.commit, self.changes)
-    }
-
-    pub fn decode(text: &str) -> Option<Position> {
-        let (lsn, n) = text.split_once(' ')?;
-        Some(Position {
-            commit: lsn.parse().ok()?,
-            changes: n.parse().ok()?,
-        })
-    }
-}
 
 /// One table's rule.
 #[derive(Debug)]
@@ -58,10 +36,12 @@ pub struct TableRule {
 pub struct Rules {
     pub tables: HashMap<String, Arc<TableRule>>,
     pub position_key: String,
+    /// The stream whose position this sink records.
+    pub owner: StreamOwner,
 }
 
 impl Rules {
-    pub fn new(cfg: &RedisConfig) -> Result<Rules, SinkError> {
+    pub fn new(cfg: &RedisConfig, owner: StreamOwner) -> Result<Rules, SinkError> {
         let prefix = cfg.state_prefix();
         let mut tables = HashMap::new();
         for (name, t) in &cfg.tables {
@@ -84,7 +64,8 @@ impl Rules {
         }
         Ok(Rules {
             tables,
-            position_key: format!("{prefix}:position"),
+            position_key: position_key(&prefix),
+            owner,
         })
     }
 }
@@ -175,7 +156,7 @@ impl Builder {
         self.pipe
             .cmd("SET")
             .arg(&self.rules.position_key)
-            .arg(position.encode());
+            .arg(encode(position, &self.rules.owner));
         self.kinds.push(Kind::Plain);
         self.pipe.cmd("EXEC");
         let unit = Unit {
@@ -470,29 +451,4 @@ fn key_fatal(rule: &TableRule, c: &Change, e: KeyError) -> SinkError {
         rule.qualified,
         rule.qualified
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn positions_round_trip_and_order() {
-        let p = Position {
-            commit: Lsn(0x1_0000_00AB),
-            changes: 42,
-        };
-        assert_eq!(p.encode(), "1/AB 42");
-        assert_eq!(Position::decode("1/AB 42"), Some(p));
-        assert_eq!(Position::decode("nonsense"), None);
-        assert!(
-            Position {
-                commit: Lsn(5),
-                changes: 100
-            } < Position {
-                commit: Lsn(6),
-                changes: 0
-            }
-        );
-    }
 }

@@ -23,10 +23,18 @@ pub struct RedisConfig {
     /// Only these tables reach Redis; each must also be in `source.tables`.
     pub tables: BTreeMap<String, RedisTableConfig>,
     /// Prefix of pgferry's own bookkeeping keys: `<prefix>:position` (what
-    /// Redis already holds) and `<prefix>:keys:<schema.table>` (the key set
-    /// of a table, for TRUNCATE). Default `pgferry:<name>`.
+    /// Redis already holds, and which pgferry it belongs to) and
+    /// `<prefix>:keys:<schema.table>` (the key set of a table, for TRUNCATE).
+    /// Default `pgferry:<source.slot>:<name>`, so that two pgferry instances
+    /// (two slots) never share it; a position written by another instance
+    /// stops the sink instead of being trusted.
     #[serde(default)]
     pub state_prefix: Option<String>,
+    /// Set when `state_prefix` is left out: the default of pgferry before
+    /// the slot was part of it (`pgferry:<name>`), where an older pgferry may
+    /// have left this sink's position.
+    #[serde(skip)]
+    pub legacy_state_prefix: Option<String>,
     /// Seconds to wait to connect and for each reply before the attempt
     /// counts as failed and is retried. Default 30.
     #[serde(default = "default_timeout")]
@@ -89,6 +97,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("tls_ca_file", &self.tls_ca_file)
             .field("tables", &self.tables)
             .field("state_prefix", &self.state_prefix)
+            .field("legacy_state_prefix", &self.legacy_state_prefix)
             .field("timeout_secs", &self.timeout_secs)
             .field("max_failure_secs", &self.max_failure_secs)
             .field("on_data_loss", &self.on_data_loss)
@@ -102,11 +111,20 @@ impl RedisConfig {
         redact_redis_url(&self.url)
     }
 
-    /// The prefix of pgferry's own keys.
+    /// The prefix of pgferry's own keys (`pgferry:<name>` when built
+    /// without [`RedisConfig::default_state_prefix`], as in unit tests).
     pub fn state_prefix(&self) -> String {
         self.state_prefix
             .clone()
             .unwrap_or_else(|| format!("pgferry:{}", self.name))
+    }
+
+    /// Fills in the default `state_prefix`, `pgferry:<slot>:<name>`.
+    pub fn default_state_prefix(&mut self, slot: &str) {
+        if self.state_prefix.is_none() {
+            self.state_prefix = Some(format!("pgferry:{slot}:{}", self.name));
+            self.legacy_state_prefix = Some(format!("pgferry:{}", self.name));
+        }
     }
 
     /// Checks what serde cannot. The error is `(key below the sink, message)`.
@@ -145,7 +163,8 @@ impl RedisConfig {
             ));
         }
         let mut seen: BTreeMap<String, &str> = BTreeMap::new();
-        let mut templates: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut templates: Vec<(&str, KeyTemplate)> = Vec::new();
+        let prefix = self.state_prefix();
         for (name, t) in &self.tables {
             let at = |k: &str| format!("tables.{name:?}.{k}");
             let Some((schema, table)) = crate::config::split_table(name) else {
@@ -161,12 +180,15 @@ impl RedisConfig {
                 ));
             }
             let template = KeyTemplate::parse(&t.key).map_err(|e| (at("key"), e.to_string()))?;
-            if let Some(prev) = templates.insert(&t.key, name) {
-                return Err((
-                    at("key"),
-                    format!("is also the key of {prev:?}: the two tables would overwrite each other's keys; give each table its own prefix, e.g. \"{table}:{{id}}\""),
-                ));
+            for (prev, other) in &templates {
+                if let Some(example) = template.collision(other) {
+                    return Err((
+                        at("key"),
+                        format!("{:?} can produce the same keys as the key of {prev:?} (both can write {example:?}): a row of one table would overwrite, and its delete remove, a row of the other. Give each table its own literal prefix, e.g. \"{table}:{{id}}\"", t.key),
+                    ));
+                }
             }
+            templates.push((name, template.clone()));
             if t.mode == Mode::Invalidate {
                 if template.literal_prefix().is_empty() {
                     return Err((
@@ -188,6 +210,17 @@ impl RedisConfig {
                     "must be at least 1; leave it out for no expiry".into(),
                 ));
             }
+            for own in [
+                format!("{prefix}:position"),
+                format!("{prefix}:keys:{name}"),
+            ] {
+                if template.matches(&own) {
+                    return Err((
+                        at("key"),
+                        format!("can produce {own:?}, one of pgferry's own keys (state_prefix {prefix:?}); choose another prefix for the template or for state_prefix"),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -198,21 +231,14 @@ pub fn redact_redis_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let (authority, path) = match rest.find(['/', '?', '#']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let Some(at) = authority.rfind('@') else {
-        return url.to_string();
-    };
-    let userinfo = &authority[..at];
-    let user = match userinfo.find(':') {
-        Some(c) => format!("{}:***", &userinfo[..c]),
-        None if userinfo.is_empty() => String::new(),
+    // The last '@' ends the user info, whatever the password holds ('/', '?', '@').
+    match rest.rfind('@') {
         // `redis://password@host` is a password alone.
-        None => "***".to_string(),
-    };
-    format!("{scheme}://{user}{}{path}", &authority[at..])
+        Some(at) if at > 0 && !rest[..at].contains(':') => {
+            format!("{scheme}://***{}", &rest[at..])
+        }
+        _ => format!("{scheme}://{}", crate::config::redact_userinfo(rest)),
+    }
 }
 
 #[cfg(test)]
@@ -232,6 +258,15 @@ mod tests {
         assert_eq!(
             redact_redis_url("redis://127.0.0.1:6379"),
             "redis://127.0.0.1:6379"
+        );
+        // Characters that end an authority elsewhere stay inside the secret.
+        for pw in ["pa/ss", "p?w", "a@b", "x y", "k=v&w"] {
+            let r = redact_redis_url(&format!("redis://app:{pw}@cache:6379/2"));
+            assert_eq!(r, "redis://app:***@cache:6379/2", "{pw}");
+        }
+        assert_eq!(
+            redact_redis_url("redis://s3cr3t@cache"),
+            "redis://***@cache"
         );
     }
 }

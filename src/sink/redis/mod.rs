@@ -54,10 +54,11 @@
 //! disk on a blocking thread and handed over one unit at a time.
 //!
 //! # Delivery: effectively-once final state
-//! Every unit ends with `SET <state_prefix>:position "<commit_lsn> <n>"`,
-//! inside the same `MULTI`: Redis itself records how far it has applied the
-//! stream (all transactions committed before `commit_lsn`, and the first `n`
-//! changes of that one). The sink reads the position at start and after any
+//! Every unit ends with `SET <state_prefix>:position <position>`, inside
+//! the same `MULTI`: Redis itself records how far it has applied the
+//! stream (all transactions committed before a `commit_lsn`, and the first
+//! `n` changes of that one), and whose stream that is (server, database,
+//! slot: see [`position`]). A position of another stream stops the sink. The sink reads the position at start and after any
 //! failure, and skips what Redis already holds. So the transactions that a
 //! crash replays (applied to Redis, not yet checkpointed) are not applied
 //! twice, and a split transaction resumes after its last applied unit. An
@@ -97,12 +98,14 @@
 //!   operator fixes the key and restarts.
 //!
 //! Keys: pgferry owns the keys its templates produce and those under
-//! `state_prefix` (default `pgferry:<sink name>`). Standalone Redis (or a
+//! `state_prefix` (default `pgferry:<slot>:<sink name>`). Two tables' key
+//! templates that could produce the same key are refused at load. Standalone Redis (or a
 //! primary reached through one address) only: the multi-key `MULTI` and
 //! scripts are not Redis Cluster-aware. Redis 6.2 or later.
 
 mod commands;
 mod config;
+pub mod position;
 mod sink;
 
 pub use config::{Mode, RedisConfig, RedisTableConfig};

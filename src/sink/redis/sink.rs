@@ -7,8 +7,9 @@ use tokio::sync::mpsc;
 
 use super::commands::{Builder, Kind, Position, Rules, TableRule, Unit};
 use super::config::RedisConfig;
+use super::position::{self, Stored};
 use crate::event::{Changes, Transaction};
-use crate::sink::{Sink, SinkError};
+use crate::sink::{Sink, SinkError, StreamOwner};
 
 /// Keeps Redis keys in step with the replicated tables.
 pub struct RedisSink {
@@ -25,12 +26,15 @@ pub struct RedisSink {
     had_position: bool,
     /// The last transaction seen in a batch that needed nothing from Redis.
     passed: Option<Position>,
+    /// The default prefix of older versions (`pgferry:<name>`), checked when
+    /// the position is missing (see [`RedisConfig::legacy_state_prefix`]).
+    legacy_prefix: Option<String>,
 }
 
 impl RedisSink {
     /// Checks the config and prepares the client. Does not connect: a Redis
     /// that is down at start is retried like any outage.
-    pub async fn open(cfg: &RedisConfig) -> Result<RedisSink, SinkError> {
+    pub async fn open(cfg: &RedisConfig, owner: StreamOwner) -> Result<RedisSink, SinkError> {
         let fatal = |m: String| SinkError::Fatal(format!("sink {:?}: {m}", cfg.name));
         cfg.validate()
             .map_err(|(k, m)| fatal(format!("config key {k}: {m}")))?;
@@ -63,10 +67,11 @@ impl RedisSink {
             client,
             conn: None,
             timeout: Duration::from_secs(cfg.timeout_secs),
-            rules: Arc::new(Rules::new(cfg)?),
+            rules: Arc::new(Rules::new(cfg, owner)?),
             position: None,
             had_position: false,
             passed: None,
+            legacy_prefix: cfg.legacy_state_prefix.clone(),
         })
     }
 
@@ -98,7 +103,43 @@ impl RedisSink {
         Ok(c)
     }
 
-    /// Reads the position Redis holds (what it has already applied).
+    /// For `pgferry check`: connects (so the address, TLS and credentials
+    /// are verified), reads the server's version and the position (which
+    /// must be this stream's, see [`Self::read_position`]). Writes nothing.
+    pub async fn probe(&mut self) -> Result<String, SinkError> {
+        let mut conn = self.connection().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.classify(e, "reading INFO"))?;
+        let version = info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        let old = version
+            .split('.')
+            .map(|p| p.parse::<u32>().unwrap_or(0))
+            .take(2)
+            .collect::<Vec<_>>()
+            < vec![6, 2];
+        if old && version != "?" {
+            return Err(SinkError::Fatal(format!(
+                "Redis at {} is version {version}; pgferry needs 6.2 or later",
+                self.url
+            )));
+        }
+        let pos = self.read_position(&mut conn).await?;
+        Ok(format!(
+            "Redis {version} at {}, position {} {}",
+            self.url, pos.commit, pos.changes
+        ))
+    }
+
+    /// Reads the position Redis holds (what it has already applied), and
+    /// checks that it is this stream's.
     async fn read_position(&mut self, conn: &mut ConnectionManager) -> Result<Position, SinkError> {
         let key = self.rules.position_key.clone();
         let v: Option<String> = redis::cmd("GET")
@@ -108,6 +149,7 @@ impl RedisSink {
             .map_err(|e| self.classify(e, "reading the position"))?;
         let pos = match v {
             None => {
+                self.check_legacy_position(conn).await?;
                 if self.had_position {
                     tracing::warn!(sink = %self.name, key = %key,
                         "Redis no longer holds pgferry's position: it lost its data (restarted without persistence, flushed, or failed over to a replica that was behind). \
@@ -117,16 +159,54 @@ impl RedisSink {
             }
             Some(text) => {
                 self.had_position = true;
-                Position::decode(&text).ok_or_else(|| {
+                let stored = position::decode(&text).ok_or_else(|| {
                     SinkError::Fatal(format!(
                         "Redis key {key:?} holds {text:?}, which is not a pgferry position; another program uses that key. \
                          Set state_prefix in the sink's config to a prefix of pgferry's own"
                     ))
-                })?
+                })?;
+                if let Some(why) = position::foreign_owner(&key, &stored, &self.rules.owner) {
+                    return Err(SinkError::Fatal(format!("sink {:?}: {why}", self.name)));
+                }
+                match stored {
+                    Stored::Owned(p, _) => p,
+                    Stored::Unowned(_) => {
+                        return Err(SinkError::Fatal(format!(
+                            "sink {:?}: Redis key {key:?} holds a position written by an older pgferry, {}",
+                            self.name,
+                            position::OLDER_VERSION
+                        )))
+                    }
+                }
             }
         };
         tracing::debug!(sink = %self.name, commit = %pos.commit, changes = pos.changes, "position in Redis");
         Ok(pos)
+    }
+
+    /// With the default `state_prefix`, a position under the default of
+    /// older versions (`pgferry:<name>`) means this sink's history is there:
+    /// starting afresh would replay what Redis holds, so stop and say how to
+    /// keep it.
+    async fn check_legacy_position(&self, conn: &mut ConnectionManager) -> Result<(), SinkError> {
+        let Some(legacy) = &self.legacy_prefix else {
+            return Ok(());
+        };
+        let key = position::position_key(legacy);
+        let old: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(conn)
+            .await
+            .map_err(|e| self.classify(e, "reading the position"))?;
+        match old {
+            Some(text) if position::decode(&text).is_some() => Err(SinkError::Fatal(format!(
+                "sink {:?}: Redis holds this sink's position under {key:?}, the default state_prefix of older pgferry versions \
+                 (the default is now pgferry:<slot>:<sink name>), {}",
+                self.name,
+                position::OLDER_VERSION
+            ))),
+            _ => Ok(()),
+        }
     }
 
     async fn apply_inner(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
@@ -271,7 +351,7 @@ impl RedisSink {
             Some(p) => {
                 redis::cmd("SET")
                     .arg(&key)
-                    .arg(p.encode())
+                    .arg(position::encode(p, &self.rules.owner))
                     .query_async::<()>(conn)
                     .await
             }
@@ -492,7 +572,7 @@ impl Sink for RedisSink {
         let key = self.rules.position_key.clone();
         redis::cmd("SET")
             .arg(&key)
-            .arg(p.encode())
+            .arg(position::encode(p, &self.rules.owner))
             .arg("NX")
             .query_async::<()>(&mut conn)
             .await
@@ -674,12 +754,24 @@ mod tests {
         })
     }
 
-    async fn sink(url: &str, mode: &str) -> RedisSink {
+    fn owner(slot: &str) -> StreamOwner {
+        StreamOwner {
+            system_identifier: "7301".into(),
+            database: "app".into(),
+            slot: slot.into(),
+        }
+    }
+
+    async fn sink_of(url: &str, mode: &str, slot: &str) -> RedisSink {
         let cfg: RedisConfig = toml::from_str(&format!(
             "name = \"t\"\nurl = \"{url}\"\ntimeout_secs = 2\n[tables.\"public.docs\"]\nkey = \"doc:{{id}}\"\nmode = \"{mode}\"\n"
         ))
         .unwrap();
-        RedisSink::open(&cfg).await.unwrap()
+        RedisSink::open(&cfg, owner(slot)).await.unwrap()
+    }
+
+    async fn sink(url: &str, mode: &str) -> RedisSink {
+        sink_of(url, mode, "s").await
     }
 
     /// id 1 moves to 10 without sending its TOASTed body, then a new id 1
@@ -767,12 +859,20 @@ mod tests {
             .collect();
         let t = txn(500, changes);
         let mut c = s.conn().unwrap();
+        let at = |n| Position {
+            commit: crate::lsn::Lsn(500),
+            changes: n,
+        };
         let _: () = redis::cmd("SET")
             .arg("pgferry:t:position")
-            .arg("0/1F4 20")
+            .arg(position::encode(at(20), &owner("s")))
             .query(&mut c)
             .unwrap();
-        sink(&s.url(), "json").await.apply(&[t]).await.unwrap();
+        sink(&s.url(), "json")
+            .await
+            .apply(std::slice::from_ref(&t))
+            .await
+            .unwrap();
         let keys: Vec<String> = redis::cmd("KEYS").arg("doc:*").query(&mut c).unwrap();
         assert_eq!(keys.len() as u64, n - 20);
         assert!(!keys.contains(&"doc:20".to_string()) && keys.contains(&"doc:21".to_string()));
@@ -780,7 +880,50 @@ mod tests {
             .arg("pgferry:t:position")
             .query(&mut c)
             .unwrap();
-        assert_eq!(p, "0/1F4 50");
+        assert_eq!(
+            position::decode(&p),
+            Some(Stored::Owned(at(50), owner("s"))),
+            "{p}"
+        );
+        // A position of an older pgferry (no owner; its keys escaped more
+        // characters) stops the sink with the steps to re-load.
+        let _: () = redis::cmd("SET")
+            .arg("pgferry:t:position")
+            .arg("0/1F4 20")
+            .query(&mut c)
+            .unwrap();
+        match sink(&s.url(), "json").await.apply(&[t]).await {
+            Err(SinkError::Fatal(m)) => assert!(m.contains("older pgferry"), "{m}"),
+            other => panic!("expected a fatal error, got {other:?}"),
+        }
+    }
+
+    /// Another stream's position (same state_prefix, another slot) is never
+    /// trusted: the sink stops, and writes nothing.
+    #[tokio::test]
+    async fn a_position_of_another_stream_stops_the_sink() {
+        let s = Server::start();
+        let mut a = sink_of(&s.url(), "json", "a").await;
+        let row = |id: &str| {
+            change(
+                Op::Insert,
+                None,
+                Some(row(&[Some(Some(id)), Some(Some("\"b\"")), Some(Some("1"))])),
+            )
+        };
+        a.apply(&[txn(900, vec![row("1")])]).await.unwrap();
+        let mut b = sink_of(&s.url(), "json", "b").await;
+        match b.apply(&[txn(100, vec![row("2")])]).await {
+            Err(SinkError::Fatal(m)) => {
+                assert!(m.contains("\"a\"") && m.contains("state_prefix"), "{m}")
+            }
+            other => panic!("expected a fatal error, got {other:?}"),
+        }
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("doc:*")
+            .query(&mut s.conn().unwrap())
+            .unwrap();
+        assert_eq!(keys, ["doc:1"]);
     }
 
     #[tokio::test]
