@@ -8,12 +8,12 @@
 //! sink), the only complete copy of the row is in Postgres.
 //!
 //! The sink layer defines this trait and the session implements it (over an
-//! ordinary SQL connection), so sinks import nothing upstream. The rows read
-//! are the *current* rows, which can be newer than the change being applied:
-//! a sink may write them only under a version that later changes of the row
-//! override (the search sink's external versions do), and must take "no
-//! such row" to mean that a later change, still to come in the stream,
-//! deleted the row or changed its key.
+//! ordinary SQL connection), so a sink needs nothing of the session to use
+//! it. The rows read are the *current* rows, which can be newer than the
+//! change being applied: a sink may write them only under a version that
+//! later changes of the row override (the search sink's external versions
+//! do), and must take "no such row" to mean that a later change, still to
+//! come in the stream, deleted the row or changed its key.
 
 use serde_json::{Map, Value};
 
