@@ -3,10 +3,13 @@
 #![allow(dead_code)]
 
 pub mod ferry;
+pub mod kafka;
+pub mod nats;
 pub mod opensearch;
 pub mod pg;
 pub mod redis;
 pub mod rng;
 pub mod tls_proxy;
 pub mod types_fixture;
+pub mod watchdog;
 pub mod workload;
