@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod ferry;
+pub mod iceberg;
 pub mod kafka;
 pub mod nats;
 pub mod opensearch;
