@@ -11,8 +11,7 @@
 //! it back on the same port with its data.
 
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
@@ -25,33 +24,11 @@ pub struct Broker {
     lock: RwLock<()>,
 }
 
-fn here() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kafka")
-}
-
-/// Builds the launcher once per test binary (Maven; quiet on success).
-fn build() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let t = Instant::now();
-        let out = Command::new(here().join("build.sh"))
-            .output()
-            .expect("run tests/kafka/build.sh (needs mvn and a JDK 17+)");
-        assert!(
-            out.status.success(),
-            "tests/kafka/build.sh failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("kafka launcher built in {:?}", t.elapsed());
-    });
-}
-
 /// The broker of this test binary, started on first use.
 pub fn broker() -> &'static Broker {
     static BROKER: OnceLock<Broker> = OnceLock::new();
     BROKER.get_or_init(|| {
-        build();
+        super::jvm::build("kafka");
         let b = Broker {
             port: super::pg::free_port(),
             home: tempfile::Builder::new()
@@ -94,8 +71,6 @@ impl Broker {
         assert!(slot.is_none(), "the Kafka broker is already running");
         let home = self.home();
         let _ = std::fs::remove_file(home.join("ready"));
-        let here = here();
-        let cp = std::fs::read_to_string(here.join("target/cp.txt")).unwrap();
         let mut args: Vec<String> = std::env::var("KAFKA_JAVA_OPTS")
             .unwrap_or_else(|_| "-Xms256m -Xmx512m".into())
             .split_whitespace()
@@ -103,7 +78,7 @@ impl Broker {
             .collect();
         args.extend([
             "-cp".into(),
-            format!("{}:{}", here.join("target/classes").display(), cp.trim()),
+            super::jvm::classpath("kafka"),
             "Launcher".into(),
             home.display().to_string(),
             self.port.to_string(),

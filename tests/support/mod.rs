@@ -4,6 +4,7 @@
 
 pub mod ferry;
 pub mod iceberg;
+pub mod jvm;
 pub mod kafka;
 pub mod nats;
 pub mod opensearch;
