@@ -7,7 +7,15 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_packages postgresql postgresql-contrib util-linux redis-server openssl
-# The search-sink tests build a small OpenSearch launcher with Maven (Java 17).
+# The NATS JetStream tests start Debian's nats-server -js (tests/support/nats.rs).
+# Where systemd runs, the package also starts a service on port 4222; the tests never use it.
+ensure_packages nats-server
+# rdkafka (the Kafka sink's client) builds librdkafka from source: configure + make, TLS, zstd.
+ensure_packages make perl pkg-config libssl-dev zlib1g-dev
+# The Iceberg tests' readers live in a venv that tests/iceberg/setup-venv.sh makes on demand.
+ensure_packages python3-venv
+# The search-sink and Kafka tests build small launchers (tests/opensearch, tests/kafka)
+# with Maven (Java 17) on first use.
 command -v java >/dev/null 2>&1 || ensure_packages openjdk-17-jdk-headless
 command -v mvn >/dev/null 2>&1 || ensure_packages maven
 ensure_cargo

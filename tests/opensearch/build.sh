@@ -1,18 +1,5 @@
 #!/usr/bin/env bash
 # Build the embedded OpenSearch test node: compiles Launcher and writes the runtime
 # classpath to target/cp.txt. Idempotent; prints nothing on success.
-# Maven 3.8 with -q still emits stray ANSI reset codes, so its output is captured
-# and shown only if a step fails.
-set -uo pipefail
-cd "$(dirname "$0")"
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-run() {
-    if ! "$@" >"$log" 2>&1; then
-        sed -e 's/\x1b\[[0-9;]*m//g' "$log" >&2
-        echo "build.sh: failed: $*" >&2
-        exit 1
-    fi
-}
-run mvn -q -B package
-run mvn -q -B dependency:build-classpath -Dmdep.outputFile=target/cp.txt -Dmdep.includeScope=runtime
+here=$(cd "$(dirname "$0")" && pwd)
+exec "$here/../support/build-launcher.sh" "$here"

@@ -5,6 +5,10 @@
 pub mod fault_proxy;
 pub mod ferry;
 pub mod http;
+pub mod iceberg;
+pub mod jvm;
+pub mod kafka;
+pub mod nats;
 pub mod opensearch;
 pub mod oracle;
 pub mod pg;
@@ -14,6 +18,7 @@ pub mod redis;
 pub mod rng;
 pub mod tls_proxy;
 pub mod types_fixture;
+pub mod watchdog;
 pub mod workload;
 
 /// A one-worker tokio runtime for a test proxy, and a listener on a free

@@ -39,20 +39,7 @@ fn here() -> PathBuf {
 
 /// Builds the launcher once per test binary (Maven; quiet on success).
 fn build() {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let t = Instant::now();
-        let out = Command::new(here().join("build.sh"))
-            .output()
-            .expect("run tests/opensearch/build.sh (needs mvn and a JDK 17+)");
-        assert!(
-            out.status.success(),
-            "tests/opensearch/build.sh failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!("opensearch launcher built in {:?}", t.elapsed());
-    });
+    super::jvm::build("opensearch");
 }
 
 /// The node of this test binary, started on first use.

@@ -1,0 +1,144 @@
+//! A throwaway NATS server with JetStream: Debian's `nats-server -js` on a
+//! free loopback port with its own store directory, killed on drop and, through
+//! [`super::watchdog`], with the test process even on SIGKILL.
+//!
+//! [`TestNats::kill`] (SIGKILL) or [`TestNats::stop`] (SIGTERM, a clean exit)
+//! keep the store, and [`TestNats::start`] brings the server back on the same
+//! port with its streams, as a restarted server would come back.
+//! [`TestNats::pause`] freezes it (SIGSTOP) instead, so clients hit timeouts
+//! rather than refused connections.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::watchdog::Guarded;
+
+pub struct TestNats {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+    proc: Option<Guarded>,
+}
+
+/// `$PGFERRY_NATS_SERVER`, or `nats-server` from the PATH.
+fn server_bin() -> String {
+    std::env::var("PGFERRY_NATS_SERVER").unwrap_or_else(|_| "nats-server".into())
+}
+
+impl TestNats {
+    pub fn new() -> TestNats {
+        let dir = tempfile::Builder::new()
+            .prefix("pgferry-nats-")
+            .tempdir()
+            .expect("temp dir");
+        let mut n = TestNats {
+            dir,
+            port: super::pg::free_port(),
+            proc: None,
+        };
+        n.start();
+        n
+    }
+
+    /// `nats://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// JetStream's store directory (streams live under `jetstream/` in it).
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    fn log(&self) -> PathBuf {
+        self.dir.path().join("nats.log")
+    }
+
+    /// Starts the server (again) on its port and store, and waits until it
+    /// reports ready and accepts connections.
+    pub fn start(&mut self) {
+        assert!(self.proc.is_none(), "nats-server is already running");
+        // A fresh log, so that "Server is ready" is this start's.
+        let _ = std::fs::remove_file(self.log());
+        let args: Vec<String> = [
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-sd",
+            self.store_dir().to_str().unwrap(),
+            "--server_name",
+            "pgferry-test",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let bin = server_bin();
+        // The temp dir removes itself on drop; the watchdog cleans nothing.
+        let proc = Guarded::spawn(&bin, &args, &self.log(), Path::new(""));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+            if log.contains("Server is ready")
+                && TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            {
+                break;
+            }
+            assert!(
+                proc.alive() && Instant::now() < deadline,
+                "{bin} did not start (install it: apt-get install nats-server, or set \
+                 PGFERRY_NATS_SERVER); end of its log:\n{}",
+                proc.log_tail(40)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.proc = Some(proc);
+    }
+
+    /// SIGKILL, as a crash would; the store is kept.
+    pub fn kill(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// A clean shutdown (SIGTERM), SIGKILL after 20 s; the store is kept.
+    pub fn stop(&mut self) {
+        if let Some(p) = self.proc.take() {
+            p.stop(Duration::from_secs(20));
+        }
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open, replies stop.
+    pub fn pause(&self) {
+        self.running().signal("-STOP");
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.running().signal("-CONT");
+    }
+
+    fn running(&self) -> &Guarded {
+        self.proc.as_ref().expect("nats-server is not running")
+    }
+
+    /// The last lines of the server's log.
+    pub fn log_tail(&self) -> String {
+        super::watchdog::log_tail(&self.log(), 40)
+    }
+}
+
+impl Drop for TestNats {
+    /// Kills the server before its directory goes.
+    fn drop(&mut self) {
+        drop(self.proc.take());
+    }
+}
+
+impl Default for TestNats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
