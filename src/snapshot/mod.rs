@@ -187,6 +187,15 @@ impl Shared {
         self.file.save(s)
     }
 
+    /// Adds a planned job (under the state lock the caller holds).
+    fn add_job(&self, st: &mut State, job: Job, info: TableInfo) {
+        self.infos
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job.id, Arc::new(info));
+        st.jobs.push(job);
+    }
+
     /// A range of an unfinished job that no worker holds.
     fn take_unit(&self) -> Option<(Job, usize)> {
         let s = self.lock_state();
@@ -314,12 +323,7 @@ impl Snapshots {
         if config.source.snapshot == SnapshotMode::Initial && fresh && !initial_running {
             for t in &config.source.tables {
                 let (job, info) = plan_job(&shared, client, &mut st, t, None, "initial").await?;
-                shared
-                    .infos
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(job.id, Arc::new(info));
-                st.jobs.push(job);
+                shared.add_job(&mut st, job, info);
             }
             st.initial_planned = true;
             file_save(&shared, &st)?;
@@ -484,12 +488,7 @@ impl Snapshots {
         let mut st = self.shared.lock_state();
         st.next_job = scratch.next_job;
         for (job, info) in planned {
-            self.shared
-                .infos
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(job.id, Arc::new(info));
-            st.jobs.push(job);
+            self.shared.add_job(&mut st, job, info);
         }
         file_save(&self.shared, &st)?;
         drop(st);
@@ -549,12 +548,7 @@ impl Snapshots {
             Some(Ok((job, info))) => {
                 tracing::info!(job = job.id, table = %job.table, filter = ?job.filter, at = %lsn, rows_estimate = job.rows_estimate, "backfill requested");
                 st.next_job = scratch.next_job;
-                self.shared
-                    .infos
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(job.id, Arc::new(info));
-                st.jobs.push(job);
+                self.shared.add_job(&mut st, job, info);
             }
             Some(Err((table, error))) => {
                 st.next_job += 1;
