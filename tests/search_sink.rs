@@ -1139,20 +1139,6 @@ fn a_half_applied_request_or_a_kill_9_inside_a_batch_leaves_every_document_whole
 
 /// `GET http://127.0.0.1:{port}{path}`: (status, body); `None` when nothing
 /// answers.
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let resp = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
-            .await
-            .ok()?;
-        let status = resp.status().as_u16();
-        Some((status, resp.text().await.ok()?))
-    })
-}
-
 /// When the index has nothing to complete an update from and Postgres
 /// refuses the read (the source role may not SELECT the table), no partial
 /// document is indexed: the change is dead-lettered with the reason,
@@ -1204,10 +1190,10 @@ fn an_update_that_cannot_be_completed_is_dead_lettered_and_keeps_readyz_down_unt
     }
     // Nothing partial was indexed.
     assert_eq!(node.count("refused_secret"), 0);
-    let (status, body) = http_get(port, "/readyz").unwrap();
+    let (status, body) = support::http::get(port, "/readyz").unwrap();
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("incompletely"), "{body}");
-    let (_, metrics) = http_get(port, "/metrics").unwrap();
+    let (_, metrics) = support::http::get(port, "/metrics").unwrap();
     assert!(
         metrics.contains("pgferry_sink_incomplete_rows{sink=\"search\"} 3"),
         "{metrics}"
@@ -1216,7 +1202,7 @@ fn an_update_that_cannot_be_completed_is_dead_lettered_and_keeps_readyz_down_unt
     pg.sql("UPDATE secret SET body = body || 'x' WHERE id <= 3");
     let deadline = Instant::now() + T;
     loop {
-        let ready = http_get(port, "/readyz");
+        let ready = support::http::get(port, "/readyz");
         if diff(&pg, node, &tables[0], "WHERE id <= 3").is_none()
             && ready.as_ref().is_some_and(|r| r.0 == 200)
         {
@@ -1226,6 +1212,83 @@ fn an_update_that_cannot_be_completed_is_dead_lettered_and_keeps_readyz_down_unt
             Instant::now() < deadline,
             "{ready:?}\n{}",
             tail(&f.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(terminate(&mut g.0).success(), "{}", f.log());
+}
+
+/// The index is deleted while pgferry is down (an operator's cleanup, a
+/// restored cluster): at start the sink has a checkpoint but no index, which
+/// is a loss. With `on_data_loss = "backfill"` it is logged, counted, shown
+/// on `/readyz` until repaired, and the sink's tables are reloaded into it,
+/// so the index equals the table again, changes made meanwhile included.
+#[test]
+fn an_index_deleted_while_pgferry_is_down_is_noticed_and_reloaded() {
+    let node = node();
+    let _shared = node.shared();
+    let pg = TestPg::start();
+    pg.sql(
+        "CREATE TABLE lost (id int PRIMARY KEY, body text, n int);
+         INSERT INTO lost SELECT i, md5(i::text), 0 FROM generate_series(1, 300) i;",
+    );
+    let f = FerryDir::new();
+    let tables = [Table::new("lost", &["id"], "lost_items")];
+    let port = support::pg::free_port();
+    write_config(
+        &pg,
+        &f,
+        node,
+        &tables,
+        "pgferry",
+        "on_data_loss = \"backfill\"",
+        "",
+    );
+    let cfg = std::fs::read_to_string(f.path("pgferry.toml"))
+        .unwrap()
+        .replace("[source]\n", "[source]\nsnapshot = \"initial\"\n")
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(f.path("pgferry.toml"), cfg).unwrap();
+    let mut g = start(&pg, &f);
+    pg.sql("UPDATE lost SET n = 1 WHERE id <= 100");
+    wait_equal(&pg, node, &f, &[&tables[0]]);
+    wait_applied(&pg, &f);
+    assert!(terminate(&mut g.0).success(), "{}", f.log());
+
+    let (status, _) = node.req("DELETE", "/lost_items", None);
+    assert_eq!(status, 200);
+    pg.sql("UPDATE lost SET n = 2 WHERE id > 250; DELETE FROM lost WHERE id = 7;");
+    let log_before = f.log().len();
+    let mut g = start(&pg, &f);
+    let deadline = Instant::now() + T;
+    loop {
+        let m = support::http::get(port, "/metrics")
+            .map(|r| r.1)
+            .unwrap_or_default();
+        if support::http::value(&m, "pgferry_sink_data_loss_total{sink=\"search\"}") == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the loss was not counted:\n{}",
+            tail(&f.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = f.log();
+    let after = &log[log_before.min(log.len())..];
+    assert!(
+        after.contains("WARN") && after.contains("search") && after.contains("lost_items"),
+        "no WARN names the sink and its lost index:\n{}",
+        tail(&log, 30)
+    );
+    wait_equal(&pg, node, &f, &[&tables[0]]);
+    let deadline = Instant::now() + T;
+    while support::http::get(port, "/readyz").map(|r| r.0) != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "{:?}",
+            support::http::get(port, "/readyz")
         );
         std::thread::sleep(Duration::from_millis(200));
     }

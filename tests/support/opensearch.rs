@@ -114,8 +114,17 @@ impl Node {
             .expect("start the OpenSearch wrapper");
         let stdin = child.stdin.take();
         *self.proc.lock().unwrap() = Some(Wrapper { child, stdin });
-        let deadline = Instant::now() + Duration::from_secs(120);
+        // A node that recovers many indices on a loaded machine can take
+        // minutes: it fails only when its log stops growing for 60 s (or
+        // after 300 s in all).
+        let log_len = || std::fs::metadata(home.join("logs/node.log")).map_or(0, |m| m.len());
+        let (mut seen, mut deadline) = (log_len(), Instant::now() + Duration::from_secs(60));
+        let limit = Instant::now() + Duration::from_secs(300);
         loop {
+            if log_len() != seen {
+                seen = log_len();
+                deadline = (Instant::now() + Duration::from_secs(60)).min(limit);
+            }
             if home.join("logs/ready").exists() {
                 if let Ok((200, _)) = self.try_req(
                     "GET",
