@@ -487,6 +487,14 @@ impl Transaction {
     }
 }
 
+/// Microseconds since 2000-01-01 UTC, the replication protocol's clock.
+pub fn pg_now() -> i64 {
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    unix.as_micros() as i64 - 946_684_800_000_000
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,8 @@
 //! - [`checkpoint`]: per-sink progress, persisted atomically.
 //! - [`sink`]: the sinks (`jsonl`, `redis`, `elasticsearch`, `null`).
 //! - [`snapshot`]: initial snapshots and backfills (watermarked chunks).
+//! - [`pg`]: ordinary SQL connections to the source (every one applies
+//!   `source.network`), slot reads, and the session error [`pg::SourceError`].
 //! - [`source`]: one replication session, wiring the stages together.
 //! - [`publication`]: what the publications must hold before a session
 //!   streams; created, completed or refused at every start.
@@ -33,6 +35,7 @@ pub mod event;
 pub mod lsn;
 pub mod metrics;
 pub mod observe;
+pub mod pg;
 pub mod pipeline;
 pub mod protocol;
 pub mod publication;

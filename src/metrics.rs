@@ -283,7 +283,7 @@ impl SinkMetrics {
             return Some(0.0);
         }
         let t = self.last_commit_time.load(Ordering::Acquire);
-        (t != 0).then(|| ((crate::source::pg_now() - t) as f64 / 1e6).max(0.0))
+        (t != 0).then(|| ((crate::event::pg_now() - t) as f64 / 1e6).max(0.0))
     }
 }
 
