@@ -32,6 +32,7 @@ pub mod conn;
 pub mod decode;
 pub mod disk;
 pub mod event;
+pub mod flow;
 pub mod lsn;
 pub mod metrics;
 pub mod observe;

@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
 use pgferry::config::Config;
+use pgferry::flow::Backoff;
 use pgferry::pg::SourceError;
-use pgferry::pipeline::Backoff;
 use pgferry::source;
 
 #[derive(Parser)]

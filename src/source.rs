@@ -35,11 +35,10 @@ use crate::conn::{self, wire::ConnError, StartOptions, WriteSide};
 use crate::decode::assembler::{AssembleError, Assembler};
 use crate::decode::types::TypeRegistry;
 use crate::event::pg_now;
+use crate::flow::{Progress, SinkState};
 use crate::lsn::Lsn;
 use crate::pg::{fatal, slot_info, slot_mismatch, sql_connect_watched, SlotInfo, SourceError};
-use crate::pipeline::{
-    fan_out, fan_out_to, Budget, DataLoss, Item, Progress, SinkLink, SinkState, SinkTask,
-};
+use crate::pipeline::{fan_out, fan_out_to, Budget, DataLoss, Item, SinkLink, SinkTask};
 use crate::protocol::pgoutput::{self, LogicalMessage};
 use crate::protocol::replication::{self, ReplicationMessage};
 use crate::snapshot::Snapshots;
@@ -513,7 +512,9 @@ impl<'a> Session<'a> {
         );
         reader.set_read_timeout(Some(deadline));
         reader.set_coalesce(Duration::from_micros(s.read_coalesce_us));
-        let observed = crate::metrics::global().session(&progress, &sinks.senders);
+        let states = sinks.senders.iter();
+        let states = states.map(|l| (l.name.clone(), l.state.clone())).collect();
+        let observed = crate::metrics::global().session(&progress, states);
         progress.received.store(start.0, Ordering::Release);
         let (reply_tx, reply_rx) = mpsc::channel::<()>(4);
         let (feedback_stop, stop_rx) = watch::channel(false);

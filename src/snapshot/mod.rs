@@ -79,9 +79,9 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::config::{Config, SnapshotMode};
 use crate::event::{Changes, RelationInfo, Transaction, TxnMeta};
+use crate::flow::Progress;
 use crate::lsn::Lsn;
 use crate::pg::SourceError;
-use crate::pipeline::Progress;
 use crate::spill::SpillReader;
 use merge::Window;
 use state::{Job, Method, Range, State, StateFile};

@@ -19,7 +19,7 @@ use super::{ChunkData, Completion, Mark, Refused, Registered, Shared, WATERMARK_
 use crate::decode::types::TypeRegistry;
 use crate::event::Row;
 use crate::event::{Change, Op};
-use crate::pipeline::Backoff;
+use crate::flow::Backoff;
 
 type Client = tokio_postgres::Client;
 
