@@ -33,6 +33,7 @@ pub mod decode;
 pub mod disk;
 pub mod event;
 pub mod flow;
+pub mod json_write;
 pub mod lsn;
 pub mod metrics;
 pub mod observe;
