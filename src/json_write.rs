@@ -59,8 +59,9 @@ pub fn escape_into(s: &[u8], out: &mut Vec<u8>) {
 /// Appends `s` as a JSON string, escaped like Postgres's `escape_json`.
 ///
 /// Never fails: byte sequences that are not valid UTF-8 become U+FFFD, so the
-/// result is always valid JSON (this is the fallback for text [`render`]
-/// rejected). [`render`] itself reports invalid UTF-8 as an error instead.
+/// result is always valid JSON (this is the fallback for text the value
+/// renderer, `decode::value::render`, rejected). The renderer itself reports
+/// invalid UTF-8 as an error instead.
 pub fn write_json_string(s: &[u8], out: &mut Vec<u8>) {
     out.push(b'"');
     if std::str::from_utf8(s).is_ok() {
