@@ -9,7 +9,8 @@
 //!
 //! Invariants: this module imports nothing but [`crate::lsn`], so the
 //! pipeline, the snapshot and the metrics can all share these types without
-//! importing each other; positions only move forward (`fetch_max`).
+//! importing each other; a sink's checkpoint position only moves forward
+//! (`fetch_max`).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
