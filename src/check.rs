@@ -8,7 +8,7 @@ use std::io::Write;
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::{Config, SinkConfig};
-use crate::source::{self, slot_info};
+use crate::pg::{self, slot_info};
 
 struct Report<'a, W: Write> {
     out: &'a mut W,
@@ -53,7 +53,7 @@ pub async fn run<W: Write>(config: &Config, out: &mut W) -> bool {
             ),
         }
     }
-    let client = match source::sql_connect(config).await {
+    let client = match pg::sql_connect(config).await {
         Ok(c) => {
             r.pass(format!("connected to {}", config.source.redacted_url()));
             c
@@ -74,7 +74,7 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
     let s = &config.source;
     let q = |sql: &'static str| async move { client.query_one(sql, &[]).await };
 
-    match source::server_version(client).await {
+    match pg::server_version(client).await {
         Ok(v) if v >= 140000 => r.pass(format!("server version {v} (streaming of large transactions available)")),
         Ok(v) if v >= 100000 => r.pass(format!("server version {v} (before 14: large transactions are not streamed, pgferry spills them)")),
         Ok(v) => r.fail(format!("server version {v} is too old"), "upgrade to PostgreSQL 10 or later (14+ recommended)"),
@@ -226,7 +226,7 @@ async fn slot_checks<W: Write>(
     let s = &config.source;
     match slot_info(client, &s.slot).await {
         Ok(Some(info)) => {
-            if let Some(why) = source::slot_mismatch(&info, &s.slot, Some(database).filter(|d| !d.is_empty())) {
+            if let Some(why) = pg::slot_mismatch(&info, &s.slot, Some(database).filter(|d| !d.is_empty())) {
                 r.fail(why, "see above");
             } else if info.wal_status.as_deref() == Some("lost") {
                 r.fail(
@@ -443,7 +443,7 @@ fn writable_dir(path: &std::path::Path) -> Result<std::path::PathBuf, String> {
 
 /// Prints the slot's state and each sink's checkpoint.
 pub async fn slot_status<W: Write>(config: &Config, out: &mut W) -> anyhow::Result<()> {
-    let client = source::sql_connect(config).await?;
+    let client = pg::sql_connect(config).await?;
     let s = &config.source;
     match slot_info(&client, &s.slot).await? {
         None => writeln!(out, "slot {}: does not exist", s.slot)?,
@@ -506,7 +506,7 @@ pub async fn slot_status<W: Write>(config: &Config, out: &mut W) -> anyhow::Resu
 
 /// Drops the slot.
 pub async fn slot_drop<W: Write>(config: &Config, out: &mut W) -> anyhow::Result<()> {
-    let client = source::sql_connect(config).await?;
+    let client = pg::sql_connect(config).await?;
     let s = &config.source;
     match slot_info(&client, &s.slot).await? {
         None => writeln!(out, "slot {} does not exist; nothing to drop", s.slot)?,

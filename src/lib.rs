@@ -2,26 +2,47 @@
 //!
 //! # Layout
 //!
-//! Data flows one way: wire → decode → transactions → sinks → checkpoints,
-//! and only acknowledgements travel back (as the flush position).
+//! Data flows one way: wire → decode → transactions → pipeline → sinks →
+//! acknowledgements → checkpoints; only acknowledgements travel back (as
+//! the flush position). Imports follow the same order, from the ground up
+//! (a module imports only modules at or below its layer, and
+//! `tests/module_graph.rs` fails on an import circle or an upward import):
 //!
-//! - [`conn`]: the replication connection (startup, auth, commands, CopyBoth).
+//! - ground, imported by anything:
+//!   - [`lsn`]: WAL positions.
+//!   - [`config`]: the TOML configuration (each sink's section lives with its sink).
+//!   - [`disk`]: full disks, recognised and reported the same way everywhere.
+//!   - [`json_write`]: JSON strings escaped as Postgres does, and calendar dates.
+//!   - [`flow`]: the small shared state of the flow: [`flow::Progress`]
+//!     (positions), [`flow::SinkState`] (sink health), the clock they are
+//!     stamped with, and [`flow::Backoff`], the one retry delay policy.
+//! - what travels:
+//!   - [`event`]: transactions and change events, the public output format
+//!     (the row-change half in `event::change`, below [`spill`]).
+//!   - [`spill`]: spill files that keep large transactions out of memory.
+//!   - [`checkpoint`]: per-sink progress, persisted atomically.
 //! - [`protocol`]: pure parsers of the replication and pgoutput messages (no I/O).
+//! - connections:
+//!   - [`conn`]: the replication connection (startup, auth, commands, CopyBoth).
+//!   - [`pg`]: ordinary SQL connections to the source (every one applies
+//!     `source.network`), slot reads, and the session error [`pg::SourceError`].
 //! - [`decode`]: type registry, `to_jsonb()`-exact values, transaction assembly.
-//! - [`spill`]: spill files that keep large transactions out of memory.
-//! - [`disk`]: full disks, recognised and reported the same way everywhere.
-//! - [`event`]: change events, the public output format.
-//! - [`pipeline`]: sink tasks, batching, backpressure, acknowledgements.
-//! - [`checkpoint`]: per-sink progress, persisted atomically.
-//! - [`sink`]: the sinks (`jsonl`, `redis`, `elasticsearch`, `null`).
-//! - [`snapshot`]: initial snapshots and backfills (watermarked chunks).
-//! - [`source`]: one replication session, wiring the stages together.
-//! - [`publication`]: what the publications must hold before a session
-//!   streams; created, completed or refused at every start.
-//! - [`config`]: the TOML configuration.
-//! - [`metrics`]: the Prometheus registry and the `/metrics`, `/healthz`, `/readyz` endpoints.
-//! - [`observe`]: heartbeat, lag and slot polling, progress log lines (once per process).
-//! - [`lsn`]: WAL positions.
+//! - observability, which reads state through the types of [`flow`] and
+//!   imports nothing above it:
+//!   - [`metrics`]: the Prometheus registry and the `/metrics`, `/healthz`,
+//!     `/readyz` endpoints.
+//!   - [`observe`]: heartbeat, lag and slot polling, progress log lines (once
+//!     per process).
+//! - [`sink`]: the `Sink` trait and the sinks (`jsonl`, `redis`,
+//!   `elasticsearch`, `null`); a sink never imports the pipeline or the session.
+//! - [`pipeline`]: sink tasks, batching, backpressure, the memory budget,
+//!   acknowledgements; it drives the sinks through the `Sink` trait.
+//! - the session:
+//!   - [`source`]: one replication session, wiring the stages together.
+//!   - [`snapshot`]: initial snapshots and backfills (watermarked chunks).
+//!   - [`publication`]: what the publications must hold before a session
+//!     streams; created, completed or refused at every start.
+//!   - [`check`]: `pgferry check`, the preflight of a configuration.
 
 pub mod check;
 pub mod checkpoint;
@@ -30,9 +51,12 @@ pub mod conn;
 pub mod decode;
 pub mod disk;
 pub mod event;
+pub mod flow;
+pub mod json_write;
 pub mod lsn;
 pub mod metrics;
 pub mod observe;
+pub mod pg;
 pub mod pipeline;
 pub mod protocol;
 pub mod publication;

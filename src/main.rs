@@ -10,8 +10,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
 use pgferry::config::Config;
-use pgferry::pipeline::Backoff;
-use pgferry::source::{self, SourceError};
+use pgferry::flow::Backoff;
+use pgferry::pg::SourceError;
+use pgferry::source;
 
 #[derive(Parser)]
 #[command(

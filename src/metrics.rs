@@ -12,7 +12,7 @@
 //!   changes applied per table (counted once per batch, relation by
 //!   relation), batch latency, errors, retries, the last error (for
 //!   `/readyz`), dead letters, rows held incompletely;
-//! - [`crate::observe`]'s poller: the server's WAL position, the slot's
+//! - the `observe` module's poller: the server's WAL position, the slot's
 //!   `confirmed_flush_lsn`, retained WAL and `wal_status`, and the heartbeat;
 //! - a [`SessionGuard`] the source holds while it streams: it shares the
 //!   session's [`Progress`] and sink states, so positions and sink health are
@@ -39,8 +39,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::event::{Changes, RelationInfo, Transaction};
+use crate::flow::{Progress, SinkState};
 use crate::lsn::Lsn;
-use crate::pipeline::{Progress, SinkLink, SinkState};
 use crate::protocol::pgoutput::LogicalMessage;
 
 /// Upper bounds of the sink batch latency histogram, in seconds.
@@ -283,7 +283,7 @@ impl SinkMetrics {
             return Some(0.0);
         }
         let t = self.last_commit_time.load(Ordering::Acquire);
-        (t != 0).then(|| ((crate::source::pg_now() - t) as f64 / 1e6).max(0.0))
+        (t != 0).then(|| ((crate::event::pg_now() - t) as f64 / 1e6).max(0.0))
     }
 }
 
@@ -491,13 +491,14 @@ impl Metrics {
 
     /// Called by the source once it streams; the session counts as
     /// streaming (for `/readyz`) until the guard is dropped.
-    pub fn session(&self, progress: &Arc<Progress>, links: &[SinkLink]) -> SessionGuard {
+    pub fn session(
+        &self,
+        progress: &Arc<Progress>,
+        sinks: Vec<(String, Arc<SinkState>)>,
+    ) -> SessionGuard {
         *lock(&self.session) = Some(Session {
             progress: progress.clone(),
-            sinks: links
-                .iter()
-                .map(|l| (l.name.clone(), l.state.clone()))
-                .collect(),
+            sinks,
         });
         SessionGuard { _private: () }
     }

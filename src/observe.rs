@@ -133,7 +133,7 @@ pub async fn start(config: &Config) -> Result<Observer, String> {
 }
 
 async fn connect(s: &Settings) -> Result<tokio_postgres::Client, String> {
-    crate::source::sql_connect_url(&s.url, &s.network)
+    crate::pg::sql_connect_url(&s.url, &s.network)
         .await
         .map_err(|e| e.to_string())
 }
@@ -162,7 +162,7 @@ async fn poll_loop(s: Arc<Settings>, fatal: watch::Sender<Option<String>>) {
             client = None;
             match connect(&s).await {
                 Ok(c) => {
-                    let v13 = crate::source::server_version(&c)
+                    let v13 = crate::pg::server_version(&c)
                         .await
                         .map(|v| v >= 130000)
                         .unwrap_or(false);

@@ -31,7 +31,7 @@
 //!   ahead skip what they already applied. The WAL retained by the slot is
 //!   the detached sink's queue; no other disk queue is needed.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,8 +39,13 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
 use crate::event::Transaction;
+use crate::flow::{clock_ms, Progress, SinkState};
 use crate::lsn::Lsn;
 use crate::sink::{Sink, SinkError};
+
+/// Re-exported for `sink/elasticsearch/sink.rs` only, which is being split on
+/// another branch that drops this import; everything else uses [`crate::flow`].
+pub use crate::flow::Backoff;
 
 /// What flows from the source to each sink task.
 #[derive(Debug, Clone)]
@@ -50,49 +55,6 @@ pub enum Item {
     /// Every commit up to this position has been sent and no transaction is
     /// open: once everything before it is applied, the sink may checkpoint it.
     Idle(Lsn),
-}
-
-/// Positions shared between the source, the sinks and the feedback task.
-#[derive(Debug)]
-pub struct Progress {
-    /// End of the last WAL data received (the write position).
-    pub received: AtomicU64,
-    /// Per sink: its durable checkpoint.
-    sinks: Vec<AtomicU64>,
-    /// Woken whenever a checkpoint moves.
-    pub changed: tokio::sync::Notify,
-    /// A detached sink recovered and wants the session replayed from its checkpoint.
-    pub rejoin: tokio::sync::Notify,
-}
-
-impl Progress {
-    pub fn new(checkpoints: &[Lsn]) -> Arc<Progress> {
-        Arc::new(Progress {
-            received: AtomicU64::new(0),
-            sinks: checkpoints.iter().map(|l| AtomicU64::new(l.0)).collect(),
-            changed: tokio::sync::Notify::new(),
-            rejoin: tokio::sync::Notify::new(),
-        })
-    }
-
-    /// The position every sink has durably applied: the flush LSN for Postgres.
-    pub fn confirmed(&self) -> Lsn {
-        Lsn(self
-            .sinks
-            .iter()
-            .map(|a| a.load(Ordering::Acquire))
-            .min()
-            .unwrap_or(0))
-    }
-
-    pub fn sink(&self, i: usize) -> Lsn {
-        Lsn(self.sinks[i].load(Ordering::Acquire))
-    }
-
-    fn set_sink(&self, i: usize, lsn: Lsn) {
-        self.sinks[i].fetch_max(lsn.0, Ordering::AcqRel);
-        self.changed.notify_waiters();
-    }
 }
 
 /// Memory budget for committed transactions on their way to the sinks.
@@ -153,44 +115,6 @@ impl Budget {
     }
 }
 
-/// Health of one sink, shared by its task and the fan-out.
-#[derive(Debug, Default)]
-pub struct SinkState {
-    /// The sink's last attempt failed and it is retrying.
-    pub failing: AtomicBool,
-    /// The fan-out stopped feeding it; it will be replayed from its checkpoint.
-    pub detached: AtomicBool,
-    /// Woken on detach, so that the sink releases what it holds at once.
-    pub on_detach: tokio::sync::Notify,
-    /// Why it was detached (for logs and `/readyz`).
-    pub detach_reason: std::sync::Mutex<String>,
-    /// When the `apply` under way started ([`clock_ms`]); 0: none under way.
-    pub busy_since_ms: AtomicU64,
-    /// Detached for being slow (not failing), and when ([`clock_ms`]).
-    pub slow: AtomicBool,
-    pub detached_at_ms: AtomicU64,
-}
-
-impl SinkState {
-    /// Why the sink was detached, if it is.
-    pub fn detached_because(&self) -> Option<String> {
-        self.detached.load(Ordering::Acquire).then(|| {
-            self.detach_reason
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-        })
-    }
-
-    /// How long the `apply` under way has been running.
-    fn busy_for(&self) -> Duration {
-        match self.busy_since_ms.load(Ordering::Acquire) {
-            0 => Duration::ZERO,
-            t => Duration::from_millis(clock_ms().saturating_sub(t)),
-        }
-    }
-}
-
 /// The longest a sink found slow (not hung) is allowed to hold the others
 /// back after its bound has grown (see [`slow_bound`]).
 pub const SLOW_BOUND_MAX: Duration = Duration::from_secs(60);
@@ -222,16 +146,6 @@ fn grow_slow_bound(sink: &str, now: Duration) -> Duration {
     let next = (now * 2).min(SLOW_BOUND_MAX).max(now);
     slow_bounds().insert(sink.to_string(), next);
     next
-}
-
-/// Milliseconds on a monotonic clock that starts at 1 (0 means "never").
-pub fn clock_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-        + 1
 }
 
 /// The source's end of one sink task.
@@ -385,27 +299,6 @@ pub const STOP_GRACE: Duration = Duration::from_secs(2);
 fn note_disk(e: &SinkError) {
     if let SinkError::DiskFull { path, message } = e {
         crate::metrics::global().disk_full(path, message);
-    }
-}
-
-/// One exponential backoff with jitter, used for every retry in pgferry.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    next: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    pub fn new(first: Duration, max: Duration) -> Backoff {
-        Backoff { next: first, max }
-    }
-
-    /// The next delay: doubles up to `max`, with ±25% jitter.
-    pub fn next_delay(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let jitter = rand::random::<f64>() * 0.5 + 0.75;
-        base.mul_f64(jitter)
     }
 }
 
@@ -775,6 +668,7 @@ impl SinkTask {
 mod tests {
     use super::*;
     use crate::event::{Changes, TxnMeta};
+    use std::sync::atomic::AtomicBool;
     use std::sync::Mutex;
 
     /// An in-memory sink: records applied end LSNs; fails while `broken` is

@@ -533,6 +533,15 @@ pub async fn ensure(
     Ok(found.into_iter().flat_map(|f| f.adds).collect())
 }
 
+impl From<PublicationError> for crate::pg::SourceError {
+    fn from(e: PublicationError) -> Self {
+        match e {
+            PublicationError::Refused(m) => crate::pg::SourceError::Fatal(m),
+            PublicationError::Postgres(e) => e.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -34,180 +34,14 @@ use crate::config::{Config, OnDataLoss};
 use crate::conn::{self, wire::ConnError, StartOptions, WriteSide};
 use crate::decode::assembler::{AssembleError, Assembler};
 use crate::decode::types::TypeRegistry;
+use crate::event::pg_now;
+use crate::flow::{Progress, SinkState};
 use crate::lsn::Lsn;
-use crate::pipeline::{
-    fan_out, fan_out_to, Budget, DataLoss, Item, Progress, SinkLink, SinkState, SinkTask,
-};
+use crate::pg::{fatal, slot_info, slot_mismatch, sql_connect_watched, SlotInfo, SourceError};
+use crate::pipeline::{fan_out, fan_out_to, Budget, DataLoss, Item, SinkLink, SinkTask};
 use crate::protocol::pgoutput::{self, LogicalMessage};
 use crate::protocol::replication::{self, ReplicationMessage};
 use crate::snapshot::Snapshots;
-
-/// Why a session ended.
-#[derive(Debug, thiserror::Error)]
-pub enum SourceError {
-    #[error("{0}")]
-    Transient(String),
-    #[error("{0}")]
-    Fatal(String),
-    /// A detached sink recovered: start a new session at once, from the
-    /// minimum checkpoint.
-    #[error("a detached sink recovered; replaying from its checkpoint")]
-    Rejoin,
-    /// The slot is still held by another walsender (55006), typically the
-    /// one of pgferry's previous connection that the server has not noticed
-    /// gone yet: it is freed within `wal_sender_timeout`, so retry soon.
-    #[error("{0}")]
-    SlotActive(String),
-    /// A disk is full (spill files): retried with its own, slower backoff.
-    #[error("{0}")]
-    DiskFull(String),
-}
-
-impl From<ConnError> for SourceError {
-    fn from(e: ConnError) -> Self {
-        if e.code() == Some("55006") {
-            SourceError::SlotActive(e.to_string())
-        } else if e.is_transient() {
-            SourceError::Transient(e.to_string())
-        } else {
-            SourceError::Fatal(e.to_string())
-        }
-    }
-}
-
-impl From<crate::publication::PublicationError> for SourceError {
-    fn from(e: crate::publication::PublicationError) -> Self {
-        match e {
-            crate::publication::PublicationError::Refused(m) => SourceError::Fatal(m),
-            crate::publication::PublicationError::Postgres(e) => e.into(),
-        }
-    }
-}
-
-impl From<tokio_postgres::Error> for SourceError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        // tokio-postgres's Display omits the cause ("invalid configuration"),
-        // so the cause is named here ("...: password missing").
-        let cause = std::error::Error::source(&e);
-        let transient = match e.as_db_error() {
-            Some(db) => {
-                let c = db.code().code();
-                c.starts_with("57P") || c.starts_with("08") || c.starts_with("53")
-            }
-            // Lost connection, I/O, timeout: retry. A cause that is not I/O is a
-            // configuration or authentication problem (e.g. the server asks for
-            // a password the URL lacks) that no retry can fix.
-            None => e.is_closed() || cause.is_none_or(|c| c.is::<std::io::Error>()),
-        };
-        let msg = match (e.as_db_error(), cause) {
-            (Some(db), _) => format!("Postgres error {}: {}", db.code().code(), db.message()),
-            (None, Some(c)) => format!("Postgres connection error: {e}: {c}"),
-            (None, None) => format!("Postgres connection error: {e}"),
-        };
-        if transient {
-            SourceError::Transient(msg)
-        } else {
-            SourceError::Fatal(msg)
-        }
-    }
-}
-
-fn fatal(msg: impl Into<String>) -> SourceError {
-    SourceError::Fatal(msg.into())
-}
-
-/// Microseconds since 2000-01-01 UTC, the replication protocol's clock.
-pub fn pg_now() -> i64 {
-    let unix = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    unix.as_micros() as i64 - 946_684_800_000_000
-}
-
-/// Opens the ordinary SQL connection.
-pub async fn sql_connect(config: &Config) -> Result<tokio_postgres::Client, SourceError> {
-    sql_connect_url(&config.source.url, &config.source.network).await
-}
-
-/// Opens an ordinary SQL connection to `url` (`source.url`), with the
-/// keepalive and connect timeout of `net`; its driver runs as a task of
-/// its own.
-pub async fn sql_connect_url(
-    url: &str,
-    net: &crate::config::NetworkConfig,
-) -> Result<tokio_postgres::Client, SourceError> {
-    Ok(sql_connect_watched(url, net).await?.0)
-}
-
-/// [`sql_connect_url`], with a receiver that gets the SQLSTATE the server
-/// ended the connection with (`None`: it ended otherwise).
-pub async fn sql_connect_watched(
-    url: &str,
-    net: &crate::config::NetworkConfig,
-) -> Result<(tokio_postgres::Client, oneshot::Receiver<Option<String>>), SourceError> {
-    let mut pg: tokio_postgres::Config =
-        url.parse().map_err(|e| fatal(format!("source.url: {e}")))?;
-    conn::sql_liveness(&mut pg, net);
-    let (client, connection) = pg.connect(tokio_postgres::NoTls).await?;
-    let (tx, rx) = oneshot::channel();
-    tokio::spawn(async move {
-        let code = match connection.await {
-            Ok(()) => None,
-            Err(e) => {
-                tracing::debug!(error = %e, "SQL connection ended");
-                e.as_db_error().map(|d| d.code().code().to_string())
-            }
-        };
-        let _ = tx.send(code);
-    });
-    Ok((client, rx))
-}
-
-/// The slot as `pg_replication_slots` shows it.
-#[derive(Debug, Clone)]
-pub struct SlotInfo {
-    pub plugin: Option<String>,
-    pub database: Option<String>,
-    pub active: bool,
-    pub confirmed_flush: Option<Lsn>,
-    pub restart_lsn: Option<Lsn>,
-    pub wal_status: Option<String>,
-}
-
-pub async fn slot_info(
-    client: &tokio_postgres::Client,
-    slot: &str,
-) -> Result<Option<SlotInfo>, SourceError> {
-    let wal_status = if server_version(client).await? >= 130000 {
-        "wal_status::text"
-    } else {
-        "NULL::text"
-    };
-    let rows = client
-        .query(
-            &format!(
-                "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text, restart_lsn::text, {wal_status} \
-                 FROM pg_replication_slots WHERE slot_name = $1"
-            ),
-            &[&slot],
-        )
-        .await?;
-    Ok(rows.first().map(|r| SlotInfo {
-        plugin: r.get(0),
-        database: r.get(1),
-        active: r.get(2),
-        confirmed_flush: r.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
-        restart_lsn: r.get::<_, Option<String>>(4).and_then(|s| s.parse().ok()),
-        wal_status: r.get(5),
-    }))
-}
-
-pub async fn server_version(client: &tokio_postgres::Client) -> Result<u32, SourceError> {
-    let row = client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await?;
-    Ok(row.get::<_, i32>(0) as u32)
-}
 
 /// How `pgferry run` was asked to end, besides a signal.
 #[derive(Debug, Clone, Copy, Default)]
@@ -415,24 +249,6 @@ fn gap_check(
         }
     }
     Ok(())
-}
-
-/// Why an existing slot cannot be this session's, or `None`: another
-/// plugin than pgoutput, or another database than the one connected to.
-pub fn slot_mismatch(info: &SlotInfo, slot: &str, database: Option<&str>) -> Option<String> {
-    if info.plugin.as_deref() != Some("pgoutput") {
-        let plugin = info.plugin.as_deref().unwrap_or("(none)");
-        return Some(format!(
-            "replication slot {slot:?} uses the plugin {plugin}, not pgoutput; drop it (pgferry slot drop) or choose another source.slot"
-        ));
-    }
-    match (info.database.as_deref(), database) {
-        (Some(theirs), Some(ours)) if theirs != ours => Some(format!(
-            "replication slot {slot:?} belongs to database {theirs:?}, but source.url connects to database {ours:?}; \
-             choose another source.slot, or point source.url at database {theirs:?}"
-        )),
-        _ => None,
-    }
 }
 
 /// Creating the slot failed: all slots in use is the operator's to fix,
@@ -696,7 +512,9 @@ impl<'a> Session<'a> {
         );
         reader.set_read_timeout(Some(deadline));
         reader.set_coalesce(Duration::from_micros(s.read_coalesce_us));
-        let observed = crate::metrics::global().session(&progress, &sinks.senders);
+        let states = sinks.senders.iter();
+        let states = states.map(|l| (l.name.clone(), l.state.clone())).collect();
+        let observed = crate::metrics::global().session(&progress, states);
         progress.received.store(start.0, Ordering::Release);
         let (reply_tx, reply_rx) = mpsc::channel::<()>(4);
         let (feedback_stop, stop_rx) = watch::channel(false);

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::event::{BeforeKind, Cell, Change, Op, RelationInfo, Row};
+use crate::event::change::{BeforeKind, Cell, Change, Op, RelationInfo, Row};
 use crate::lsn::Lsn;
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);

@@ -410,7 +410,7 @@ impl Assembler {
                     for b in bin {
                         hex.push_str(&format!("{b:02x}"));
                     }
-                    value::write_json_string(hex.as_bytes(), &mut row.buf);
+                    crate::json_write::write_json_string(hex.as_bytes(), &mut row.buf);
                     Cell::Value {
                         start: start as u32,
                         end: row.buf.len() as u32,

@@ -16,6 +16,7 @@
 
 use super::types::{TypeKind, TypeRegistry};
 use super::value::{self, ValueError};
+use crate::json_write::civil_from_days;
 
 const BOOL: u32 = 16;
 const NAME: u32 = 19;
@@ -321,20 +322,6 @@ fn timestamp_text(us: i64, tz: bool, text: &mut Vec<u8>) {
     if bc {
         text.extend_from_slice(b" BC");
     }
-}
-
-/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day), year 0
-/// being 1 BC as in the server (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(z: i64) -> (i64, i64, i64) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The type registry: for each type OID, the rule [`super::value::render`] follows
+//! The type registry: for each type OID, the rule `value::render` follows
 //! to turn the type's text output into JSON.
 //!
 //! Built-in types have fixed OIDs, so [`TypeRegistry::builtin`] knows them from a

@@ -13,7 +13,12 @@
 //! [`write_json_string`] of the raw text.
 
 use super::types::{Composite, TypeKind, TypeRegistry};
+use crate::json_write::escape_into;
 use std::borrow::Cow;
+
+/// Re-exported for `sink/elasticsearch/sink.rs` only, which is being split on
+/// another branch; everything else uses [`crate::json_write`].
+pub use crate::json_write::write_json_string;
 
 /// Nesting limit across arrays, composites, domains and json containers.
 pub const MAX_DEPTH: u32 = 100;
@@ -125,74 +130,6 @@ fn render_at(
 
 // ---------------------------------------------------------------------------
 // Strings
-
-/// What follows the backslash for bytes escape_json escapes; `u` means
-/// `\u00XX`, 0 means the byte is copied.
-static ESCAPES: [u8; 256] = {
-    let mut t = [0u8; 256];
-    let mut i = 0;
-    while i < 0x20 {
-        t[i] = b'u';
-        i += 1;
-    }
-    t[0x08] = b'b';
-    t[0x09] = b't';
-    t[0x0a] = b'n';
-    t[0x0c] = b'f';
-    t[0x0d] = b'r';
-    t[b'"' as usize] = b'"';
-    t[b'\\' as usize] = b'\\';
-    t
-};
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-/// Escapes valid UTF-8 the way Postgres's `escape_json` does (`\b \f \n \r \t
-/// \" \\`, other control characters as `\u00xx`, nothing else), without quotes.
-fn escape_into(s: &[u8], out: &mut Vec<u8>) {
-    let mut run = 0;
-    for (i, &b) in s.iter().enumerate() {
-        let e = ESCAPES[b as usize];
-        if e == 0 {
-            continue;
-        }
-        out.extend_from_slice(&s[run..i]);
-        if e == b'u' {
-            out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[(b >> 4) as usize],
-                HEX[(b & 15) as usize],
-            ]);
-        } else {
-            out.extend_from_slice(&[b'\\', e]);
-        }
-        run = i + 1;
-    }
-    out.extend_from_slice(&s[run..]);
-}
-
-/// Appends `s` as a JSON string, escaped like Postgres's `escape_json`.
-///
-/// Never fails: byte sequences that are not valid UTF-8 become U+FFFD, so the
-/// result is always valid JSON (this is the fallback for text [`render`]
-/// rejected). [`render`] itself reports invalid UTF-8 as an error instead.
-pub fn write_json_string(s: &[u8], out: &mut Vec<u8>) {
-    out.push(b'"');
-    if std::str::from_utf8(s).is_ok() {
-        escape_into(s, out);
-    } else {
-        for chunk in s.utf8_chunks() {
-            escape_into(chunk.valid().as_bytes(), out);
-            if !chunk.invalid().is_empty() {
-                out.extend_from_slice("\u{FFFD}".as_bytes());
-            }
-        }
-    }
-    out.push(b'"');
-}
 
 fn write_checked_string(s: &[u8], out: &mut Vec<u8>) -> Result<(), ValueError> {
     std::str::from_utf8(s).map_err(|_| ValueError::InvalidUtf8)?;
@@ -1380,13 +1317,6 @@ mod tests {
         assert_eq!(ok(TIMETZ, "12:34:56-08"), "\"12:34:56-08\"");
         assert_eq!(ok(99999, "unknown type"), "\"unknown type\"");
         assert_eq!(r_bytes(TEXT, b"a\xffb"), Err(ValueError::InvalidUtf8));
-    }
-
-    #[test]
-    fn write_json_string_replaces_invalid_utf8() {
-        let mut out = Vec::new();
-        write_json_string(b"a\xff\"b", &mut out);
-        assert_eq!(String::from_utf8(out).unwrap(), "\"a\u{FFFD}\\\"b\"");
     }
 
     #[test]

@@ -79,9 +79,9 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::config::{Config, SnapshotMode};
 use crate::event::{Changes, RelationInfo, Transaction, TxnMeta};
+use crate::flow::Progress;
 use crate::lsn::Lsn;
-use crate::pipeline::Progress;
-use crate::source::SourceError;
+use crate::pg::SourceError;
 use crate::spill::SpillReader;
 use merge::Window;
 use state::{Job, Method, Range, State, StateFile};
@@ -1037,7 +1037,7 @@ impl Merger {
                     xid: 0,
                     commit_lsn: p,
                     end_lsn: p,
-                    commit_time: crate::source::pg_now(),
+                    commit_time: crate::event::pg_now(),
                 },
                 changes: Changes::Spilled {
                     reader,
@@ -1356,7 +1356,7 @@ pub async fn request_backfill(
                 config.source.tables.join(", ")
             )
         })?;
-    let client = crate::source::sql_connect(config)
+    let client = crate::pg::sql_connect(config)
         .await
         .map_err(|e| e.to_string())?;
     if let Some(f) = filter {
@@ -1401,7 +1401,7 @@ pub async fn cancel_backfill(config: &Config, id: u64) -> Result<Lsn, String> {
             StateFile::new(&config.checkpoint.dir).path().display()
         ));
     }
-    let client = crate::source::sql_connect(config)
+    let client = crate::pg::sql_connect(config)
         .await
         .map_err(|e| e.to_string())?;
     let body = serde_json::json!({"cancel": id, "slot": config.source.slot});

@@ -19,7 +19,7 @@ use super::{ChunkData, Completion, Mark, Refused, Registered, Shared, WATERMARK_
 use crate::decode::types::TypeRegistry;
 use crate::event::Row;
 use crate::event::{Change, Op};
-use crate::pipeline::Backoff;
+use crate::flow::Backoff;
 
 type Client = tokio_postgres::Client;
 
@@ -113,7 +113,7 @@ pub(crate) async fn run(shared: Arc<Shared>, n: usize) {
 }
 
 async fn connect(shared: &Shared) -> Result<Client, String> {
-    let client = crate::source::sql_connect_url(&shared.sql_url, &shared.network)
+    let client = crate::pg::sql_connect_url(&shared.sql_url, &shared.network)
         .await
         .map_err(|e| format!("snapshot connection: {e}"))?;
     client

@@ -47,7 +47,7 @@ impl PgRows {
 }
 
 async fn connect(url: &str, net: &crate::config::NetworkConfig) -> Result<Client, RowError> {
-    let client = super::sql_connect_url(url, net)
+    let client = crate::pg::sql_connect_url(url, net)
         .await
         .map_err(|e| RowError::Transient(format!("connecting: {e}")))?;
     let settings = format!(

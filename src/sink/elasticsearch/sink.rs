@@ -457,7 +457,7 @@ impl ElasticsearchSink {
         );
         let mut line = Vec::with_capacity(event.len() + 256);
         line.extend_from_slice(b"{\"time\":\"");
-        crate::event::write_pg_timestamp(crate::source::pg_now(), &mut line);
+        crate::event::write_pg_timestamp(crate::event::pg_now(), &mut line);
         line.extend_from_slice(b"\",\"sink\":");
         crate::decode::value::write_json_string(self.name.as_bytes(), &mut line);
         line.extend_from_slice(b",\"index\":");

@@ -1,26 +1,15 @@
-//! Change events: pgferry's public output format.
+//! One row change and its JSON form: [`Op`], [`RelationInfo`], [`Row`],
+//! [`Cell`], [`Change`], [`TxnMeta`], and the writers of a change's JSON line.
 //!
-//! A [`Transaction`] is one committed source transaction; its [`Change`]s are
-//! in WAL order. Column values are stored already rendered as JSON text (equal
-//! to what Postgres's `to_jsonb()` gives), in one buffer per row image, so a
-//! sink that writes JSON copies bytes and never re-encodes.
-//!
-//! The JSON form of one change (one JSONL line) has these fixed fields:
-//! `op`, `schema`, `table`, `key`, `before`, `after`, `unchanged` (omitted when
-//! empty), `lsn`, `commit_lsn`, `xid`, `commit_time`.
-//!
-//! Invariants:
-//! - a `Row`'s cells index the relation's columns one to one;
-//! - a cell is `Unchanged` only for a TOASTed value the server did not send;
-//!   such a column is absent from the rendered object, never `null`;
-//! - changes of a transaction are visited in WAL order, whether they sit in
-//!   memory or in a spill file.
+//! This is the part of the event format that spill files store, so it sits
+//! below the `spill` module, which sits below [`Transaction`](super::Transaction)
+//! (whose changes may be spilled). Everything here is re-exported by
+//! [`crate::event`].
 
 use std::sync::Arc;
 
-use crate::decode::value::write_json_string;
+use crate::json_write::{civil_from_days, write_json_string};
 use crate::lsn::Lsn;
-use crate::spill::SpillReader;
 
 /// What happened to the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -340,7 +329,7 @@ pub fn write_object(
 }
 
 /// `X/Y` in upper-case hex, as Postgres prints an LSN.
-fn write_lsn(lsn: Lsn, out: &mut Vec<u8>) {
+pub(crate) fn write_lsn(lsn: Lsn, out: &mut Vec<u8>) {
     fn hex(v: u32, out: &mut Vec<u8>) {
         const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
         let n = (8 - v.leading_zeros() as usize / 4).max(1);
@@ -376,20 +365,6 @@ pub fn write_pg_timestamp(micros: i64, out: &mut Vec<u8>) {
     out.push(b'Z');
 }
 
-/// Days since 1970-01-01 → (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
-}
-
 /// What every change of a transaction shares.
 #[derive(Debug, Clone, Copy)]
 pub struct TxnMeta {
@@ -416,74 +391,6 @@ impl TxnMeta {
         write_pg_timestamp(self.commit_time, &mut out);
         out.extend_from_slice(b"\"}");
         out
-    }
-}
-
-/// A transactional logical decoding message (`pg_logical_emit_message(true, …)`).
-#[derive(Debug, Clone)]
-pub struct LogicalMessage {
-    pub lsn: Lsn,
-    pub prefix: String,
-    pub content: bytes::Bytes,
-}
-
-/// The changes of a committed transaction: in memory, or partly spilled to disk.
-#[derive(Debug)]
-pub enum Changes {
-    Memory(Vec<Change>),
-    /// The first part sits in a spill file, the rest (`tail`) in memory.
-    Spilled {
-        reader: SpillReader,
-        tail: Vec<Change>,
-    },
-}
-
-/// One committed transaction, shared (through `Arc`) by every sink.
-#[derive(Debug)]
-pub struct Transaction {
-    pub meta: TxnMeta,
-    pub changes: Changes,
-    /// Transactional logical messages, in WAL order.
-    pub messages: Vec<LogicalMessage>,
-    /// Subtransactions that aborted: their changes are skipped when reading.
-    pub aborted_subxids: Vec<u32>,
-    /// Bytes of rendered changes held in memory (spilled ones do not count).
-    pub mem_bytes: usize,
-    /// Bytes of memory the transaction holds; released to the pipeline's
-    /// memory budget when the last sink drops it.
-    pub(crate) _budget: Option<tokio::sync::OwnedSemaphorePermit>,
-}
-
-impl Transaction {
-    /// Visits every change in WAL order. Spilled changes are read back from
-    /// disk in a streaming fashion, so memory stays bounded.
-    pub fn for_each_change(
-        &self,
-        mut f: impl FnMut(&Change) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
-        let keep = |c: &Change| !self.aborted_subxids.contains(&c.xid);
-        match &self.changes {
-            Changes::Memory(v) => {
-                for c in v.iter().filter(|c| keep(c)) {
-                    f(c)?;
-                }
-            }
-            Changes::Spilled { reader, tail } => {
-                reader.for_each(|c| if keep(&c) { f(&c) } else { Ok(()) })?;
-                for c in tail.iter().filter(|c| keep(c)) {
-                    f(c)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// True when the transaction holds no row change.
-    pub fn is_empty(&self) -> bool {
-        match &self.changes {
-            Changes::Memory(v) => v.is_empty(),
-            Changes::Spilled { .. } => false,
-        }
     }
 }
 
