@@ -90,18 +90,28 @@ impl Shape {
             .collect()
     }
 
-    /// The key values of `row`, as JSON values, in `key_columns` order.
-    pub fn key_values(&self, row: &Row) -> Vec<Value> {
+    /// The key values of `row`, as JSON values, in `key_columns` order
+    /// (SQL NULL as `null`). A value that cannot be parsed is an error,
+    /// never a `null`: the row would be looked up under the wrong key.
+    pub fn key_values(&self, row: &Row) -> Result<Vec<Value>, String> {
         self.key_columns
             .iter()
             .map(|name| {
-                self.rel
+                let raw = self
+                    .rel
                     .columns
                     .iter()
                     .position(|c| &c.name == name)
-                    .and_then(|i| row.json(i))
-                    .and_then(|j| serde_json::from_slice(j).ok())
-                    .unwrap_or(Value::Null)
+                    .and_then(|i| row.json(i));
+                match raw {
+                    None => Ok(Value::Null),
+                    Some(j) => serde_json::from_slice(j).map_err(|e| {
+                        format!(
+                            "key column {name:?} of {}: its value cannot be parsed to read the row: {e}",
+                            self.rel.qualified
+                        )
+                    }),
+                }
             })
             .collect()
     }

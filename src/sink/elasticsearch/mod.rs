@@ -68,15 +68,17 @@
 //!   batch arrives, its task waits up to that long for more while the batch
 //!   holds fewer than `batch_max_docs` changes. Nothing is acknowledged before
 //!   it is applied, so this never weakens the guarantee.
-//! - **Errors**: a failed request (unreachable, timeout, 429, 5xx) is
-//!   transient: the pipeline retries the batch with backoff. Failed items of a
-//!   bulk answer with 429 or 5xx (or a missing index, created again) are sent
-//!   again alone, with exponential backoff and jitter, for up to a minute
-//!   before the batch is handed back as transient. Any other item error (a
-//!   mapping error, an invalid document) is final: the change and the error go
-//!   to the dead-letter file (JSON lines, `fsync`ed before the batch is
-//!   acknowledged) and the sink goes on, or pgferry stops with
-//!   `on_error = "stop"`. 401, 403 and 413 stop pgferry with what to fix.
+//! - **Errors**: one retry layer, the pipeline's. A failed request
+//!   (unreachable, timeout, 429, 5xx) and failed items of a bulk answer
+//!   with 429 or 5xx (or a missing index, created again) are transient: the
+//!   batch goes back to the pipeline, which retries it with backoff; after
+//!   failed items, the retry of the same batch sends only them and what
+//!   came after them (`retry.rs`). Any other item error (a mapping error, an invalid
+//!   document), and a change the sink cannot make a whole document of, is
+//!   final: the change and the error go to the dead-letter file (JSON
+//!   lines, `fsync`ed before the batch is acknowledged) and the sink goes
+//!   on, or pgferry stops with `on_error = "stop"`. 401, 403 and 413 stop
+//!   pgferry with what to fix.
 //! - **Indices** are created on first use (`mapping_file` as the body when
 //!   set), or used as they are when they exist.
 //!
@@ -84,11 +86,28 @@
 //! changes after the checkpoint, and the external versions make each of them
 //! a no-op, so the index converges to the table. Dead letters are
 //! at-least-once (a replayed rejected change is written again).
+//!
+//! Files, along the work:
+//! - `config.rs`: the TOML config; `route.rs`: table → index, document
+//!   columns, id columns, create-index bodies.
+//! - `stream.rs`: a batch's changes in WAL order (spilled ones streamed).
+//! - `request.rs`: operations, chunks and `_bulk` NDJSON.
+//! - `merge.rs` and `complete.rs`: updates without their TOAST values.
+//! - `client.rs`: the HTTP calls and their error classes.
+//! - `retry.rs`: bulk item classification and where a failed batch resumes.
+//! - `dead_letter.rs`: the dead-letter file.
+//! - `sink.rs`: the [`Sink`](crate::sink::Sink) that drives them.
 
 mod client;
 mod complete;
 mod config;
+mod dead_letter;
+mod merge;
+mod request;
+mod retry;
+mod route;
 mod sink;
+mod stream;
 
 pub use config::{ElasticsearchConfig, OnError, TableConfig};
 pub use sink::ElasticsearchSink;
