@@ -39,13 +39,9 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointStore};
 use crate::event::Transaction;
-use crate::flow::{clock_ms, Progress, SinkState};
+use crate::flow::{clock_ms, Backoff, Progress, SinkState};
 use crate::lsn::Lsn;
 use crate::sink::{Sink, SinkError};
-
-/// Re-exported for `sink/elasticsearch/sink.rs` only, which is being split on
-/// another branch that drops this import; everything else uses [`crate::flow`].
-pub use crate::flow::Backoff;
 
 /// What flows from the source to each sink task.
 #[derive(Debug, Clone)]

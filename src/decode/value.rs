@@ -13,12 +13,8 @@
 //! [`write_json_string`] of the raw text.
 
 use super::types::{Composite, TypeKind, TypeRegistry};
-use crate::json_write::escape_into;
+use crate::json_write::{escape_into, write_json_string};
 use std::borrow::Cow;
-
-/// Re-exported for `sink/elasticsearch/sink.rs` only, which is being split on
-/// another branch; everything else uses [`crate::json_write`].
-pub use crate::json_write::write_json_string;
 
 /// Nesting limit across arrays, composites, domains and json containers.
 pub const MAX_DEPTH: u32 = 100;

@@ -124,7 +124,7 @@ impl DeadLetters {
 
 /// One dead-letter line.
 fn write_line(sink: &str, r: &Rejection<'_>, line: &mut Vec<u8>) {
-    use crate::decode::value::write_json_string;
+    use crate::json_write::write_json_string;
     line.reserve(r.event.len() + 256);
     line.extend_from_slice(b"{\"time\":\"");
     crate::event::write_pg_timestamp(crate::event::pg_now(), line);

@@ -20,8 +20,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::complete::Merge;
-use crate::decode::value::write_json_string;
 use crate::event::{RelationInfo, Row};
+use crate::json_write::write_json_string;
 
 pub(super) enum Action {
     /// `index` with this `_source`.
