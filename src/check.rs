@@ -8,6 +8,7 @@ use std::io::Write;
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::{Config, SinkConfig};
+use crate::conn::tls::{self, TlsInfo};
 use crate::pg::{self, slot_info};
 
 struct Report<'a, W: Write> {
@@ -53,21 +54,48 @@ pub async fn run<W: Write>(config: &Config, out: &mut W) -> bool {
             ),
         }
     }
-    let client = match pg::sql_connect(config).await {
-        Ok(c) => {
+    let client = match pg::sql_connect_tls(&config.source.url, &config.source.network).await {
+        Ok((c, _, info)) => {
             r.pass(format!("connected to {}", config.source.redacted_url()));
+            tls_line(&mut r, "SQL connection", &config.source.url, info.as_ref());
             c
         }
         Err(e) => {
+            let msg = e.to_string();
             r.fail(
-                format!("cannot connect to {}: {e}", config.source.redacted_url()),
-                "check source.url, that the server runs, and pg_hba.conf",
+                format!("cannot connect to {}: {msg}", config.source.redacted_url()),
+                tls::fix_for(&msg)
+                    .unwrap_or("check source.url, that the server runs, and pg_hba.conf"),
             );
             return false;
         }
     };
     checks(&client, config, &mut r).await;
     r.ok
+}
+
+/// One line on a connection's TLS: on (protocol, verified name) or off.
+fn tls_line<W: Write>(r: &mut Report<'_, W>, which: &str, url: &str, info: Option<&TlsInfo>) {
+    let mode = tls::split_url(url)
+        .map(|(_, p)| p.mode())
+        .unwrap_or_default();
+    match info {
+        Some(i) if matches!(i.mode, tls::SslMode::VerifyFull) => {
+            r.pass(format!("{which}: {}", i.describe()))
+        }
+        Some(i) => r.warn(
+            format!("{which}: {}", i.describe()),
+            "set sslmode=verify-full and sslrootcert (a CA file, or system) so that pgferry checks whom it talks to",
+        ),
+        None if mode == tls::SslMode::Disable => r.warn(
+            format!("{which}: TLS off (sslmode=disable)"),
+            "outside one trusted network, set sslmode=verify-full and sslrootcert",
+        ),
+        None => r.warn(
+            format!("{which}: TLS off (sslmode={}: the server offered no TLS, or the connection is a Unix socket)", mode.as_str()),
+            "turn on ssl on the server and set sslmode=verify-full and sslrootcert",
+        ),
+    }
 }
 
 async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &mut Report<'_, W>) {
@@ -110,21 +138,30 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
         Err(e) => r.fail(format!("cannot read role attributes: {e}"), "check the connection"),
     }
     let mut sys_id = String::new();
-    match s.url.parse::<tokio_postgres::Config>() {
-        Ok(pg) => match crate::conn::connect(&pg).await {
-            Ok(mut c) => match c.identify_system().await {
+    match crate::conn::connect_url(&s.url, None, &s.network).await {
+        Ok(mut c) => {
+            tls_line(r, "replication connection", &s.url, c.tls());
+            match c.identify_system().await {
                 Ok(sys) => {
-                    r.pass(format!("replication connection works (system {}, timeline {}, WAL at {})", sys.system_id, sys.timeline, sys.xlogpos));
+                    r.pass(format!(
+                        "replication connection works (system {}, timeline {}, WAL at {})",
+                        sys.system_id, sys.timeline, sys.xlogpos
+                    ));
                     sys_id = sys.system_id;
                 }
-                Err(e) => r.fail(format!("IDENTIFY_SYSTEM failed: {e}"), "check the REPLICATION privilege"),
-            },
-            Err(e) => r.fail(
-                format!("replication connection refused: {e}"),
-                "allow it in pg_hba.conf (a line for database 'replication' is not needed for logical replication, but the role needs REPLICATION and the database must be allowed)",
-            ),
-        },
-        Err(e) => r.fail(format!("source.url: {e}"), "fix source.url"),
+                Err(e) => r.fail(
+                    format!("IDENTIFY_SYSTEM failed: {e}"),
+                    "check the REPLICATION privilege",
+                ),
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            r.fail(
+                format!("replication connection refused: {msg}"),
+                tls::fix_for(&msg).unwrap_or("allow it in pg_hba.conf (a line for database 'replication' is not needed for logical replication, but the role needs REPLICATION and the database must be allowed)"),
+            )
+        }
     }
 
     let database = match q("SELECT current_database()::text").await {

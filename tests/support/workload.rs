@@ -67,7 +67,7 @@ where
     (0..count)
         .map(|w| {
             let stop = stop.clone();
-            let url = pg.url();
+            let url = pg.admin_url();
             let mut client = rt.block_on(pg.client());
             let mut txn = make(w);
             rt.spawn(async move {
