@@ -183,6 +183,7 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
             Err(e) => r.fail(format!("cannot check the heartbeat's privilege: {e}"), "check the connection"),
         }
     }
+    privilege_checks(client, config, r).await;
     slot_checks(client, config, &database, r).await;
     let owner = crate::sink::StreamOwner {
         system_identifier: sys_id,
@@ -250,6 +251,67 @@ async fn publication_checks<W: Write>(
         {
             r.pass(format!("publication {} exists", p.name));
         }
+    }
+}
+
+/// SELECT on every table (snapshots and backfills read them), and the
+/// bound on the WAL a slot may hold (`max_slot_wal_keep_size`, 13+).
+async fn privilege_checks<W: Write>(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    r: &mut Report<'_, W>,
+) {
+    let initial = config.source.snapshot == crate::config::SnapshotMode::Initial;
+    for (schema, table) in config.source.table_names() {
+        let name = crate::config::sql_table(&schema, &table);
+        let row = client
+            .query_one(
+                "SELECT has_table_privilege(to_regclass($1), 'SELECT'), current_user::text",
+                &[&name],
+            )
+            .await;
+        match row {
+            Ok(row) => {
+                match row.get::<_, Option<bool>>(0) {
+                    Some(true) => r.pass(format!(
+                        "{schema}.{table}: SELECT allowed (snapshots and backfills)"
+                    )),
+                    Some(false) => {
+                        let what = format!("{schema}.{table}: no SELECT privilege; snapshots and backfills of it fail");
+                        let fix = format!(
+                            "GRANT SELECT ON {name} TO {}; (pgferry setup does it)",
+                            crate::config::sql_ident(&row.get::<_, String>(1))
+                        );
+                        if initial {
+                            r.fail(what, fix)
+                        } else {
+                            r.warn(what, fix)
+                        }
+                    }
+                    None => {} // a missing table is reported with the publications
+                }
+            }
+            Err(e) => r.fail(
+                format!("cannot check SELECT on {name}: {e}"),
+                "check the connection",
+            ),
+        }
+    }
+    match client
+        .query_one("SELECT current_setting('max_slot_wal_keep_size', true)", &[])
+        .await
+    {
+        Ok(row) => match row.get::<_, Option<String>>(0).as_deref() {
+            None => {}
+            Some("-1") => r.warn(
+                "max_slot_wal_keep_size = -1: a slot that falls behind (pgferry stopped) retains WAL without bound and can fill the server's disk",
+                "ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT pg_reload_conf(); (size it above the WAL of the longest pgferry outage; past it the slot is invalidated and pgferry needs a new snapshot)",
+            ),
+            Some(v) => r.pass(format!(
+                "max_slot_wal_keep_size = {v} (past it the slot is invalidated; pgferry then needs a new snapshot)"
+            )),
+        },
+        Err(e) => r.fail(format!("cannot read max_slot_wal_keep_size: {e}"), "check the connection"),
     }
 }
 

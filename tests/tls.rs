@@ -18,12 +18,10 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use support::ferry::{wait_active, wait_timeout, FerryDir, Guard};
 use support::pg::{PgOptions, TestPg};
 
@@ -232,42 +230,6 @@ fn certificate_checks_modes_and_client_certificates() {
     );
 }
 
-/// `to_jsonb()` of every row, by id.
-fn pg_rows(pg: &TestPg) -> BTreeMap<String, Value> {
-    pg.sql("SELECT to_jsonb(t) FROM items t")
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["id"].to_string(), v)
-        })
-        .collect()
-}
-
-/// The table rebuilt from the JSONL events (no TOAST here: every update
-/// carries the whole row).
-fn jsonl_rows(events: &[Value]) -> BTreeMap<String, Value> {
-    let mut rows = BTreeMap::new();
-    for e in events {
-        match e["op"].as_str().unwrap() {
-            "read" | "insert" => {
-                rows.insert(e["after"]["id"].to_string(), e["after"].clone());
-            }
-            "update" => {
-                if e["before"]["id"].is_number() {
-                    rows.remove(&e["before"]["id"].to_string());
-                }
-                rows.insert(e["after"]["id"].to_string(), e["after"].clone());
-            }
-            "delete" => {
-                rows.remove(&e["key"]["id"].to_string());
-            }
-            op => panic!("unexpected op {op}"),
-        }
-    }
-    rows
-}
-
 #[test]
 fn snapshot_and_stream_over_verify_full_equal_the_table_and_the_oracle() {
     let pg = tls_cluster();
@@ -342,8 +304,8 @@ fn snapshot_and_stream_over_verify_full_equal_the_table_and_the_oracle() {
     let n = support::progress::wait_for(
         Duration::from_secs(120),
         || {
-            let rows = pg_rows(&pg);
-            let got = jsonl_rows(&f.events());
+            let rows = support::oracle::table_rows(&pg);
+            let got = support::oracle::replay(&f.events());
             if rows == got {
                 Ok(rows.len())
             } else {
