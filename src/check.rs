@@ -129,7 +129,7 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
         ),
         Err(e) => r.fail(format!("cannot read replication settings: {e}"), "check the connection"),
     }
-    match q("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user").await {
+    match q("SELECT current_user::text, rolreplication OR rolsuper OR EXISTS (SELECT FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid WHERE g.rolname = 'rds_replication' AND m.member = r.oid) FROM pg_roles r WHERE rolname = current_user").await {
         Ok(row) if row.get::<_, bool>(1) => r.pass(format!("role {} has the REPLICATION privilege", row.get::<_, String>(0))),
         Ok(row) => {
             let user: String = row.get(0);

@@ -2,7 +2,7 @@
 //! least-privilege role, never as a superuser.
 //!
 //! The role is the user of `source.url`. It gets `LOGIN REPLICATION` (slots
-//! and the stream), `USAGE` on the schemas and `SELECT` on the tables of
+//! and the stream; on RDS and Aurora membership in `rds_replication`), `USAGE` on the schemas and `SELECT` on the tables of
 //! `source.tables` (snapshots and backfills), and `EXECUTE` on
 //! `pg_logical_emit_message(boolean, text, text)` (heartbeat, snapshot
 //! watermarks, backfill requests). The publications are created or
@@ -51,8 +51,22 @@ pub async fn plan(
             "DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {}) THEN CREATE ROLE {r}; END IF; END$$",
             literal(&role)
         ),
-        format!("ALTER ROLE {r} LOGIN REPLICATION"),
+        format!("ALTER ROLE {r} LOGIN"),
     ];
+    // RDS and Aurora grant replication through the rds_replication role;
+    // the REPLICATION attribute is reserved there.
+    let rds = admin
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_roles WHERE rolname = 'rds_replication')",
+            &[],
+        )
+        .await?
+        .get::<_, bool>(0);
+    st.push(if rds {
+        format!("GRANT rds_replication TO {r}")
+    } else {
+        format!("ALTER ROLE {r} REPLICATION")
+    });
     let mut advice = Vec::new();
     match url.get_password() {
         Some(pw) if with_password => st.push(format!(

@@ -54,7 +54,8 @@ fn the_role_setup_makes_runs_snapshot_stream_heartbeat_and_backfill_without_supe
     let script = setup(&["--print"]);
     for want in [
         "CREATE ROLE ferry",
-        "ALTER ROLE ferry LOGIN REPLICATION;",
+        "ALTER ROLE ferry LOGIN;",
+        "ALTER ROLE ferry REPLICATION;",
         "GRANT SELECT ON public.items TO ferry;",
         "CREATE PUBLICATION pgferry FOR TABLE public.items;",
         "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO ferry;",
