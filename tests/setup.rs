@@ -108,11 +108,7 @@ fn the_role_setup_makes_runs_snapshot_stream_heartbeat_and_backfill_without_supe
     // The main scenario as that role.
     let _g = Guard(f.run());
     wait_active(&pg, &f, "pgferry");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = support::workload::runtime();
     let stop = Arc::new(AtomicBool::new(false));
     let workers = support::workload::spawn(
         &pg,
@@ -147,7 +143,7 @@ fn the_role_setup_makes_runs_snapshot_stream_heartbeat_and_backfill_without_supe
     let rows = support::progress::wait_for(
         Duration::from_secs(120),
         || {
-            let rows = support::oracle::table_rows(&pg);
+            let rows = support::oracle::table_rows(&pg, "items");
             let reads = count_reads(&f);
             // The initial snapshot and the backfill both read every row.
             if reads >= 2 * 2900 && support::oracle::replay(&f.events()) == rows {

@@ -252,11 +252,7 @@ fn snapshot_and_stream_over_verify_full_equal_the_table_and_the_oracle() {
     wait_active(&pg, &f, "pgferry");
     support::oracle::create(&pg);
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = support::workload::runtime();
     let stop = Arc::new(AtomicBool::new(false));
     let workers = support::workload::spawn(
         &pg,
@@ -304,7 +300,7 @@ fn snapshot_and_stream_over_verify_full_equal_the_table_and_the_oracle() {
     let n = support::progress::wait_for(
         Duration::from_secs(120),
         || {
-            let rows = support::oracle::table_rows(&pg);
+            let rows = support::oracle::table_rows(&pg, "items");
             let got = support::oracle::replay(&f.events());
             if rows == got {
                 Ok(rows.len())

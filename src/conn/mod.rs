@@ -200,7 +200,13 @@ async fn open_tcp(
     let _ = s.set_nodelay(true);
     socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive(net))?;
     match tls::negotiate(s, setup, host).await {
-        Ok(n) => Ok((Box::pin(n.stream), n.info, n.end_point)),
+        Ok(n) => {
+            let stream: BoxStream = match n.stream {
+                tls::MaybeTls::Plain(s) => Box::pin(s),
+                tls::MaybeTls::Tls(t) => Box::pin(*t),
+            };
+            Ok((stream, n.info, n.end_point))
+        }
         Err(tls::NegotiateError::Io(e)) => Err(ConnError::Io(e)),
         Err(tls::NegotiateError::Tls(e)) => Err(ConnError::Tls(e.0)),
     }

@@ -60,9 +60,9 @@ pub fn jsonl(f: &FerryDir, table: &str) -> Trace {
         .collect()
 }
 
-/// `to_jsonb()` of every row of `items`, by id.
-pub fn table_rows(pg: &TestPg) -> BTreeMap<String, Value> {
-    pg.sql("SELECT to_jsonb(t) FROM items t")
+/// `to_jsonb()` of every row of `table`, by its `id`.
+pub fn table_rows(pg: &TestPg, table: &str) -> BTreeMap<String, Value> {
+    pg.sql(&format!("SELECT to_jsonb(t) FROM {table} t"))
         .lines()
         .filter(|l| !l.is_empty())
         .map(|l| {

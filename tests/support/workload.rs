@@ -99,6 +99,15 @@ where
         .collect()
 }
 
+/// A one-worker runtime for the workload's tasks.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// Stops the workload tasks and returns the transactions they ran.
 pub fn stop(
     rt: &tokio::runtime::Runtime,
