@@ -1467,6 +1467,65 @@ path = "changes.jsonl"           # "-" for stdout
     }
 
     #[test]
+    fn tls_keys_fold_into_the_url_and_name_their_key() {
+        let with = |url: &str, tls: &str| {
+            EXAMPLE
+                .replace(
+                    "url = \"postgres://postgres@127.0.0.1:5432/app\"",
+                    &format!("url = \"{url}\""),
+                )
+                .replace(
+                    "[checkpoint]",
+                    &format!("[source.tls]\n{tls}\n\n[checkpoint]"),
+                )
+        };
+        let c = parse(&with("postgres://u@h/app", "sslmode = \"require\"")).unwrap();
+        assert_eq!(c.source.url, "postgres://u@h/app?sslmode=require");
+        let e = parse(&with(
+            "postgres://u@h/app?sslmode=disable",
+            "sslmode = \"require\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("source.tls.sslmode") && e.contains("one place"),
+            "{e}"
+        );
+        let e = parse(&with("postgres://u@h/app", "sslmode = \"verify-full\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("source.tls.sslrootcert") || e.contains("sslrootcert"),
+            "{e}"
+        );
+        let e = parse(&with(
+            "postgres://u@h/app?sslmode=verify-ca&sslrootcert=/no/ca.pem",
+            "",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("source.url (sslrootcert)") && e.contains("/no/ca.pem"),
+            "{e}"
+        );
+        let e = parse(&with(
+            "postgres://u@h/app",
+            "sslkey = \"/k.pem\"\nsslcert = \"/c.pem\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("source.tls.sslrootcert") || e.contains("source.tls.ssl"),
+            "{e}"
+        );
+        let dbg = format!(
+            "{:?}",
+            parse(&with("postgres://u:pw@h/app", "")).unwrap().source
+        );
+        assert!(!dbg.contains("pw@"), "{dbg}");
+    }
+
+    #[test]
     fn the_docker_example_parses() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker");
         let path = dir.join("pgferry.toml");
