@@ -8,6 +8,7 @@ use std::io::Write;
 
 use crate::checkpoint::CheckpointStore;
 use crate::config::{Config, SinkConfig};
+use crate::conn::tls::{self, TlsInfo};
 use crate::pg::{self, slot_info};
 
 struct Report<'a, W: Write> {
@@ -53,21 +54,48 @@ pub async fn run<W: Write>(config: &Config, out: &mut W) -> bool {
             ),
         }
     }
-    let client = match pg::sql_connect(config).await {
-        Ok(c) => {
+    let client = match pg::sql_connect_tls(&config.source.url, &config.source.network).await {
+        Ok((c, _, info)) => {
             r.pass(format!("connected to {}", config.source.redacted_url()));
+            tls_line(&mut r, "SQL connection", &config.source.url, info.as_ref());
             c
         }
         Err(e) => {
+            let msg = e.to_string();
             r.fail(
-                format!("cannot connect to {}: {e}", config.source.redacted_url()),
-                "check source.url, that the server runs, and pg_hba.conf",
+                format!("cannot connect to {}: {msg}", config.source.redacted_url()),
+                tls::fix_for(&msg)
+                    .unwrap_or("check source.url, that the server runs, and pg_hba.conf"),
             );
             return false;
         }
     };
     checks(&client, config, &mut r).await;
     r.ok
+}
+
+/// One line on a connection's TLS: on (protocol, verified name) or off.
+fn tls_line<W: Write>(r: &mut Report<'_, W>, which: &str, url: &str, info: Option<&TlsInfo>) {
+    let mode = tls::split_url(url)
+        .map(|(_, p)| p.mode())
+        .unwrap_or_default();
+    match info {
+        Some(i) if matches!(i.mode, tls::SslMode::VerifyFull) => {
+            r.pass(format!("{which}: {}", i.describe()))
+        }
+        Some(i) => r.warn(
+            format!("{which}: {}", i.describe()),
+            "set sslmode=verify-full and sslrootcert (a CA file, or system) so that pgferry checks whom it talks to",
+        ),
+        None if mode == tls::SslMode::Disable => r.warn(
+            format!("{which}: TLS off (sslmode=disable)"),
+            "outside one trusted network, set sslmode=verify-full and sslrootcert",
+        ),
+        None => r.warn(
+            format!("{which}: TLS off (sslmode={}: the server offered no TLS, or the connection is a Unix socket)", mode.as_str()),
+            "turn on ssl on the server and set sslmode=verify-full and sslrootcert",
+        ),
+    }
 }
 
 async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &mut Report<'_, W>) {
@@ -101,7 +129,7 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
         ),
         Err(e) => r.fail(format!("cannot read replication settings: {e}"), "check the connection"),
     }
-    match q("SELECT current_user::text, rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user").await {
+    match q("SELECT current_user::text, rolreplication OR rolsuper OR EXISTS (SELECT FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid WHERE g.rolname = 'rds_replication' AND m.member = r.oid) FROM pg_roles r WHERE rolname = current_user").await {
         Ok(row) if row.get::<_, bool>(1) => r.pass(format!("role {} has the REPLICATION privilege", row.get::<_, String>(0))),
         Ok(row) => {
             let user: String = row.get(0);
@@ -110,21 +138,30 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
         Err(e) => r.fail(format!("cannot read role attributes: {e}"), "check the connection"),
     }
     let mut sys_id = String::new();
-    match s.url.parse::<tokio_postgres::Config>() {
-        Ok(pg) => match crate::conn::connect(&pg).await {
-            Ok(mut c) => match c.identify_system().await {
+    match crate::conn::connect_url(&s.url, None, &s.network).await {
+        Ok(mut c) => {
+            tls_line(r, "replication connection", &s.url, c.tls());
+            match c.identify_system().await {
                 Ok(sys) => {
-                    r.pass(format!("replication connection works (system {}, timeline {}, WAL at {})", sys.system_id, sys.timeline, sys.xlogpos));
+                    r.pass(format!(
+                        "replication connection works (system {}, timeline {}, WAL at {})",
+                        sys.system_id, sys.timeline, sys.xlogpos
+                    ));
                     sys_id = sys.system_id;
                 }
-                Err(e) => r.fail(format!("IDENTIFY_SYSTEM failed: {e}"), "check the REPLICATION privilege"),
-            },
-            Err(e) => r.fail(
-                format!("replication connection refused: {e}"),
-                "allow it in pg_hba.conf (a line for database 'replication' is not needed for logical replication, but the role needs REPLICATION and the database must be allowed)",
-            ),
-        },
-        Err(e) => r.fail(format!("source.url: {e}"), "fix source.url"),
+                Err(e) => r.fail(
+                    format!("IDENTIFY_SYSTEM failed: {e}"),
+                    "check the REPLICATION privilege",
+                ),
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            r.fail(
+                format!("replication connection refused: {msg}"),
+                tls::fix_for(&msg).unwrap_or("allow it in pg_hba.conf (a line for database 'replication' is not needed for logical replication, but the role needs REPLICATION and the database must be allowed)"),
+            )
+        }
     }
 
     let database = match q("SELECT current_database()::text").await {
@@ -146,6 +183,7 @@ async fn checks<W: Write>(client: &tokio_postgres::Client, config: &Config, r: &
             Err(e) => r.fail(format!("cannot check the heartbeat's privilege: {e}"), "check the connection"),
         }
     }
+    privilege_checks(client, config, r).await;
     slot_checks(client, config, &database, r).await;
     let owner = crate::sink::StreamOwner {
         system_identifier: sys_id,
@@ -213,6 +251,67 @@ async fn publication_checks<W: Write>(
         {
             r.pass(format!("publication {} exists", p.name));
         }
+    }
+}
+
+/// SELECT on every table (snapshots and backfills read them), and the
+/// bound on the WAL a slot may hold (`max_slot_wal_keep_size`, 13+).
+async fn privilege_checks<W: Write>(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    r: &mut Report<'_, W>,
+) {
+    let initial = config.source.snapshot == crate::config::SnapshotMode::Initial;
+    for (schema, table) in config.source.table_names() {
+        let name = crate::config::sql_table(&schema, &table);
+        let row = client
+            .query_one(
+                "SELECT has_table_privilege(to_regclass($1), 'SELECT'), current_user::text",
+                &[&name],
+            )
+            .await;
+        match row {
+            Ok(row) => {
+                match row.get::<_, Option<bool>>(0) {
+                    Some(true) => r.pass(format!(
+                        "{schema}.{table}: SELECT allowed (snapshots and backfills)"
+                    )),
+                    Some(false) => {
+                        let what = format!("{schema}.{table}: no SELECT privilege; snapshots and backfills of it fail");
+                        let fix = format!(
+                            "GRANT SELECT ON {name} TO {}; (pgferry setup does it)",
+                            crate::config::sql_ident(&row.get::<_, String>(1))
+                        );
+                        if initial {
+                            r.fail(what, fix)
+                        } else {
+                            r.warn(what, fix)
+                        }
+                    }
+                    None => {} // a missing table is reported with the publications
+                }
+            }
+            Err(e) => r.fail(
+                format!("cannot check SELECT on {name}: {e}"),
+                "check the connection",
+            ),
+        }
+    }
+    match client
+        .query_one("SELECT current_setting('max_slot_wal_keep_size', true)", &[])
+        .await
+    {
+        Ok(row) => match row.get::<_, Option<String>>(0).as_deref() {
+            None => {}
+            Some("-1") => r.warn(
+                "max_slot_wal_keep_size = -1: a slot that falls behind (pgferry stopped) retains WAL without bound and can fill the server's disk",
+                "ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT pg_reload_conf(); (size it above the WAL of the longest pgferry outage; past it the slot is invalidated and pgferry needs a new snapshot)",
+            ),
+            Some(v) => r.pass(format!(
+                "max_slot_wal_keep_size = {v} (past it the slot is invalidated; pgferry then needs a new snapshot)"
+            )),
+        },
+        Err(e) => r.fail(format!("cannot read max_slot_wal_keep_size: {e}"), "check the connection"),
     }
 }
 

@@ -150,6 +150,49 @@ pub struct SourceConfig {
     /// Liveness of the connections to the server (`[source.network]`).
     #[serde(default)]
     pub network: NetworkConfig,
+    /// TLS to the server (`[source.tls]`): the same keys as in `source.url`.
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// `[source.tls]`: libpq's TLS keys, as an alternative to writing them in
+/// `source.url`. At load they are folded into `source.url` (a key may be
+/// set in one place only), so every connection pgferry opens (replication,
+/// SQL, snapshot workers, observer, `check`) has the same TLS. Relative
+/// paths are relative to the config file. See `conn::tls`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// `disable`, `prefer` (default), `require`, `verify-ca`, `verify-full`.
+    pub sslmode: Option<crate::conn::tls::SslMode>,
+    /// PEM file of the CA certificates that may sign the server's
+    /// certificate, or `"system"` for the system trust store.
+    pub sslrootcert: Option<String>,
+    /// PEM client certificate, for `cert` authentication.
+    pub sslcert: Option<String>,
+    /// PEM (unencrypted) private key of `sslcert`. The path only is kept;
+    /// the key is read when the TLS configuration is built and never logged.
+    pub sslkey: Option<String>,
+}
+
+impl TlsConfig {
+    /// The keys that are set, as (name, value).
+    fn entries(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(m) = self.sslmode {
+            out.push(("sslmode", m.as_str().to_string()));
+        }
+        for (k, v) in [
+            ("sslrootcert", &self.sslrootcert),
+            ("sslcert", &self.sslcert),
+            ("sslkey", &self.sslkey),
+        ] {
+            if let Some(v) = v {
+                out.push((k, v.clone()));
+            }
+        }
+        out
+    }
 }
 
 /// What a sink does when, at start, its store no longer holds pgferry's
@@ -308,6 +351,7 @@ impl std::fmt::Debug for SourceConfig {
             .field("recv_buffer_kb", &self.recv_buffer_kb)
             .field("read_coalesce_us", &self.read_coalesce_us)
             .field("network", &self.network)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -948,6 +992,7 @@ impl Config {
             config.resolve_paths(dir);
         }
         config.canonicalize_tables()?;
+        config.fold_tls()?;
         config.resolve_defaults();
         config.validate()?;
         Ok(config)
@@ -961,12 +1006,45 @@ impl Config {
             }
         };
         fix(&mut self.checkpoint.dir);
+        let tls = &mut self.source.tls;
+        for p in [&mut tls.sslrootcert, &mut tls.sslcert, &mut tls.sslkey]
+            .into_iter()
+            .flatten()
+        {
+            if p != "system" && Path::new(p.as_str()).is_relative() {
+                *p = dir.join(p.as_str()).to_string_lossy().into_owned();
+            }
+        }
         if let Some(p) = &mut self.pipeline.spill_dir {
             fix(p);
         }
         for sink in &mut self.sinks {
             sink.for_each_path(&fix);
         }
+    }
+
+    /// Adds the keys of `[source.tls]` to `source.url`; a key set in both
+    /// places is an error.
+    fn fold_tls(&mut self) -> Result<(), ConfigError> {
+        let s = &mut self.source;
+        let (_, in_url) =
+            crate::conn::tls::split_url(&s.url).map_err(|e| key_err("source.url", e))?;
+        for (key, value) in s.tls.entries() {
+            let also = match key {
+                "sslmode" => in_url.sslmode.is_some(),
+                "sslrootcert" => in_url.sslrootcert.is_some(),
+                "sslcert" => in_url.sslcert.is_some(),
+                _ => in_url.sslkey.is_some(),
+            };
+            if also {
+                return Err(key_err(
+                    format!("source.tls.{key}"),
+                    format!("is also set in source.url; set {key} in one place only"),
+                ));
+            }
+            s.url = crate::conn::tls::add_param(&s.url, key, &value);
+        }
+        Ok(())
     }
 
     /// Rewrites every table name into its canonical `schema.table`.
@@ -1025,11 +1103,29 @@ impl Config {
                 "is empty; set it to postgres://user@host:port/db",
             ));
         }
-        s.url.parse::<tokio_postgres::Config>().map_err(|e| {
+        let (rest, tls) =
+            crate::conn::tls::split_url(&s.url).map_err(|e| key_err("source.url", e))?;
+        rest.parse::<tokio_postgres::Config>().map_err(|e| {
             key_err(
                 "source.url",
                 format!("is not a valid Postgres connection string ({e}); use postgres://user:password@host:port/dbname"),
             )
+        })?;
+        // A TLS key is named where it was set: [source.tls] or the URL.
+        let tls_key = |k: &str| {
+            if s.tls.entries().iter().any(|(name, _)| *name == k) {
+                format!("source.tls.{k}")
+            } else {
+                format!("source.url ({k})")
+            }
+        };
+        tls.validate().map_err(|(k, m)| key_err(tls_key(k), m))?;
+        crate::conn::tls::TlsSetup::shared(&tls).map_err(|e| {
+            let k = ["sslrootcert", "sslcert", "sslkey"]
+                .into_iter()
+                .find(|k| e.starts_with(k))
+                .unwrap_or("sslmode");
+            key_err(tls_key(k), e)
         })?;
         for (key, v) in [
             ("source.slot", &s.slot),
@@ -1368,6 +1464,65 @@ path = "changes.jsonl"           # "-" for stdout
         assert_eq!(c.sinks.len(), 1);
         assert_eq!(c.sinks[0].name(), "changes");
         assert_eq!(c.spill_dir(), PathBuf::from("pgferry-state/spill"));
+    }
+
+    #[test]
+    fn tls_keys_fold_into_the_url_and_name_their_key() {
+        let with = |url: &str, tls: &str| {
+            EXAMPLE
+                .replace(
+                    "url = \"postgres://postgres@127.0.0.1:5432/app\"",
+                    &format!("url = \"{url}\""),
+                )
+                .replace(
+                    "[checkpoint]",
+                    &format!("[source.tls]\n{tls}\n\n[checkpoint]"),
+                )
+        };
+        let c = parse(&with("postgres://u@h/app", "sslmode = \"require\"")).unwrap();
+        assert_eq!(c.source.url, "postgres://u@h/app?sslmode=require");
+        let e = parse(&with(
+            "postgres://u@h/app?sslmode=disable",
+            "sslmode = \"require\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("source.tls.sslmode") && e.contains("one place"),
+            "{e}"
+        );
+        let e = parse(&with("postgres://u@h/app", "sslmode = \"verify-full\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("source.tls.sslrootcert") || e.contains("sslrootcert"),
+            "{e}"
+        );
+        let e = parse(&with(
+            "postgres://u@h/app?sslmode=verify-ca&sslrootcert=/no/ca.pem",
+            "",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("source.url (sslrootcert)") && e.contains("/no/ca.pem"),
+            "{e}"
+        );
+        let e = parse(&with(
+            "postgres://u@h/app",
+            "sslkey = \"/k.pem\"\nsslcert = \"/c.pem\"",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("source.tls.sslrootcert") || e.contains("source.tls.ssl"),
+            "{e}"
+        );
+        let dbg = format!(
+            "{:?}",
+            parse(&with("postgres://u:pw@h/app", "")).unwrap().source
+        );
+        assert!(!dbg.contains("pw@"), "{dbg}");
     }
 
     #[test]

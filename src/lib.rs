@@ -60,6 +60,7 @@ pub mod pg;
 pub mod pipeline;
 pub mod protocol;
 pub mod publication;
+pub mod setup;
 pub mod sink;
 pub mod snapshot;
 pub mod source;

@@ -77,6 +77,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Create (or with --print, print) what pgferry needs on the source as a
+    /// least-privilege role: the user of source.url with LOGIN REPLICATION,
+    /// SELECT on the tables, the publications and EXECUTE on
+    /// pg_logical_emit_message; advice for tables without a replica
+    /// identity. Idempotent.
+    Setup {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print the SQL instead of running it.
+        #[arg(long)]
+        print: bool,
+        /// A superuser's (or the tables' owner's) connection string, which
+        /// runs the statements. Default: source.url.
+        #[arg(long, env = "PGFERRY_ADMIN_URL", hide_env_values = true)]
+        admin_url: Option<String>,
+    },
     /// Inspect or drop the replication slot.
     Slot {
         #[command(subcommand)]
@@ -105,6 +121,7 @@ impl Command {
             Command::Run { config, .. }
             | Command::Check { config }
             | Command::Backfill { config, .. } => config,
+            Command::Setup { config, .. } => config,
             Command::Slot { action } => match action {
                 SlotAction::Status { config } | SlotAction::Drop { config } => config,
             },
@@ -225,6 +242,18 @@ async fn dispatch(cmd: Command) -> anyhow::Result<std::process::ExitCode> {
             } else {
                 std::process::ExitCode::FAILURE
             })
+        }
+        Command::Setup {
+            config,
+            print,
+            admin_url,
+        } => {
+            let cfg = load(&config)?;
+            let admin = admin_url.unwrap_or_else(|| cfg.source.url.clone());
+            pgferry::setup::run(&cfg, &admin, print, &mut std::io::stdout())
+                .await
+                .map_err(|e| anyhow::anyhow!("setup failed: {e}"))?;
+            Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Slot { action } => match action {
             SlotAction::Status { config } => {

@@ -100,12 +100,9 @@ pub async fn start(config: &Config) -> Result<Observer, String> {
         }
         tokio::spawn(metrics::serve(listener));
     }
-    let user = config
-        .source
-        .url
-        .parse::<tokio_postgres::Config>()
+    let user = crate::conn::tls::parse_url(&config.source.url)
         .ok()
-        .and_then(|c| c.get_user().map(str::to_string))
+        .and_then(|(c, _)| c.get_user().map(str::to_string))
         .unwrap_or_else(|| "<pgferry's user>".into());
     let s = Arc::new(Settings {
         url: config.source.url.clone(),

@@ -64,7 +64,19 @@ impl From<tokio_postgres::Error> for SourceError {
             None => e.is_closed() || cause.is_none_or(|c| c.is::<std::io::Error>()),
         };
         let msg = match (e.as_db_error(), cause) {
-            (Some(db), _) => format!("Postgres error {}: {}", db.code().code(), db.message()),
+            (Some(db), _) => match conn::tls::refusal_hint(db.message()) {
+                Some(hint) => format!(
+                    "Postgres error {}: {} (hint: {hint})",
+                    db.code().code(),
+                    db.message()
+                ),
+                None => format!("Postgres error {}: {}", db.code().code(), db.message()),
+            },
+            (None, Some(c)) if c.to_string() == "server does not support TLS" => {
+                "Postgres connection error: the server does not accept TLS connections, but sslmode requires TLS: \
+                 turn on ssl in the server's postgresql.conf, or (on a trusted network only) set sslmode=prefer"
+                    .to_string()
+            }
             (None, Some(c)) => format!("Postgres connection error: {e}: {c}"),
             (None, None) => format!("Postgres connection error: {e}"),
         };
@@ -101,10 +113,39 @@ pub async fn sql_connect_watched(
     url: &str,
     net: &crate::config::NetworkConfig,
 ) -> Result<(tokio_postgres::Client, oneshot::Receiver<Option<String>>), SourceError> {
-    let mut pg: tokio_postgres::Config =
-        url.parse().map_err(|e| fatal(format!("source.url: {e}")))?;
+    let (client, ended, _) = sql_connect_tls(url, net).await?;
+    Ok((client, ended))
+}
+
+/// [`sql_connect_watched`], with what TLS the connection has (`None`:
+/// plain). The TLS settings are those of `url` (`source.url`, into which
+/// `[source.tls]` was folded at config load), their rustls configuration
+/// shared by every connection.
+pub async fn sql_connect_tls(
+    url: &str,
+    net: &crate::config::NetworkConfig,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        oneshot::Receiver<Option<String>>,
+        Option<conn::tls::TlsInfo>,
+    ),
+    SourceError,
+> {
+    let (mut pg, setup) =
+        conn::tls::parse_url(url).map_err(|e| fatal(format!("source.url: {e}")))?;
+    if matches!(
+        pg.get_hosts().first(),
+        Some(tokio_postgres::config::Host::Unix(_))
+    ) {
+        // No TLS over a Unix socket, as in libpq.
+        pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+    }
     conn::sql_liveness(&mut pg, net);
-    let (client, connection) = pg.connect(tokio_postgres::NoTls).await?;
+    let tls = conn::tls::MakeRustls::new(setup);
+    let info = tls.info.clone();
+    let (client, connection) = pg.connect(tls).await?;
+    let info = info.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let (tx, rx) = oneshot::channel();
     tokio::spawn(async move {
         let code = match connection.await {
@@ -116,7 +157,7 @@ pub async fn sql_connect_watched(
         };
         let _ = tx.send(code);
     });
-    Ok((client, rx))
+    Ok((client, rx, info))
 }
 
 /// The slot as `pg_replication_slots` shows it.

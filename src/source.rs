@@ -109,10 +109,6 @@ async fn within<T>(
 /// dropped slot never leaves a new one behind that holds WAL for nothing.
 async fn prepare(config: &Config) -> Result<Prepared, SourceError> {
     let s = &config.source;
-    let pg: tokio_postgres::Config = s
-        .url
-        .parse()
-        .map_err(|e| fatal(format!("source.url: {e}")))?;
     let (client, sql_end) = within(
         config,
         "connecting",
@@ -125,7 +121,7 @@ async fn prepare(config: &Config) -> Result<Prepared, SourceError> {
     })
     .await?;
     let recv_buffer = s.recv_buffer_kb.map(|k| k.saturating_mul(1024));
-    let mut repl = conn::connect_opts(&pg, recv_buffer, &s.network).await?;
+    let mut repl = conn::connect_url(&s.url, recv_buffer, &s.network).await?;
     let system = repl.identify_system().await?;
     let version = repl.server_version_num().unwrap_or(0);
     if version < 100000 {

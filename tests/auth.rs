@@ -37,6 +37,7 @@ fn auth_cluster() -> TestPg {
         // So that the server log says which method authenticated each connection.
         conf: "log_connections = on\n".into(),
         hba: Some(hba),
+        ssl: false,
     });
     pg.sql("CREATE TABLE items (id int PRIMARY KEY, name text)");
     pg.sql("CREATE PUBLICATION pgferry FOR TABLE items");

@@ -89,6 +89,7 @@ fn check_fails_wal_level_replica_with_the_alter_system_fix() {
     let pg = TestPg::start_with(PgOptions {
         conf: "wal_level = replica\n".into(),
         hba: None,
+        ssl: false,
     });
     assert_eq!(pg.sql("SHOW wal_level").trim(), "replica");
     pg.sql("CREATE TABLE good (id int PRIMARY KEY)");
@@ -363,6 +364,7 @@ fn check_and_run_refuse_slots_they_cannot_use() {
     let pg = TestPg::start_with(PgOptions {
         conf: "max_replication_slots = 1\n".into(),
         hba: None,
+        ssl: false,
     });
     pg.sql("CREATE TABLE items (id int PRIMARY KEY)");
     pg.sql("CREATE DATABASE other");

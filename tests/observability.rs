@@ -431,6 +431,7 @@ fn retained_wal_warns_then_a_lost_slot_stops_pgferry_with_the_recovery_steps() {
     let pg = TestPg::start_with(support::pg::PgOptions {
         conf: "max_slot_wal_keep_size = '32MB'\nwal_keep_size = 0\n".into(),
         hba: None,
+        ssl: false,
     });
     let mut r = TestRedis::new();
     pg.sql("CREATE TABLE products (id int PRIMARY KEY); CREATE TABLE other (id int, pad text);");

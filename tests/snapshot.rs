@@ -118,14 +118,7 @@ index = "{}"
 
 /// Every row as `to_jsonb(row)`, by id.
 fn pg_rows(pg: &TestPg) -> BTreeMap<String, Value> {
-    pg.sql("SELECT to_jsonb(t) FROM items t")
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["id"].to_string(), v)
-        })
-        .collect()
+    support::oracle::table_rows(pg, "items")
 }
 
 /// The table rebuilt from the JSONL events, by id.

@@ -421,6 +421,7 @@ fn feedback_keeps_the_session_alive_and_the_slot_advancing_when_idle() {
     let pg = TestPg::start_with(support::pg::PgOptions {
         conf: "wal_sender_timeout = '2s'\n".into(),
         hba: None,
+        ssl: false,
     });
     let f = setup(
         &pg,

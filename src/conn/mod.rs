@@ -23,6 +23,7 @@
 //! `connect_timeout_secs`, and the stream itself has the deadline the
 //! session sets with [`wire::Reader::set_read_timeout`].
 
+pub mod tls;
 pub mod wire;
 
 use std::pin::Pin;
@@ -32,6 +33,7 @@ use tokio_postgres::config::Host;
 
 use crate::config::NetworkConfig;
 use crate::lsn::Lsn;
+use tls::{TlsInfo, TlsSetup};
 use wire::{ConnError, Connection, Rows, Startup};
 
 /// Any byte stream: TCP or a Unix socket.
@@ -67,6 +69,7 @@ pub struct SystemInfo {
 /// A walsender connection in command mode.
 pub struct ReplicationConn {
     conn: Connection<ReadSide, WriteSide>,
+    tls: Option<TlsInfo>,
 }
 
 /// Opens a replication connection to the server named by `config`.
@@ -90,8 +93,31 @@ pub async fn connect_opts(
     recv_buffer: Option<u32>,
     net: &NetworkConfig,
 ) -> Result<ReplicationConn, ConnError> {
+    let setup = TlsSetup::for_mode(config.get_ssl_mode());
+    connect_tls(config, &setup, recv_buffer, net).await
+}
+
+/// Opens a replication connection to `url` (`source.url`, TLS keys
+/// included: see [`tls`]), with the keepalive and timeouts of `net`.
+pub async fn connect_url(
+    url: &str,
+    recv_buffer: Option<u32>,
+    net: &NetworkConfig,
+) -> Result<ReplicationConn, ConnError> {
+    let (pg, setup) =
+        tls::parse_url(url).map_err(|e| ConnError::Tls(format!("source.url: {e}")))?;
+    connect_tls(&pg, &setup, recv_buffer, net).await
+}
+
+/// [`connect_opts`] with the TLS setup given.
+pub async fn connect_tls(
+    config: &tokio_postgres::Config,
+    setup: &TlsSetup,
+    recv_buffer: Option<u32>,
+    net: &NetworkConfig,
+) -> Result<ReplicationConn, ConnError> {
     let timeout = net.connect_timeout();
-    tokio::time::timeout(timeout, connect_inner(config, recv_buffer, net))
+    tokio::time::timeout(timeout, connect_inner(config, setup, recv_buffer, net))
         .await
         .map_err(|_| {
             ConnError::Timeout(format!(
@@ -103,10 +129,11 @@ pub async fn connect_opts(
 
 async fn connect_inner(
     config: &tokio_postgres::Config,
+    setup: &TlsSetup,
     recv_buffer: Option<u32>,
     net: &NetworkConfig,
 ) -> Result<ReplicationConn, ConnError> {
-    let stream = open_stream(config, recv_buffer, net).await?;
+    let (stream, tls, end_point) = open_stream(config, setup, recv_buffer, net).await?;
     let (r, w) = tokio::io::split(stream);
     let user = config
         .get_user()
@@ -122,10 +149,12 @@ async fn connect_inner(
             database,
             password: config.get_password(),
             params: &params,
+            end_point,
+            channel_binding: config.get_channel_binding(),
         },
     )
     .await?;
-    let mut conn = ReplicationConn { conn };
+    let mut conn = ReplicationConn { conn, tls };
     conn.conn
         .reader
         .set_read_timeout(Some(net.connect_timeout()));
@@ -153,51 +182,74 @@ pub fn sql_liveness(pg: &mut tokio_postgres::Config, net: &NetworkConfig) {
         .connect_timeout(net.connect_timeout());
 }
 
-async fn open_stream(
-    config: &tokio_postgres::Config,
+/// The stream, its TLS facts and its channel-binding data.
+type Opened = (BoxStream, Option<TlsInfo>, Option<Vec<u8>>);
+
+/// Connects over TCP to `addr` (a host name or IP address), then
+/// negotiates TLS as `setup` says, checking the certificate against `host`
+/// (the same, unless `hostaddr` gave the address).
+async fn open_tcp(
+    addr: &str,
+    host: &str,
+    port: u16,
+    setup: &TlsSetup,
     recv_buffer: Option<u32>,
     net: &NetworkConfig,
-) -> Result<BoxStream, ConnError> {
-    if !matches!(
-        config.get_ssl_mode(),
-        tokio_postgres::config::SslMode::Disable | tokio_postgres::config::SslMode::Prefer
-    ) {
-        return Err(ConnError::Protocol(
-            "sslmode=require is not supported yet by the replication connection; use sslmode=disable or prefer on a trusted network".into(),
-        ));
+) -> Result<Opened, ConnError> {
+    let s = tcp_connect(addr, port, recv_buffer).await?;
+    let _ = s.set_nodelay(true);
+    socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive(net))?;
+    match tls::negotiate(s, setup, host).await {
+        Ok(n) => {
+            let stream: BoxStream = match n.stream {
+                tls::MaybeTls::Plain(s) => Box::pin(s),
+                tls::MaybeTls::Tls(t) => Box::pin(*t),
+            };
+            Ok((stream, n.info, n.end_point))
+        }
+        Err(tls::NegotiateError::Io(e)) => Err(ConnError::Io(e)),
+        Err(tls::NegotiateError::Tls(e)) => Err(ConnError::Tls(e.0)),
     }
+}
+
+/// Opens the byte stream: TCP (with TLS as `setup` says) or a Unix socket
+/// (never TLS, as in libpq). Hosts are tried in turn; a TLS failure stops
+/// at once.
+async fn open_stream(
+    config: &tokio_postgres::Config,
+    setup: &TlsSetup,
+    recv_buffer: Option<u32>,
+    net: &NetworkConfig,
+) -> Result<Opened, ConnError> {
     let hosts = config.get_hosts();
     let ports = config.get_ports();
+    let addrs = config.get_hostaddrs();
     let mut last = None;
     for (i, host) in hosts.iter().enumerate() {
         let port = ports.get(i).or(ports.first()).copied().unwrap_or(5432);
-        let res: std::io::Result<BoxStream> = match host {
-            Host::Tcp(h) => match tcp_connect(h, port, recv_buffer).await {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive(net))?;
-                    Ok(Box::pin(s))
-                }
-                Err(e) => Err(e),
-            },
+        let res: Result<Opened, ConnError> = match host {
+            Host::Tcp(h) => {
+                let addr = addrs.get(i).map_or_else(|| h.clone(), |a| a.to_string());
+                open_tcp(&addr, h, port, setup, recv_buffer, net).await
+            }
             Host::Unix(dir) => {
                 let path = dir.join(format!(".s.PGSQL.{port}"));
                 tokio::net::UnixStream::connect(path)
                     .await
-                    .map(|s| Box::pin(s) as BoxStream)
+                    .map(|s| (Box::pin(s) as BoxStream, None, None))
+                    .map_err(ConnError::Io)
             }
         };
         match res {
             Ok(s) => return Ok(s),
-            Err(e) => last = Some(e),
+            Err(ConnError::Io(e)) => last = Some(e),
+            Err(e) => return Err(e),
         }
     }
     if hosts.is_empty() {
-        let s =
-            tokio::net::TcpStream::connect(("127.0.0.1", ports.first().copied().unwrap_or(5432)))
-                .await?;
-        socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive(net))?;
-        return Ok(Box::pin(s));
+        let port = ports.first().copied().unwrap_or(5432);
+        let addr = addrs.first().map_or("127.0.0.1".into(), |a| a.to_string());
+        return open_tcp(&addr, &addr, port, setup, recv_buffer, net).await;
     }
     Err(ConnError::Io(last.unwrap_or_else(|| {
         std::io::Error::new(std::io::ErrorKind::NotFound, "no host to connect to")
@@ -293,6 +345,11 @@ impl StartOptions {
 }
 
 impl ReplicationConn {
+    /// What TLS this connection has (`None`: plain).
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
+    }
+
     /// `server_version_num` as reported at startup (e.g. 150004), if parseable.
     pub fn server_version_num(&self) -> Option<u32> {
         let v = self.conn.param("server_version")?;

@@ -11,7 +11,9 @@
 //!   never kept in any error.
 
 use bytes::{Buf, Bytes, BytesMut};
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -41,6 +43,11 @@ pub enum ConnError {
     Protocol(String),
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// TLS could not be set up: a certificate check failed, or the server
+    /// does not offer TLS that sslmode requires. The text names the check
+    /// and the fix; never retried.
+    #[error("{0}")]
+    Tls(String),
 }
 
 fn fmt_extra(detail: &Option<String>, hint: &Option<String>) -> String {
@@ -103,6 +110,7 @@ pub fn parse_error_fields(mut body: &[u8]) -> ConnError {
         }
         body = rest.get(end + 1..).unwrap_or(&[]);
     }
+    let hint = hint.or_else(|| super::tls::refusal_hint(&message).map(str::to_string));
     ConnError::Server {
         severity,
         code,
@@ -250,6 +258,10 @@ pub struct Startup<'a> {
     pub password: Option<&'a [u8]>,
     /// Extra startup parameters, e.g. `replication=database`, `TimeZone=UTC`.
     pub params: &'a [(&'a str, &'a str)],
+    /// Over TLS: the `tls-server-end-point` data for SCRAM-SHA-256-PLUS.
+    pub end_point: Option<Vec<u8>>,
+    /// `channel_binding`: disable, prefer (default) or require.
+    pub channel_binding: tokio_postgres::config::ChannelBinding,
 }
 
 /// A connection in the simple-query state: startup done, authenticated.
@@ -327,6 +339,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
             })
         };
         let mut scram: Option<ScramSha256> = None;
+        let mut bound = false;
         loop {
             let m = self.reader.next().await?;
             match m.tag {
@@ -346,6 +359,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
             let kind = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
             let data = &body[4..];
             let mut out = BytesMut::new();
+            if s.channel_binding == tokio_postgres::config::ChannelBinding::Require
+                && matches!(kind, 0 | 3 | 5)
+                && !bound
+            {
+                return Err(ConnError::Auth(
+                    "channel_binding=require, but the server authenticated without SCRAM-SHA-256-PLUS (trust, password or md5): use scram-sha-256 in pg_hba.conf over TLS, or drop channel_binding=require".into(),
+                ));
+            }
             match kind {
                 0 => return Ok(()),
                 3 => frontend::password_message(need_password()?, &mut out)?,
@@ -362,17 +383,31 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
                     frontend::password_message(hash.as_bytes(), &mut out)?;
                 }
                 10 => {
-                    let offers_scram = data
-                        .split(|&b| b == 0)
-                        .any(|mech| mech == SCRAM_SHA_256.as_bytes());
-                    if !offers_scram {
+                    use tokio_postgres::config::ChannelBinding as Cb;
+                    let offers = |m: &str| data.split(|&b| b == 0).any(|mech| mech == m.as_bytes());
+                    let plus = offers(SCRAM_SHA_256_PLUS)
+                        && s.channel_binding != Cb::Disable
+                        && s.end_point.is_some();
+                    if s.channel_binding == Cb::Require && !plus {
                         return Err(ConnError::Auth(format!(
-                            "the server offers only SASL mechanisms {:?}; pgferry supports SCRAM-SHA-256 without channel binding",
+                            "channel_binding=require, but {}: use TLS (sslmode=verify-full) and scram-sha-256 on a server that offers SCRAM-SHA-256-PLUS (PostgreSQL 11+ built with OpenSSL)",
+                            if s.end_point.is_none() { "the connection is not over TLS" } else { "the server offers no SCRAM-SHA-256-PLUS" }
+                        )));
+                    }
+                    let (mech, binding) = match (&s.end_point, plus) {
+                        (Some(ep), true) => (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(ep.clone())),
+                        (Some(_), false) => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                        (None, _) => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                    };
+                    if !plus && !offers(SCRAM_SHA_256) {
+                        return Err(ConnError::Auth(format!(
+                            "the server offers only SASL mechanisms {:?}; pgferry supports SCRAM-SHA-256 and, over TLS, SCRAM-SHA-256-PLUS",
                             String::from_utf8_lossy(data)
                         )));
                     }
-                    let sc = ScramSha256::new(need_password()?, ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, sc.message(), &mut out)?;
+                    bound = plus;
+                    let sc = ScramSha256::new(need_password()?, binding);
+                    frontend::sasl_initial_response(mech, sc.message(), &mut out)?;
                     scram = Some(sc);
                 }
                 11 => {

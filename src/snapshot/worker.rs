@@ -469,11 +469,7 @@ async fn copy_whole(
     paused_rx
         .await
         .map_err(|_| "session ended before the copy could start".to_string())?;
-    let pg: tokio_postgres::Config = shared
-        .sql_url
-        .parse()
-        .map_err(|e| format!("source.url: {e}"))?;
-    let mut repl = crate::conn::connect_opts(&pg, None, &shared.network)
+    let mut repl = crate::conn::connect_url(&shared.sql_url, None, &shared.network)
         .await
         .map_err(|e| format!("replication connection for the copy: {e}"))?;
     let slot = format!(

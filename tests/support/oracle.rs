@@ -2,6 +2,10 @@
 //! read through the server's own `test_decoding` plugin, against which the
 //! JSON-lines output is compared change by change.
 
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
 use super::ferry::FerryDir;
 use super::pg::TestPg;
 
@@ -54,4 +58,40 @@ pub fn jsonl(f: &FerryDir, table: &str) -> Trace {
             )
         })
         .collect()
+}
+
+/// `to_jsonb()` of every row of `table`, by its `id`.
+pub fn table_rows(pg: &TestPg, table: &str) -> BTreeMap<String, Value> {
+    pg.sql(&format!("SELECT to_jsonb(t) FROM {table} t"))
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["id"].to_string(), v)
+        })
+        .collect()
+}
+
+/// The table rebuilt from the JSONL events (no TOAST here: every update
+/// carries the whole row).
+pub fn replay(events: &[Value]) -> BTreeMap<String, Value> {
+    let mut rows = BTreeMap::new();
+    for e in events {
+        match e["op"].as_str().unwrap() {
+            "read" | "insert" => {
+                rows.insert(e["after"]["id"].to_string(), e["after"].clone());
+            }
+            "update" => {
+                if e["before"]["id"].is_number() {
+                    rows.remove(&e["before"]["id"].to_string());
+                }
+                rows.insert(e["after"]["id"].to_string(), e["after"].clone());
+            }
+            "delete" => {
+                rows.remove(&e["key"]["id"].to_string());
+            }
+            op => panic!("unexpected op {op}"),
+        }
+    }
+    rows
 }

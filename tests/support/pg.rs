@@ -15,6 +15,9 @@ pub struct TestPg {
     pub port: u16,
     bin: PathBuf,
     run_as: Option<String>,
+    /// Started with [`PgOptions::ssl`]: the harness's own connections
+    /// (psql, [`TestPg::client`], workloads) go through the Unix socket.
+    ssl: bool,
 }
 
 /// The directory holding `initdb`, `pg_ctl` and `postgres`: `$PGFERRY_PG_BIN`, or the
@@ -62,6 +65,13 @@ pub struct PgOptions {
     pub conf: String,
     /// Replaces pg_hba.conf when set.
     pub hba: Option<String>,
+    /// `ssl = on`, with certificates made by `openssl` in `<dir>/tls` (see
+    /// [`TestPg::tls_file`]): a CA (`ca.pem`), a server certificate it signs
+    /// for `localhost` and `127.0.0.1` (`server.pem`, `server.key`), a
+    /// client certificate for the role `certuser` (`client.pem`,
+    /// `client.key`) and an unrelated CA (`other-ca.pem`). The server
+    /// trusts `ca.pem` for client certificates.
+    pub ssl: bool,
 }
 
 impl TestPg {
@@ -88,6 +98,7 @@ impl TestPg {
             bin: pg_bin_dir(),
             run_as,
             dir,
+            ssl: opts.ssl,
         };
         let data = pg.data_dir();
         pg.run_checked(
@@ -115,11 +126,77 @@ impl TestPg {
             extra = opts.conf
         );
         append(&data.join("postgresql.conf"), &conf);
+        if opts.ssl {
+            let tls = pg.make_tls_files();
+            let d = tls.display();
+            append(
+                &data.join("postgresql.conf"),
+                &format!(
+                    "ssl = on\nssl_cert_file = '{d}/server.pem'\nssl_key_file = '{d}/server.key'\nssl_ca_file = '{d}/ca.pem'\n"
+                ),
+            );
+        }
         if let Some(hba) = &opts.hba {
             std::fs::write(data.join("pg_hba.conf"), hba).expect("write pg_hba.conf");
         }
         pg.start_server();
         pg
+    }
+
+    /// A file made for [`PgOptions::ssl`], e.g. `ca.pem`.
+    pub fn tls_file(&self, name: &str) -> PathBuf {
+        self.dir.path().join("tls").join(name)
+    }
+
+    fn make_tls_files(&self) -> PathBuf {
+        let dir = self.dir.path().join("tls");
+        std::fs::create_dir_all(&dir).unwrap();
+        make_certs(&dir);
+        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        let args = |s: &str| s.split(' ').map(str::to_string).collect::<Vec<_>>();
+        let run = |a: Vec<String>| openssl(&dir, &a.iter().map(String::as_str).collect::<Vec<_>>());
+        run(args(&format!(
+            "req -x509 {ec} -keyout other-ca.key -out other-ca.pem -days 2 -subj /CN=unrelated-CA"
+        )));
+        run(args(&format!(
+            "req {ec} -keyout client.key -out client.csr -subj /CN=certuser"
+        )));
+        std::fs::write(
+            dir.join("client.cnf"),
+            "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=clientAuth\n",
+        )
+        .unwrap();
+        run(args(
+            "x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 -extfile client.cnf",
+        ));
+        if let Some(user) = &self.run_as {
+            let st = Command::new("chown")
+                .args(["-R", &format!("{user}:"), dir.to_str().unwrap()])
+                .status()
+                .expect("chown");
+            assert!(st.success(), "chown of the TLS files failed");
+        }
+        for key in ["server.key", "client.key"] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join(key), std::fs::Permissions::from_mode(0o600))
+                .unwrap();
+        }
+        dir
+    }
+
+    /// A URL for the harness's own connections: the Unix socket when the
+    /// server has [`PgOptions::ssl`] (its TCP lines may demand TLS), else
+    /// [`TestPg::url`].
+    pub fn admin_url(&self) -> String {
+        if self.ssl {
+            format!(
+                "host={} port={} user=postgres dbname=postgres",
+                self.dir.path().display(),
+                self.port
+            )
+        } else {
+            self.url()
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -209,7 +286,11 @@ impl TestPg {
                 "-v",
                 "ON_ERROR_STOP=1",
                 "-h",
-                "127.0.0.1",
+                &if self.ssl {
+                    self.dir.path().display().to_string()
+                } else {
+                    "127.0.0.1".to_string()
+                },
                 "-p",
                 &self.port.to_string(),
                 "-U",
@@ -231,7 +312,7 @@ impl TestPg {
 
     /// An ordinary SQL connection (its driver task runs on the current runtime).
     pub async fn client(&self) -> tokio_postgres::Client {
-        let (client, conn) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+        let (client, conn) = tokio_postgres::connect(&self.admin_url(), tokio_postgres::NoTls)
             .await
             .expect("connect to the test cluster");
         tokio::spawn(async move {
@@ -290,4 +371,65 @@ fn append(path: &Path, text: &str) {
         .expect("open postgresql.conf");
     f.write_all(text.as_bytes())
         .expect("append postgresql.conf");
+}
+
+/// Runs `openssl` in `dir`; panics with its stderr when it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes `ca.pem`, `server.pem` and `server.key` in `dir`.
+pub fn make_certs(dir: &Path) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"]);
+    a.extend(["-subj", "/CN=pgferry test CA"]);
+    openssl(dir, &a);
+    let mut a = vec!["req"];
+    a.extend(ec);
+    a.extend(["-keyout", "server.key", "-out", "server.csr"]);
+    a.extend(["-subj", "/CN=localhost"]);
+    openssl(dir, &a);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
 }

@@ -9,13 +9,14 @@
 //! that the bytes are copied both ways.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use super::pg::make_certs;
 
 pub struct TlsProxy {
     pub port: u16,
@@ -26,66 +27,6 @@ pub struct TlsProxy {
     /// Connections refused with 401.
     pub refused: Arc<AtomicU64>,
     _rt: tokio::runtime::Runtime,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Makes `ca.pem`, `server.pem` and `server.key` in `dir`.
-fn make_certs(dir: &Path) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut a = vec!["req", "-x509"];
-    a.extend(ec);
-    a.extend(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"]);
-    a.extend(["-subj", "/CN=pgferry test CA"]);
-    openssl(dir, &a);
-    let mut a = vec!["req"];
-    a.extend(ec);
-    a.extend(["-keyout", "server.key", "-out", "server.csr"]);
-    a.extend(["-subj", "/CN=localhost"]);
-    openssl(dir, &a);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-         keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
 }
 
 impl TlsProxy {

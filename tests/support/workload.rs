@@ -67,7 +67,7 @@ where
     (0..count)
         .map(|w| {
             let stop = stop.clone();
-            let url = pg.url();
+            let url = pg.admin_url();
             let mut client = rt.block_on(pg.client());
             let mut txn = make(w);
             rt.spawn(async move {
@@ -97,6 +97,15 @@ where
             })
         })
         .collect()
+}
+
+/// A one-worker runtime for the workload's tasks.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Stops the workload tasks and returns the transactions they ran.
