@@ -43,7 +43,10 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("observability", &["metrics", "observe"]),
     ("sinks", &["sink"]),
     ("pipeline", &["pipeline"]),
-    ("session", &["source", "snapshot", "publication", "check"]),
+    (
+        "session",
+        &["source", "snapshot", "publication", "check", "setup"],
+    ),
 ];
 
 /// What a sink (any file under `src/sink/`) must never import: a sink
@@ -59,11 +62,22 @@ const SINK_FORBIDDEN: &[&str] = &[
 ];
 
 /// Known exceptions, each (importing file, imported top-level module, why).
-const EXCEPTIONS: &[(&str, &str, &str)] = &[(
-    "config.rs",
-    "sink",
-    "the configuration holds each sink's section, whose type lives with its sink",
-)];
+const EXCEPTIONS: &[(&str, &str, &str)] = &[
+    (
+        "config.rs",
+        "sink",
+        "the configuration holds each sink's section, whose type lives with its sink",
+    ),
+    (
+        // To be moved: the pure half of conn/tls.rs (sslmode, URL parameters)
+        // belongs in the ground layer; the load-time check that builds the
+        // shared rustls setup (so a bad certificate file is refused at load,
+        // naming its key) would then move to the loader.
+        "config.rs",
+        "conn",
+        "TLS settings are parsed and their files checked at config load by conn::tls",
+    ),
+];
 
 /// A module path (`["sink", "redis"]`) for each `.rs` file, keyed by its
 /// path relative to `src/` (`sink/redis/mod.rs`).
