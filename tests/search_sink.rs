@@ -1137,8 +1137,6 @@ fn a_half_applied_request_or_a_kill_9_inside_a_batch_leaves_every_document_whole
     eprintln!("{} runs in {:?}", count + 1, started.elapsed());
 }
 
-/// `GET http://127.0.0.1:{port}{path}`: (status, body); `None` when nothing
-/// answers.
 /// When the index has nothing to complete an update from and Postgres
 /// refuses the read (the source role may not SELECT the table), no partial
 /// document is indexed: the change is dead-lettered with the reason,
