@@ -129,3 +129,20 @@ impl Backoff {
         base.mul_f64(jitter)
     }
 }
+
+/// Whether snapshot jobs are open: set by the snapshot coordinator each time
+/// it saves its state. While they are, a sink is not detached for being
+/// slow (only for failing): a snapshot chunk is done only once every sink
+/// has applied it, so detaching a sink that is slow under the snapshot's
+/// load would make the session restart and read the unfinished chunks
+/// again, and a sink steadily slower than the snapshot would keep it from
+/// ever finishing.
+static SNAPSHOT_OPEN: AtomicBool = AtomicBool::new(false);
+
+pub fn set_snapshot_open(open: bool) {
+    SNAPSHOT_OPEN.store(open, Ordering::Release);
+}
+
+pub fn snapshot_open() -> bool {
+    SNAPSHOT_OPEN.load(Ordering::Acquire)
+}

@@ -98,7 +98,10 @@ impl Budget {
                         }
                         if link.state.failing.load(Ordering::Acquire) {
                             link.detach("sink is failing and the source waits for the memory it holds");
-                        } else if link.holds_items() && link.state.busy_for() >= link.slow_after {
+                        } else if link.holds_items()
+                            && link.state.busy_for() >= link.slow_after
+                            && !crate::flow::snapshot_open()
+                        {
                             link.detach_slow(&format!(
                                 "sink has spent over {} ms on one batch (pipeline.slow_sink_detach_ms) while the source waits for the memory its queue holds",
                                 link.slow_after.as_millis()
@@ -218,14 +221,17 @@ pub async fn fan_out_to(
                 break;
             }
             let waited = full_since.elapsed();
-            if waited >= link.slow_after {
+            if waited >= link.slow_after && !crate::flow::snapshot_open() {
                 link.detach_slow(&format!(
                     "sink queue has been full for {} ms (pipeline.slow_sink_detach_ms) while the other sinks wait",
                     waited.as_millis()
                 ));
                 break;
             }
-            let tick = (link.slow_after - waited).min(Duration::from_millis(200));
+            let tick = link
+                .slow_after
+                .saturating_sub(waited)
+                .clamp(Duration::from_millis(1), Duration::from_millis(200));
             tokio::select! {
                 r = link.tx.send(item.clone()) => {
                     r.map_err(|_| SinkGone(link.name.clone()))?;

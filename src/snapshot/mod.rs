@@ -345,6 +345,7 @@ impl Snapshots {
         for f in &st.failed {
             report_failure(f.id, &f.table, &f.kind, &f.error, false);
         }
+        crate::flow::set_snapshot_open(!st.jobs.is_empty());
         *shared.lock_state() = st;
         let mut tasks = Vec::new();
         for n in 0..config.snapshot.workers {
@@ -623,6 +624,7 @@ impl Snapshots {
 }
 
 fn file_save(shared: &Shared, st: &State) -> Result<(), SourceError> {
+    crate::flow::set_snapshot_open(!st.jobs.is_empty());
     shared.save(st).map_err(|e| {
         if e.starts_with("disk full") {
             // Retried from the checkpoints, like a full spill directory.
