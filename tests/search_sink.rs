@@ -1137,6 +1137,19 @@ fn a_half_applied_request_or_a_kill_9_inside_a_batch_leaves_every_document_whole
     eprintln!("{} runs in {:?}", count + 1, started.elapsed());
 }
 
+/// Applies `edits` (text, replacement) to `pgferry.toml` and gives its
+/// metrics endpoint a fixed free port, which it returns (for `/readyz`).
+fn edit_config(f: &FerryDir, edits: &[(&str, &str)]) -> u16 {
+    let port = support::pg::free_port();
+    let mut cfg = std::fs::read_to_string(f.path("pgferry.toml")).unwrap();
+    for (from, to) in edits {
+        cfg = cfg.replace(from, to);
+    }
+    cfg = cfg.replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(f.path("pgferry.toml"), cfg).unwrap();
+    port
+}
+
 /// When the index has nothing to complete an update from and Postgres
 /// refuses the read (the source role may not SELECT the table), no partial
 /// document is indexed: the change is dead-lettered with the reason,
@@ -1158,12 +1171,7 @@ fn an_update_that_cannot_be_completed_is_dead_lettered_and_keeps_readyz_down_unt
     let f = FerryDir::new();
     let tables = [Table::new("secret", &["id"], "refused_secret")];
     write_config(&pg, &f, node, &tables, "pgferry", "", "");
-    let port = support::pg::free_port();
-    let cfg = std::fs::read_to_string(f.path("pgferry.toml"))
-        .unwrap()
-        .replace(&pg.url(), &pg.url_for("ferry", "postgres"))
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    std::fs::write(f.path("pgferry.toml"), cfg).unwrap();
+    let port = edit_config(&f, &[(&pg.url(), &pg.url_for("ferry", "postgres"))]);
     let mut g = start(&pg, &f);
     pg.sql("UPDATE secret SET n = 1 WHERE id <= 3");
     let dead = f.path("state/search.dead-letter.jsonl");
@@ -1218,9 +1226,9 @@ fn an_update_that_cannot_be_completed_is_dead_lettered_and_keeps_readyz_down_unt
 
 /// The index is deleted while pgferry is down (an operator's cleanup, a
 /// restored cluster): at start the sink has a checkpoint but no index, which
-/// is a loss. With `on_data_loss = "backfill"` it is logged, counted, shown
-/// on `/readyz` until repaired, and the sink's tables are reloaded into it,
-/// so the index equals the table again, changes made meanwhile included.
+/// is a loss. With `on_data_loss = "backfill"` it is logged and counted, the
+/// sink's tables are reloaded into it, so the index equals the table again
+/// (changes made meanwhile included), and `/readyz` is ready afterwards.
 #[test]
 fn an_index_deleted_while_pgferry_is_down_is_noticed_and_reloaded() {
     let node = node();
@@ -1232,7 +1240,6 @@ fn an_index_deleted_while_pgferry_is_down_is_noticed_and_reloaded() {
     );
     let f = FerryDir::new();
     let tables = [Table::new("lost", &["id"], "lost_items")];
-    let port = support::pg::free_port();
     write_config(
         &pg,
         &f,
@@ -1242,11 +1249,7 @@ fn an_index_deleted_while_pgferry_is_down_is_noticed_and_reloaded() {
         "on_data_loss = \"backfill\"",
         "",
     );
-    let cfg = std::fs::read_to_string(f.path("pgferry.toml"))
-        .unwrap()
-        .replace("[source]\n", "[source]\nsnapshot = \"initial\"\n")
-        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
-    std::fs::write(f.path("pgferry.toml"), cfg).unwrap();
+    let port = edit_config(&f, &[("[source]\n", "[source]\nsnapshot = \"initial\"\n")]);
     let mut g = start(&pg, &f);
     pg.sql("UPDATE lost SET n = 1 WHERE id <= 100");
     wait_equal(&pg, node, &f, &[&tables[0]]);
