@@ -315,6 +315,16 @@ fn wait_snapshot_done(f: &FerryDir, n: usize) -> Value {
 /// Three sessions changing `items` until `stop`: updates of `n` and `note`
 /// (rows with a TOASTed body keep it unchanged), deletes, inserts of new
 /// ids, a key change now and then. Ids stay below `max_id` except inserts.
+///
+/// Each session pauses [`WORKLOAD_PAUSE`] between transactions: about 100
+/// transactions (800 changes) a second in all, well under what the search
+/// sink absorbs on a busy 2-core machine. Without a pause the three sessions
+/// wrote about 3,600 changes a second, more than the OpenSearch node could
+/// index there (about 2,300 a second), so the snapshot got only what the
+/// stream left over and took from 3 to 24 minutes depending on the machine's
+/// other load: the test timed a race, not pgferry.
+const WORKLOAD_PAUSE: Duration = Duration::from_millis(25);
+
 fn start_workload(
     pg: &TestPg,
     rt: &tokio::runtime::Runtime,
@@ -329,7 +339,7 @@ fn start_workload(
         support::workload::Sessions {
             count: 3,
             seed: 0x9E37_79B9,
-            pause: Duration::from_millis(5),
+            pause: WORKLOAD_PAUSE,
             on_error: support::workload::OnError::Rollback,
         },
         |w| {
