@@ -29,8 +29,8 @@
 //! - [`decode`]: type registry, `to_jsonb()`-exact values, transaction assembly.
 //! - observability, which reads state through the types of [`flow`] and
 //!   imports nothing above it:
-//!   - [`metrics`]: the Prometheus registry and the `/metrics`, `/healthz`,
-//!     `/readyz` endpoints.
+//!   - [`metrics`]: the Prometheus registry, and what `/readyz` says.
+//!   - [`endpoints`]: `/metrics`, `/healthz` and `/readyz`, served with hyper.
 //!   - [`observe`]: heartbeat, lag and slot polling, progress log lines (once
 //!     per process).
 //! - [`sink`]: the `Sink` trait and the sinks (`jsonl`, `redis`,
@@ -50,6 +50,7 @@ pub mod config;
 pub mod conn;
 pub mod decode;
 pub mod disk;
+pub mod endpoints;
 pub mod event;
 pub mod flow;
 pub mod json_write;

@@ -98,7 +98,7 @@ pub async fn start(config: &Config) -> Result<Observer, String> {
         if let Some(a) = local_addr {
             tracing::info!(address = %a, "metrics endpoint listening (/metrics, /healthz, /readyz)");
         }
-        tokio::spawn(metrics::serve(listener));
+        tokio::spawn(crate::endpoints::serve(listener));
     }
     let user = crate::conn::tls::parse_url(&config.source.url)
         .ok()

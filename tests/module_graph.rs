@@ -16,7 +16,7 @@
 //! protocol       protocol
 //! conn           conn, pg
 //! decode         decode
-//! observability  metrics, observe
+//! observability  metrics, endpoints, observe
 //! sinks          sink
 //! pipeline       pipeline
 //! session        source, snapshot, publication, check
@@ -40,7 +40,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("protocol", &["protocol"]),
     ("conn", &["conn", "pg"]),
     ("decode", &["decode"]),
-    ("observability", &["metrics", "observe"]),
+    ("observability", &["metrics", "endpoints", "observe"]),
     ("sinks", &["sink"]),
     ("pipeline", &["pipeline"]),
     (

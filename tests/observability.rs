@@ -158,7 +158,7 @@ fn metrics_move_as_a_workload_runs() {
     assert_eq!(
         value(
             &text,
-            "pgferry_sink_batch_seconds_bucket{sink=\"changes\",le=\"+Inf\"}"
+            "pgferry_sink_batch_seconds_bucket{le=\"+Inf\",sink=\"changes\"}"
         ),
         Some(batches)
     );
