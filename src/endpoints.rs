@@ -6,7 +6,7 @@
 //! - answering reads the process-wide [`metrics::global`] registry only:
 //!   it never waits on the source or a sink;
 //! - one request per connection, and a connection that has not been
-//!   answered within [`ANSWER_WITHIN`] is closed, so a stuck scraper holds
+//!   answered within `ANSWER_WITHIN` is closed, so a stuck scraper holds
 //!   nothing;
 //! - `GET` and `HEAD` only; any other method gets 405 with `Allow`.
 

@@ -1,0 +1,448 @@
+//! The merger: the stream side of the watermark protocol (see the module
+//! docs of [`super`]). It sees every transaction the stream delivers, opens
+//! a chunk's window at its low watermark, replays the window's changes onto
+//! the chunk's rows, and turns them into `read` events of the high
+//! watermark's transaction.
+//!
+//! Invariants:
+//! - a window's rows become read events exactly at their high watermark,
+//!   in stream order, so sinks see them where the read belongs;
+//! - a chunk whose read snapshot misses a transaction committed before its
+//!   low watermark is refused and read again, never trusted;
+//! - an exported-snapshot copy is delivered as one transaction at its
+//!   consistent point, after everything that commits before it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use tokio::sync::oneshot;
+
+use super::merge::Window;
+use super::{
+    ChunkData, Refused, Registered, Request, Shared, BACKFILL_PREFIX, RECENT_XIDS, WATERMARK_PREFIX,
+};
+use crate::event::{Changes, RelationInfo, Transaction, TxnMeta};
+use crate::lsn::Lsn;
+use crate::pg::SourceError;
+use crate::spill::SpillReader;
+
+/// An exported-snapshot copy waiting for the stream to reach its point.
+pub(super) struct PendingCopy {
+    point: Lsn,
+    data: oneshot::Receiver<(SpillReader, u64)>,
+    done: oneshot::Sender<Result<Lsn, Refused>>,
+    only: Option<Vec<String>>,
+}
+
+/// A chunk whose low watermark the stream passed.
+pub(super) struct OpenWindow {
+    id: String,
+    state: WinState,
+    done: oneshot::Sender<Result<Lsn, Refused>>,
+    /// The job's sinks (`None`: all).
+    only: Option<Vec<String>>,
+}
+
+pub(super) enum WinState {
+    /// The worker is still reading: the window's changes to the table are
+    /// kept (copies, outside the memory budget, so that they can never hold
+    /// the budget the stream waits for) and replayed when the rows come.
+    /// The stream does not wait. Past `max_buffer` bytes the chunk is given
+    /// up and read again, so memory stays bounded.
+    Pending {
+        oid: u32,
+        rows: oneshot::Receiver<ChunkData>,
+        /// Commit sequence number at the low watermark.
+        low_seq: u64,
+        buffered: Vec<crate::event::Change>,
+        bytes: usize,
+        overflow: bool,
+    },
+    Active(Window),
+}
+
+/// The stream side.
+pub(super) struct Merger {
+    pub(super) shared: Arc<Shared>,
+    pub(super) open: Vec<OpenWindow>,
+    pub(super) copies: Vec<PendingCopy>,
+    /// Commit sequence numbers of recently committed xids (oldest first).
+    pub(super) recent: VecDeque<u32>,
+    pub(super) recent_set: HashMap<u32, u64>,
+    pub(super) seq: u64,
+    /// Bytes of changes a pending window may keep before its chunk is read again.
+    pub(super) max_buffer: usize,
+    /// Highest end position handed to the sinks.
+    pub(super) delivered: Lsn,
+    /// End positions of transactions that carry the rows of a job for some
+    /// sinks only, with those sinks (see [`Snapshots::only_for`]).
+    pub(super) targets: HashMap<Lsn, Vec<String>>,
+}
+
+impl Merger {
+    pub(super) fn remember(&mut self, xid: u32) {
+        self.seq += 1;
+        self.recent.push_back(xid);
+        self.recent_set.insert(xid, self.seq);
+        if self.recent.len() > RECENT_XIDS {
+            if let Some(old) = self.recent.pop_front() {
+                if self
+                    .recent_set
+                    .get(&old)
+                    .is_some_and(|s| *s + RECENT_XIDS as u64 <= self.seq)
+                {
+                    self.recent_set.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Turns a pending window active once its rows are in: checks the read's
+    /// snapshot, then replays the transactions that committed since the low
+    /// watermark. `None`: the chunk was refused or its worker went away.
+    pub(super) fn activate(&mut self, w: OpenWindow, data: ChunkData) -> Option<OpenWindow> {
+        let WinState::Pending {
+            low_seq,
+            buffered,
+            overflow,
+            ..
+        } = w.state
+        else {
+            return Some(w);
+        };
+        if overflow {
+            tracing::debug!(chunk = %w.id, "too many changes to the table while the chunk was read: reading it again");
+            let _ = w.done.send(Err(Refused::Race));
+            return None;
+        }
+        let raced = data
+            .xip
+            .iter()
+            .find(|x| self.recent_set.get(x).is_some_and(|s| *s <= low_seq))
+            .copied();
+        if let Some(x) = raced {
+            tracing::debug!(chunk = %w.id, xid = x, "a transaction committed before the low watermark was invisible to the read: reading the chunk again");
+            let _ = w.done.send(Err(Refused::Race));
+            return None;
+        }
+        let mut window = Window::new(
+            w.id.clone(),
+            data.info.rel.clone(),
+            &data.info.key_cols,
+            data.rows,
+        );
+        for c in &buffered {
+            window.apply(c);
+        }
+        Some(OpenWindow {
+            id: w.id,
+            state: WinState::Active(window),
+            done: w.done,
+            only: w.only,
+        })
+    }
+
+    /// Activates the pending windows whose rows arrived.
+    pub(super) fn poll_pending(&mut self) {
+        let open = std::mem::take(&mut self.open);
+        for mut w in open {
+            let got = match &mut w.state {
+                WinState::Pending { rows, .. } => match rows.try_recv() {
+                    Ok(d) => Some(Some(d)),
+                    Err(oneshot::error::TryRecvError::Empty) => None,
+                    Err(oneshot::error::TryRecvError::Closed) => Some(None),
+                },
+                WinState::Active(_) => None,
+            };
+            match got {
+                None => self.open.push(w),
+                Some(None) => {}
+                Some(Some(d)) => {
+                    if let Some(w) = self.activate(w, d) {
+                        self.open.push(w);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps the changes of a delivered transaction that the windows still
+    /// waiting for rows will need.
+    pub(super) fn buffer(&mut self, txn: &Transaction) -> Result<(), SourceError> {
+        if txn.is_empty()
+            || !self
+                .open
+                .iter()
+                .any(|w| matches!(w.state, WinState::Pending { .. }))
+        {
+            return Ok(());
+        }
+        let max = self.max_buffer;
+        let open = &mut self.open;
+        txn.for_each_change(|c| {
+            if c.op == crate::event::Op::Read {
+                return Ok(());
+            }
+            for w in open.iter_mut() {
+                if let WinState::Pending {
+                    oid,
+                    buffered,
+                    bytes,
+                    overflow,
+                    ..
+                } = &mut w.state
+                {
+                    if *oid != c.rel.oid || *overflow {
+                        continue;
+                    }
+                    *bytes += c.mem_size();
+                    if *bytes > max {
+                        *overflow = true;
+                        *buffered = Vec::new();
+                    } else {
+                        buffered.push(c.clone());
+                    }
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| SourceError::Fatal(format!("reading a spilled transaction: {e}")))
+    }
+
+    /// Picks up copy registrations, and delivers the copies whose point the
+    /// stream reaches: the next commit at `commit`, or an idle `wal_end`.
+    pub(super) async fn cross(
+        &mut self,
+        commit: Option<Lsn>,
+        idle: Option<Lsn>,
+    ) -> Result<Vec<Transaction>, SourceError> {
+        let regs: Vec<(String, Registered)> = {
+            let mut reg = self
+                .shared
+                .registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let ids: Vec<String> = reg
+                .iter()
+                .filter(|(_, r)| matches!(r, Registered::Copy { .. }))
+                .map(|(k, _)| k.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|k| reg.remove(&k).map(|r| (k, r)))
+                .collect()
+        };
+        for (_, r) in regs {
+            let Registered::Copy {
+                paused,
+                point,
+                data,
+                done,
+                only,
+            } = r
+            else {
+                continue;
+            };
+            // Nothing is delivered while the worker creates its slot, so
+            // the slot's point cannot be passed unseen.
+            if paused.send(()).is_err() {
+                continue;
+            }
+            let Ok(p) = point.await else { continue };
+            if self.delivered >= p {
+                let _ = done.send(Err(Refused::Passed));
+                continue;
+            }
+            self.copies.push(PendingCopy {
+                point: p,
+                data,
+                done,
+                only,
+            });
+        }
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < self.copies.len() {
+            let p = self.copies[i].point;
+            let reached = commit.is_some_and(|c| c >= p) || idle.is_some_and(|w| w >= p);
+            if !reached {
+                i += 1;
+                continue;
+            }
+            let c = self.copies.remove(i);
+            let Ok((reader, rows)) = c.data.await else {
+                // The worker failed; it will try again with a new slot.
+                continue;
+            };
+            tracing::info!(at = %p, rows, "exported-snapshot copy delivered");
+            if let Some(only) = c.only {
+                self.targets.insert(p, only);
+            }
+            out.push(Transaction {
+                meta: TxnMeta {
+                    xid: 0,
+                    commit_lsn: p,
+                    end_lsn: p,
+                    commit_time: crate::event::pg_now(),
+                },
+                changes: Changes::Spilled {
+                    reader,
+                    tail: Vec::new(),
+                },
+                messages: Vec::new(),
+                aborted_subxids: Vec::new(),
+                mem_bytes: 0,
+                _budget: None,
+            });
+            self.delivered = self.delivered.max(p);
+            let _ = c.done.send(Ok(p));
+        }
+        Ok(out)
+    }
+
+    /// Replays the transaction's changes onto the active windows.
+    pub(super) fn replay(&mut self, txn: &Transaction) -> Result<(), SourceError> {
+        if txn.is_empty()
+            || !self
+                .open
+                .iter()
+                .any(|w| matches!(w.state, WinState::Active(_)))
+        {
+            return Ok(());
+        }
+        let open = &mut self.open;
+        txn.for_each_change(|c| {
+            for w in open.iter_mut() {
+                if let WinState::Active(win) = &mut w.state {
+                    win.apply(c);
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| SourceError::Fatal(format!("reading a spilled transaction: {e}")))
+    }
+
+    /// Acts on the watermarks in the transaction; returns backfill requests.
+    pub(super) async fn watermarks(
+        &mut self,
+        txn: &mut Transaction,
+        relation: &impl Fn(u32) -> Option<Arc<RelationInfo>>,
+    ) -> Result<Vec<(Lsn, Request)>, SourceError> {
+        let mut requests = Vec::new();
+        if txn.messages.is_empty() {
+            return Ok(requests);
+        }
+        let messages = std::mem::take(&mut txn.messages);
+        for m in &messages {
+            if m.prefix == BACKFILL_PREFIX {
+                match serde_json::from_slice::<Request>(&m.content) {
+                    Ok(r) if r.slot.as_ref().is_none_or(|s| *s == self.shared.slot) => {
+                        requests.push((m.lsn, r))
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(at = %m.lsn, error = %e, "malformed backfill request ignored; the content must be JSON like {{\"table\": \"public.products\", \"where\": \"id < 100\"}}")
+                    }
+                }
+                continue;
+            }
+            if m.prefix != WATERMARK_PREFIX {
+                continue;
+            }
+            let Ok(mark) = serde_json::from_slice::<Mark>(&m.content) else {
+                continue;
+            };
+            match mark.mark.as_str() {
+                "low" => {
+                    let reg = self
+                        .shared
+                        .registry
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&mark.id);
+                    let Some(Registered::Chunk {
+                        oid,
+                        rows,
+                        done,
+                        only,
+                    }) = reg
+                    else {
+                        // Another session's or process's watermark.
+                        continue;
+                    };
+                    self.open.push(OpenWindow {
+                        id: mark.id.clone(),
+                        state: WinState::Pending {
+                            oid,
+                            rows,
+                            low_seq: self.seq,
+                            buffered: Vec::new(),
+                            bytes: 0,
+                            overflow: false,
+                        },
+                        done,
+                        only,
+                    });
+                }
+                "high" => {
+                    let Some(i) = self.open.iter().position(|w| w.id == mark.id) else {
+                        continue;
+                    };
+                    let mut w = self.open.remove(i);
+                    if let WinState::Pending { rows, .. } = &mut w.state {
+                        // The rows were sent before this watermark was written.
+                        let Ok(data) = rows.await else { continue };
+                        match self.activate(w, data) {
+                            Some(a) => w = a,
+                            None => continue,
+                        }
+                    }
+                    let WinState::Active(window) = w.state else {
+                        continue;
+                    };
+                    let chunk_rel = window.rel.clone();
+                    // The stream's own relation when it matches, so sinks
+                    // see one relation per table.
+                    let rel = relation(chunk_rel.oid)
+                        .filter(|r| same_columns(r, &chunk_rel))
+                        .unwrap_or(chunk_rel);
+                    let changes = window.into_changes(rel, txn.meta.commit_lsn, txn.meta.xid);
+                    // The high watermark is a transaction of its own, so it
+                    // normally holds no change for any other sink.
+                    let had_changes = !txn.is_empty();
+                    let bytes: usize = changes.iter().map(|c| c.mem_size()).sum();
+                    match &mut txn.changes {
+                        Changes::Memory(v) => v.extend(changes),
+                        Changes::Spilled { tail, .. } => tail.extend(changes),
+                    }
+                    txn.mem_bytes += bytes;
+                    if let Some(only) = w.only {
+                        if had_changes {
+                            tracing::warn!(chunk = %w.id, "a chunk for some sinks only closed in a transaction with changes of its own: every sink gets its rows");
+                        } else {
+                            self.targets.insert(txn.meta.end_lsn, only);
+                        }
+                    }
+                    let _ = w.done.send(Ok(txn.meta.end_lsn));
+                }
+                _ => {}
+            }
+        }
+        txn.messages = messages;
+        Ok(requests)
+    }
+}
+
+pub(super) fn same_columns(a: &RelationInfo, b: &RelationInfo) -> bool {
+    a.columns.len() == b.columns.len()
+        && a.columns
+            .iter()
+            .zip(&b.columns)
+            .all(|(x, y)| x.name == y.name && x.type_oid == y.type_oid && x.is_key == y.is_key)
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+pub(super) struct Mark {
+    pub(super) id: String,
+    pub(super) mark: String,
+}
