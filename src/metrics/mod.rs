@@ -698,27 +698,7 @@ mod tests {
     #[test]
     fn histogram_buckets_are_cumulative_in_the_exposition() {
         let m = Metrics::default();
-        let s = {
-            lock(&m.sinks)
-                .entry("s".into())
-                .or_insert_with(|| {
-                    Arc::new(SinkMetrics {
-                        name: "s".into(),
-                        filter: None,
-                        applied: Mutex::default(),
-                        batch: Histogram::default(),
-                        errors: AtomicU64::new(0),
-                        retries: AtomicU64::new(0),
-                        dead_letters: AtomicU64::new(0),
-                        incomplete: AtomicU64::new(0),
-                        data_losses: AtomicU64::new(0),
-                        last_error: Mutex::default(),
-                        last_commit_time: AtomicI64::new(0),
-                        applied_end: AtomicU64::new(0),
-                    })
-                })
-                .clone()
-        };
+        let s = m.sink("s");
         s.applied(&[], 0.003);
         s.applied(&[], 0.2);
         s.applied(&[], 100.0);
