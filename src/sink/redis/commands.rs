@@ -190,35 +190,12 @@ impl Builder {
         }
         self.changes += 1;
         if c.op == Op::Truncate {
-            match rule.mode {
-                Mode::Invalidate => self.scans.push(rule),
-                Mode::Json | Mode::Hash => {
-                    self.pipe
-                        .cmd("EVAL")
-                        .arg(TRUNCATE)
-                        .arg(1)
-                        .arg(&rule.set_key);
-                    self.kinds.push(Kind::Plain);
-                }
-            }
+            self.truncate(rule);
             return Ok(());
         }
         self.check(&rule, &c.rel)?;
-        let render = |row: &Row| rule.template.render(&c.rel, row);
-        let fatal = |e: KeyError| key_fatal(&rule, c, e);
         if c.op == Op::Delete {
-            let Some((_, before)) = &c.before else {
-                return Err(SinkError::Fatal(format!(
-                    "a delete on {} came without its old key; check the table's replica identity",
-                    rule.qualified
-                )));
-            };
-            let key = render(before).map_err(fatal)?;
-            self.cmd("DEL", &[key.as_bytes()]);
-            if rule.mode != Mode::Invalidate {
-                self.cmd("SREM", &[rule.set_key.as_bytes(), key.as_bytes()]);
-            }
-            return Ok(());
+            return self.delete(&rule, c);
         }
         let Some(after) = &c.after else {
             return Err(SinkError::Fatal(format!(
@@ -227,27 +204,7 @@ impl Builder {
                 rule.qualified
             )));
         };
-        let old = c.before.as_ref().map(|(_, row)| render(row));
-        let key = match render(after) {
-            Ok(k) => k,
-            // A TOASTed key column that did not change: the old row has it.
-            Err(KeyError::Unchanged { .. }) if matches!(old, Some(Ok(_))) => {
-                old.clone().and_then(Result::ok).unwrap_or_default()
-            }
-            Err(e) => return Err(fatal(e)),
-        };
-        let old_key = match old {
-            Some(Ok(k)) if k != key => Some(k),
-            Some(Ok(_)) | None => None,
-            // The old key could not be rendered from a full old row (an
-            // unchanged TOASTed value): it is then the same as the new one.
-            Some(Err(KeyError::Unchanged { .. }))
-                if c.before.as_ref().map(|b| b.0) == Some(BeforeKind::Full) =>
-            {
-                None
-            }
-            Some(Err(e)) => return Err(fatal(e)),
-        };
+        let (key, old_key) = keys(&rule, c, after)?;
         let partial = after.cells.contains(&Cell::Unchanged);
         match rule.mode {
             Mode::Invalidate => {
@@ -262,52 +219,104 @@ impl Builder {
             Mode::Hash if partial => {
                 self.merge_hash(&rule, &c.rel, after, &key, old_key.as_deref())
             }
-            Mode::Json => {
-                self.buf.clear();
-                crate::event::write_row(&c.rel, after, false, &mut self.buf);
-                let doc = std::mem::take(&mut self.buf);
-                match rule.ttl {
-                    Some(ttl) => self.cmd(
-                        "SET",
-                        &[
-                            key.as_bytes(),
-                            &doc,
-                            b"EX",
-                            itoa::Buffer::new().format(ttl).as_bytes(),
-                        ],
-                    ),
-                    None => self.cmd("SET", &[key.as_bytes(), &doc]),
-                }
-                self.buf = doc;
-                self.written(&rule, &key, old_key.as_deref());
-            }
-            Mode::Hash => {
-                self.cmd("DEL", &[key.as_bytes()]);
-                let mut hset = redis::cmd("HSET");
-                hset.arg(&key);
-                let mut fields = 0;
-                for (i, col) in c.rel.columns.iter().enumerate() {
-                    if let Some(text) = after.text(i) {
-                        self.bytes += col.name.len() + text.len();
-                        hset.arg(&col.name).arg(text.as_bytes());
-                        fields += 1;
-                    }
-                }
-                // A row of NULLs only (never with a key column) has no hash.
-                if fields > 0 {
-                    self.pipe.add_command(hset);
-                    self.kinds.push(Kind::Plain);
-                }
-                if let Some(ttl) = rule.ttl {
-                    self.cmd(
-                        "EXPIRE",
-                        &[key.as_bytes(), itoa::Buffer::new().format(ttl).as_bytes()],
-                    );
-                }
-                self.written(&rule, &key, old_key.as_deref());
-            }
+            Mode::Json => self.set_json(&rule, &c.rel, after, &key, old_key.as_deref()),
+            Mode::Hash => self.set_hash(&rule, &c.rel, after, &key, old_key.as_deref()),
         }
         Ok(())
+    }
+
+    fn truncate(&mut self, rule: Arc<TableRule>) {
+        match rule.mode {
+            Mode::Invalidate => self.scans.push(rule),
+            Mode::Json | Mode::Hash => {
+                self.pipe
+                    .cmd("EVAL")
+                    .arg(TRUNCATE)
+                    .arg(1)
+                    .arg(&rule.set_key);
+                self.kinds.push(Kind::Plain);
+            }
+        }
+    }
+
+    fn delete(&mut self, rule: &TableRule, c: &Change) -> Result<(), SinkError> {
+        let Some((_, before)) = &c.before else {
+            return Err(SinkError::Fatal(format!(
+                "a delete on {} came without its old key; check the table's replica identity",
+                rule.qualified
+            )));
+        };
+        let key = rule
+            .template
+            .render(&c.rel, before)
+            .map_err(|e| key_fatal(rule, c, e))?;
+        self.cmd("DEL", &[key.as_bytes()]);
+        if rule.mode != Mode::Invalidate {
+            self.cmd("SREM", &[rule.set_key.as_bytes(), key.as_bytes()]);
+        }
+        Ok(())
+    }
+
+    /// The whole row as a JSON string.
+    fn set_json(
+        &mut self,
+        rule: &TableRule,
+        rel: &RelationInfo,
+        after: &Row,
+        key: &str,
+        old_key: Option<&str>,
+    ) {
+        self.buf.clear();
+        crate::event::write_row(rel, after, false, &mut self.buf);
+        let doc = std::mem::take(&mut self.buf);
+        match rule.ttl {
+            Some(ttl) => self.cmd(
+                "SET",
+                &[
+                    key.as_bytes(),
+                    &doc,
+                    b"EX",
+                    itoa::Buffer::new().format(ttl).as_bytes(),
+                ],
+            ),
+            None => self.cmd("SET", &[key.as_bytes(), &doc]),
+        }
+        self.buf = doc;
+        self.written(rule, key, old_key);
+    }
+
+    /// The whole row as a hash, its non-NULL columns as fields.
+    fn set_hash(
+        &mut self,
+        rule: &TableRule,
+        rel: &RelationInfo,
+        after: &Row,
+        key: &str,
+        old_key: Option<&str>,
+    ) {
+        self.cmd("DEL", &[key.as_bytes()]);
+        let mut hset = redis::cmd("HSET");
+        hset.arg(key);
+        let mut fields = 0;
+        for (i, col) in rel.columns.iter().enumerate() {
+            if let Some(text) = after.text(i) {
+                self.bytes += col.name.len() + text.len();
+                hset.arg(&col.name).arg(text.as_bytes());
+                fields += 1;
+            }
+        }
+        // A row of NULLs only (never with a key column) has no hash.
+        if fields > 0 {
+            self.pipe.add_command(hset);
+            self.kinds.push(Kind::Plain);
+        }
+        if let Some(ttl) = rule.ttl {
+            self.cmd(
+                "EXPIRE",
+                &[key.as_bytes(), itoa::Buffer::new().format(ttl).as_bytes()],
+            );
+        }
+        self.written(rule, key, old_key);
     }
 
     /// Bookkeeping after a full write of `key`: the key set, and the old key
@@ -442,6 +451,34 @@ impl Builder {
         self.checked.push(rel.clone());
         Ok(())
     }
+}
+
+/// The row's key, and its old key when the change moved it.
+fn keys(rule: &TableRule, c: &Change, after: &Row) -> Result<(String, Option<String>), SinkError> {
+    let render = |row: &Row| rule.template.render(&c.rel, row);
+    let fatal = |e: KeyError| key_fatal(rule, c, e);
+    let old = c.before.as_ref().map(|(_, row)| render(row));
+    let key = match render(after) {
+        Ok(k) => k,
+        // A TOASTed key column that did not change: the old row has it.
+        Err(KeyError::Unchanged { .. }) if matches!(old, Some(Ok(_))) => {
+            old.clone().and_then(Result::ok).unwrap_or_default()
+        }
+        Err(e) => return Err(fatal(e)),
+    };
+    let old_key = match old {
+        Some(Ok(k)) if k != key => Some(k),
+        Some(Ok(_)) | None => None,
+        // The old key could not be rendered from a full old row (an
+        // unchanged TOASTed value): it is then the same as the new one.
+        Some(Err(KeyError::Unchanged { .. }))
+            if c.before.as_ref().map(|b| b.0) == Some(BeforeKind::Full) =>
+        {
+            None
+        }
+        Some(Err(e)) => return Err(fatal(e)),
+    };
+    Ok((key, old_key))
 }
 
 fn key_fatal(rule: &TableRule, c: &Change, e: KeyError) -> SinkError {
