@@ -326,3 +326,190 @@ fn snapshot_and_stream_over_verify_full_equal_the_table_and_the_oracle() {
     let log = f.log();
     assert!(!log.contains(PASSWORD), "the password reached the log");
 }
+
+/// psql over TCP as `user` with `sslmode`: `ssl|cipher` of its own
+/// connection, or the error.
+fn psql_tls(pg: &TestPg, user: &str, sslmode: &str) -> Result<String, String> {
+    let out = std::process::Command::new(support::pg::pg_bin_dir().join("psql"))
+        .args([
+            "-X",
+            "-At",
+            &format!(
+                "host=127.0.0.1 port={} user={user} dbname=postgres sslmode={sslmode}",
+                pg.port
+            ),
+            "-c",
+            "SELECT ssl, coalesce(cipher, '') FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+        ])
+        .env("PGPASSWORD", PASSWORD)
+        .output()
+        .expect("run psql");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).to_string())
+    }
+}
+
+/// `pgferry run` with `url` and `slot`: an initial snapshot of `items` in
+/// chunks (snapshot workers), then the stream (replication connection),
+/// until the JSONL equals the table; pgferry's connections are all plain.
+/// Its log.
+fn snapshot_and_stream_plain(pg: &TestPg, url: &str, slot: &str) -> String {
+    let f = FerryDir::new();
+    f.write_config_slot(
+        url,
+        slot,
+        &["public.items"],
+        "snapshot = \"initial\"",
+        "[snapshot]\nchunk_rows = 500\n",
+    );
+    let _g = Guard(f.run());
+    wait_active(pg, &f, slot);
+    pg.sql("UPDATE items SET n = n + 1, note = 'changed' WHERE id % 7 = 0; DELETE FROM items WHERE id % 11 = 0; INSERT INTO items SELECT m + i, 1, 'late', 2.5, NULL, now() FROM generate_series(1, 200) i, (SELECT max(id) m FROM items) x");
+    let n = support::progress::wait_for(
+        Duration::from_secs(120),
+        || {
+            let rows = support::oracle::table_rows(pg, "items");
+            let got = support::oracle::replay(&f.events());
+            if rows == got {
+                Ok(rows.len())
+            } else {
+                let diff = rows.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count()
+                    + got.keys().filter(|k| !rows.contains_key(*k)).count();
+                Err(diff)
+            }
+        },
+        || f.log(),
+    );
+    assert!(n > 2000, "{n} rows");
+    let reads = f.events().iter().filter(|e| e["op"] == "read").count();
+    assert!(reads >= 2000, "the snapshot read {reads} rows");
+    let conns = pg.sql(
+        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.usename = 'ferry'",
+    );
+    let (tls, all) = conns.trim().split_once('|').unwrap();
+    assert_eq!(tls, "0", "a connection of pgferry's is over TLS");
+    assert_ne!(all, "0", "pgferry holds no connection");
+    f.log()
+}
+
+/// `sslmode=prefer` (also the default) does what libpq does: TLS when it
+/// works, and plain otherwise, on every connection (SQL, replication,
+/// snapshot workers). One server, three cases in turn:
+/// - TLS on, but the server's TLS is one rustls cannot speak (TLS 1.2 with
+///   CBC cipher suites only; libpq's OpenSSL can, which the test shows):
+///   the handshake fails and pgferry connects again without TLS;
+/// - TLS off: the server answers the SSLRequest with `N`;
+/// - TLS on, but pg_hba.conf has `hostnossl` for the role: the server
+///   refuses the login over TLS and pgferry logs in again without.
+///
+/// `require` fails in each case, naming the reason.
+#[test]
+fn prefer_falls_back_to_plain_like_libpq() {
+    let pg = TestPg::start_with(PgOptions {
+        conf: String::new(),
+        hba: Some("local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n".into()),
+        ssl: true,
+    });
+    pg.sql("ALTER SYSTEM SET ssl_max_protocol_version = 'TLSv1.2'");
+    pg.sql("ALTER SYSTEM SET ssl_ciphers = 'ECDHE-ECDSA-AES128-SHA256'");
+    pg.sql("SELECT pg_reload_conf()");
+    pg.sql(&format!(
+        "CREATE ROLE ferry LOGIN SUPERUSER PASSWORD '{PASSWORD}'; \
+         CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL, note text, price numeric(12,2), tags text[], seen timestamptz); \
+         INSERT INTO items SELECT i, 0, 'row ' || i, i % 97, ARRAY['t'], now() FROM generate_series(1, 3000) i"
+    ));
+    // The server's TLS works: libpq negotiates its one cipher suite.
+    support::progress::wait_for(
+        Duration::from_secs(30),
+        || match psql_tls(&pg, "ferry", "require") {
+            Ok(s) if s == "t|ECDHE-ECDSA-AES128-SHA256" => Ok(()),
+            other => Err(other),
+        },
+        || pg.log(),
+    );
+
+    // 1. The handshake fails. require: stopped, with the reason.
+    let (ok, out) = check(&pg, &url(&pg, "localhost", "sslmode=require"), "");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("share no TLS cipher suite") && out.contains("ssl_ciphers"),
+        "{out}"
+    );
+    // prefer: both connections fall back to plain.
+    let (ok, out) = check(&pg, &url(&pg, "localhost", "sslmode=prefer"), "");
+    assert!(ok, "{out}");
+    for which in ["SQL connection", "replication connection"] {
+        assert!(
+            out.contains(&format!("WARN {which}: TLS off (sslmode=prefer")),
+            "{which}:\n{out}"
+        );
+    }
+    // The default is prefer: snapshot workers and the stream fall back too.
+    let log = snapshot_and_stream_plain(&pg, &url(&pg, "localhost", ""), "pgferry");
+    assert!(
+        log.contains("the TLS handshake failed; connecting again without TLS")
+            && log.contains("share no TLS cipher suite"),
+        "{log}"
+    );
+    assert!(!log.contains(PASSWORD), "the password reached the log");
+
+    // 2. TLS off: the server answers N.
+    pg.sql("ALTER SYSTEM SET ssl = off");
+    pg.sql("SELECT pg_reload_conf()");
+    support::progress::wait_for(
+        Duration::from_secs(30),
+        || match psql_tls(&pg, "ferry", "prefer") {
+            Ok(s) if s.starts_with('f') => Ok(()),
+            other => Err(other),
+        },
+        || pg.log(),
+    );
+    let (ok, out) = check(&pg, &url(&pg, "localhost", "sslmode=prefer"), "");
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("WARN replication connection: TLS off (sslmode=prefer"),
+        "{out}"
+    );
+    let (ok, out) = check(&pg, &url(&pg, "localhost", "sslmode=require"), "");
+    assert!(!ok && out.contains("does not accept TLS"), "{out}");
+
+    // 3. TLS works, but pg_hba.conf allows this role only without it.
+    pg.sql("ALTER SYSTEM RESET ssl_max_protocol_version");
+    pg.sql("ALTER SYSTEM RESET ssl_ciphers");
+    pg.sql("ALTER SYSTEM SET ssl = on");
+    std::fs::write(
+        pg.data_dir().join("pg_hba.conf"),
+        "local all all trust\nhostnossl all ferry 127.0.0.1/32 scram-sha-256\n\
+         hostssl all postgres 127.0.0.1/32 trust\n",
+    )
+    .unwrap();
+    pg.sql("SELECT pg_reload_conf()");
+    support::progress::wait_for(
+        Duration::from_secs(30),
+        || match psql_tls(&pg, "postgres", "require") {
+            Ok(s) if s.starts_with("t|TLS_") => Ok(()),
+            other => Err(other),
+        },
+        || pg.log(),
+    );
+    assert!(
+        psql_tls(&pg, "ferry", "require").is_err_and(|e| e.contains("SSL encryption")),
+        "the server lets ferry in over TLS"
+    );
+    let (ok, out) = check(&pg, &url(&pg, "localhost", "sslmode=require"), "");
+    assert!(!ok && out.contains("SSL encryption"), "{out}");
+    let (ok, out) = check(&pg, &url(&pg, "localhost", "sslmode=prefer"), "");
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("WARN SQL connection: TLS off (sslmode=prefer"),
+        "{out}"
+    );
+    let log = snapshot_and_stream_plain(&pg, &url(&pg, "localhost", "sslmode=prefer"), "pgferry2");
+    assert!(
+        log.contains("the server refused the login over TLS; connecting again without TLS")
+            || log.contains("the connection over TLS failed; connecting again without TLS"),
+        "{log}"
+    );
+}

@@ -25,6 +25,7 @@ use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
@@ -587,6 +588,15 @@ pub fn explain(e: io::Error, setup: &TlsSetup, host: &str) -> Result<io::Error, 
                 "TLS certificate check failed (sslmode={mode}): {other:?}: check the server's certificate and sslrootcert={root}"
             ),
         },
+        rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion) => format!(
+            "TLS handshake refused by the server (ProtocolVersion, sslmode={mode}): the server accepts no TLS version pgferry speaks (TLS 1.2 and 1.3): set ssl_min_protocol_version / ssl_max_protocol_version in the server's postgresql.conf to allow TLSv1.2 or TLSv1.3"
+        ),
+        rustls::Error::AlertReceived(
+            alert @ (rustls::AlertDescription::HandshakeFailure
+            | rustls::AlertDescription::InsufficientSecurity),
+        ) if !setup.client_cert => format!(
+            "TLS handshake refused by the server ({alert:?}, sslmode={mode}): the server and pgferry share no TLS cipher suite (pgferry offers TLS 1.3, and TLS 1.2 ECDHE with AES-GCM or ChaCha20-Poly1305): allow one in the server's ssl_ciphers (and ssl_max_protocol_version) in postgresql.conf"
+        ),
         rustls::Error::AlertReceived(alert) => format!(
             "TLS handshake refused by the server ({alert:?}){}",
             if setup.client_cert {
@@ -617,6 +627,8 @@ pub fn fix_for(message: &str) -> Option<&'static str> {
         "set sslmode=verify-full with sslrootcert (or at least sslmode=require): the server accepts this connection over TLS only"
     } else if message.contains("does not accept TLS") {
         "turn on ssl (ssl = on, ssl_cert_file, ssl_key_file) in the server's postgresql.conf, or on a trusted network only set sslmode=prefer"
+    } else if message.contains("share no TLS cipher suite") || message.contains("no TLS version") {
+        "allow TLS 1.3, or TLS 1.2 with an ECDHE AES-GCM or ChaCha20-Poly1305 suite, in the server's ssl_ciphers and ssl_min/max_protocol_version"
     } else if message.contains("client certificate") {
         "set sslcert and sslkey to a client certificate signed by the server's ssl_ca_file, whose CN is the user"
     } else if message.contains("TLS") {
@@ -638,6 +650,22 @@ pub enum MaybeTls<S> {
 pub enum NegotiateError {
     Io(io::Error),
     Tls(TlsError),
+    /// The server agreed to TLS (it answered `S`), then the handshake
+    /// failed; inside, `Io` or `Tls` as above. With `sslmode=prefer` the
+    /// caller connects again without TLS, as libpq does.
+    Handshake(Box<NegotiateError>),
+}
+
+impl NegotiateError {
+    /// The I/O error (worth a retry) or the TLS error (not), whether or
+    /// not the handshake had begun.
+    pub fn io_or_tls(self) -> Result<io::Error, TlsError> {
+        match self {
+            NegotiateError::Io(e) => Ok(e),
+            NegotiateError::Tls(e) => Err(e),
+            NegotiateError::Handshake(e) => e.io_or_tls(),
+        }
+    }
 }
 
 /// The outcome of [`negotiate`]: the stream, and its TLS facts when on.
@@ -692,13 +720,12 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let name = server_name(host).map_err(NegotiateError::Tls)?;
-    let tls = connector
-        .connect(name, stream)
-        .await
-        .map_err(|e| match explain(e, setup, host) {
+    let tls = connector.connect(name, stream).await.map_err(|e| {
+        NegotiateError::Handshake(Box::new(match explain(e, setup, host) {
             Ok(io) => NegotiateError::Io(io),
             Err(t) => NegotiateError::Tls(t),
-        })?;
+        }))
+    })?;
     let (_, conn) = tls.get_ref();
     let info = TlsInfo::of(conn, host, setup.mode);
     let end_point = end_point(conn);
@@ -760,6 +787,9 @@ fn signature_oid(der: &[u8]) -> Option<&[u8]> {
 pub struct MakeRustls {
     setup: Arc<TlsSetup>,
     pub info: Arc<Mutex<Option<TlsInfo>>>,
+    /// Set when a server agreed to TLS and the handshake began: a failure
+    /// after that is one `sslmode=prefer` retries without TLS.
+    pub tried: Arc<AtomicBool>,
 }
 
 impl MakeRustls {
@@ -767,6 +797,7 @@ impl MakeRustls {
         MakeRustls {
             setup,
             info: Default::default(),
+            tried: Default::default(),
         }
     }
 }
@@ -775,6 +806,7 @@ pub struct RustlsConnect {
     setup: Arc<TlsSetup>,
     host: String,
     info: Arc<Mutex<Option<TlsInfo>>>,
+    tried: Arc<AtomicBool>,
 }
 
 impl<S> tokio_postgres::tls::MakeTlsConnect<S> for MakeRustls
@@ -790,6 +822,7 @@ where
             setup: self.setup.clone(),
             host: domain.to_string(),
             info: self.info.clone(),
+            tried: self.tried.clone(),
         })
     }
 }
@@ -804,6 +837,7 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
+            self.tried.store(true, Ordering::Relaxed);
             let connector = self
                 .setup
                 .connector()
