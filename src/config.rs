@@ -160,7 +160,7 @@ pub struct SourceConfig {
 /// set in one place only), so every connection pgferry opens (replication,
 /// SQL, snapshot workers, observer, `check`) has the same TLS. Relative
 /// paths are relative to the config file. See `conn::tls`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// `disable`, `prefer` (default), `require`, `verify-ca`, `verify-full`.
@@ -170,9 +170,24 @@ pub struct TlsConfig {
     pub sslrootcert: Option<String>,
     /// PEM client certificate, for `cert` authentication.
     pub sslcert: Option<String>,
-    /// PEM (unencrypted) private key of `sslcert`. The path only is kept;
-    /// the key is read when the TLS configuration is built and never logged.
+    /// PEM private key of `sslcert` (unencrypted, or PKCS#8 encrypted with
+    /// `sslpassword`). The path only is kept; the key is read when the TLS
+    /// configuration is built and never logged.
     pub sslkey: Option<String>,
+    /// Password of an encrypted `sslkey`: never logged, `***` in `Debug`.
+    pub sslpassword: Option<String>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .field("sslcert", &self.sslcert)
+            .field("sslkey", &self.sslkey)
+            .field("sslpassword", &self.sslpassword.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl TlsConfig {
@@ -186,6 +201,7 @@ impl TlsConfig {
             ("sslrootcert", &self.sslrootcert),
             ("sslcert", &self.sslcert),
             ("sslkey", &self.sslkey),
+            ("sslpassword", &self.sslpassword),
         ] {
             if let Some(v) = v {
                 out.push((k, v.clone()));
@@ -530,7 +546,7 @@ fn redact_uri_rest(rest: &str) -> String {
         if i > 0 {
             out.push('&');
         }
-        if key == "password" {
+        if key == "password" || key == "sslpassword" {
             out.push_str(&kv[..kv.find('=').map_or(kv.len(), |e| e + 1)]);
             out.push_str("***");
             secret = true;
@@ -621,7 +637,7 @@ fn redact_conninfo(s: &str) -> String {
         }
         let i_end = i.min(b.len());
         out.push_str(&s[key_start..value_start]);
-        if key == "password" {
+        if key == "password" || key == "sslpassword" {
             out.push_str("***");
         } else {
             out.push_str(&s[value_start..i_end]);
@@ -1034,7 +1050,8 @@ impl Config {
                 "sslmode" => in_url.sslmode.is_some(),
                 "sslrootcert" => in_url.sslrootcert.is_some(),
                 "sslcert" => in_url.sslcert.is_some(),
-                _ => in_url.sslkey.is_some(),
+                "sslkey" => in_url.sslkey.is_some(),
+                _ => in_url.sslpassword.is_some(),
             };
             if also {
                 return Err(key_err(
@@ -1111,17 +1128,25 @@ impl Config {
                 format!("is not a valid Postgres connection string ({e}); use postgres://user:password@host:port/dbname"),
             )
         })?;
-        // A TLS key is named where it was set: [source.tls] or the URL.
+        // A TLS key is named where it was set: [source.tls] or the URL (a
+        // key set nowhere, as [source.tls] would have it).
+        let in_url = |k: &str| match k {
+            "sslmode" => tls.sslmode.is_some(),
+            "sslrootcert" => tls.sslrootcert.is_some(),
+            "sslcert" => tls.sslcert.is_some(),
+            "sslkey" => tls.sslkey.is_some(),
+            _ => tls.sslpassword.is_some(),
+        };
         let tls_key = |k: &str| {
-            if s.tls.entries().iter().any(|(name, _)| *name == k) {
-                format!("source.tls.{k}")
-            } else {
+            if !s.tls.entries().iter().any(|(name, _)| *name == k) && in_url(k) {
                 format!("source.url ({k})")
+            } else {
+                format!("source.tls.{k}")
             }
         };
         tls.validate().map_err(|(k, m)| key_err(tls_key(k), m))?;
         crate::conn::tls::TlsSetup::shared(&tls).map_err(|e| {
-            let k = ["sslrootcert", "sslcert", "sslkey"]
+            let k = ["sslrootcert", "sslcert", "sslkey", "sslpassword"]
                 .into_iter()
                 .find(|k| e.starts_with(k))
                 .unwrap_or("sslmode");
@@ -1523,6 +1548,19 @@ path = "changes.jsonl"           # "-" for stdout
             parse(&with("postgres://u:pw@h/app", "")).unwrap().source
         );
         assert!(!dbg.contains("pw@"), "{dbg}");
+        // sslpassword without sslkey is named; its value is never shown.
+        let e = parse(&with("postgres://u@h/app", "sslpassword = \"hush-1\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("source.tls.sslpassword") && !e.contains("hush-1"),
+            "{e}"
+        );
+        let t = TlsConfig {
+            sslpassword: Some("hush-1".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{t:?}").contains("hush-1"));
     }
 
     #[test]
@@ -2038,6 +2076,15 @@ index = "products"
         }
         assert_eq!(redact_url("host=h password=p"), "host=h password=***");
         assert_eq!(redact_url("password=p"), "password=***");
+        // sslpassword (an encrypted client key's) alike, in both forms.
+        assert_eq!(
+            redact_url("host=h sslpassword='k ey' sslkey=/k.pem"),
+            "host=h sslpassword=*** sslkey=/k.pem"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/d?sslkey=%2Fk.pem&sslpassword=k%20ey&sslmode=require"),
+            "postgres://u@h/d?sslkey=%2Fk.pem&sslpassword=***&sslmode=require"
+        );
         // Unparseable: redacted from the password on.
         assert_eq!(redact_url("host=h password='open"), "host=h password=***");
     }

@@ -513,3 +513,114 @@ fn prefer_falls_back_to_plain_like_libpq() {
         "{log}"
     );
 }
+
+/// `cert` authentication with a PKCS#8 encrypted client key (made by
+/// `openssl pkcs8 -topk8 -v2 aes-256-cbc`) and `sslpassword`, from
+/// `[source.tls]` and from the URL. A missing or wrong password, or a key
+/// in OpenSSL's legacy encrypted format, is refused at config load naming
+/// the key; the password reaches neither the output nor the log.
+#[test]
+fn an_encrypted_client_key_is_read_with_sslpassword() {
+    const KEY_PW: &str = "k3y-pass phrase";
+    let pg = tls_cluster();
+    let dir = pg.tls_file("");
+    let enc = pg.tls_file("client-enc.key");
+    support::pg::openssl(
+        &dir,
+        &[
+            "pkcs8",
+            "-topk8",
+            "-v2",
+            "aes-256-cbc",
+            "-in",
+            "client.key",
+            "-out",
+            "client-enc.key",
+            "-passout",
+            &format!("pass:{KEY_PW}"),
+        ],
+    );
+    let legacy = pg.tls_file("client-legacy.key");
+    support::pg::openssl(
+        &dir,
+        &[
+            "ec",
+            "-in",
+            "client.key",
+            "-aes256",
+            "-out",
+            "client-legacy.key",
+            "-passout",
+            &format!("pass:{KEY_PW}"),
+        ],
+    );
+    assert!(std::fs::read_to_string(&enc)
+        .unwrap()
+        .contains("BEGIN ENCRYPTED PRIVATE KEY"));
+    assert!(std::fs::read_to_string(&legacy)
+        .unwrap()
+        .contains("Proc-Type: 4,ENCRYPTED"));
+    let ca = pg.tls_file("ca.pem");
+    let cert = pg.tls_file("client.pem");
+    let cert_url = format!("postgres://certuser@localhost:{}/postgres", pg.port);
+    let tls = |key: &std::path::Path, pw: Option<&str>| {
+        format!(
+            "sslmode = \"verify-full\"\nsslrootcert = \"{}\"\nsslcert = \"{}\"\nsslkey = \"{}\"\n{}",
+            ca.display(),
+            cert.display(),
+            key.display(),
+            pw.map(|p| format!("sslpassword = \"{p}\"")).unwrap_or_default()
+        )
+    };
+    let no_secret = |out: &str| {
+        assert!(
+            !out.contains(KEY_PW) && !out.contains("k3y"),
+            "the key's password reached the output:\n{out}"
+        );
+    };
+
+    // [source.tls]: both connections log in with the client certificate.
+    let (ok, out) = check(&pg, &cert_url, &tls(&enc, Some(KEY_PW)));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("OK   SQL connection: TLS on")
+            && out.contains("OK   replication connection works"),
+        "{out}"
+    );
+    no_secret(&out);
+    // The URL form, percent-encoded; pgferry run streams with it.
+    let url = format!(
+        "{cert_url}?sslmode=verify-full&sslrootcert={}&sslcert={}&sslkey={}&sslpassword={}",
+        ca.display(),
+        cert.display(),
+        enc.display(),
+        KEY_PW.replace(' ', "%20")
+    );
+    let (ok, out) = check(&pg, &url, "");
+    assert!(ok, "{out}");
+    no_secret(&out);
+    let f = FerryDir::new();
+    f.write_config(&url, &["public.items"], "", "");
+    let _g = Guard(f.run());
+    wait_active(&pg, &f, "pgferry");
+    pg.sql("INSERT INTO items VALUES (1, 1, 'over a client certificate', 1, NULL, now())");
+    let events = f.wait_events(1, Duration::from_secs(60));
+    assert_eq!(events[0]["after"]["note"], "over a client certificate");
+    no_secret(&f.log());
+
+    // No password, a wrong one, the legacy format: each named at load.
+    for (key, pw, want) in [
+        (&enc, None, "source.tls.sslpassword"),
+        (&enc, Some("wrong"), "source.tls.sslpassword"),
+        (&legacy, Some(KEY_PW), "source.tls.sslkey"),
+    ] {
+        let (ok, out) = check(&pg, &cert_url, &tls(key, pw));
+        assert!(!ok, "{out}");
+        assert!(out.contains(want), "{want}:\n{out}");
+        no_secret(&out);
+    }
+    let (_, out) = check(&pg, &cert_url, &tls(&enc, Some("wrong")));
+    assert!(out.contains("the password is wrong"), "{out}");
+    let (_, out) = check(&pg, &cert_url, &tls(&legacy, Some(KEY_PW)));
+    assert!(out.contains("openssl pkcs8 -topk8"), "{out}");
+}

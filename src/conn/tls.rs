@@ -3,7 +3,9 @@
 //! The settings are libpq's: `sslmode` (`disable`, `prefer`, `require`,
 //! `verify-ca`, `verify-full`), `sslrootcert` (a PEM file, or `system` for
 //! the system trust store), `sslcert` and `sslkey` (a PEM client
-//! certificate and its unencrypted key, for `cert` authentication). They
+//! certificate and its key, for `cert` authentication), `sslpassword` (the
+//! password of a PKCS#8 encrypted `sslkey`; never logged, redacted from
+//! `Debug`). They
 //! come from the connection string (`?sslmode=verify-full&sslrootcert=…`);
 //! `[source.tls]` keys are folded into `source.url` at config load, so every
 //! connection sees one string. [`parse_url`] takes them out of the string
@@ -86,16 +88,31 @@ impl SslMode {
 }
 
 /// The TLS keys of a connection string (each `None` when absent).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct TlsParams {
     pub sslmode: Option<SslMode>,
     /// A PEM file of CA certificates, or `system`.
     pub sslrootcert: Option<String>,
     /// A PEM client certificate (chain).
     pub sslcert: Option<String>,
-    /// The client certificate's private key (PEM, unencrypted). A path,
-    /// never the key itself.
+    /// The client certificate's private key (PEM: unencrypted, or PKCS#8
+    /// encrypted with `sslpassword`). A path, never the key itself.
     pub sslkey: Option<String>,
+    /// The password of an encrypted `sslkey`. A secret: `Debug` shows
+    /// `***`.
+    pub sslpassword: Option<String>,
+}
+
+impl std::fmt::Debug for TlsParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsParams")
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .field("sslcert", &self.sslcert)
+            .field("sslkey", &self.sslkey)
+            .field("sslpassword", &self.sslpassword.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl TlsParams {
@@ -119,6 +136,12 @@ impl TlsParams {
                     "is not set, but sslmode={} checks the server's certificate against it: set sslrootcert to the CA file that signed the server's certificate, or to `system` for the system trust store",
                     mode.as_str()
                 ),
+            ));
+        }
+        if self.sslpassword.is_some() && self.sslkey.is_none() {
+            return Err((
+                "sslpassword",
+                "is set, but sslkey is not: sslpassword decrypts the client key that sslkey names; set sslkey (and sslcert), or remove sslpassword".into(),
             ));
         }
         if self.sslcert.is_some() != self.sslkey.is_some() {
@@ -160,17 +183,15 @@ pub fn split_url(url: &str) -> Result<(String, TlsParams), String> {
         match k {
             "sslmode" => {
                 params.sslmode = Some(SslMode::parse(&v).ok_or_else(|| {
-                    format!("sslmode={v} is not one of disable, prefer, require, verify-ca, verify-full")
+                    format!(
+                    "sslmode={v} is not one of disable, prefer, require, verify-ca, verify-full"
+                )
                 })?)
             }
             "sslrootcert" => params.sslrootcert = Some(v),
             "sslcert" => params.sslcert = Some(v),
             "sslkey" => params.sslkey = Some(v),
-            _ => {
-                return Err(
-                    "sslpassword is not supported: give sslkey an unencrypted key file (openssl pkey -in key.pem -out plain.pem)".into(),
-                )
-            }
+            _ => params.sslpassword = Some(v),
         }
         Ok(())
     };
@@ -396,9 +417,7 @@ impl TlsSetup {
                 if chain.is_empty() {
                     return Err(format!("sslcert {cert:?} holds no certificate"));
                 }
-                let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                    format!("sslkey {key:?}: not an unencrypted PEM private key: {e}")
-                })?;
+                let key_der = load_key(key, params.sslpassword.as_deref())?;
                 builder
                     .with_client_auth_cert(chain, key_der)
                     .map_err(|e| format!("sslcert/sslkey: {e}"))?
@@ -426,6 +445,54 @@ impl TlsSetup {
     fn connector(&self) -> Option<tokio_rustls::TlsConnector> {
         self.config.clone().map(tokio_rustls::TlsConnector::from)
     }
+}
+
+/// Reads the client key `path`: an unencrypted PEM key (PKCS#8, PKCS#1 or
+/// SEC1), or a PKCS#8 encrypted one (`BEGIN ENCRYPTED PRIVATE KEY`, what
+/// `openssl pkcs8 -topk8 -v2 aes-256-cbc` writes) decrypted with
+/// `password`. The error names the key that fixes it and never holds the
+/// password or key material.
+fn load_key(path: &str, password: Option<&str>) -> Result<PrivateKeyDer<'static>, String> {
+    use pkcs8::der::zeroize::Zeroizing;
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| format!("sslkey {path:?}: cannot be read as a PEM file: {e}"))?,
+    );
+    if text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(format!(
+            "sslkey {path:?} is encrypted in the legacy OpenSSL format (Proc-Type: 4,ENCRYPTED), which pgferry cannot read: convert it to an encrypted PKCS#8 key (openssl pkcs8 -topk8 -v2 aes-256-cbc -in OLD -out NEW) and keep sslpassword"
+        ));
+    }
+    if !text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+        return PrivateKeyDer::from_pem_slice(text.as_bytes())
+            .map_err(|e| format!("sslkey {path:?}: not a PEM private key: {e}"));
+    }
+    let Some(password) = password else {
+        return Err(format!(
+            "sslpassword is not set, but sslkey {path:?} is encrypted: set sslpassword to its password (in source.url or [source.tls])"
+        ));
+    };
+    let (label, doc) = pkcs8::Document::from_pem(&text)
+        .map_err(|e| format!("sslkey {path:?}: not a valid encrypted PKCS#8 PEM key: {e}"))?;
+    if label != "ENCRYPTED PRIVATE KEY" {
+        return Err(format!("sslkey {path:?}: unexpected PEM block {label:?}"));
+    }
+    let info = pkcs8::EncryptedPrivateKeyInfo::try_from(doc.as_bytes())
+        .map_err(|e| format!("sslkey {path:?}: not a valid encrypted PKCS#8 key: {e}"))?;
+    // A wrong password shows as bad padding (pkcs5 0.7 reports it as
+    // EncryptFailed) or, rarely, as a plaintext that is not DER.
+    let plain = info.decrypt(password).map_err(|e| match e {
+        pkcs8::Error::EncryptedPrivateKey(
+            pkcs8::pkcs5::Error::DecryptFailed | pkcs8::pkcs5::Error::EncryptFailed,
+        )
+        | pkcs8::Error::Asn1(_) => format!(
+            "sslpassword does not decrypt sslkey {path:?}: the password is wrong"
+        ),
+        e => format!(
+            "sslkey {path:?}: cannot decrypt it ({e}): check sslpassword; pgferry reads PBES2 keys (PBKDF2 or scrypt with AES-CBC): re-encrypt with openssl pkcs8 -topk8 -v2 aes-256-cbc"
+        ),
+    })?;
+    Ok(PrivateKeyDer::Pkcs8(plain.as_bytes().to_vec().into()))
 }
 
 fn load_roots(rootcert: &str) -> Result<RootCertStore, String> {
@@ -924,6 +991,18 @@ mod tests {
         assert_eq!(p.sslmode, Some(SslMode::Require));
         assert_eq!(p.sslkey.as_deref(), Some("/a b/k.pem"));
         assert!(split_url("postgres://h/d?sslmode=maybe").is_err());
+        let (rest, p) = split_url("postgres://h/d?sslkey=%2Fk.pem&sslpassword=s%20cret").unwrap();
+        assert_eq!(rest, "postgres://h/d");
+        assert_eq!(p.sslpassword.as_deref(), Some("s cret"));
+        let dbg = format!("{p:?}");
+        assert!(!dbg.contains("cret") && dbg.contains("***"), "{dbg}");
+        let (k, _) = p.validate().unwrap_err();
+        assert_eq!(k, "sslcert", "sslkey without sslcert");
+        let alone = TlsParams {
+            sslpassword: Some("x".into()),
+            ..Default::default()
+        };
+        assert_eq!(alone.validate().unwrap_err().0, "sslpassword");
         let added = add_param("postgres://h/d", "sslrootcert", "/x y/ca.pem");
         assert_eq!(
             split_url(&added).unwrap().1.sslrootcert.as_deref(),
