@@ -176,6 +176,9 @@ pub struct TlsConfig {
     pub sslkey: Option<String>,
     /// Password of an encrypted `sslkey`: never logged, `***` in `Debug`.
     pub sslpassword: Option<String>,
+    /// PEM file of CRLs the server's certificate chain is checked against
+    /// (`verify-ca`, `verify-full`).
+    pub sslcrl: Option<String>,
 }
 
 impl std::fmt::Debug for TlsConfig {
@@ -186,6 +189,7 @@ impl std::fmt::Debug for TlsConfig {
             .field("sslcert", &self.sslcert)
             .field("sslkey", &self.sslkey)
             .field("sslpassword", &self.sslpassword.as_ref().map(|_| "***"))
+            .field("sslcrl", &self.sslcrl)
             .finish()
     }
 }
@@ -202,6 +206,7 @@ impl TlsConfig {
             ("sslcert", &self.sslcert),
             ("sslkey", &self.sslkey),
             ("sslpassword", &self.sslpassword),
+            ("sslcrl", &self.sslcrl),
         ] {
             if let Some(v) = v {
                 out.push((k, v.clone()));
@@ -1023,9 +1028,14 @@ impl Config {
         };
         fix(&mut self.checkpoint.dir);
         let tls = &mut self.source.tls;
-        for p in [&mut tls.sslrootcert, &mut tls.sslcert, &mut tls.sslkey]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut tls.sslrootcert,
+            &mut tls.sslcert,
+            &mut tls.sslkey,
+            &mut tls.sslcrl,
+        ]
+        .into_iter()
+        .flatten()
         {
             if p != "system" && Path::new(p.as_str()).is_relative() {
                 *p = dir.join(p.as_str()).to_string_lossy().into_owned();
@@ -1051,6 +1061,7 @@ impl Config {
                 "sslrootcert" => in_url.sslrootcert.is_some(),
                 "sslcert" => in_url.sslcert.is_some(),
                 "sslkey" => in_url.sslkey.is_some(),
+                "sslcrl" => in_url.sslcrl.is_some(),
                 _ => in_url.sslpassword.is_some(),
             };
             if also {
@@ -1135,6 +1146,7 @@ impl Config {
             "sslrootcert" => tls.sslrootcert.is_some(),
             "sslcert" => tls.sslcert.is_some(),
             "sslkey" => tls.sslkey.is_some(),
+            "sslcrl" => tls.sslcrl.is_some(),
             _ => tls.sslpassword.is_some(),
         };
         let tls_key = |k: &str| {
@@ -1146,7 +1158,7 @@ impl Config {
         };
         tls.validate().map_err(|(k, m)| key_err(tls_key(k), m))?;
         crate::conn::tls::TlsSetup::shared(&tls).map_err(|e| {
-            let k = ["sslrootcert", "sslcert", "sslkey", "sslpassword"]
+            let k = ["sslrootcert", "sslcert", "sslkey", "sslpassword", "sslcrl"]
                 .into_iter()
                 .find(|k| e.starts_with(k))
                 .unwrap_or("sslmode");

@@ -624,3 +624,79 @@ fn an_encrypted_client_key_is_read_with_sslpassword() {
     let (_, out) = check(&pg, &cert_url, &tls(&legacy, Some(KEY_PW)));
     assert!(out.contains("openssl pkcs8 -topk8"), "{out}");
 }
+
+/// `sslcrl`: with a CRL of the server's CA that revokes nothing, verify-full
+/// connects; with one that revokes the server's certificate (both made by
+/// `openssl ca` in the test), `check` and `run` stop with the CRL check
+/// named, and the CRL file. `sslcrl` where nothing is verified is a config
+/// error.
+#[test]
+fn a_revoked_server_certificate_is_refused_with_sslcrl() {
+    let pg = tls_cluster();
+    let dir = pg.tls_file("");
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    std::fs::write(dir.join("crlnumber"), "1000\n").unwrap();
+    std::fs::write(
+        dir.join("ca.cnf"),
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\ncrlnumber = crlnumber\ndefault_md = sha256\ndefault_crl_days = 2\n",
+    )
+    .unwrap();
+    let ca_cmd = |extra: &[&str]| {
+        let mut a = vec![
+            "ca", "-config", "ca.cnf", "-keyfile", "ca.key", "-cert", "ca.pem",
+        ];
+        a.extend_from_slice(extra);
+        support::pg::openssl(&dir, &a);
+    };
+    ca_cmd(&["-gencrl", "-out", "empty.crl"]);
+    ca_cmd(&["-revoke", "server.pem"]);
+    ca_cmd(&["-gencrl", "-out", "revoked.crl"]);
+    let ca = pg.tls_file("ca.pem");
+    let with_crl = |crl: &str| {
+        url(
+            &pg,
+            "localhost",
+            &format!(
+                "sslmode=verify-full&sslrootcert={}&sslcrl={}",
+                ca.display(),
+                pg.tls_file(crl).display()
+            ),
+        )
+    };
+
+    let (ok, out) = check(&pg, &with_crl("empty.crl"), "");
+    assert!(ok, "{out}");
+    assert!(out.contains("OK   replication connection: TLS on"), "{out}");
+
+    let revoked = with_crl("revoked.crl");
+    let (ok, out) = check(&pg, &revoked, "");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("CRL check") && out.contains("revoked") && out.contains("revoked.crl"),
+        "{out}"
+    );
+    let log = run_stops(&revoked);
+    assert!(
+        log.contains("CRL check") && log.contains("revoked.crl"),
+        "{log}"
+    );
+
+    // sslcrl without verification would check nothing: refused at load.
+    let (ok, out) = check(
+        &pg,
+        &url(
+            &pg,
+            "localhost",
+            &format!(
+                "sslmode=require&sslcrl={}",
+                pg.tls_file("revoked.crl").display()
+            ),
+        ),
+        "",
+    );
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("sslcrl") && out.contains("verify-full"),
+        "{out}"
+    );
+}

@@ -5,7 +5,9 @@
 //! the system trust store), `sslcert` and `sslkey` (a PEM client
 //! certificate and its key, for `cert` authentication), `sslpassword` (the
 //! password of a PKCS#8 encrypted `sslkey`; never logged, redacted from
-//! `Debug`). They
+//! `Debug`), `sslcrl` (a PEM file of certificate revocation lists that the
+//! server's certificate chain is checked against in `verify-ca` and
+//! `verify-full`). They
 //! come from the connection string (`?sslmode=verify-full&sslrootcert=…`);
 //! `[source.tls]` keys are folded into `source.url` at config load, so every
 //! connection sees one string. [`parse_url`] takes them out of the string
@@ -101,6 +103,8 @@ pub struct TlsParams {
     /// The password of an encrypted `sslkey`. A secret: `Debug` shows
     /// `***`.
     pub sslpassword: Option<String>,
+    /// A PEM file of CRLs (`verify-ca`, `verify-full`).
+    pub sslcrl: Option<String>,
 }
 
 impl std::fmt::Debug for TlsParams {
@@ -111,6 +115,7 @@ impl std::fmt::Debug for TlsParams {
             .field("sslcert", &self.sslcert)
             .field("sslkey", &self.sslkey)
             .field("sslpassword", &self.sslpassword.as_ref().map(|_| "***"))
+            .field("sslcrl", &self.sslcrl)
             .finish()
     }
 }
@@ -138,6 +143,15 @@ impl TlsParams {
                 ),
             ));
         }
+        if self.sslcrl.is_some() && !mode.verifies() {
+            return Err((
+                "sslcrl",
+                format!(
+                    "is set, but sslmode={} does not check the server's certificate, so no CRL would be consulted: set sslmode=verify-full (or verify-ca) with sslrootcert",
+                    mode.as_str()
+                ),
+            ));
+        }
         if self.sslpassword.is_some() && self.sslkey.is_none() {
             return Err((
                 "sslpassword",
@@ -154,6 +168,7 @@ impl TlsParams {
             ("sslrootcert", &self.sslrootcert),
             ("sslcert", &self.sslcert),
             ("sslkey", &self.sslkey),
+            ("sslcrl", &self.sslcrl),
         ] {
             let Some(p) = path else { continue };
             if key == "sslrootcert" && p == "system" {
@@ -173,7 +188,14 @@ impl TlsParams {
 }
 
 /// The keys [`split_url`] takes out of a connection string.
-const KEYS: [&str; 5] = ["sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword"];
+const KEYS: [&str; 6] = [
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslcrl",
+];
 
 /// Splits a connection string (URL or `key=value` form) into the string
 /// without its TLS keys and those keys.
@@ -191,6 +213,7 @@ pub fn split_url(url: &str) -> Result<(String, TlsParams), String> {
             "sslrootcert" => params.sslrootcert = Some(v),
             "sslcert" => params.sslcert = Some(v),
             "sslkey" => params.sslkey = Some(v),
+            "sslcrl" => params.sslcrl = Some(v),
             _ => params.sslpassword = Some(v),
         }
         Ok(())
@@ -332,6 +355,8 @@ pub struct TlsSetup {
     pub mode: SslMode,
     /// Where the root certificates come from (a path, or `system`).
     pub rootcert: Option<String>,
+    /// The CRL file the chain is checked against.
+    pub crl: Option<String>,
     pub client_cert: bool,
     config: Option<Arc<ClientConfig>>,
 }
@@ -375,6 +400,7 @@ impl TlsSetup {
         let mut setup = TlsSetup {
             mode,
             rootcert: params.sslrootcert.clone(),
+            crl: params.sslcrl.clone(),
             client_cert: params.sslcert.is_some(),
             config: None,
         };
@@ -389,9 +415,14 @@ impl TlsSetup {
             let roots = Arc::new(load_roots(
                 params.sslrootcert.as_deref().unwrap_or("system"),
             )?);
-            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-                .build()
-                .map_err(|e| format!("sslrootcert: {e}"))?;
+            let mut webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone());
+            if let Some(crl) = &params.sslcrl {
+                webpki = webpki.with_crls(load_crls(crl)?);
+            }
+            let webpki = webpki.build().map_err(|e| match &params.sslcrl {
+                Some(crl) => format!("sslcrl {crl:?} (or sslrootcert): {e}"),
+                None => format!("sslrootcert: {e}"),
+            })?;
             if mode == SslMode::VerifyFull {
                 webpki
             } else {
@@ -493,6 +524,21 @@ fn load_key(path: &str, password: Option<&str>) -> Result<PrivateKeyDer<'static>
         ),
     })?;
     Ok(PrivateKeyDer::Pkcs8(plain.as_bytes().to_vec().into()))
+}
+
+/// The CRLs of `path` (PEM, `BEGIN X509 CRL`), as libpq's `sslcrl` reads.
+fn load_crls(
+    path: &str,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, String> {
+    let crls = rustls::pki_types::CertificateRevocationListDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("sslcrl {path:?}: not a PEM CRL file: {e}"))?;
+    if crls.is_empty() {
+        return Err(format!(
+            "sslcrl {path:?} holds no CRL (PEM `BEGIN X509 CRL` expected; convert a DER one with openssl crl -inform DER)"
+        ));
+    }
+    Ok(crls)
 }
 
 fn load_roots(rootcert: &str) -> Result<RootCertStore, String> {
@@ -636,6 +682,7 @@ pub fn explain(e: io::Error, setup: &TlsSetup, host: &str) -> Result<io::Error, 
         return Ok(e);
     };
     let root = setup.rootcert.as_deref().unwrap_or("(not set)");
+    let crl = setup.crl.as_deref().unwrap_or("(not set)");
     let mode = setup.mode.as_str();
     Err(TlsError(match err {
         rustls::Error::InvalidCertificate(c) => match c {
@@ -644,6 +691,16 @@ pub fn explain(e: io::Error, setup: &TlsSetup, host: &str) -> Result<io::Error, 
             ),
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => format!(
                 "TLS hostname check failed (sslmode=verify-full): the server's certificate is not valid for the host {host:?}: connect with a host name its subjectAltName lists, or use sslmode=verify-ca to check the CA only"
+            ),
+            CertificateError::Revoked => format!(
+                "TLS certificate check failed (sslmode={mode}, CRL check): the server's certificate is revoked by the CRL in sslcrl={crl}: the server needs a new certificate (ssl_cert_file)"
+            ),
+            CertificateError::UnknownRevocationStatus => format!(
+                "TLS certificate check failed (sslmode={mode}, CRL check): sslcrl={crl} holds no CRL from the CA that issued the server's certificate (or an intermediate of its chain): add that CA's CRL to sslcrl"
+            ),
+            CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. } => format!(
+                "TLS certificate check failed (sslmode={mode}, CRL check): the CRL in sslcrl={crl} is past its next update: fetch a current CRL"
             ),
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => format!(
                 "TLS certificate check failed (sslmode={mode}, validity): the server's certificate has expired: renew it on the server"
@@ -688,6 +745,8 @@ pub fn refusal_hint(message: &str) -> Option<&'static str> {
 pub fn fix_for(message: &str) -> Option<&'static str> {
     Some(if message.contains("unknown CA") {
         "set sslrootcert (in source.url or [source.tls]) to the CA file that signed the server's certificate (the server's ssl_cert_file's issuer), or to system for a publicly trusted one"
+    } else if message.contains("CRL check") {
+        "the server's certificate fails the revocation check against sslcrl: give the server a certificate that is not revoked, or sslcrl a current CRL from its CA"
     } else if message.contains("hostname check failed") {
         "connect with a host name that the server certificate's subjectAltName lists, or use sslmode=verify-ca to check the CA only"
     } else if message.contains("no encryption") {
