@@ -159,62 +159,9 @@ pub struct SourceConfig {
 /// `source.url`. At load they are folded into `source.url` (a key may be
 /// set in one place only), so every connection pgferry opens (replication,
 /// SQL, snapshot workers, observer, `check`) has the same TLS. Relative
-/// paths are relative to the config file. See `conn::tls`.
-#[derive(Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// `disable`, `prefer` (default), `require`, `verify-ca`, `verify-full`.
-    pub sslmode: Option<crate::conn::tls::SslMode>,
-    /// PEM file of the CA certificates that may sign the server's
-    /// certificate, or `"system"` for the system trust store.
-    pub sslrootcert: Option<String>,
-    /// PEM client certificate, for `cert` authentication.
-    pub sslcert: Option<String>,
-    /// PEM private key of `sslcert` (unencrypted, or PKCS#8 encrypted with
-    /// `sslpassword`). The path only is kept; the key is read when the TLS
-    /// configuration is built and never logged.
-    pub sslkey: Option<String>,
-    /// Password of an encrypted `sslkey`: never logged, `***` in `Debug`.
-    pub sslpassword: Option<String>,
-    /// PEM file of CRLs the server's certificate chain is checked against
-    /// (`verify-ca`, `verify-full`).
-    pub sslcrl: Option<String>,
-}
-
-impl std::fmt::Debug for TlsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsConfig")
-            .field("sslmode", &self.sslmode)
-            .field("sslrootcert", &self.sslrootcert)
-            .field("sslcert", &self.sslcert)
-            .field("sslkey", &self.sslkey)
-            .field("sslpassword", &self.sslpassword.as_ref().map(|_| "***"))
-            .field("sslcrl", &self.sslcrl)
-            .finish()
-    }
-}
-
-impl TlsConfig {
-    /// The keys that are set, as (name, value).
-    fn entries(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if let Some(m) = self.sslmode {
-            out.push(("sslmode", m.as_str().to_string()));
-        }
-        for (k, v) in [
-            ("sslrootcert", &self.sslrootcert),
-            ("sslcert", &self.sslcert),
-            ("sslkey", &self.sslkey),
-            ("sslpassword", &self.sslpassword),
-            ("sslcrl", &self.sslcrl),
-        ] {
-            if let Some(v) = v {
-                out.push((k, v.clone()));
-            }
-        }
-        out
-    }
-}
+/// paths are relative to the config file. The same struct as the URL's
+/// keys (`conn::tls::TlsParams`): `sslpassword` is `***` in `Debug`.
+pub type TlsConfig = crate::conn::tls::TlsParams;
 
 /// What a sink does when, at start, its store no longer holds pgferry's
 /// state although the sink has a checkpoint (`on_data_loss`).
@@ -1056,15 +1003,7 @@ impl Config {
         let (_, in_url) =
             crate::conn::tls::split_url(&s.url).map_err(|e| key_err("source.url", e))?;
         for (key, value) in s.tls.entries() {
-            let also = match key {
-                "sslmode" => in_url.sslmode.is_some(),
-                "sslrootcert" => in_url.sslrootcert.is_some(),
-                "sslcert" => in_url.sslcert.is_some(),
-                "sslkey" => in_url.sslkey.is_some(),
-                "sslcrl" => in_url.sslcrl.is_some(),
-                _ => in_url.sslpassword.is_some(),
-            };
-            if also {
+            if in_url.is_set(key) {
                 return Err(key_err(
                     format!("source.tls.{key}"),
                     format!("is also set in source.url; set {key} in one place only"),
@@ -1141,16 +1080,8 @@ impl Config {
         })?;
         // A TLS key is named where it was set: [source.tls] or the URL (a
         // key set nowhere, as [source.tls] would have it).
-        let in_url = |k: &str| match k {
-            "sslmode" => tls.sslmode.is_some(),
-            "sslrootcert" => tls.sslrootcert.is_some(),
-            "sslcert" => tls.sslcert.is_some(),
-            "sslkey" => tls.sslkey.is_some(),
-            "sslcrl" => tls.sslcrl.is_some(),
-            _ => tls.sslpassword.is_some(),
-        };
         let tls_key = |k: &str| {
-            if !s.tls.entries().iter().any(|(name, _)| *name == k) && in_url(k) {
+            if !s.tls.is_set(k) && tls.is_set(k) {
                 format!("source.url ({k})")
             } else {
                 format!("source.tls.{k}")

@@ -58,6 +58,25 @@ fn url(pg: &TestPg, host: &str, query: &str) -> String {
     )
 }
 
+/// Waits (on progress) until the JSONL replayed equals `items`: its rows.
+fn wait_equal(pg: &TestPg, f: &FerryDir) -> usize {
+    support::progress::wait_for(
+        Duration::from_secs(120),
+        || {
+            let rows = support::oracle::table_rows(pg, "items");
+            let got = support::oracle::replay(&f.events());
+            if rows == got {
+                Ok(rows.len())
+            } else {
+                let diff = rows.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count()
+                    + got.keys().filter(|k| !rows.contains_key(*k)).count();
+                Err(diff)
+            }
+        },
+        || f.log(),
+    )
+}
+
 /// `pgferry check` with `url` and `[source.tls]` keys `tls`.
 fn check(pg: &TestPg, url: &str, tls: &str) -> (bool, String) {
     let _ = pg;
@@ -297,21 +316,7 @@ fn snapshot_and_stream_over_verify_full_equal_the_table_and_the_oracle() {
     let txns = support::workload::stop(&rt, &stop, workers);
     assert!(txns > 20, "the workload ran only {txns} transactions");
 
-    let n = support::progress::wait_for(
-        Duration::from_secs(120),
-        || {
-            let rows = support::oracle::table_rows(&pg, "items");
-            let got = support::oracle::replay(&f.events());
-            if rows == got {
-                Ok(rows.len())
-            } else {
-                let diff = rows.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count()
-                    + got.keys().filter(|k| !rows.contains_key(*k)).count();
-                Err(diff)
-            }
-        },
-        || f.log(),
-    );
+    let n = wait_equal(&pg, &f);
     assert!(n > 19000, "{n} rows");
     let reads = f.events().iter().filter(|e| e["op"] == "read").count();
     assert!(reads >= 19000, "the snapshot read {reads} rows");
@@ -367,21 +372,7 @@ fn snapshot_and_stream_plain(pg: &TestPg, url: &str, slot: &str) -> String {
     let _g = Guard(f.run());
     wait_active(pg, &f, slot);
     pg.sql("UPDATE items SET n = n + 1, note = 'changed' WHERE id % 7 = 0; DELETE FROM items WHERE id % 11 = 0; INSERT INTO items SELECT m + i, 1, 'late', 2.5, NULL, now() FROM generate_series(1, 200) i, (SELECT max(id) m FROM items) x");
-    let n = support::progress::wait_for(
-        Duration::from_secs(120),
-        || {
-            let rows = support::oracle::table_rows(pg, "items");
-            let got = support::oracle::replay(&f.events());
-            if rows == got {
-                Ok(rows.len())
-            } else {
-                let diff = rows.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count()
-                    + got.keys().filter(|k| !rows.contains_key(*k)).count();
-                Err(diff)
-            }
-        },
-        || f.log(),
-    );
+    let n = wait_equal(pg, &f);
     assert!(n > 2000, "{n} rows");
     let reads = f.events().iter().filter(|e| e["op"] == "read").count();
     assert!(reads >= 2000, "the snapshot read {reads} rows");

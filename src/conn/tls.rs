@@ -89,8 +89,10 @@ impl SslMode {
     }
 }
 
-/// The TLS keys of a connection string (each `None` when absent).
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
+/// The TLS keys of a connection string (each `None` when absent); also
+/// `[source.tls]` in the config file.
+#[derive(Clone, Default, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsParams {
     pub sslmode: Option<SslMode>,
     /// A PEM file of CA certificates, or `system`.
@@ -121,6 +123,31 @@ impl std::fmt::Debug for TlsParams {
 }
 
 impl TlsParams {
+    /// The keys that are set, as (name, value).
+    pub fn entries(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(m) = self.sslmode {
+            out.push(("sslmode", m.as_str().to_string()));
+        }
+        for (k, v) in [
+            ("sslrootcert", &self.sslrootcert),
+            ("sslcert", &self.sslcert),
+            ("sslkey", &self.sslkey),
+            ("sslpassword", &self.sslpassword),
+            ("sslcrl", &self.sslcrl),
+        ] {
+            if let Some(v) = v {
+                out.push((k, v.clone()));
+            }
+        }
+        out
+    }
+
+    /// Whether `key` is set.
+    pub fn is_set(&self, key: &str) -> bool {
+        self.entries().iter().any(|(k, _)| *k == key)
+    }
+
     /// The mode in force: `prefer` by default; `require` with a root
     /// certificate is `verify-ca`, as in libpq.
     pub fn mode(&self) -> SslMode {
