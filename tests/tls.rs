@@ -15,6 +15,12 @@
 //!   check; `require` without verification connects; `disable` gets the
 //!   server's refusal and a hint. `pgferry check` shows each connection's
 //!   TLS (protocol, verified server name) and fails with the fix.
+//!   `sslrootcert=system` reads the system store (`SSL_CERT_FILE`).
+//! - `sslmode=prefer` falls back to plain as libpq does: server answers `N`,
+//!   a failed handshake (a cipher policy rustls cannot meet), a login
+//!   refused over TLS (`hostnossl`); snapshot and stream included.
+//! - `sslpassword` with a PKCS#8 encrypted client key; `sslcrl` with a CRL
+//!   that revokes the server's certificate.
 
 mod support;
 
@@ -135,6 +141,27 @@ fn certificate_checks_modes_and_client_certificates() {
             "{which}:\n{out}"
         );
     }
+
+    // sslrootcert=system: the system trust store, which rustls-native-certs
+    // reads from SSL_CERT_FILE when set (here: the test CA). Without it the
+    // system store does not know the test CA.
+    let system = FerryDir::new();
+    system.write_config(
+        &url(&pg, "localhost", "sslmode=verify-full&sslrootcert=system"),
+        &["public.items"],
+        "",
+        "",
+    );
+    let ca_file = pg.tls_file("ca.pem");
+    let out = system.command(&["check"], &[("SSL_CERT_FILE", ca_file.to_str().unwrap())]);
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("OK   replication connection: TLS on (TLSv1.3), certificate verified for server name localhost"),
+        "{}",
+        out.stdout
+    );
+    let out = system.command(&["check"], &[]);
+    assert!(!out.status.success(), "{}", out.stdout);
 
     // SCRAM-SHA-256-PLUS: channel binding required, over TLS.
     let (ok, out) = check(
