@@ -14,13 +14,18 @@
 #   memory    peak RSS while one transaction of 2M rows goes through
 #   snapshot  an initial snapshot of a 1M-row table against COPY TO /dev/null
 #             (needs `pgferry run --exit-after-snapshot`; "n/a" without it)
+#   tls       pgferry over TLS (sslmode=verify-full) against plain TCP, into
+#             null and into JSONL, on the same WAL: time, CPU (user+sys) of
+#             pgferry and of the server's walsender. The server then has
+#             ssl = on; every other consumer keeps sslmode=disable, so the
+#             other parts measure what they measure without it.
 #
 # Every consumer of the main workload has its own pgoutput slot, all created
 # at the same LSN before the workload. Prints Markdown and writes it to $OUT.
 #
 # Knobs (environment):
 #   ROWS=1000000         row changes in the main workload
-#   BENCHES="e2e binary redis search latency memory snapshot"   which parts to run
+#   BENCHES="e2e binary redis search latency memory snapshot tls"   which parts to run
 #   BIG_TXN_ROWS=2000000 rows of the one transaction of the memory part
 #   SNAP_ROWS=1000000    rows of the snapshot table
 #   REPEAT=3             rounds of the e2e and Redis consumers (medians reported)
@@ -42,7 +47,7 @@ TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$TARGET/release/pgferry"
 PGBIN="$(pg_bin)"
 ROWS="${ROWS:-1000000}"
-BENCHES="${BENCHES:-e2e binary redis search latency memory snapshot}"
+BENCHES="${BENCHES:-e2e binary redis search latency memory snapshot tls}"
 BIG_TXN_ROWS="${BIG_TXN_ROWS:-2000000}"
 SNAP_ROWS="${SNAP_ROWS:-1000000}"
 LAT_SECS="${LAT_SECS:-15}"
@@ -67,6 +72,28 @@ chmod 755 "$WORK"
 PORT="$(free_port)"
 RUN=()
 if [ "$(id -u)" = 0 ]; then chown postgres: "$WORK"; RUN=(runuser -u postgres --); fi
+# TCP URL of the plain consumers. With the tls part the server has ssl = on,
+# so they (and psql, pg_recvlogical, psycopg through PGSSLMODE) say disable.
+PLAIN_URL="postgres://postgres@127.0.0.1:$PORT/postgres"
+TLS_CONF=""
+if want tls; then
+  PLAIN_URL+="?sslmode=disable"
+  export PGSSLMODE=disable
+  # A private CA and a server certificate for localhost and 127.0.0.1.
+  TLSD="$WORK/tls"; mkdir -p "$TLSD"
+  (cd "$TLSD"
+    EC=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+    openssl req -x509 "${EC[@]}" -keyout ca.key -out ca.pem -days 2 -subj "/CN=pgferry bench CA" 2>/dev/null
+    openssl req "${EC[@]}" -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n' >ext.cnf
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext.cnf 2>/dev/null
+    chmod 600 server.key ca.key)
+  [ "$(id -u)" = 0 ] && chown -R postgres: "$TLSD"
+  TLS_CONF="ssl = on
+ssl_cert_file = '$TLSD/server.pem'
+ssl_key_file = '$TLSD/server.key'"
+  TLS_URL="postgres://postgres@localhost:$PORT/postgres?sslmode=verify-full&sslrootcert=$TLSD/ca.pem"
+fi
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
@@ -86,8 +113,9 @@ max_wal_size = 4GB
 shared_buffers = 512MB
 fsync = off
 logical_decoding_work_mem = 64MB
-max_replication_slots = $((REPEAT * 13 + 10))
+max_replication_slots = $((REPEAT * 17 + 10))
 max_wal_senders = 20
+$TLS_CONF
 ${PG_EXTRA_CONF:-}
 CONF
 "${RUN[@]}" "$PGBIN/pg_ctl" -D "$WORK/data" -l "$WORK/server.log" -w start >/dev/null
@@ -109,6 +137,7 @@ SLOTS=(peek search)
 for r in $(seq "$REPEAT"); do
   SLOTS+=("recv_$r" "recv_unix_$r" "recv_bin_$r" "ferry_null_$r" "ferry_null_unix_$r" "ferry_jsonl_$r" "redis_json_$r" "redis_hash_$r"
     "ferry_null_bin_$r" "ferry_jsonl_bin_$r" "ferry_null_unix1_$r" "ferry_jsonl_unix1_$r" "ferry_jsonl_tcp1_$r")
+  if want tls; then SLOTS+=("tls_null_plain_$r" "tls_null_$r" "tls_jsonl_plain_$r" "tls_jsonl_$r"); fi
 done
 "${PSQL[@]}" >/dev/null <<SQL
 CREATE TABLE items (id bigint PRIMARY KEY, sku text, name text, price numeric(10,2), stock int, tags text[], attrs jsonb, updated_at timestamptz);
@@ -164,10 +193,11 @@ WAL="$("${PSQL[@]}" -c "SELECT pg_size_pretty(pg_wal_lsn_diff('$END', confirmed_
 log "$CHANGES row changes, $WAL of WAL (workload took $(secs "$t0" "$(now)") s; until $UNTIL, end $END)"
 
 # ferry NAME SLOT SINK-TOML [URL] [TABLES] [PUBLICATION]: pgferry (release) from
-# SLOT up to $UNTIL; wall time in $WORK/NAME.secs, peak RSS (KiB) in NAME.rss.
+# SLOT up to $UNTIL; wall time in $WORK/NAME.secs, peak RSS (KiB) in NAME.rss,
+# CPU seconds (user+sys) in NAME.cpu.
 ferry() {
   local name=$1 slot=$2 sink=$3
-  local url=${4:-postgres://postgres@127.0.0.1:$PORT/postgres}
+  local url=${4:-$PLAIN_URL}
   local tables=${5:-'"public.items", "public.marker"'} pub=${6:-bench} until=${UNTIL_OVERRIDE:-$UNTIL}
   cat >"$WORK/$name.toml" <<TOML
 [source]
@@ -184,10 +214,13 @@ TOML
   if [ -n "${PERF_DIR:-}" ]; then wrap=(perf record -q -a -e cpu-clock -F 2000 -g -o "$PERF_DIR/$name.perf.data" --); fi
   local t0 t1
   t0=$(now)
-  /usr/bin/time -f "%M" -o "$WORK/$name.rss" "${wrap[@]}" "$BIN" --log-format json run --config "$WORK/$name.toml" --until "$until" 2>"$WORK/$name.log" \
+  /usr/bin/time -f "%M %U %S" -o "$WORK/$name.time" "${wrap[@]}" "$BIN" --log-format json run --config "$WORK/$name.toml" --until "$until" 2>"$WORK/$name.log" \
     || { echo "pgferry ($name) failed:" >&2; tail -5 "$WORK/$name.log" >&2; return 1; }
   t1=$(now)
   secs "$t0" "$t1" >"$WORK/$name.secs"
+  local rss usr sys; read -r rss usr sys <"$WORK/$name.time"
+  echo "$rss" >"$WORK/$name.rss"
+  python3 -c "print(f'{$usr + $sys:.2f}')" >"$WORK/$name.cpu"
 }
 fsecs() { cat "$WORK/$1.secs"; }
 frss() { echo "$(( $(cat "$WORK/$1.rss") / 1024 )) MB"; }
@@ -299,6 +332,79 @@ if want binary; then
   SUMMARY+=("| binary values (experiment) equal \`to_jsonb()\` on edge values of its types | $BFID | exact | $([ -s "$WORK/bfid.diff" ] && echo '**not met**' || echo met) |")
 fi
 
+# ---------------------------------------------------------------- tls
+# pgferry over TLS (sslmode=verify-full, certificate and host name checked)
+# against plain TCP, into null and into JSONL, REPEAT rounds interleaved on
+# the same WAL. CPU of pgferry (user+sys, /usr/bin/time) and of the server
+# process that sends the stream (the walsender, from /proc: TLS encrypts
+# there), each run's own.
+# wscpu SLOT OUT: waits for SLOT's walsender, then samples its CPU seconds
+# (utime+stime) into OUT until it exits.
+wscpu() {
+  local slot=$1 out=$2 pid="" tck; tck=$(getconf CLK_TCK)
+  for _ in $(seq 600); do
+    pid=$("${PSQL[@]}" -c "SELECT active_pid FROM pg_replication_slots WHERE slot_name = '$slot' AND active_pid IS NOT NULL")
+    [ -n "$pid" ] && break; sleep 0.05
+  done
+  [ -n "$pid" ] || { echo "n/a" >"$out"; return; }
+  local st ticks=0
+  while st=$(cat "/proc/$pid/stat" 2>/dev/null); do
+    ticks=$(echo "${st##*) }" | awk '{print $12 + $13}')   # fields 14, 15 after "(comm) "
+    sleep 0.1
+  done
+  python3 -c "print(f'{$ticks / $tck:.2f}')" >"$out"
+}
+tferry() { # name url sink: ferry with the walsender's CPU in $WORK/NAME.wscpu
+  wscpu "$1" "$WORK/$1.wscpu" & local w=$!
+  ferry "$1" "$1" "$3" "$2"
+  wait "$w"
+}
+if want tls; then
+  declare -A C W   # C[consumer]="cpu cpu ..." (pgferry), W[...] (walsender)
+  add_c() { C[$1]="${C[$1]:-} $(cat "$WORK/$2.cpu")"; W[$1]="${W[$1]:-} $(cat "$WORK/$2.wscpu")"; }
+  cmed() { python3 -c "import statistics,sys; print(f'{statistics.median(map(float, sys.argv[1:])):.2f}')" $1; }
+  for r in $(seq "$REPEAT"); do
+    log "tls round $r/$REPEAT: pgferry plain and over TLS (verify-full), null and JSONL"
+    tferry "tls_null_plain_$r" "$PLAIN_URL" "$NULL_SINK"; add_t tnullp "$(fsecs "tls_null_plain_$r")"; add_c tnullp "tls_null_plain_$r"
+    if [ "$r" = 1 ]; then # what the TLS session is: the walsender's row of pg_stat_ssl, while it runs
+      (for _ in $(seq 200); do
+        v=$("${PSQL[@]}" -c "SELECT version || ' ' || cipher FROM pg_stat_ssl s JOIN pg_replication_slots p ON p.active_pid = s.pid WHERE p.slot_name = 'tls_null_1' AND s.ssl")
+        [ -n "$v" ] && { echo "$v" >"$WORK/tls_session"; break; }; sleep 0.05
+      done) &
+      SESS_PID=$!
+    fi
+    tferry "tls_null_$r" "$TLS_URL" "$NULL_SINK"; add_t tnull "$(fsecs "tls_null_$r")"; add_c tnull "tls_null_$r"
+    [ "$r" = 1 ] && wait "$SESS_PID"
+    tferry "tls_jsonl_plain_$r" "$PLAIN_URL" "$(JSONL_SINK "tlsp_$r")"; add_t tjsonlp "$(fsecs "tls_jsonl_plain_$r")"; add_c tjsonlp "tls_jsonl_plain_$r"
+    tferry "tls_jsonl_$r" "$TLS_URL" "$(JSONL_SINK "tls_$r")"; add_t tjsonl "$(fsecs "tls_jsonl_$r")"; add_c tjsonl "tls_jsonl_$r"
+    LINES=$(wc -l <"$WORK/out_tls_$r.jsonl")
+    [ "$LINES" -ge "$CHANGES" ] || { echo "pgferry over TLS wrote $LINES lines, expected $CHANGES" >&2; exit 1; }
+    cmp -s "$WORK/out_tlsp_$r.jsonl" "$WORK/out_tls_$r.jsonl" || { echo "pgferry over TLS wrote other JSON than over plain TCP" >&2; exit 1; }
+    rm -f "$WORK/out_tlsp_$r.jsonl" "$WORK/out_tls_$r.jsonl"
+  done
+  SESSION=$(cat "$WORK/tls_session" 2>/dev/null || echo "unknown")
+  [ "$SESSION" != unknown ] || { echo "the TLS runs' walsender had no TLS session in pg_stat_ssl" >&2; exit 1; }
+  trow() { local m; m=$(med "$2"); echo "| $1 | $m | $(rng "$2") | $(rate "$CHANGES" "$m") | $(cmed "${C[$2]}") | $(cmed "${W[$2]}") |"; }
+  section "### TLS: $CHANGES row changes, pgferry over TCP loopback, plain and TLS (\`sslmode=verify-full\`; $SESSION, EC P-256 certificate), $REPEAT rounds
+
+CPU is the median of each run's own: pgferry's user+sys (\`/usr/bin/time\`),
+and that of the server's walsender process for the run's slot (from
+\`/proc/PID/stat\`, sampled every 0.1 s until it exits). The JSONL written
+over TLS is checked identical to the plain run's.
+
+| consumer | seconds (median) | range | changes/s | pgferry CPU s (user+sys) | walsender CPU s |
+|---|---:|---:|---:|---:|---:|
+$(trow "pgferry → null sink, plain TCP" tnullp)
+$(trow "pgferry → null sink, TLS" tnull)
+$(trow "pgferry → JSONL file, plain TCP" tjsonlp)
+$(trow "pgferry → JSONL file, TLS" tjsonl)"
+  tcost() { # plain tls: time, pgferry CPU, walsender CPU ratios tls/plain
+    echo "$(ratio "$(med "$2")" "$(med "$1")")× / $(ratio "$(cmed "${C[$2]}")" "$(cmed "${C[$1]}")")× / $(ratio "$(cmed "${W[$2]}")" "$(cmed "${W[$1]}")")×"
+  }
+  SUMMARY+=("| TLS (verify-full) vs plain TCP, into null: time / pgferry CPU / walsender CPU | $(tcost tnullp tnull) | (measure) | – |")
+  SUMMARY+=("| TLS (verify-full) vs plain TCP, into JSONL: time / pgferry CPU / walsender CPU | $(tcost tjsonlp tjsonl) | (measure) | – |")
+fi
+
 # ---------------------------------------------------------------- redis
 if want redis || want latency; then
   REDIS_PORT="$(free_port)"
@@ -381,7 +487,7 @@ SELECT count(pg_create_logical_replication_slot('lat', 'pgoutput'));
 SQL
   cat >"$WORK/lat.toml" <<TOML
 [source]
-url = "postgres://postgres@127.0.0.1:$PORT/postgres"
+url = "$PLAIN_URL"
 slot = "lat"
 publication = "latpub"
 tables = ["public.lat"]
@@ -448,7 +554,7 @@ SQL
     snap() { # name sink-toml
       cat >"$WORK/$1.toml" <<TOML
 [source]
-url = "postgres://postgres@127.0.0.1:$PORT/postgres"
+url = "$PLAIN_URL"
 slot = "$1"
 publication = "snappub"
 tables = ["public.snap"]

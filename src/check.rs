@@ -92,7 +92,7 @@ fn tls_line<W: Write>(r: &mut Report<'_, W>, which: &str, url: &str, info: Optio
             "outside one trusted network, set sslmode=verify-full and sslrootcert",
         ),
         None => r.warn(
-            format!("{which}: TLS off (sslmode={}: the server offered no TLS, or the connection is a Unix socket)", mode.as_str()),
+            format!("{which}: TLS off (sslmode={}: the server offered no TLS, refused the login over TLS, or the TLS handshake failed (logged above), and the connection fell back to plain as libpq does; or it is a Unix socket)", mode.as_str()),
             "turn on ssl on the server and set sslmode=verify-full and sslrootcert",
         ),
     }

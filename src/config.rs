@@ -159,41 +159,9 @@ pub struct SourceConfig {
 /// `source.url`. At load they are folded into `source.url` (a key may be
 /// set in one place only), so every connection pgferry opens (replication,
 /// SQL, snapshot workers, observer, `check`) has the same TLS. Relative
-/// paths are relative to the config file. See `conn::tls`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// `disable`, `prefer` (default), `require`, `verify-ca`, `verify-full`.
-    pub sslmode: Option<crate::conn::tls::SslMode>,
-    /// PEM file of the CA certificates that may sign the server's
-    /// certificate, or `"system"` for the system trust store.
-    pub sslrootcert: Option<String>,
-    /// PEM client certificate, for `cert` authentication.
-    pub sslcert: Option<String>,
-    /// PEM (unencrypted) private key of `sslcert`. The path only is kept;
-    /// the key is read when the TLS configuration is built and never logged.
-    pub sslkey: Option<String>,
-}
-
-impl TlsConfig {
-    /// The keys that are set, as (name, value).
-    fn entries(&self) -> Vec<(&'static str, String)> {
-        let mut out = Vec::new();
-        if let Some(m) = self.sslmode {
-            out.push(("sslmode", m.as_str().to_string()));
-        }
-        for (k, v) in [
-            ("sslrootcert", &self.sslrootcert),
-            ("sslcert", &self.sslcert),
-            ("sslkey", &self.sslkey),
-        ] {
-            if let Some(v) = v {
-                out.push((k, v.clone()));
-            }
-        }
-        out
-    }
-}
+/// paths are relative to the config file. The same struct as the URL's
+/// keys (`conn::tls::TlsParams`): `sslpassword` is `***` in `Debug`.
+pub type TlsConfig = crate::conn::tls::TlsParams;
 
 /// What a sink does when, at start, its store no longer holds pgferry's
 /// state although the sink has a checkpoint (`on_data_loss`).
@@ -530,7 +498,7 @@ fn redact_uri_rest(rest: &str) -> String {
         if i > 0 {
             out.push('&');
         }
-        if key == "password" {
+        if key == "password" || key == "sslpassword" {
             out.push_str(&kv[..kv.find('=').map_or(kv.len(), |e| e + 1)]);
             out.push_str("***");
             secret = true;
@@ -621,7 +589,7 @@ fn redact_conninfo(s: &str) -> String {
         }
         let i_end = i.min(b.len());
         out.push_str(&s[key_start..value_start]);
-        if key == "password" {
+        if key == "password" || key == "sslpassword" {
             out.push_str("***");
         } else {
             out.push_str(&s[value_start..i_end]);
@@ -1007,9 +975,14 @@ impl Config {
         };
         fix(&mut self.checkpoint.dir);
         let tls = &mut self.source.tls;
-        for p in [&mut tls.sslrootcert, &mut tls.sslcert, &mut tls.sslkey]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut tls.sslrootcert,
+            &mut tls.sslcert,
+            &mut tls.sslkey,
+            &mut tls.sslcrl,
+        ]
+        .into_iter()
+        .flatten()
         {
             if p != "system" && Path::new(p.as_str()).is_relative() {
                 *p = dir.join(p.as_str()).to_string_lossy().into_owned();
@@ -1030,13 +1003,7 @@ impl Config {
         let (_, in_url) =
             crate::conn::tls::split_url(&s.url).map_err(|e| key_err("source.url", e))?;
         for (key, value) in s.tls.entries() {
-            let also = match key {
-                "sslmode" => in_url.sslmode.is_some(),
-                "sslrootcert" => in_url.sslrootcert.is_some(),
-                "sslcert" => in_url.sslcert.is_some(),
-                _ => in_url.sslkey.is_some(),
-            };
-            if also {
+            if in_url.is_set(key) {
                 return Err(key_err(
                     format!("source.tls.{key}"),
                     format!("is also set in source.url; set {key} in one place only"),
@@ -1111,17 +1078,18 @@ impl Config {
                 format!("is not a valid Postgres connection string ({e}); use postgres://user:password@host:port/dbname"),
             )
         })?;
-        // A TLS key is named where it was set: [source.tls] or the URL.
+        // A TLS key is named where it was set: [source.tls] or the URL (a
+        // key set nowhere, as [source.tls] would have it).
         let tls_key = |k: &str| {
-            if s.tls.entries().iter().any(|(name, _)| *name == k) {
-                format!("source.tls.{k}")
-            } else {
+            if !s.tls.is_set(k) && tls.is_set(k) {
                 format!("source.url ({k})")
+            } else {
+                format!("source.tls.{k}")
             }
         };
         tls.validate().map_err(|(k, m)| key_err(tls_key(k), m))?;
         crate::conn::tls::TlsSetup::shared(&tls).map_err(|e| {
-            let k = ["sslrootcert", "sslcert", "sslkey"]
+            let k = ["sslrootcert", "sslcert", "sslkey", "sslpassword", "sslcrl"]
                 .into_iter()
                 .find(|k| e.starts_with(k))
                 .unwrap_or("sslmode");
@@ -1523,6 +1491,19 @@ path = "changes.jsonl"           # "-" for stdout
             parse(&with("postgres://u:pw@h/app", "")).unwrap().source
         );
         assert!(!dbg.contains("pw@"), "{dbg}");
+        // sslpassword without sslkey is named; its value is never shown.
+        let e = parse(&with("postgres://u@h/app", "sslpassword = \"hush-1\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("source.tls.sslpassword") && !e.contains("hush-1"),
+            "{e}"
+        );
+        let t = TlsConfig {
+            sslpassword: Some("hush-1".into()),
+            ..Default::default()
+        };
+        assert!(!format!("{t:?}").contains("hush-1"));
     }
 
     #[test]
@@ -2038,6 +2019,15 @@ index = "products"
         }
         assert_eq!(redact_url("host=h password=p"), "host=h password=***");
         assert_eq!(redact_url("password=p"), "password=***");
+        // sslpassword (an encrypted client key's) alike, in both forms.
+        assert_eq!(
+            redact_url("host=h sslpassword='k ey' sslkey=/k.pem"),
+            "host=h sslpassword=*** sslkey=/k.pem"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/d?sslkey=%2Fk.pem&sslpassword=k%20ey&sslmode=require"),
+            "postgres://u@h/d?sslkey=%2Fk.pem&sslpassword=***&sslmode=require"
+        );
         // Unparseable: redacted from the password on.
         assert_eq!(redact_url("host=h password='open"), "host=h password=***");
     }

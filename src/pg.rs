@@ -142,9 +142,39 @@ pub async fn sql_connect_tls(
         pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
     }
     conn::sql_liveness(&mut pg, net);
-    let tls = conn::tls::MakeRustls::new(setup);
-    let info = tls.info.clone();
-    let (client, connection) = pg.connect(tls).await?;
+    let tls = conn::tls::MakeRustls::new(setup.clone());
+    let (info, tried) = (tls.info.clone(), tls.tried.clone());
+    let (client, connection) = match pg.connect(tls).await {
+        Ok(c) => c,
+        // libpq: under prefer, a failed handshake, or a login the server
+        // refuses over TLS (but not "starting up"), is tried again without.
+        Err(first)
+            if setup.mode == conn::tls::SslMode::Prefer
+                && tried.load(std::sync::atomic::Ordering::Relaxed)
+                && first.code() != Some(&tokio_postgres::error::SqlState::CANNOT_CONNECT_NOW) =>
+        {
+            let first = SourceError::from(first);
+            tracing::warn!(
+                error = %first,
+                "sslmode=prefer: the connection over TLS failed; connecting again without TLS, as libpq does"
+            );
+            *info.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            let plain = conn::tls::MakeRustls::new(setup.clone());
+            match pg.connect(plain).await {
+                Ok(c) => c,
+                Err(second) => {
+                    let second = SourceError::from(second);
+                    return Err(if conn::tls::refusal_hint(&second.to_string()).is_some() {
+                        first
+                    } else {
+                        second
+                    });
+                }
+            }
+        }
+        Err(e) => return Err(e.into()),
+    };
     let info = info.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let (tx, rx) = oneshot::channel();
     tokio::spawn(async move {

@@ -3,7 +3,10 @@
 //!
 //! The role is the user of `source.url`. It gets `LOGIN REPLICATION` (slots
 //! and the stream; on RDS and Aurora membership in `rds_replication`), `USAGE` on the schemas and `SELECT` on the tables of
-//! `source.tables` (snapshots and backfills), and `EXECUTE` on
+//! `source.tables` (snapshots and backfills), default privileges so that
+//! tables created later in those schemas (by the tables' owners, or by the
+//! admin) are readable too (a table added to `source.tables` later is
+//! backfilled), and `EXECUTE` on
 //! `pg_logical_emit_message(boolean, text, text)` (heartbeat, snapshot
 //! watermarks, backfill requests). The publications are created or
 //! completed as `pgferry run` would (see `publication`), by the admin
@@ -95,6 +98,7 @@ pub async fn plan(
             sql_table(&schema, &table)
         ));
     }
+    st.extend(default_privileges(admin, config, &role).await?);
     let insp = crate::publication::inspect(admin, config).await?;
     let slot_exists = pg::slot_info(admin, &s.slot).await?.is_some();
     for f in crate::publication::findings(&insp, slot_exists) {
@@ -111,6 +115,35 @@ pub async fn plan(
         statements: st,
         advice,
     })
+}
+
+/// `ALTER DEFAULT PRIVILEGES … GRANT SELECT ON TABLES` for each schema of
+/// `source.tables` and each role that creates tables there: the owners of
+/// the configured tables and the admin itself, those the admin may act for.
+async fn default_privileges(
+    admin: &tokio_postgres::Client,
+    config: &Config,
+    role: &str,
+) -> Result<Vec<String>, SourceError> {
+    let (schemas, tables): (Vec<String>, Vec<String>) =
+        config.source.table_names().into_iter().unzip();
+    let rows = admin
+        .query(
+            "SELECT DISTINCT t.schema, o.owner FROM unnest($1::text[], $2::text[]) t(schema, name)              CROSS JOIN LATERAL (SELECT tableowner::text FROM pg_tables p WHERE p.schemaname = t.schema AND p.tablename = t.name                                  UNION SELECT current_user::text) o(owner)              WHERE o.owner <> $3 AND pg_has_role(current_user, o.owner, 'MEMBER')              ORDER BY 1, 2",
+            &[&schemas, &tables, &role],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            format!(
+                "ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} GRANT SELECT ON TABLES TO {}",
+                sql_ident(row.get(1)),
+                sql_ident(row.get(0)),
+                sql_ident(role)
+            )
+        })
+        .collect())
 }
 
 /// Prints the plan as a SQL script (advice as comments).

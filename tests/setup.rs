@@ -57,6 +57,7 @@ fn the_role_setup_makes_runs_snapshot_stream_heartbeat_and_backfill_without_supe
         "ALTER ROLE ferry LOGIN;",
         "ALTER ROLE ferry REPLICATION;",
         "GRANT SELECT ON public.items TO ferry;",
+        "ALTER DEFAULT PRIVILEGES FOR ROLE postgres IN SCHEMA public GRANT SELECT ON TABLES TO ferry;",
         "CREATE PUBLICATION pgferry FOR TABLE public.items;",
         "GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO ferry;",
     ] {
@@ -77,6 +78,13 @@ fn the_role_setup_makes_runs_snapshot_stream_heartbeat_and_backfill_without_supe
     assert!(first.contains("PASSWORD '***'"), "{first}");
     let second = setup(&[]);
     assert!(!second.contains("CREATE PUBLICATION"), "{second}");
+    // A table created later in the schema is readable by the role.
+    pg.sql("CREATE TABLE later (id int PRIMARY KEY)");
+    assert_eq!(
+        pg.sql("SELECT has_table_privilege('ferry', 'public.later', 'SELECT')")
+            .trim(),
+        "t"
+    );
     assert_eq!(
         pg.sql(
             "SELECT rolsuper, rolreplication, rolcanlogin FROM pg_roles WHERE rolname = 'ferry'"

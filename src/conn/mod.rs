@@ -127,17 +127,54 @@ pub async fn connect_tls(
         })?
 }
 
+/// Connects and logs in. With `sslmode=prefer`, a server that refuses the
+/// login over TLS (say a `hostnossl` line in pg_hba.conf) is asked again
+/// without TLS, as libpq does; of the two refusals the more telling one is
+/// kept.
 async fn connect_inner(
     config: &tokio_postgres::Config,
     setup: &TlsSetup,
     recv_buffer: Option<u32>,
     net: &NetworkConfig,
 ) -> Result<ReplicationConn, ConnError> {
-    let (stream, tls, end_point) = open_stream(config, setup, recv_buffer, net).await?;
+    let (first, over_tls) = match login(config, setup, recv_buffer, net).await {
+        Ok(c) => return Ok(c),
+        Err(e) => e,
+    };
+    let refused = matches!(&first, ConnError::Server { code, .. } if code != "57P03");
+    if !(over_tls && refused && setup.mode == tls::SslMode::Prefer) {
+        return Err(first);
+    }
+    tracing::warn!(
+        error = %first,
+        "sslmode=prefer: the server refused the login over TLS; connecting again without TLS, as libpq does"
+    );
+    let plain = TlsSetup::for_mode(tokio_postgres::config::SslMode::Disable);
+    match login(config, &plain, recv_buffer, net).await {
+        Ok(c) => Ok(c),
+        Err((second, _)) if tls::refusal_hint(&second.to_string()).is_some() => Err(first),
+        Err((second, _)) => Err(second),
+    }
+}
+
+/// One attempt of [`connect_inner`]; a failure says whether it was over TLS.
+async fn login(
+    config: &tokio_postgres::Config,
+    setup: &TlsSetup,
+    recv_buffer: Option<u32>,
+    net: &NetworkConfig,
+) -> Result<ReplicationConn, (ConnError, bool)> {
+    let (stream, tls, end_point) = open_stream(config, setup, recv_buffer, net)
+        .await
+        .map_err(|e| (e, false))?;
+    let over_tls = tls.is_some();
     let (r, w) = tokio::io::split(stream);
-    let user = config
-        .get_user()
-        .ok_or_else(|| ConnError::Auth("the connection string names no user".into()))?;
+    let user = config.get_user().ok_or_else(|| {
+        (
+            ConnError::Auth("the connection string names no user".into()),
+            false,
+        )
+    })?;
     let database = config.get_dbname().unwrap_or(user);
     let mut params: Vec<(&str, &str)> = vec![("replication", "database")];
     params.extend_from_slice(SESSION_SETTINGS);
@@ -153,7 +190,8 @@ async fn connect_inner(
             channel_binding: config.get_channel_binding(),
         },
     )
-    .await?;
+    .await
+    .map_err(|e| (e, over_tls))?;
     let mut conn = ReplicationConn { conn, tls };
     conn.conn
         .reader
@@ -196,19 +234,37 @@ async fn open_tcp(
     recv_buffer: Option<u32>,
     net: &NetworkConfig,
 ) -> Result<Opened, ConnError> {
-    let s = tcp_connect(addr, port, recv_buffer).await?;
-    let _ = s.set_nodelay(true);
-    socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive(net))?;
-    match tls::negotiate(s, setup, host).await {
-        Ok(n) => {
-            let stream: BoxStream = match n.stream {
-                tls::MaybeTls::Plain(s) => Box::pin(s),
-                tls::MaybeTls::Tls(t) => Box::pin(*t),
-            };
-            Ok((stream, n.info, n.end_point))
+    let tcp = || async {
+        let s = tcp_connect(addr, port, recv_buffer).await?;
+        let _ = s.set_nodelay(true);
+        socket2::SockRef::from(&s).set_tcp_keepalive(&keepalive(net))?;
+        Ok::<_, std::io::Error>(s)
+    };
+    let n = match tls::negotiate(tcp().await?, setup, host).await {
+        Err(tls::NegotiateError::Handshake(e)) if setup.mode == tls::SslMode::Prefer => {
+            // libpq: a failed handshake under prefer is retried without TLS.
+            tracing::warn!(
+                host,
+                error = %negotiate_error(*e),
+                "sslmode=prefer: the TLS handshake failed; connecting again without TLS, as libpq does"
+            );
+            let plain = TlsSetup::for_mode(tokio_postgres::config::SslMode::Disable);
+            tls::negotiate(tcp().await?, &plain, host).await
         }
-        Err(tls::NegotiateError::Io(e)) => Err(ConnError::Io(e)),
-        Err(tls::NegotiateError::Tls(e)) => Err(ConnError::Tls(e.0)),
+        other => other,
+    }
+    .map_err(negotiate_error)?;
+    let stream: BoxStream = match n.stream {
+        tls::MaybeTls::Plain(s) => Box::pin(s),
+        tls::MaybeTls::Tls(t) => Box::pin(*t),
+    };
+    Ok((stream, n.info, n.end_point))
+}
+
+fn negotiate_error(e: tls::NegotiateError) -> ConnError {
+    match e.io_or_tls() {
+        Ok(io) => ConnError::Io(io),
+        Err(t) => ConnError::Tls(t.0),
     }
 }
 

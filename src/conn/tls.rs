@@ -3,7 +3,11 @@
 //! The settings are libpq's: `sslmode` (`disable`, `prefer`, `require`,
 //! `verify-ca`, `verify-full`), `sslrootcert` (a PEM file, or `system` for
 //! the system trust store), `sslcert` and `sslkey` (a PEM client
-//! certificate and its unencrypted key, for `cert` authentication). They
+//! certificate and its key, for `cert` authentication), `sslpassword` (the
+//! password of a PKCS#8 encrypted `sslkey`; never logged, redacted from
+//! `Debug`), `sslcrl` (a PEM file of certificate revocation lists that the
+//! server's certificate chain is checked against in `verify-ca` and
+//! `verify-full`). They
 //! come from the connection string (`?sslmode=verify-full&sslrootcert=…`);
 //! `[source.tls]` keys are folded into `source.url` at config load, so every
 //! connection sees one string. [`parse_url`] takes them out of the string
@@ -25,6 +29,7 @@ use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 
@@ -84,20 +89,65 @@ impl SslMode {
     }
 }
 
-/// The TLS keys of a connection string (each `None` when absent).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+/// The TLS keys of a connection string (each `None` when absent); also
+/// `[source.tls]` in the config file.
+#[derive(Clone, Default, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsParams {
     pub sslmode: Option<SslMode>,
     /// A PEM file of CA certificates, or `system`.
     pub sslrootcert: Option<String>,
     /// A PEM client certificate (chain).
     pub sslcert: Option<String>,
-    /// The client certificate's private key (PEM, unencrypted). A path,
-    /// never the key itself.
+    /// The client certificate's private key (PEM: unencrypted, or PKCS#8
+    /// encrypted with `sslpassword`). A path, never the key itself.
     pub sslkey: Option<String>,
+    /// The password of an encrypted `sslkey`. A secret: `Debug` shows
+    /// `***`.
+    pub sslpassword: Option<String>,
+    /// A PEM file of CRLs (`verify-ca`, `verify-full`).
+    pub sslcrl: Option<String>,
+}
+
+impl std::fmt::Debug for TlsParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsParams")
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
+            .field("sslcert", &self.sslcert)
+            .field("sslkey", &self.sslkey)
+            .field("sslpassword", &self.sslpassword.as_ref().map(|_| "***"))
+            .field("sslcrl", &self.sslcrl)
+            .finish()
+    }
 }
 
 impl TlsParams {
+    /// The keys that are set, as (name, value).
+    pub fn entries(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if let Some(m) = self.sslmode {
+            out.push(("sslmode", m.as_str().to_string()));
+        }
+        for (k, v) in [
+            ("sslrootcert", &self.sslrootcert),
+            ("sslcert", &self.sslcert),
+            ("sslkey", &self.sslkey),
+            ("sslpassword", &self.sslpassword),
+            ("sslcrl", &self.sslcrl),
+        ] {
+            if let Some(v) = v {
+                out.push((k, v.clone()));
+            }
+        }
+        out
+    }
+
+    /// Whether `key` is set.
+    pub fn is_set(&self, key: &str) -> bool {
+        self.entries().iter().any(|(k, _)| *k == key)
+    }
+
     /// The mode in force: `prefer` by default; `require` with a root
     /// certificate is `verify-ca`, as in libpq.
     pub fn mode(&self) -> SslMode {
@@ -120,6 +170,21 @@ impl TlsParams {
                 ),
             ));
         }
+        if self.sslcrl.is_some() && !mode.verifies() {
+            return Err((
+                "sslcrl",
+                format!(
+                    "is set, but sslmode={} does not check the server's certificate, so no CRL would be consulted: set sslmode=verify-full (or verify-ca) with sslrootcert",
+                    mode.as_str()
+                ),
+            ));
+        }
+        if self.sslpassword.is_some() && self.sslkey.is_none() {
+            return Err((
+                "sslpassword",
+                "is set, but sslkey is not: sslpassword decrypts the client key that sslkey names; set sslkey (and sslcert), or remove sslpassword".into(),
+            ));
+        }
         if self.sslcert.is_some() != self.sslkey.is_some() {
             return Err((
                 if self.sslcert.is_some() { "sslkey" } else { "sslcert" },
@@ -130,6 +195,7 @@ impl TlsParams {
             ("sslrootcert", &self.sslrootcert),
             ("sslcert", &self.sslcert),
             ("sslkey", &self.sslkey),
+            ("sslcrl", &self.sslcrl),
         ] {
             let Some(p) = path else { continue };
             if key == "sslrootcert" && p == "system" {
@@ -149,7 +215,14 @@ impl TlsParams {
 }
 
 /// The keys [`split_url`] takes out of a connection string.
-const KEYS: [&str; 5] = ["sslmode", "sslrootcert", "sslcert", "sslkey", "sslpassword"];
+const KEYS: [&str; 6] = [
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "sslpassword",
+    "sslcrl",
+];
 
 /// Splits a connection string (URL or `key=value` form) into the string
 /// without its TLS keys and those keys.
@@ -159,17 +232,16 @@ pub fn split_url(url: &str) -> Result<(String, TlsParams), String> {
         match k {
             "sslmode" => {
                 params.sslmode = Some(SslMode::parse(&v).ok_or_else(|| {
-                    format!("sslmode={v} is not one of disable, prefer, require, verify-ca, verify-full")
+                    format!(
+                    "sslmode={v} is not one of disable, prefer, require, verify-ca, verify-full"
+                )
                 })?)
             }
             "sslrootcert" => params.sslrootcert = Some(v),
             "sslcert" => params.sslcert = Some(v),
             "sslkey" => params.sslkey = Some(v),
-            _ => {
-                return Err(
-                    "sslpassword is not supported: give sslkey an unencrypted key file (openssl pkey -in key.pem -out plain.pem)".into(),
-                )
-            }
+            "sslcrl" => params.sslcrl = Some(v),
+            _ => params.sslpassword = Some(v),
         }
         Ok(())
     };
@@ -310,6 +382,8 @@ pub struct TlsSetup {
     pub mode: SslMode,
     /// Where the root certificates come from (a path, or `system`).
     pub rootcert: Option<String>,
+    /// The CRL file the chain is checked against.
+    pub crl: Option<String>,
     pub client_cert: bool,
     config: Option<Arc<ClientConfig>>,
 }
@@ -353,6 +427,7 @@ impl TlsSetup {
         let mut setup = TlsSetup {
             mode,
             rootcert: params.sslrootcert.clone(),
+            crl: params.sslcrl.clone(),
             client_cert: params.sslcert.is_some(),
             config: None,
         };
@@ -367,9 +442,14 @@ impl TlsSetup {
             let roots = Arc::new(load_roots(
                 params.sslrootcert.as_deref().unwrap_or("system"),
             )?);
-            let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
-                .build()
-                .map_err(|e| format!("sslrootcert: {e}"))?;
+            let mut webpki = WebPkiServerVerifier::builder_with_provider(roots, provider.clone());
+            if let Some(crl) = &params.sslcrl {
+                webpki = webpki.with_crls(load_crls(crl)?);
+            }
+            let webpki = webpki.build().map_err(|e| match &params.sslcrl {
+                Some(crl) => format!("sslcrl {crl:?} (or sslrootcert): {e}"),
+                None => format!("sslrootcert: {e}"),
+            })?;
             if mode == SslMode::VerifyFull {
                 webpki
             } else {
@@ -395,9 +475,7 @@ impl TlsSetup {
                 if chain.is_empty() {
                     return Err(format!("sslcert {cert:?} holds no certificate"));
                 }
-                let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
-                    format!("sslkey {key:?}: not an unencrypted PEM private key: {e}")
-                })?;
+                let key_der = load_key(key, params.sslpassword.as_deref())?;
                 builder
                     .with_client_auth_cert(chain, key_der)
                     .map_err(|e| format!("sslcert/sslkey: {e}"))?
@@ -425,6 +503,69 @@ impl TlsSetup {
     fn connector(&self) -> Option<tokio_rustls::TlsConnector> {
         self.config.clone().map(tokio_rustls::TlsConnector::from)
     }
+}
+
+/// Reads the client key `path`: an unencrypted PEM key (PKCS#8, PKCS#1 or
+/// SEC1), or a PKCS#8 encrypted one (`BEGIN ENCRYPTED PRIVATE KEY`, what
+/// `openssl pkcs8 -topk8 -v2 aes-256-cbc` writes) decrypted with
+/// `password`. The error names the key that fixes it and never holds the
+/// password or key material.
+fn load_key(path: &str, password: Option<&str>) -> Result<PrivateKeyDer<'static>, String> {
+    use pkcs8::der::zeroize::Zeroizing;
+    let text = Zeroizing::new(
+        std::fs::read_to_string(path)
+            .map_err(|e| format!("sslkey {path:?}: cannot be read as a PEM file: {e}"))?,
+    );
+    if text.contains("Proc-Type: 4,ENCRYPTED") {
+        return Err(format!(
+            "sslkey {path:?} is encrypted in the legacy OpenSSL format (Proc-Type: 4,ENCRYPTED), which pgferry cannot read: convert it to an encrypted PKCS#8 key (openssl pkcs8 -topk8 -v2 aes-256-cbc -in OLD -out NEW) and keep sslpassword"
+        ));
+    }
+    if !text.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+        return PrivateKeyDer::from_pem_slice(text.as_bytes())
+            .map_err(|e| format!("sslkey {path:?}: not a PEM private key: {e}"));
+    }
+    let Some(password) = password else {
+        return Err(format!(
+            "sslpassword is not set, but sslkey {path:?} is encrypted: set sslpassword to its password (in source.url or [source.tls])"
+        ));
+    };
+    let (label, doc) = pkcs8::Document::from_pem(&text)
+        .map_err(|e| format!("sslkey {path:?}: not a valid encrypted PKCS#8 PEM key: {e}"))?;
+    if label != "ENCRYPTED PRIVATE KEY" {
+        return Err(format!("sslkey {path:?}: unexpected PEM block {label:?}"));
+    }
+    let info = pkcs8::EncryptedPrivateKeyInfo::try_from(doc.as_bytes())
+        .map_err(|e| format!("sslkey {path:?}: not a valid encrypted PKCS#8 key: {e}"))?;
+    // A wrong password shows as bad padding (pkcs5 0.7 reports it as
+    // EncryptFailed) or, rarely, as a plaintext that is not DER.
+    let plain = info.decrypt(password).map_err(|e| match e {
+        pkcs8::Error::EncryptedPrivateKey(
+            pkcs8::pkcs5::Error::DecryptFailed | pkcs8::pkcs5::Error::EncryptFailed,
+        )
+        | pkcs8::Error::Asn1(_) => format!(
+            "sslpassword does not decrypt sslkey {path:?}: the password is wrong"
+        ),
+        e => format!(
+            "sslkey {path:?}: cannot decrypt it ({e}): check sslpassword; pgferry reads PBES2 keys (PBKDF2 or scrypt with AES-CBC): re-encrypt with openssl pkcs8 -topk8 -v2 aes-256-cbc"
+        ),
+    })?;
+    Ok(PrivateKeyDer::Pkcs8(plain.as_bytes().to_vec().into()))
+}
+
+/// The CRLs of `path` (PEM, `BEGIN X509 CRL`), as libpq's `sslcrl` reads.
+fn load_crls(
+    path: &str,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, String> {
+    let crls = rustls::pki_types::CertificateRevocationListDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("sslcrl {path:?}: not a PEM CRL file: {e}"))?;
+    if crls.is_empty() {
+        return Err(format!(
+            "sslcrl {path:?} holds no CRL (PEM `BEGIN X509 CRL` expected; convert a DER one with openssl crl -inform DER)"
+        ));
+    }
+    Ok(crls)
 }
 
 fn load_roots(rootcert: &str) -> Result<RootCertStore, String> {
@@ -568,6 +709,7 @@ pub fn explain(e: io::Error, setup: &TlsSetup, host: &str) -> Result<io::Error, 
         return Ok(e);
     };
     let root = setup.rootcert.as_deref().unwrap_or("(not set)");
+    let crl = setup.crl.as_deref().unwrap_or("(not set)");
     let mode = setup.mode.as_str();
     Err(TlsError(match err {
         rustls::Error::InvalidCertificate(c) => match c {
@@ -576,6 +718,16 @@ pub fn explain(e: io::Error, setup: &TlsSetup, host: &str) -> Result<io::Error, 
             ),
             CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => format!(
                 "TLS hostname check failed (sslmode=verify-full): the server's certificate is not valid for the host {host:?}: connect with a host name its subjectAltName lists, or use sslmode=verify-ca to check the CA only"
+            ),
+            CertificateError::Revoked => format!(
+                "TLS certificate check failed (sslmode={mode}, CRL check): the server's certificate is revoked by the CRL in sslcrl={crl}: the server needs a new certificate (ssl_cert_file)"
+            ),
+            CertificateError::UnknownRevocationStatus => format!(
+                "TLS certificate check failed (sslmode={mode}, CRL check): sslcrl={crl} holds no CRL from the CA that issued the server's certificate (or an intermediate of its chain): add that CA's CRL to sslcrl"
+            ),
+            CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. } => format!(
+                "TLS certificate check failed (sslmode={mode}, CRL check): the CRL in sslcrl={crl} is past its next update: fetch a current CRL"
             ),
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => format!(
                 "TLS certificate check failed (sslmode={mode}, validity): the server's certificate has expired: renew it on the server"
@@ -587,6 +739,15 @@ pub fn explain(e: io::Error, setup: &TlsSetup, host: &str) -> Result<io::Error, 
                 "TLS certificate check failed (sslmode={mode}): {other:?}: check the server's certificate and sslrootcert={root}"
             ),
         },
+        rustls::Error::AlertReceived(rustls::AlertDescription::ProtocolVersion) => format!(
+            "TLS handshake refused by the server (ProtocolVersion, sslmode={mode}): the server accepts no TLS version pgferry speaks (TLS 1.2 and 1.3): set ssl_min_protocol_version / ssl_max_protocol_version in the server's postgresql.conf to allow TLSv1.2 or TLSv1.3"
+        ),
+        rustls::Error::AlertReceived(
+            alert @ (rustls::AlertDescription::HandshakeFailure
+            | rustls::AlertDescription::InsufficientSecurity),
+        ) if !setup.client_cert => format!(
+            "TLS handshake refused by the server ({alert:?}, sslmode={mode}): the server and pgferry share no TLS cipher suite (pgferry offers TLS 1.3, and TLS 1.2 ECDHE with AES-GCM or ChaCha20-Poly1305): allow one in the server's ssl_ciphers (and ssl_max_protocol_version) in postgresql.conf"
+        ),
         rustls::Error::AlertReceived(alert) => format!(
             "TLS handshake refused by the server ({alert:?}){}",
             if setup.client_cert {
@@ -611,12 +772,16 @@ pub fn refusal_hint(message: &str) -> Option<&'static str> {
 pub fn fix_for(message: &str) -> Option<&'static str> {
     Some(if message.contains("unknown CA") {
         "set sslrootcert (in source.url or [source.tls]) to the CA file that signed the server's certificate (the server's ssl_cert_file's issuer), or to system for a publicly trusted one"
+    } else if message.contains("CRL check") {
+        "the server's certificate fails the revocation check against sslcrl: give the server a certificate that is not revoked, or sslcrl a current CRL from its CA"
     } else if message.contains("hostname check failed") {
         "connect with a host name that the server certificate's subjectAltName lists, or use sslmode=verify-ca to check the CA only"
     } else if message.contains("no encryption") {
         "set sslmode=verify-full with sslrootcert (or at least sslmode=require): the server accepts this connection over TLS only"
     } else if message.contains("does not accept TLS") {
         "turn on ssl (ssl = on, ssl_cert_file, ssl_key_file) in the server's postgresql.conf, or on a trusted network only set sslmode=prefer"
+    } else if message.contains("share no TLS cipher suite") || message.contains("no TLS version") {
+        "allow TLS 1.3, or TLS 1.2 with an ECDHE AES-GCM or ChaCha20-Poly1305 suite, in the server's ssl_ciphers and ssl_min/max_protocol_version"
     } else if message.contains("client certificate") {
         "set sslcert and sslkey to a client certificate signed by the server's ssl_ca_file, whose CN is the user"
     } else if message.contains("TLS") {
@@ -638,6 +803,22 @@ pub enum MaybeTls<S> {
 pub enum NegotiateError {
     Io(io::Error),
     Tls(TlsError),
+    /// The server agreed to TLS (it answered `S`), then the handshake
+    /// failed; inside, `Io` or `Tls` as above. With `sslmode=prefer` the
+    /// caller connects again without TLS, as libpq does.
+    Handshake(Box<NegotiateError>),
+}
+
+impl NegotiateError {
+    /// The I/O error (worth a retry) or the TLS error (not), whether or
+    /// not the handshake had begun.
+    pub fn io_or_tls(self) -> Result<io::Error, TlsError> {
+        match self {
+            NegotiateError::Io(e) => Ok(e),
+            NegotiateError::Tls(e) => Err(e),
+            NegotiateError::Handshake(e) => e.io_or_tls(),
+        }
+    }
 }
 
 /// The outcome of [`negotiate`]: the stream, and its TLS facts when on.
@@ -692,13 +873,12 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let name = server_name(host).map_err(NegotiateError::Tls)?;
-    let tls = connector
-        .connect(name, stream)
-        .await
-        .map_err(|e| match explain(e, setup, host) {
+    let tls = connector.connect(name, stream).await.map_err(|e| {
+        NegotiateError::Handshake(Box::new(match explain(e, setup, host) {
             Ok(io) => NegotiateError::Io(io),
             Err(t) => NegotiateError::Tls(t),
-        })?;
+        }))
+    })?;
     let (_, conn) = tls.get_ref();
     let info = TlsInfo::of(conn, host, setup.mode);
     let end_point = end_point(conn);
@@ -760,6 +940,9 @@ fn signature_oid(der: &[u8]) -> Option<&[u8]> {
 pub struct MakeRustls {
     setup: Arc<TlsSetup>,
     pub info: Arc<Mutex<Option<TlsInfo>>>,
+    /// Set when a server agreed to TLS and the handshake began: a failure
+    /// after that is one `sslmode=prefer` retries without TLS.
+    pub tried: Arc<AtomicBool>,
 }
 
 impl MakeRustls {
@@ -767,6 +950,7 @@ impl MakeRustls {
         MakeRustls {
             setup,
             info: Default::default(),
+            tried: Default::default(),
         }
     }
 }
@@ -775,6 +959,7 @@ pub struct RustlsConnect {
     setup: Arc<TlsSetup>,
     host: String,
     info: Arc<Mutex<Option<TlsInfo>>>,
+    tried: Arc<AtomicBool>,
 }
 
 impl<S> tokio_postgres::tls::MakeTlsConnect<S> for MakeRustls
@@ -790,6 +975,7 @@ where
             setup: self.setup.clone(),
             host: domain.to_string(),
             info: self.info.clone(),
+            tried: self.tried.clone(),
         })
     }
 }
@@ -804,6 +990,7 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
+            self.tried.store(true, Ordering::Relaxed);
             let connector = self
                 .setup
                 .connector()
@@ -890,6 +1077,18 @@ mod tests {
         assert_eq!(p.sslmode, Some(SslMode::Require));
         assert_eq!(p.sslkey.as_deref(), Some("/a b/k.pem"));
         assert!(split_url("postgres://h/d?sslmode=maybe").is_err());
+        let (rest, p) = split_url("postgres://h/d?sslkey=%2Fk.pem&sslpassword=s%20cret").unwrap();
+        assert_eq!(rest, "postgres://h/d");
+        assert_eq!(p.sslpassword.as_deref(), Some("s cret"));
+        let dbg = format!("{p:?}");
+        assert!(!dbg.contains("cret") && dbg.contains("***"), "{dbg}");
+        let (k, _) = p.validate().unwrap_err();
+        assert_eq!(k, "sslcert", "sslkey without sslcert");
+        let alone = TlsParams {
+            sslpassword: Some("x".into()),
+            ..Default::default()
+        };
+        assert_eq!(alone.validate().unwrap_err().0, "sslpassword");
         let added = add_param("postgres://h/d", "sslrootcert", "/x y/ca.pem");
         assert_eq!(
             split_url(&added).unwrap().1.sslrootcert.as_deref(),
