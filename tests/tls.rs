@@ -355,8 +355,49 @@ fn snapshot_and_stream_over_verify_full_equal_the_table_and_the_oracle() {
     // Every connection was TLS: the server saw no plain one from pgferry.
     let plain = pg.sql("SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.usename = 'ferry' AND NOT s.ssl");
     assert_eq!(plain.trim(), "0");
+    // The one-shot commands take the same settings: the server has no
+    // line for a plain TCP connection, so each one that works used TLS.
+    let out = f.command(&["slot", "status"], &[]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.contains("active:              true"), "{out:?}");
+    let low_reads = || {
+        f.events()
+            .iter()
+            .filter(|e| e["op"] == "read" && e["key"]["id"].as_i64().is_some_and(|i| i <= 100))
+            .count()
+    };
+    let before = low_reads();
+    let out = f.command(
+        &[
+            "backfill",
+            "--table",
+            "public.items",
+            "--where",
+            "id <= 100",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let present: usize = pg
+        .sql("SELECT count(*) FROM items WHERE id <= 100")
+        .trim()
+        .parse()
+        .unwrap();
+    support::progress::wait_for(
+        Duration::from_secs(120),
+        || {
+            let now = low_reads();
+            if now >= before + present {
+                Ok(())
+            } else {
+                Err(now)
+            }
+        },
+        || format!("the backfill over TLS did not arrive\n{}", f.log()),
+    );
     let log = f.log();
     assert!(!log.contains(PASSWORD), "the password reached the log");
+    assert!(!out.stderr.contains(PASSWORD) && !out.stdout.contains(PASSWORD));
 }
 
 /// psql over TCP as `user` with `sslmode`: `ssl|cipher` of its own
