@@ -322,6 +322,9 @@ async fn table_routes(
     Ok(routes)
 }
 
+/// How often the publications are checked while the stream is idle.
+const PUBLICATION_CHECK: Duration = Duration::from_secs(5);
+
 /// How often the composite types in use are reloaded while the stream is idle.
 const COMPOSITE_REFRESH: Duration = Duration::from_secs(2);
 
@@ -399,6 +402,8 @@ struct Session<'a> {
     spill_dir: std::path::PathBuf,
     /// When the composite types were last reloaded (see `refresh_composites`).
     types_refreshed: Instant,
+    /// When the publications were last checked (see `check_publication`).
+    publication_checked: Instant,
 }
 
 /// The sink tasks of a session, and their ends.
@@ -587,6 +592,7 @@ impl<'a> Session<'a> {
             started: Instant::now(),
             spill_dir,
             types_refreshed: Instant::now(),
+            publication_checked: Instant::now(),
         })
     }
 
@@ -791,6 +797,7 @@ impl<'a> Session<'a> {
         }
         self.past_spill_failure(wal_end);
         self.refresh_composites().await?;
+        self.check_publication().await?;
         for t in self.snaps.on_idle(wal_end).await? {
             self.deliver(t).await?;
         }
@@ -828,6 +835,75 @@ impl<'a> Session<'a> {
                 tracing::warn!(type_oid = oid, "a composite type changed (ALTER TYPE … RENAME ATTRIBUTE shows nowhere in the stream): reloaded; changes decoded from here on use its new attribute names");
             }
         }
+        Ok(())
+    }
+
+    /// A table dropped and created again under its name is not in a `FOR
+    /// TABLE` publication, and nothing in the stream shows it: while the
+    /// stream is idle, the publications are checked now and then. A
+    /// configured table they lack is added back (when pgferry manages them),
+    /// its old rows are cleared in the sinks (a `pgferry.replaced` message,
+    /// see `decode::routes`) and its backfill is requested (with
+    /// `source.snapshot = "initial"`; otherwise the log names the command).
+    async fn check_publication(&mut self) -> Result<(), SourceError> {
+        if self.publication_checked.elapsed() < PUBLICATION_CHECK {
+            return Ok(());
+        }
+        self.publication_checked = Instant::now();
+        let insp = crate::publication::inspect(&self.client, self.config).await?;
+        let found = crate::publication::findings(&insp, true);
+        let adds: Vec<&crate::publication::Finding> = found
+            .iter()
+            .filter(|f| !f.adds.is_empty() && f.repair.is_some())
+            .collect();
+        if adds.is_empty() {
+            return Ok(());
+        }
+        if !self.config.source.create_publication {
+            for f in adds {
+                tracing::error!(what = %f.what, fix = %f.fix, "a configured table is not published (dropped and created again, or removed from the publication): its changes do not reach the sinks. Run the fix, then load its rows with pgferry backfill --table");
+            }
+            return Ok(());
+        }
+        for f in adds {
+            let sql = f.repair.as_deref().unwrap_or_default();
+            self.client.batch_execute(sql).await?;
+            tracing::warn!(statement = %sql, tables = ?f.adds, "a configured table was not published any more (dropped and created again, or removed from the publication): added it back");
+            for table in &f.adds {
+                self.replace_table(table).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears a replaced table's old rows in the sinks at this point of the
+    /// WAL, then requests its backfill (or names the command).
+    async fn replace_table(&mut self, table: &str) -> Result<(), SourceError> {
+        let Some(t) = self
+            .config
+            .source
+            .table_names()
+            .into_iter()
+            .find(|(s, t)| format!("{s}.{t}") == table)
+        else {
+            return Ok(());
+        };
+        let sql = crate::config::sql_table(&t.0, &t.1);
+        let row = self
+            .client
+            .query_one("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid", &[&sql])
+            .await?;
+        let Some(oid) = row.get::<_, Option<u32>>(0) else {
+            return Ok(());
+        };
+        let body = serde_json::json!({"schema": t.0, "table": t.1, "oid": oid}).to_string();
+        self.client
+            .execute(
+                "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2::text)",
+                &[&crate::decode::routes::REPLACED_PREFIX, &body],
+            )
+            .await?;
+        backfill_added_tables(&self.client, self.config, &[table.to_string()], false).await;
         Ok(())
     }
 

@@ -126,19 +126,27 @@ fn renames_recreated_tables_foreign_tables_and_altered_types_reach_the_sinks_rig
     pg.sql(
         "CREATE TABLE s1 (id int PRIMARY KEY, a2 int);
          CREATE TABLE d1 (id int PRIMARY KEY, v text);
+         CREATE TABLE d2 (id int PRIMARY KEY, v text);
          CREATE TYPE pair AS (a int, b text);
          CREATE TABLE tc (id int PRIMARY KEY, c pair);
          CREATE TABLE extra (id int PRIMARY KEY, v text);
          CREATE TABLE w (id bigint PRIMARY KEY, v text);
          INSERT INTO s1 SELECT i, i * 10 FROM generate_series(1, 5) i;
-         INSERT INTO d1 SELECT i, 'old ' || i FROM generate_series(1, 5) i;",
+         INSERT INTO d1 SELECT i, 'old ' || i FROM generate_series(1, 5) i;
+         INSERT INTO d2 SELECT i, 'old ' || i FROM generate_series(1, 5) i;",
     );
     let f = FerryDir::new();
     f.write_config(
         &pg.url(),
-        &["public.s1", "public.d1", "public.tc", "public.w"],
+        &[
+            "public.s1",
+            "public.d1",
+            "public.d2",
+            "public.tc",
+            "public.w",
+        ],
         "snapshot = \"initial\"",
-        &redis_tables(&r.url(), &["s1", "d1", "tc", "w"]),
+        &redis_tables(&r.url(), &["s1", "d1", "d2", "tc", "w"]),
     );
     let _g = start_streaming(&pg, &f);
     let rt = workload::runtime();
@@ -157,18 +165,24 @@ fn renames_recreated_tables_foreign_tables_and_altered_types_reach_the_sinks_rig
     pg.sql("UPDATE s1_renamed SET a2 = a2 + 1 WHERE id = 2");
     pg.sql("INSERT INTO s1_renamed (id, a2) VALUES (6, 60)");
 
-    // DROP + CREATE under the same name: the old rows are gone.
-    pg.sql(
-        "DROP TABLE d1; CREATE TABLE d1 (id int PRIMARY KEY, v text, n int);
-         ALTER PUBLICATION pgferry ADD TABLE d1",
-    );
+    // DROP + CREATE under the same name: the old rows are gone. The new
+    // table is not in the publication: pgferry adds it back by itself (d1),
+    // or an operator does (d2, as with a FOR ALL TABLES publication).
+    pg.sql("DROP TABLE d1; CREATE TABLE d1 (id int PRIMARY KEY, v text, n int)");
     pg.sql("INSERT INTO d1 VALUES (3, 'new 3', 3), (10, 'new 10', 10)");
+    pg.sql(
+        "DROP TABLE d2; CREATE TABLE d2 (id int PRIMARY KEY, v text, n int);
+         ALTER PUBLICATION pgferry ADD TABLE d2",
+    );
+    pg.sql("INSERT INTO d2 VALUES (3, 'new 3', 3), (10, 'new 10', 10)");
 
     // ALTER TYPE ADD ATTRIBUTE: pgoutput sends nothing for it.
     pg.sql("ALTER TYPE pair ADD ATTRIBUTE z int");
     pg.sql("INSERT INTO tc VALUES (2, ROW(2, 'y', 9))");
     wait_equal(&pg, &f, Some((&r, "s1:")), "s1", "s1_renamed");
     wait_equal(&pg, &f, Some((&r, "d1:")), "d1", "d1");
+    wait_equal(&pg, &f, Some((&r, "d2:")), "d2", "d2");
+    pg.sql("UPDATE d1 SET n = n + 1 WHERE id = 10; INSERT INTO d1 VALUES (11, 'after', 0)");
     pg.sql("UPDATE tc SET id = id");
     wait_equal(&pg, &f, Some((&r, "tc:")), "tc", "tc");
 
@@ -196,6 +210,7 @@ fn renames_recreated_tables_foreign_tables_and_altered_types_reach_the_sinks_rig
     wait_equal(&pg, &f, Some((&r, "w:")), "w", "w");
     wait_equal(&pg, &f, Some((&r, "s1:")), "s1", "s1_renamed");
     wait_equal(&pg, &f, Some((&r, "d1:")), "d1", "d1");
+    wait_equal(&pg, &f, Some((&r, "d2:")), "d2", "d2");
 
     let events = f.events();
     let leaked: Vec<&Value> = events.iter().filter(|e| e["table"] == "extra").collect();
@@ -217,4 +232,5 @@ fn renames_recreated_tables_foreign_tables_and_altered_types_reach_the_sinks_rig
         log.contains("replaced by another table of the same name"),
         "{log}"
     );
+    assert!(log.contains("added it back"), "{log}");
 }

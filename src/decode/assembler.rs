@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::decode::routes::{Route, Routes};
+use crate::decode::routes::{Route, Routes, REPLACED_PREFIX};
 use crate::decode::types::TypeRegistry;
 use crate::decode::value;
 use crate::event::{
@@ -298,6 +298,11 @@ impl Assembler {
                     self.push(lsn, t.xid, rel, Op::Truncate, None, None)?;
                 }
             }
+            LogicalMessage::Message(m)
+                if m.is_transactional() && &m.prefix[..] == REPLACED_PREFIX.as_bytes() =>
+            {
+                self.on_replaced(lsn, m.xid, &m.content)?;
+            }
             LogicalMessage::Message(m) => {
                 if m.is_transactional() {
                     let msg = EventMessage {
@@ -320,6 +325,41 @@ impl Assembler {
             }
         }
         Ok(None)
+    }
+
+    /// A configured table was replaced by a new relation (see
+    /// [`super::routes`]): its old rows are cleared here, in WAL order.
+    fn on_replaced(
+        &mut self,
+        lsn: Lsn,
+        xid: Option<u32>,
+        content: &[u8],
+    ) -> Result<(), AssembleError> {
+        #[derive(serde::Deserialize)]
+        struct Replaced {
+            schema: String,
+            table: String,
+            oid: u32,
+        }
+        let Ok(r) = serde_json::from_slice::<Replaced>(content) else {
+            // Not ours to understand: a message like any other.
+            return Ok(());
+        };
+        let Some(old) = self.routes.replaced(r.oid, &r.schema, &r.table) else {
+            return Ok(());
+        };
+        let rel = old
+            .and_then(|o| self.relations.get(&o).cloned())
+            .unwrap_or_else(|| {
+                Arc::new(RelationInfo::new(
+                    r.oid,
+                    r.schema,
+                    r.table,
+                    b'd',
+                    Vec::new(),
+                ))
+            });
+        self.push(lsn, xid, rel, Op::Truncate, None, None)
     }
 
     fn relation(&self, oid: u32, lsn: Lsn) -> Result<Arc<RelationInfo>, AssembleError> {

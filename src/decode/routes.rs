@@ -23,6 +23,15 @@
 //!   relation's rows belong to the new one (DROP TABLE + CREATE TABLE);
 //! - anything else is skipped: its changes are never rendered nor delivered.
 //!
+//! A dropped table also leaves a `FOR TABLE` publication, so the table
+//! created again under its name is not published at all: no Relation
+//! message ever comes. The session notices that while the stream is idle,
+//! adds the table back, and emits a transactional logical message with
+//! prefix [`REPLACED_PREFIX`] before it requests the table's backfill. At
+//! that message ([`Routes::replaced`]) the name is bound to the new
+//! relation and its old rows are cleared (a TRUNCATE), so that the
+//! backfill that follows in the WAL lands on an empty table.
+//!
 //! At session start the names are bound to the OIDs the catalog gives them
 //! now ([`Routes::bind_initial`]). A replay from an older checkpoint may
 //! first meet a dropped predecessor under the same name: when the session
@@ -31,6 +40,10 @@
 //! truncate (the sink holds that predecessor's rows, as of the checkpoint).
 
 use std::collections::{HashMap, HashSet};
+
+/// Prefix of the logical message that says a configured table was replaced
+/// by a new relation (content: JSON `{"schema","table","oid"}`).
+pub const REPLACED_PREFIX: &str = "pgferry.replaced";
 
 /// What to do with a relation described by a Relation message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +173,25 @@ impl Routes {
         }
     }
 
+    /// A [`REPLACED_PREFIX`] message: binds the configured name to `oid`.
+    /// Returns the relation bound before (if any), or `None` when the name
+    /// is not configured here.
+    pub fn replaced(&mut self, oid: u32, schema: &str, table: &str) -> Option<Option<u32>> {
+        let name = (schema.to_string(), table.to_string());
+        if !self.configured.as_ref().is_some_and(|c| c.contains(&name)) {
+            return None;
+        }
+        let old = self
+            .by_name
+            .insert(name.clone(), Binding { oid, seen: true });
+        if let Some(old) = &old {
+            self.by_oid.remove(&old.oid);
+        }
+        self.truncate_first.remove(&oid);
+        self.by_oid.insert(oid, name);
+        Some(old.map(|b| b.oid))
+    }
+
     /// True once for a relation whose first change needs a TRUNCATE first.
     pub fn take_truncate_first(&mut self, oid: u32) -> bool {
         self.truncate_first.remove(&oid)
@@ -213,6 +245,16 @@ mod tests {
         assert!(!r.take_truncate_first(9));
         // The old relation is no longer routed.
         assert_eq!(r.on_relation(5, "public", "d_old"), Route::Skip);
+    }
+
+    #[test]
+    fn a_replaced_message_rebinds_without_a_second_truncate() {
+        let mut r = only(&["d"]);
+        r.bind_initial("public", "d", 5);
+        assert_eq!(r.replaced(9, "public", "d"), Some(Some(5)));
+        assert_eq!(r.on_relation(9, "public", "d"), to("public", "d"));
+        assert!(!r.take_truncate_first(9));
+        assert_eq!(r.replaced(9, "public", "other"), None);
     }
 
     #[test]
