@@ -33,6 +33,71 @@ fn jsonl_rows(f: &FerryDir, table: &str) -> BTreeMap<String, Value> {
     support::oracle::replay(&events)
 }
 
+/// Like [`wait_equal`] for JSONL alone, comparing only the rows whose `id`
+/// `keep` selects (rows a running workload does not touch).
+fn wait_equal_rows(pg: &TestPg, f: &FerryDir, table: &str, keep: impl Fn(i64) -> bool) {
+    let pick = |m: BTreeMap<String, Value>| -> BTreeMap<String, Value> {
+        m.into_iter()
+            .filter(|(k, _)| keep(k.parse().unwrap_or_else(|_| panic!("key {k:?}"))))
+            .collect()
+    };
+    support::progress::wait_for(
+        STALL,
+        || {
+            let want = pick(support::oracle::table_rows(pg, table));
+            let got = pick(jsonl_rows(f, table));
+            if got != want {
+                let diff: Vec<_> = want
+                    .iter()
+                    .filter(|(k, v)| got.get(*k) != Some(*v))
+                    .take(3)
+                    .collect();
+                return Err(format!("{} rows differ, e.g. {diff:?}", want.len()));
+            }
+            Ok(())
+        },
+        || format!("--- pgferry log ---\n{}", f.log()),
+    )
+}
+
+/// [`wait_equal_rows`] with the Postgres rows passed through `shape` first
+/// (what the row looked like when its last change was made).
+fn wait_shaped(
+    pg: &TestPg,
+    f: &FerryDir,
+    table: &str,
+    keep: impl Fn(i64) -> bool,
+    shape: impl Fn(i64, &mut serde_json::Map<String, Value>),
+) {
+    support::progress::wait_for(
+        STALL,
+        || {
+            let mut want = support::oracle::table_rows(pg, table);
+            want.retain(|k, _| keep(k.parse().unwrap()));
+            for (k, v) in want.iter_mut() {
+                shape(k.parse().unwrap(), v.as_object_mut().unwrap());
+            }
+            let mut got = jsonl_rows(f, table);
+            got.retain(|k, _| keep(k.parse().unwrap()));
+            let diff: Vec<_> = want
+                .iter()
+                .filter(|(k, v)| got.get(*k) != Some(*v))
+                .take(3)
+                .map(|(k, v)| format!("{k}: want {v}, got {:?}", got.get(k)))
+                .collect();
+            if diff.is_empty() && got.len() == want.len() {
+                return Ok(());
+            }
+            Err(format!(
+                "{} of {} rows, e.g. {diff:?}",
+                got.len(),
+                want.len()
+            ))
+        },
+        || format!("--- pgferry log ---\n{}", f.log()),
+    )
+}
+
 /// Redis json values of the keys `{prefix}{id}`, by `id`.
 fn redis_rows(r: &TestRedis, prefix: &str) -> BTreeMap<String, Value> {
     let mut c = r.conn();
@@ -233,4 +298,116 @@ fn renames_recreated_tables_foreign_tables_and_altered_types_reach_the_sinks_rig
         "{log}"
     );
     assert!(log.contains("added it back"), "{log}");
+}
+
+/// Each kind of ALTER TABLE, mid-stream under a concurrent workload, and
+/// one inside a streamed (protocol 2) transaction that pgferry spills: after
+/// each, every row touched since equals `to_jsonb()` of the row as it is.
+#[test]
+fn each_alter_table_kind_mid_stream_including_one_in_a_spilled_streamed_transaction() {
+    let pg = TestPg::start();
+    pg.sql(
+        "CREATE TABLE k (id int PRIMARY KEY, a int, tx text, n numeric(6,2));
+         INSERT INTO k SELECT i, i, 'text ' || i, i / 7.0 FROM generate_series(1, 50) i;",
+    );
+    let f = FerryDir::new();
+    f.write_config(
+        &pg.url(),
+        &["public.k"],
+        "snapshot = \"initial\"",
+        "\n[pipeline]\nmemory_limit_mb = 1\n",
+    );
+    let _g = start_streaming(&pg, &f);
+    let rt = workload::runtime();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Statements that hold whatever the columns become: they name `id` only.
+    let workers = workload::spawn(
+        &pg,
+        &rt,
+        &stop,
+        Sessions {
+            count: 2,
+            seed: 51,
+            pause: Duration::from_millis(50),
+            on_error: OnError::Rollback,
+        },
+        |s| {
+            move |rng: &mut support::rng::XorShift, n: u32| {
+                // At most 100 live rows per session: a ring of ids.
+                let base = 1_000_000 * (s as i64 + 1);
+                let id = base + (n % 100) as i64;
+                let other = base + rng.below(100) as i64;
+                vec![format!(
+                    "BEGIN; DELETE FROM k WHERE id = {id}; INSERT INTO k (id) VALUES ({id});
+                     UPDATE k SET id = id WHERE id = {other};
+                     COMMIT"
+                )]
+            }
+        },
+    );
+    // The workload's rows (ids from 1 000 000 on) change all the time: each
+    // phase compares the others, and everything once the workload stopped.
+    let quiet = |id: i64| !(1_000_000..10_000_000).contains(&id);
+    wait_equal_rows(&pg, &f, "k", quiet);
+    for ddl in [
+        "ALTER TABLE k ADD COLUMN c1 int",
+        "ALTER TABLE k ADD COLUMN c2 text DEFAULT 'dflt'",
+        // A volatile default rewrites the table.
+        "ALTER TABLE k ADD COLUMN c3 float8 DEFAULT random()",
+        "ALTER TABLE k DROP COLUMN c1",
+        "ALTER TABLE k RENAME COLUMN tx TO t2",
+        "ALTER TABLE k ALTER COLUMN a TYPE bigint",
+        "ALTER TABLE k ALTER COLUMN t2 TYPE int USING length(t2)",
+        "ALTER TABLE k ALTER COLUMN n TYPE numeric(10,4)",
+    ] {
+        pg.sql(ddl);
+        // Rows change as the sinks see them: every row once after the DDL.
+        pg.sql("UPDATE k SET id = id");
+        wait_equal_rows(&pg, &f, "k", quiet);
+    }
+    // A DDL inside a transaction too large for logical_decoding_work_mem
+    // (streamed) and for pipeline.memory_limit_mb (spilled).
+    pg.sql(
+        "BEGIN;
+         INSERT INTO k (id, a, t2) SELECT 10000000 + i, i, i FROM generate_series(1, 8000) i;
+         ALTER TABLE k ADD COLUMN c4 int DEFAULT 7;
+         UPDATE k SET c4 = id % 5 WHERE id > 10000000 AND id % 3 = 0;
+         ALTER TABLE k RENAME COLUMN c2 TO c2r;
+         INSERT INTO k (id, c2r) SELECT 20000000 + i, 'late' FROM generate_series(1, 2000) i;
+         COMMIT",
+    );
+    // Each change of that transaction has the columns of its place in it:
+    // the first inserts have no c4 and c2 under its old name, the updates
+    // (after ADD COLUMN, before the RENAME) have c4 and c2, the last
+    // inserts have c4 and c2r.
+    wait_shaped(
+        &pg,
+        &f,
+        "k",
+        |id| id >= 10_000_000,
+        |id, row| {
+            if id < 20_000_000 {
+                let c2 = row.remove("c2r").unwrap();
+                row.insert("c2".into(), c2);
+                if id % 3 != 0 {
+                    row.remove("c4");
+                }
+            }
+        },
+    );
+    pg.sql("UPDATE k SET id = id");
+    let txns = workload::stop(&rt, &stop, workers);
+    assert!(txns > 10, "the workload ran only {txns} transactions");
+    wait_equal(&pg, &f, None, "k", "k");
+    let streamed: i64 = pg
+        .sql("SELECT stream_txns FROM pg_stat_replication_slots WHERE slot_name = 'pgferry'")
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(streamed > 0, "the large transaction was not streamed");
+    assert!(
+        f.log().contains("transaction spilled to disk"),
+        "the large transaction was not spilled:\n{}",
+        f.log()
+    );
 }
