@@ -851,6 +851,11 @@ impl<'a> Session<'a> {
         }
         self.publication_checked = Instant::now();
         let insp = crate::publication::inspect(&self.client, self.config).await?;
+        if !insp.main.exists || !insp.insert.exists {
+            // A dropped publication ends the stream with its own error;
+            // re-creating it here would hide that.
+            return Ok(());
+        }
         let found = crate::publication::findings(&insp, true);
         let adds: Vec<&crate::publication::Finding> = found
             .iter()
