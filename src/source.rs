@@ -712,29 +712,7 @@ impl<'a> Session<'a> {
         })?;
         self.received.message(&lm);
         if let LogicalMessage::Relation(r) = &lm {
-            // A Relation message comes at each session's first change of a
-            // table and after its columns changed: the user types it uses
-            // are (re)loaded, as they may have changed too. Tables that are
-            // not delivered are left alone.
-            let (schema, table) = (
-                String::from_utf8_lossy(&r.namespace),
-                String::from_utf8_lossy(&r.name),
-            );
-            if self
-                .assembler
-                .routes_mut()
-                .would_rebind(r.oid, &schema, &table)
-            {
-                let q = "SELECT 1 FROM pg_catalog.pg_class WHERE oid = $1";
-                if self.client.query_opt(q, &[&r.oid]).await?.is_none() {
-                    self.assembler.routes_mut().note_gone(r.oid);
-                }
-            }
-            if self.assembler.takes(r.oid, &schema, &table) {
-                let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
-                let user = self.assembler.types_mut().loaded(&oids);
-                self.assembler.types_mut().load(&self.client, &user).await?;
-            }
+            self.before_relation(r).await?;
         }
         let spilled_before = self.assembler.spilled_txns;
         let committed = match self.assembler.handle(wal_start, lm) {
@@ -770,6 +748,33 @@ impl<'a> Session<'a> {
         self.received.committed(&txn);
         let txn = self.deliver(txn).await?;
         self.snaps.delivered(&txn)
+    }
+
+    /// Prepares for a Relation message. It comes at each session's first
+    /// change of a table and after its columns changed: the user types it
+    /// uses are (re)loaded, as they may have changed too (tables that are
+    /// not delivered are left alone). When it would bind a configured name
+    /// to a new relation, the routes learn whether that relation is gone
+    /// (a replay meeting a dropped predecessor, see `decode::routes`).
+    async fn before_relation(&mut self, r: &pgoutput::Relation) -> Result<(), SourceError> {
+        let schema = String::from_utf8_lossy(&r.namespace);
+        let table = String::from_utf8_lossy(&r.name);
+        if self
+            .assembler
+            .routes_mut()
+            .would_rebind(r.oid, &schema, &table)
+        {
+            let q = "SELECT 1 FROM pg_catalog.pg_class WHERE oid = $1";
+            if self.client.query_opt(q, &[&r.oid]).await?.is_none() {
+                self.assembler.routes_mut().note_gone(r.oid);
+            }
+        }
+        if self.assembler.takes(r.oid, &schema, &table) {
+            let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
+            let user = self.assembler.types_mut().loaded(&oids);
+            self.assembler.types_mut().load(&self.client, &user).await?;
+        }
+        Ok(())
     }
 
     async fn on_keepalive(

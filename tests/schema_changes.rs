@@ -36,28 +36,7 @@ fn jsonl_rows(f: &FerryDir, table: &str) -> BTreeMap<String, Value> {
 /// Like [`wait_equal`] for JSONL alone, comparing only the rows whose `id`
 /// `keep` selects (rows a running workload does not touch).
 fn wait_equal_rows(pg: &TestPg, f: &FerryDir, table: &str, keep: impl Fn(i64) -> bool) {
-    let pick = |m: BTreeMap<String, Value>| -> BTreeMap<String, Value> {
-        m.into_iter()
-            .filter(|(k, _)| keep(k.parse().unwrap_or_else(|_| panic!("key {k:?}"))))
-            .collect()
-    };
-    support::progress::wait_for(
-        STALL,
-        || {
-            let want = pick(support::oracle::table_rows(pg, table));
-            let got = pick(jsonl_rows(f, table));
-            if got != want {
-                let diff: Vec<_> = want
-                    .iter()
-                    .filter(|(k, v)| got.get(*k) != Some(*v))
-                    .take(3)
-                    .collect();
-                return Err(format!("{} rows differ, e.g. {diff:?}", want.len()));
-            }
-            Ok(())
-        },
-        || format!("--- pgferry log ---\n{}", f.log()),
-    )
+    wait_shaped(pg, f, table, keep, |_, _| {})
 }
 
 /// [`wait_equal_rows`] with the Postgres rows passed through `shape` first
