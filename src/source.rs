@@ -33,6 +33,7 @@ use crate::checkpoint::CheckpointStore;
 use crate::config::{Config, OnDataLoss};
 use crate::conn::{self, wire::ConnError, StartOptions, WriteSide};
 use crate::decode::assembler::{AssembleError, Assembler};
+use crate::decode::routes::Routes;
 use crate::decode::types::TypeRegistry;
 use crate::event::pg_now;
 use crate::flow::{Progress, SinkState};
@@ -291,6 +292,42 @@ async fn backfill_added_tables(
     }
 }
 
+/// The configured tables, each bound to the relation the catalog gives its
+/// name now (see `decode::routes`: a configured name then follows its
+/// table by OID through renames).
+async fn table_routes(
+    client: &tokio_postgres::Client,
+    config: &Config,
+) -> Result<Routes, SourceError> {
+    let names = config.source.table_names();
+    let mut routes = Routes::only(names.iter().cloned());
+    let sql: Vec<String> = names
+        .iter()
+        .map(|(s, t)| crate::config::sql_table(s, t))
+        .collect();
+    let rows = client
+        .query(
+            "SELECT n.i::int, pg_catalog.to_regclass(n.name)::pg_catalog.oid \
+             FROM unnest($1::pg_catalog.text[]) WITH ORDINALITY AS n(name, i)",
+            &[&sql],
+        )
+        .await?;
+    for row in rows {
+        let i: i32 = row.get(0);
+        let oid: Option<u32> = row.get(1);
+        if let (Some((schema, table)), Some(oid)) = (names.get(i as usize - 1), oid) {
+            routes.bind_initial(schema, table, oid);
+        }
+    }
+    Ok(routes)
+}
+
+/// How often the publications are checked while the stream is idle.
+const PUBLICATION_CHECK: Duration = Duration::from_secs(5);
+
+/// How often the composite types in use are reloaded while the stream is idle.
+const COMPOSITE_REFRESH: Duration = Duration::from_secs(2);
+
 /// The server's `wal_sender_timeout` as last read (0: disabled or unknown).
 static WAL_SENDER_TIMEOUT_MS: AtomicU64 = AtomicU64::new(0);
 
@@ -363,6 +400,10 @@ struct Session<'a> {
     streamed: bool,
     started: Instant,
     spill_dir: std::path::PathBuf,
+    /// When the composite types were last reloaded (see `refresh_composites`).
+    types_refreshed: Instant,
+    /// When the publications were last checked (see `check_publication`).
+    publication_checked: Instant,
 }
 
 /// The sink tasks of a session, and their ends.
@@ -471,7 +512,8 @@ impl<'a> Session<'a> {
         crate::spill::clean_dir(&spill_dir)
             .map_err(|e| fatal(format!("spill directory {}: {e}", spill_dir.display())))?;
         let memory = config.pipeline.memory_limit_mb * 1024 * 1024;
-        let assembler = Assembler::new(TypeRegistry::builtin(), memory as usize, spill_dir.clone());
+        let assembler = Assembler::new(TypeRegistry::builtin(), memory as usize, spill_dir.clone())
+            .with_routes(table_routes(&p.client, config).await?);
         let snaps = Snapshots::start(
             config,
             &p.client,
@@ -549,6 +591,8 @@ impl<'a> Session<'a> {
             streamed: false,
             started: Instant::now(),
             spill_dir,
+            types_refreshed: Instant::now(),
+            publication_checked: Instant::now(),
         })
     }
 
@@ -668,20 +712,22 @@ impl<'a> Session<'a> {
         })?;
         self.received.message(&lm);
         if let LogicalMessage::Relation(r) = &lm {
-            let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
-            let missing = self.assembler.types_mut().missing(&oids);
-            if !missing.is_empty() {
-                self.assembler
-                    .types_mut()
-                    .load(&self.client, &missing)
-                    .await?;
-            }
+            self.before_relation(r).await?;
         }
         let spilled_before = self.assembler.spilled_txns;
-        let committed = self
-            .assembler
-            .handle(wal_start, lm)
-            .map_err(|e| self.assemble_error(wal_start, e))?;
+        let committed = match self.assembler.handle(wal_start, lm) {
+            Err(AssembleError::StaleType { type_oid, .. }) => {
+                // A user type changed (ALTER TYPE sends nothing): reload it
+                // and decode the same message again.
+                tracing::info!(at = %wal_start, type_oid, "a value does not match its type as loaded: reloading the type from the catalog");
+                self.assembler.types_mut().load(&self.client, &[type_oid]).await?;
+                self.assembler.types_reloaded_at(wal_start);
+                let lm = pgoutput::parse(data, ctx).map_err(|e| fatal(format!("at {wal_start}: {e}")))?;
+                self.assembler.handle(wal_start, lm)
+            }
+            r => r,
+        }
+        .map_err(|e| self.assemble_error(wal_start, e))?;
         if self.assembler.spilled_txns != spilled_before {
             tracing::info!(at = %wal_start, memory_limit_mb = self.config.pipeline.memory_limit_mb, "transaction spilled to disk");
         }
@@ -702,6 +748,33 @@ impl<'a> Session<'a> {
         self.received.committed(&txn);
         let txn = self.deliver(txn).await?;
         self.snaps.delivered(&txn)
+    }
+
+    /// Prepares for a Relation message. It comes at each session's first
+    /// change of a table and after its columns changed: the user types it
+    /// uses are (re)loaded, as they may have changed too (tables that are
+    /// not delivered are left alone). When it would bind a configured name
+    /// to a new relation, the routes learn whether that relation is gone
+    /// (a replay meeting a dropped predecessor, see `decode::routes`).
+    async fn before_relation(&mut self, r: &pgoutput::Relation) -> Result<(), SourceError> {
+        let schema = String::from_utf8_lossy(&r.namespace);
+        let table = String::from_utf8_lossy(&r.name);
+        if self
+            .assembler
+            .routes_mut()
+            .would_rebind(r.oid, &schema, &table)
+        {
+            let q = "SELECT 1 FROM pg_catalog.pg_class WHERE oid = $1";
+            if self.client.query_opt(q, &[&r.oid]).await?.is_none() {
+                self.assembler.routes_mut().note_gone(r.oid);
+            }
+        }
+        if self.assembler.takes(r.oid, &schema, &table) {
+            let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
+            let user = self.assembler.types_mut().loaded(&oids);
+            self.assembler.types_mut().load(&self.client, &user).await?;
+        }
+        Ok(())
     }
 
     async fn on_keepalive(
@@ -728,6 +801,8 @@ impl<'a> Session<'a> {
             return Ok(());
         }
         self.past_spill_failure(wal_end);
+        self.refresh_composites().await?;
+        self.check_publication().await?;
         for t in self.snaps.on_idle(wal_end).await? {
             self.deliver(t).await?;
         }
@@ -741,6 +816,104 @@ impl<'a> Session<'a> {
                 .await
                 .map_err(|g| fatal(format!("sink {:?} stopped", g.0)))?;
         }
+        Ok(())
+    }
+
+    /// `ALTER TYPE … RENAME ATTRIBUTE` shows nowhere in the stream (no
+    /// Relation message, and the values parse as before), so while the
+    /// stream is caught up the composite types in use are reloaded now and
+    /// then. Changes decoded between the rename and the next refresh keep
+    /// the old name (see proto-notes/schema-changes.md).
+    async fn refresh_composites(&mut self) -> Result<(), SourceError> {
+        if self.types_refreshed.elapsed() < COMPOSITE_REFRESH {
+            return Ok(());
+        }
+        self.types_refreshed = Instant::now();
+        let user: Vec<u32> = (self.assembler.types_mut().composites().into_iter())
+            .filter(|o| *o >= crate::decode::types::FIRST_NORMAL_OID)
+            .collect();
+        let types = self.assembler.types_mut();
+        let before: Vec<_> = user.iter().map(|o| types.kind(*o).cloned()).collect();
+        types.load(&self.client, &user).await?;
+        for (oid, old) in user.iter().zip(before) {
+            if types.kind(*oid) != old.as_ref() {
+                tracing::warn!(type_oid = oid, "a composite type changed (ALTER TYPE … RENAME ATTRIBUTE shows nowhere in the stream): reloaded; changes decoded from here on use its new attribute names");
+            }
+        }
+        Ok(())
+    }
+
+    /// A table dropped and created again under its name is not in a `FOR
+    /// TABLE` publication, and nothing in the stream shows it: while the
+    /// stream is idle, the publications are checked now and then. A
+    /// configured table they lack is added back (when pgferry manages them),
+    /// its old rows are cleared in the sinks (a `pgferry.replaced` message,
+    /// see `decode::routes`) and its backfill is requested (with
+    /// `source.snapshot = "initial"`; otherwise the log names the command).
+    async fn check_publication(&mut self) -> Result<(), SourceError> {
+        if self.publication_checked.elapsed() < PUBLICATION_CHECK {
+            return Ok(());
+        }
+        self.publication_checked = Instant::now();
+        let insp = crate::publication::inspect(&self.client, self.config).await?;
+        if !insp.main.exists || !insp.insert.exists {
+            // A dropped publication ends the stream with its own error;
+            // re-creating it here would hide that.
+            return Ok(());
+        }
+        let found = crate::publication::findings(&insp, true);
+        let adds: Vec<&crate::publication::Finding> = found
+            .iter()
+            .filter(|f| !f.adds.is_empty() && f.repair.is_some())
+            .collect();
+        if adds.is_empty() {
+            return Ok(());
+        }
+        if !self.config.source.create_publication {
+            for f in adds {
+                tracing::error!(what = %f.what, fix = %f.fix, "a configured table is not published (dropped and created again, or removed from the publication): its changes do not reach the sinks. Run the fix, then load its rows with pgferry backfill --table");
+            }
+            return Ok(());
+        }
+        for f in adds {
+            let sql = f.repair.as_deref().unwrap_or_default();
+            self.client.batch_execute(sql).await?;
+            tracing::warn!(statement = %sql, tables = ?f.adds, "a configured table was not published any more (dropped and created again, or removed from the publication): added it back");
+            for table in &f.adds {
+                self.replace_table(table).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Clears a replaced table's old rows in the sinks at this point of the
+    /// WAL, then requests its backfill (or names the command).
+    async fn replace_table(&mut self, table: &str) -> Result<(), SourceError> {
+        let Some(t) = self
+            .config
+            .source
+            .table_names()
+            .into_iter()
+            .find(|(s, t)| format!("{s}.{t}") == table)
+        else {
+            return Ok(());
+        };
+        let sql = crate::config::sql_table(&t.0, &t.1);
+        let row = self
+            .client
+            .query_one("SELECT pg_catalog.to_regclass($1)::pg_catalog.oid", &[&sql])
+            .await?;
+        let Some(oid) = row.get::<_, Option<u32>>(0) else {
+            return Ok(());
+        };
+        let body = serde_json::json!({"schema": t.0, "table": t.1, "oid": oid}).to_string();
+        self.client
+            .execute(
+                "SELECT pg_catalog.pg_logical_emit_message(true, $1, $2::text)",
+                &[&crate::decode::routes::REPLACED_PREFIX, &body],
+            )
+            .await?;
+        backfill_added_tables(&self.client, self.config, &[table.to_string()], false).await;
         Ok(())
     }
 

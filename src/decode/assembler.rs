@@ -15,14 +15,23 @@
 //!   spilled to disk first, and once spilled, a transaction keeps appending
 //!   to its file;
 //! - every surprise from the wire (a change outside a transaction, an unknown
-//!   relation, a column count that does not match) is an error, never a panic.
+//!   relation, a column count that does not match) is an error, never a panic;
+//! - only configured tables are delivered, followed by OID through renames
+//!   (see [`super::routes`]); the changes of other published relations are
+//!   skipped before they are rendered;
+//! - a value of a user type that does not parse as the registry describes
+//!   the type (a composite that gained or lost an attribute: pgoutput sends
+//!   no Relation message for an `ALTER TYPE`) is reported as
+//!   [`AssembleError::StaleType`] before any state changes, so the caller
+//!   can reload the type and feed the same message again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::decode::routes::{Route, Routes, REPLACED_PREFIX};
 use crate::decode::types::TypeRegistry;
 use crate::decode::value;
 use crate::event::{
@@ -40,6 +49,11 @@ pub enum AssembleError {
     Protocol { lsn: Lsn, what: String },
     #[error("spill file I/O failed: {0}")]
     Spill(#[from] std::io::Error),
+    /// A value of user type `type_oid` did not parse as the registry
+    /// describes the type: reload it ([`Assembler::types_mut`]), then feed
+    /// the same message again after [`Assembler::types_reloaded_at`].
+    #[error("at {lsn}: a value of type {type_oid} does not match the type as loaded")]
+    StaleType { lsn: Lsn, type_oid: u32 },
 }
 
 #[derive(Default)]
@@ -55,7 +69,13 @@ struct Builder {
 /// Turns pgoutput messages into committed [`Transaction`]s.
 pub struct Assembler {
     relations: HashMap<u32, Arc<RelationInfo>>,
+    /// Relations of the publication that are not configured tables.
+    skipped: HashSet<u32>,
+    routes: Routes,
     types: TypeRegistry,
+    /// The position whose message is fed again after a type reload: values
+    /// that still do not parse there are kept as strings.
+    reloaded_at: Option<Lsn>,
     /// The open non-streamed transaction (between Begin and Commit).
     current: Option<Builder>,
     /// Open streamed transactions by top-level xid.
@@ -73,7 +93,10 @@ impl Assembler {
     pub fn new(types: TypeRegistry, mem_limit: usize, spill_dir: PathBuf) -> Assembler {
         Assembler {
             relations: HashMap::new(),
+            skipped: HashSet::new(),
+            routes: Routes::all(),
             types,
+            reloaded_at: None,
             current: None,
             streams: HashMap::new(),
             in_stream: None,
@@ -82,6 +105,29 @@ impl Assembler {
             spill_dir,
             spilled_txns: 0,
         }
+    }
+
+    /// Delivers only the relations `routes` takes (default: all).
+    pub fn with_routes(mut self, routes: Routes) -> Assembler {
+        self.routes = routes;
+        self
+    }
+
+    /// Whether a Relation message describes a relation that is delivered
+    /// (its types are worth loading).
+    pub fn takes(&self, oid: u32, schema: &str, table: &str) -> bool {
+        self.routes.peek(oid, schema, table)
+    }
+
+    /// The routing of configured tables (see [`super::routes`]).
+    pub fn routes_mut(&mut self) -> &mut Routes {
+        &mut self.routes
+    }
+
+    /// The types were reloaded for the message at `lsn`: when it is fed
+    /// again, a value that still does not parse is kept as a string.
+    pub fn types_reloaded_at(&mut self, lsn: Lsn) {
+        self.reloaded_at = Some(lsn);
     }
 
     /// The type registry, so the caller can load missing user types before
@@ -127,6 +173,10 @@ impl Assembler {
         msg: LogicalMessage<'_>,
     ) -> Result<Option<Transaction>, AssembleError> {
         let proto = |what: String| AssembleError::Protocol { lsn, what };
+        if self.reloaded_at.is_some_and(|at| at != lsn) {
+            // Past the message that was fed again after a type reload.
+            self.reloaded_at = None;
+        }
         match msg {
             LogicalMessage::Begin(b) => {
                 if self.current.is_some() {
@@ -205,9 +255,21 @@ impl Assembler {
                         )
                     })
                     .collect();
+                let (schema, table) = match self.routes.on_relation(r.oid, &schema, &table) {
+                    Route::To { schema, table } => (schema, table),
+                    Route::Skip => {
+                        self.relations.remove(&r.oid);
+                        self.skipped.insert(r.oid);
+                        return Ok(None);
+                    }
+                };
+                self.skipped.remove(&r.oid);
                 let info = RelationInfo::new(r.oid, schema, table, r.replica_identity, cols);
                 self.relations.insert(r.oid, Arc::new(info));
             }
+            LogicalMessage::Insert(i) if self.skipped.contains(&i.relation_oid) => {}
+            LogicalMessage::Update(u) if self.skipped.contains(&u.relation_oid) => {}
+            LogicalMessage::Delete(d) if self.skipped.contains(&d.relation_oid) => {}
             LogicalMessage::Insert(i) => {
                 let rel = self.relation(i.relation_oid, lsn)?;
                 let after = self.row(&rel, &i.new, lsn)?;
@@ -229,9 +291,17 @@ impl Assembler {
             }
             LogicalMessage::Truncate(t) => {
                 for oid in &t.relation_oids {
+                    if self.skipped.contains(oid) {
+                        continue;
+                    }
                     let rel = self.relation(*oid, lsn)?;
                     self.push(lsn, t.xid, rel, Op::Truncate, None, None)?;
                 }
+            }
+            LogicalMessage::Message(m)
+                if m.is_transactional() && &m.prefix[..] == REPLACED_PREFIX.as_bytes() =>
+            {
+                self.on_replaced(lsn, m.xid, &m.content)?;
             }
             LogicalMessage::Message(m) => {
                 if m.is_transactional() {
@@ -255,6 +325,41 @@ impl Assembler {
             }
         }
         Ok(None)
+    }
+
+    /// A configured table was replaced by a new relation (see
+    /// [`super::routes`]): its old rows are cleared here, in WAL order.
+    fn on_replaced(
+        &mut self,
+        lsn: Lsn,
+        xid: Option<u32>,
+        content: &[u8],
+    ) -> Result<(), AssembleError> {
+        #[derive(serde::Deserialize)]
+        struct Replaced {
+            schema: String,
+            table: String,
+            oid: u32,
+        }
+        let Ok(r) = serde_json::from_slice::<Replaced>(content) else {
+            // Not ours to understand: a message like any other.
+            return Ok(());
+        };
+        let Some(old) = self.routes.replaced(r.oid, &r.schema, &r.table) else {
+            return Ok(());
+        };
+        let rel = old
+            .and_then(|o| self.relations.get(&o).cloned())
+            .unwrap_or_else(|| {
+                Arc::new(RelationInfo::new(
+                    r.oid,
+                    r.schema,
+                    r.table,
+                    b'd',
+                    Vec::new(),
+                ))
+            });
+        self.push(lsn, xid, rel, Op::Truncate, None, None)
     }
 
     fn relation(&self, oid: u32, lsn: Lsn) -> Result<Arc<RelationInfo>, AssembleError> {
@@ -287,6 +392,10 @@ impl Assembler {
         before: Option<(BeforeKind, Row)>,
         after: Option<Row>,
     ) -> Result<(), AssembleError> {
+        if op != Op::Truncate && self.routes.take_truncate_first(rel.oid) {
+            // The relation replaced a dropped one of the same name.
+            self.push(lsn, xid, rel.clone(), Op::Truncate, None, None)?;
+        }
         let b = self.builder(lsn)?;
         let change = Change {
             op,
@@ -388,7 +497,15 @@ impl Assembler {
                 TupleValue::Unchanged => Cell::Unchanged,
                 TupleValue::Text(text) => {
                     let start = row.buf.len();
-                    value::render_or_string(&self.types, col.type_oid, text, &mut row.buf);
+                    if value::render(&self.types, col.type_oid, text, &mut row.buf).is_err() {
+                        if !self.types.is_builtin(col.type_oid) && self.reloaded_at != Some(lsn) {
+                            return Err(AssembleError::StaleType {
+                                lsn,
+                                type_oid: col.type_oid,
+                            });
+                        }
+                        crate::json_write::write_json_string(text, &mut row.buf);
+                    }
                     Cell::Value {
                         start: start as u32,
                         end: row.buf.len() as u32,

@@ -6,10 +6,13 @@
 //!   catalog lookups for user types).
 //! - [`value`]: one column value, in the type's text output form, to JSON text
 //!   equal to what Postgres's `to_jsonb()` gives for it.
+//! - [`routes`]: which relations are configured tables, followed by OID
+//!   through renames and replaced on DROP + CREATE.
 //! - [`assembler`]: pgoutput messages in, committed transactions out (streamed
 //!   transactions, aborts, spill to disk).
 
 pub mod assembler;
 pub mod binary;
+pub mod routes;
 pub mod types;
 pub mod value;

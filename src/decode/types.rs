@@ -360,6 +360,36 @@ impl TypeRegistry {
         self.kinds.get(&oid)
     }
 
+    /// True for the types of the static built-in table: their rule never
+    /// changes, so a value that does not parse is not a stale registry.
+    pub fn is_builtin(&self, oid: u32) -> bool {
+        is_static_builtin(oid)
+    }
+
+    /// The loaded (non built-in) types among `oids`: what a refresh reloads.
+    pub fn loaded(&self, oids: &[u32]) -> Vec<u32> {
+        let mut out: Vec<u32> = Vec::new();
+        for &oid in oids {
+            if oid != 0 && !is_static_builtin(oid) && !out.contains(&oid) {
+                out.push(oid);
+            }
+        }
+        out
+    }
+
+    /// The composite types the registry holds (a rename of their attributes
+    /// shows nowhere in the stream, so the session refreshes them now and then).
+    pub fn composites(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self
+            .kinds
+            .iter()
+            .filter(|(_, k)| matches!(k, TypeKind::Composite(_)))
+            .map(|(o, _)| *o)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Adds or replaces the rule for `oid` (built-in entries included).
     pub fn insert(&mut self, oid: u32, kind: TypeKind) {
         self.kinds.insert(oid, kind);

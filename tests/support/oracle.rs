@@ -73,7 +73,7 @@ pub fn table_rows(pg: &TestPg, table: &str) -> BTreeMap<String, Value> {
 }
 
 /// The table rebuilt from the JSONL events (no TOAST here: every update
-/// carries the whole row).
+/// carries the whole row); a truncate empties it.
 pub fn replay(events: &[Value]) -> BTreeMap<String, Value> {
     let mut rows = BTreeMap::new();
     for e in events {
@@ -90,6 +90,7 @@ pub fn replay(events: &[Value]) -> BTreeMap<String, Value> {
             "delete" => {
                 rows.remove(&e["key"]["id"].to_string());
             }
+            "truncate" => rows.clear(),
             op => panic!("unexpected op {op}"),
         }
     }
