@@ -412,11 +412,19 @@ impl SinkTask {
         self.close().await
     }
 
+    /// Closes the sink at the end of the session. A store that cannot be
+    /// reached now (the usual reason a session ends with a sink failing)
+    /// fails its close too: that loses nothing, since what the sink did not
+    /// checkpoint is replayed, so only a fatal error ends pgferry.
     async fn close(&mut self) -> Result<(), String> {
-        self.sink
-            .close()
-            .await
-            .map_err(|e| format!("sink {:?}: closing failed: {e}", self.name))
+        match self.sink.close().await {
+            Ok(()) => Ok(()),
+            Err(SinkError::Fatal(e)) => Err(format!("sink {:?}: closing failed: {e}", self.name)),
+            Err(e) => {
+                tracing::warn!(sink = %self.name, error = %e, "closing the sink failed; what it did not checkpoint is replayed in the next session");
+                Ok(())
+            }
+        }
     }
 
     /// A detached sink caught up: asks for a replay from its checkpoint and
@@ -694,6 +702,14 @@ mod tests {
             a.extend(batch.iter().map(|t| t.meta.end_lsn));
             Ok(())
         }
+
+        /// A store that is down fails its close too.
+        async fn close(&mut self) -> Result<(), SinkError> {
+            if self.broken.load(Ordering::Acquire) {
+                return Err(SinkError::Transient("down".into()));
+            }
+            Ok(())
+        }
     }
 
     fn txn(end: u64) -> Arc<Transaction> {
@@ -957,6 +973,10 @@ mod tests {
         );
     }
 
+    /// The session ends while the sink's store is down (the walsender was
+    /// terminated, say): the sink gives up, its close fails, and the task
+    /// still ends cleanly so that the next session replays (a failed close
+    /// once made pgferry exit).
     #[tokio::test]
     async fn a_retrying_sink_gives_up_when_the_session_ends_without_checkpointing() {
         let h = harness(1, None);

@@ -1046,6 +1046,9 @@ impl<'a> Session<'a> {
             "session statistics"
         );
         if let Some(e) = sink_error {
+            if let Err(ended) = &result {
+                tracing::warn!(error = %ended, "the session had ended with this error before a sink failed for good");
+            }
             return Err(fatal(e));
         }
         result
