@@ -2,7 +2,8 @@
 //! observability read and write without knowing one another.
 //!
 //! - [`Progress`]: the positions that travel back (received, and each sink's
-//!   durable checkpoint; their minimum is the flush position told to Postgres);
+//!   durable checkpoint; their minimum is the flush position told to Postgres),
+//!   and whether snapshot jobs are open (no slow-sink detach meanwhile);
 //! - [`SinkState`]: one sink's health (failing, detached, busy since);
 //! - [`clock_ms`]: the monotonic clock those states are stamped with;
 //! - [`Backoff`]: the one retry delay policy of pgferry.
@@ -29,6 +30,14 @@ pub struct Progress {
     pub changed: tokio::sync::Notify,
     /// A detached sink recovered and wants the session replayed from its checkpoint.
     pub rejoin: tokio::sync::Notify,
+    /// Whether snapshot jobs are open: set by the snapshot side each time
+    /// it saves its state. While they are, a sink is not detached for being
+    /// slow (only for failing): a snapshot chunk is done only once every
+    /// sink has applied it, so detaching a sink that is slow under the
+    /// snapshot's load would make the session restart and read the
+    /// unfinished chunks again, and a sink steadily slower than the
+    /// snapshot would keep it from ever finishing.
+    snapshot_open: AtomicBool,
 }
 
 impl Progress {
@@ -38,7 +47,17 @@ impl Progress {
             sinks: checkpoints.iter().map(|l| AtomicU64::new(l.0)).collect(),
             changed: tokio::sync::Notify::new(),
             rejoin: tokio::sync::Notify::new(),
+            snapshot_open: AtomicBool::new(false),
         })
+    }
+
+    /// See the field's docs.
+    pub fn set_snapshot_open(&self, open: bool) {
+        self.snapshot_open.store(open, Ordering::Release);
+    }
+
+    pub fn snapshot_open(&self) -> bool {
+        self.snapshot_open.load(Ordering::Acquire)
     }
 
     /// The position every sink has durably applied: the flush LSN for Postgres.
@@ -128,21 +147,4 @@ impl Backoff {
         let jitter = rand::random::<f64>() * 0.5 + 0.75;
         base.mul_f64(jitter)
     }
-}
-
-/// Whether snapshot jobs are open: set by the snapshot coordinator each time
-/// it saves its state. While they are, a sink is not detached for being
-/// slow (only for failing): a snapshot chunk is done only once every sink
-/// has applied it, so detaching a sink that is slow under the snapshot's
-/// load would make the session restart and read the unfinished chunks
-/// again, and a sink steadily slower than the snapshot would keep it from
-/// ever finishing.
-static SNAPSHOT_OPEN: AtomicBool = AtomicBool::new(false);
-
-pub fn set_snapshot_open(open: bool) {
-    SNAPSHOT_OPEN.store(open, Ordering::Release);
-}
-
-pub fn snapshot_open() -> bool {
-    SNAPSHOT_OPEN.load(Ordering::Acquire)
 }

@@ -100,7 +100,7 @@ impl Budget {
                             link.detach("sink is failing and the source waits for the memory it holds");
                         } else if link.holds_items()
                             && link.state.busy_for() >= link.slow_after
-                            && !crate::flow::snapshot_open()
+                            && !link.progress.snapshot_open()
                         {
                             link.detach_slow(&format!(
                                 "sink has spent over {} ms on one batch (pipeline.slow_sink_detach_ms) while the source waits for the memory its queue holds",
@@ -156,6 +156,8 @@ pub struct SinkLink {
     /// `pipeline.slow_sink_detach_ms`: how long a full queue may hold the
     /// others back before the sink is detached, failing or not.
     pub slow_after: Duration,
+    /// The session's positions, and whether snapshot jobs are open.
+    pub progress: Arc<Progress>,
 }
 
 impl SinkLink {
@@ -221,7 +223,7 @@ pub async fn fan_out_to(
                 break;
             }
             let waited = full_since.elapsed();
-            if waited >= link.slow_after && !crate::flow::snapshot_open() {
+            if waited >= link.slow_after && !link.progress.snapshot_open() {
                 link.detach_slow(&format!(
                     "sink queue has been full for {} ms (pipeline.slow_sink_detach_ms) while the other sinks wait",
                     waited.as_millis()
@@ -773,6 +775,7 @@ mod tests {
                 tx,
                 state: state.clone(),
                 slow_after,
+                progress: progress.clone(),
             });
             let task = SinkTask {
                 index: i,

@@ -451,6 +451,7 @@ async fn start_sinks(
             tx,
             state: state.clone(),
             slow_after,
+            progress: progress.clone(),
         });
         let task = SinkTask {
             index: i,

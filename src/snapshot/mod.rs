@@ -193,6 +193,8 @@ pub(crate) struct Shared {
     stopping: AtomicBool,
     run_id: String,
     next_chunk: std::sync::atomic::AtomicU64,
+    /// The session's positions; also told whether jobs are open.
+    progress: Arc<Progress>,
 }
 
 impl Shared {
@@ -332,6 +334,7 @@ impl Snapshots {
             stopping: AtomicBool::new(false),
             run_id: format!("{:08x}", rand::random::<u32>()),
             next_chunk: std::sync::atomic::AtomicU64::new(0),
+            progress: progress.clone(),
         });
         // Fresh sinks get the initial snapshot, unless one is already under
         // way (a crash before the first checkpoint resumes it). Removing the
@@ -362,7 +365,7 @@ impl Snapshots {
         for f in &st.failed {
             report_failure(f.id, &f.table, &f.kind, &f.error, false);
         }
-        crate::flow::set_snapshot_open(!st.jobs.is_empty());
+        shared.progress.set_snapshot_open(!st.jobs.is_empty());
         *shared.lock_state() = st;
         let mut tasks = Vec::new();
         for n in 0..config.snapshot.workers {
