@@ -1063,6 +1063,14 @@ impl Config {
 
     /// Checks what serde cannot: names, uniqueness, value ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_connection()?;
+        self.validate_tables()?;
+        self.validate_settings()?;
+        self.validate_sinks()
+    }
+
+    /// `source.url` and the TLS keys, wherever they were set.
+    fn validate_connection(&self) -> Result<(), ConfigError> {
         let s = &self.source;
         if s.url.trim().is_empty() {
             return Err(key_err(
@@ -1095,6 +1103,12 @@ impl Config {
                 .unwrap_or("sslmode");
             key_err(tls_key(k), e)
         })?;
+        Ok(())
+    }
+
+    /// Slot and publication names, the tables and what is published of them.
+    fn validate_tables(&self) -> Result<(), ConfigError> {
+        let s = &self.source;
         for (key, v) in [
             ("source.slot", &s.slot),
             ("source.publication", &s.publication),
@@ -1147,6 +1161,11 @@ impl Config {
         s.network
             .validate()
             .map_err(|(k, m)| key_err(format!("source.network.{k}"), m))?;
+        Ok(())
+    }
+
+    /// The numeric and address settings of the other sections.
+    fn validate_settings(&self) -> Result<(), ConfigError> {
         if self.pipeline.slow_sink_detach_ms < 100 {
             return Err(key_err(
                 "pipeline.slow_sink_detach_ms",
@@ -1186,6 +1205,13 @@ impl Config {
                 "must be at least 1 (or set heartbeat.enabled = false)",
             ));
         }
+        Ok(())
+    }
+
+    /// Each sink: a unique valid name, its own section, and tables that are
+    /// in `source.tables`.
+    fn validate_sinks(&self) -> Result<(), ConfigError> {
+        let s = &self.source;
         if self.sinks.is_empty() {
             return Err(key_err(
                 "sink",
