@@ -21,7 +21,6 @@ use crate::flow::Progress;
 use crate::pg::SourceError;
 
 pub(super) fn file_save(shared: &Shared, st: &State) -> Result<(), SourceError> {
-    shared.progress.set_snapshot_open(!st.jobs.is_empty());
     shared.save(st).map_err(|e| {
         if e.starts_with("disk full") {
             // Retried from the checkpoints, like a full spill directory.
@@ -142,7 +141,6 @@ fn absorb(shared: &Shared, ready: &[Completion]) {
             st.finished.remove(0);
         }
     }
-    shared.progress.set_snapshot_open(!st.jobs.is_empty());
     if let Err(e) = shared.save(&st) {
         tracing::error!(error = %e, "could not record snapshot progress; chunks will be read again after a restart");
     }

@@ -202,7 +202,10 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Saves `snapshot.json`, and tells the session whether jobs are open
+    /// (no slow-sink detach meanwhile): every change to the jobs is saved.
     fn save(&self, s: &State) -> Result<(), String> {
+        self.progress.set_snapshot_open(!s.jobs.is_empty());
         self.file.save(s)
     }
 
