@@ -25,6 +25,7 @@
 //!   changes a restart sends again cannot overwrite newer documents.
 
 pub mod elasticsearch;
+pub mod eventlog;
 pub mod jsonl;
 pub mod key;
 pub mod null;
