@@ -167,11 +167,15 @@ impl Encoder {
     ) -> Result<(), SinkError> {
         let mut index = 0u64;
         let mut failed = None;
+        let tail = match self.opts.format {
+            Format::Pgferry => txn.meta.json_tail(),
+            Format::Debezium => Vec::new(),
+        };
         let read = txn.for_each_change(|c| {
             if !self.opts.tables.accepts(&c.rel.qualified) {
                 return Ok(());
             }
-            if let Err(e) = self.encode_change(&txn.meta, c, &mut index, &mut emit) {
+            if let Err(e) = self.encode_change(&txn.meta, &tail, c, &mut index, &mut emit) {
                 failed = Some(e);
                 return Err(std::io::Error::other("stopped"));
             }
@@ -191,6 +195,7 @@ impl Encoder {
     fn encode_change(
         &mut self,
         meta: &TxnMeta,
+        tail: &[u8],
         c: &Change,
         index: &mut u64,
         emit: &mut impl FnMut(&Record<'_>) -> Result<(), SinkError>,
@@ -202,21 +207,23 @@ impl Encoder {
                 after: None,
                 ..c.clone()
             };
-            self.one(meta, &delete, index, emit)?;
+            self.one(meta, tail, &delete, index, emit)?;
             let insert = Change {
                 op: Op::Insert,
                 before: None,
                 ..c.clone()
             };
-            return self.one(meta, &insert, index, emit);
+            return self.one(meta, tail, &insert, index, emit);
         }
-        self.one(meta, c, index, emit)
+        self.one(meta, tail, c, index, emit)
     }
 
-    /// The record of one change, and its tombstone after a delete.
+    /// The record of one change, and its tombstone after a delete. `tail`
+    /// is the transaction's [`TxnMeta::json_tail`] (pgferry format).
     fn one(
         &mut self,
         meta: &TxnMeta,
+        tail: &[u8],
         c: &Change,
         index: &mut u64,
         emit: &mut impl FnMut(&Record<'_>) -> Result<(), SinkError>,
@@ -229,7 +236,7 @@ impl Encoder {
                 if has_key {
                     c.write_key(&mut self.key);
                 }
-                c.write_json(meta, &mut self.value);
+                c.write_json_with(tail, &mut self.value);
             }
             Format::Debezium => {
                 if has_key {
