@@ -227,46 +227,8 @@ impl Assembler {
                 };
                 return self.finish(b, meta).map(Some);
             }
-            LogicalMessage::StreamAbort(a) => {
-                if a.xid == a.subxid {
-                    if let Some(b) = self.streams.remove(&a.xid) {
-                        self.mem_used -= b.mem;
-                        // Dropping the builder deletes its spill file.
-                    }
-                } else if let Some(b) = self.streams.get_mut(&a.xid) {
-                    b.aborted.push(a.subxid);
-                    let before = b.mem;
-                    b.changes.retain(|c| c.xid != a.subxid);
-                    b.mem = b.changes.iter().map(Change::mem_size).sum();
-                    self.mem_used -= before - b.mem;
-                }
-            }
-            LogicalMessage::Relation(r) => {
-                let schema = String::from_utf8_lossy(&r.namespace).into_owned();
-                let table = String::from_utf8_lossy(&r.name).into_owned();
-                let cols = r
-                    .columns
-                    .iter()
-                    .map(|c| {
-                        (
-                            String::from_utf8_lossy(&c.name).into_owned(),
-                            c.type_oid,
-                            c.is_key(),
-                        )
-                    })
-                    .collect();
-                let (schema, table) = match self.routes.on_relation(r.oid, &schema, &table) {
-                    Route::To { schema, table } => (schema, table),
-                    Route::Skip => {
-                        self.relations.remove(&r.oid);
-                        self.skipped.insert(r.oid);
-                        return Ok(None);
-                    }
-                };
-                self.skipped.remove(&r.oid);
-                let info = RelationInfo::new(r.oid, schema, table, r.replica_identity, cols);
-                self.relations.insert(r.oid, Arc::new(info));
-            }
+            LogicalMessage::StreamAbort(a) => self.on_stream_abort(&a),
+            LogicalMessage::Relation(r) => self.on_relation(&r),
             LogicalMessage::Insert(i) if self.skipped.contains(&i.relation_oid) => {}
             LogicalMessage::Update(u) if self.skipped.contains(&u.relation_oid) => {}
             LogicalMessage::Delete(d) if self.skipped.contains(&d.relation_oid) => {}
@@ -303,16 +265,7 @@ impl Assembler {
             {
                 self.on_replaced(lsn, m.xid, &m.content)?;
             }
-            LogicalMessage::Message(m) => {
-                if m.is_transactional() {
-                    let msg = EventMessage {
-                        lsn: m.lsn,
-                        prefix: String::from_utf8_lossy(&m.prefix).into_owned(),
-                        content: Bytes::copy_from_slice(&m.content),
-                    };
-                    self.builder(lsn)?.messages.push(msg);
-                }
-            }
+            LogicalMessage::Message(m) => self.on_message(lsn, &m)?,
             LogicalMessage::Origin(_) | LogicalMessage::Type(_) => {}
             LogicalMessage::BeginPrepare(_)
             | LogicalMessage::Prepare(_)
@@ -325,6 +278,64 @@ impl Assembler {
             }
         }
         Ok(None)
+    }
+
+    /// A streamed (sub)transaction aborted: drop it, or its subtransaction's changes.
+    fn on_stream_abort(&mut self, a: &pgoutput::StreamAbort) {
+        if a.xid == a.subxid {
+            if let Some(b) = self.streams.remove(&a.xid) {
+                self.mem_used -= b.mem;
+                // Dropping the builder deletes its spill file.
+            }
+        } else if let Some(b) = self.streams.get_mut(&a.xid) {
+            b.aborted.push(a.subxid);
+            let before = b.mem;
+            b.changes.retain(|c| c.xid != a.subxid);
+            b.mem = b.changes.iter().map(Change::mem_size).sum();
+            self.mem_used -= before - b.mem;
+        }
+    }
+
+    /// A Relation message: (re)describe the relation under its routed name,
+    /// or remember to skip its changes.
+    fn on_relation(&mut self, r: &pgoutput::Relation) {
+        let schema = String::from_utf8_lossy(&r.namespace).into_owned();
+        let table = String::from_utf8_lossy(&r.name).into_owned();
+        let cols = r
+            .columns
+            .iter()
+            .map(|c| {
+                (
+                    String::from_utf8_lossy(&c.name).into_owned(),
+                    c.type_oid,
+                    c.is_key(),
+                )
+            })
+            .collect();
+        let (schema, table) = match self.routes.on_relation(r.oid, &schema, &table) {
+            Route::To { schema, table } => (schema, table),
+            Route::Skip => {
+                self.relations.remove(&r.oid);
+                self.skipped.insert(r.oid);
+                return;
+            }
+        };
+        self.skipped.remove(&r.oid);
+        let info = RelationInfo::new(r.oid, schema, table, r.replica_identity, cols);
+        self.relations.insert(r.oid, Arc::new(info));
+    }
+
+    /// A logical decoding message: transactional ones travel with their transaction.
+    fn on_message(&mut self, lsn: Lsn, m: &pgoutput::Message) -> Result<(), AssembleError> {
+        if m.is_transactional() {
+            let msg = EventMessage {
+                lsn: m.lsn,
+                prefix: String::from_utf8_lossy(&m.prefix).into_owned(),
+                content: Bytes::copy_from_slice(&m.content),
+            };
+            self.builder(lsn)?.messages.push(msg);
+        }
+        Ok(())
     }
 
     /// A configured table was replaced by a new relation (see
