@@ -38,7 +38,8 @@
 //! - [`pipeline`]: sink tasks, batching, backpressure, the memory budget,
 //!   acknowledgements; it drives the sinks through the `Sink` trait.
 //! - the session:
-//!   - [`source`]: one replication session, wiring the stages together.
+//!   - [`source`]: one replication session, wiring the stages together
+//!     (preflight, sinks, the stream loop, schema follow-up, feedback and drain).
 //!   - [`snapshot`]: initial snapshots and backfills (watermarked chunks).
 //!   - [`publication`]: what the publications must hold before a session
 //!     streams; created, completed or refused at every start.
