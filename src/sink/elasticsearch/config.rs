@@ -144,20 +144,9 @@ impl std::fmt::Debug for ElasticsearchConfig {
     }
 }
 
-/// The URL with any `user:password@` replaced by `***@`.
+/// The URL with the password of any `user:password@` replaced by `***`.
 pub fn redact_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
-            let _ = u.set_username("***");
-            let _ = u.set_password(None);
-            u.to_string()
-        }
-        Ok(_) => url.to_string(),
-        Err(_) => match url.rfind('@') {
-            Some(at) => format!("***{}", &url[at..]),
-            None => url.to_string(),
-        },
-    }
+    crate::config::redact_service_url(url, false)
 }
 
 impl ElasticsearchConfig {

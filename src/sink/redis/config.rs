@@ -226,19 +226,10 @@ impl RedisConfig {
     }
 }
 
-/// Replaces the password of a `redis://user:password@host` URL with `***`.
+/// Replaces the password of a `redis://user:password@host` URL (or a lone
+/// `redis://password@host`) with `***`.
 pub fn redact_redis_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    // The last '@' ends the user info, whatever the password holds ('/', '?', '@').
-    match rest.rfind('@') {
-        // `redis://password@host` is a password alone.
-        Some(at) if at > 0 && !rest[..at].contains(':') => {
-            format!("{scheme}://***{}", &rest[at..])
-        }
-        _ => format!("{scheme}://{}", crate::config::redact_userinfo(rest)),
-    }
+    crate::config::redact_service_url(url, true)
 }
 
 #[cfg(test)]
