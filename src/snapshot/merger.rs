@@ -446,3 +446,267 @@ pub(super) struct Mark {
     pub(super) id: String,
     pub(super) mark: String,
 }
+
+#[cfg(test)]
+mod tests {
+    //! The merger's state machine without a server: a chunk registered by a
+    //! "worker", its watermarks and the stream's changes fed as the session
+    //! feeds them (`on_commit`'s order, then `delivered`).
+    use std::collections::HashSet;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Mutex;
+
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::event::{Change, LogicalMessage, Op, Row};
+    use crate::snapshot::state::{State, StateFile};
+    use crate::snapshot::table::TableInfo;
+
+    const OID: u32 = 16400;
+
+    fn shared() -> Arc<Shared> {
+        Arc::new(Shared {
+            config: Default::default(),
+            tables: vec!["public.items".into()],
+            slot: "pgferry".into(),
+            sql_url: String::new(),
+            spill_dir: std::env::temp_dir(),
+            network: Default::default(),
+            file: StateFile::new(&std::env::temp_dir()),
+            state: Mutex::new(State::default()),
+            registry: Mutex::new(HashMap::new()),
+            taken: Mutex::new(HashSet::new()),
+            infos: Mutex::new(HashMap::new()),
+            completions: Mutex::new(Vec::new()),
+            live: Mutex::new(HashMap::new()),
+            work: Notify::new(),
+            pickup: Notify::new(),
+            stopping: AtomicBool::new(false),
+            run_id: "test".into(),
+            next_chunk: std::sync::atomic::AtomicU64::new(0),
+            progress: crate::flow::Progress::new(&[Lsn::ZERO]),
+        })
+    }
+
+    fn merger(max_buffer: usize) -> Merger {
+        Merger {
+            shared: shared(),
+            open: Vec::new(),
+            copies: Vec::new(),
+            recent: VecDeque::new(),
+            recent_set: HashMap::new(),
+            seq: 0,
+            max_buffer,
+            delivered: Lsn::ZERO,
+            targets: HashMap::new(),
+        }
+    }
+
+    fn rel() -> Arc<RelationInfo> {
+        Arc::new(RelationInfo::new(
+            OID,
+            "public".into(),
+            "items".into(),
+            b'd',
+            vec![("id".into(), 23, true), ("v".into(), 23, false)],
+        ))
+    }
+
+    fn row(id: i32, v: i32) -> Row {
+        Row::from_values(&[Some(&id.to_string()), Some(&v.to_string())])
+    }
+
+    fn txn(xid: u32, commit: u64, changes: Vec<Change>, marks: &[(&str, &str)]) -> Transaction {
+        Transaction {
+            meta: TxnMeta {
+                xid,
+                commit_lsn: Lsn(commit),
+                end_lsn: Lsn(commit + 8),
+                commit_time: 0,
+            },
+            changes: Changes::Memory(changes),
+            messages: marks
+                .iter()
+                .map(|(mark, id)| LogicalMessage {
+                    lsn: Lsn(commit - 1),
+                    prefix: WATERMARK_PREFIX.into(),
+                    content: serde_json::to_vec(&Mark {
+                        id: id.to_string(),
+                        mark: mark.to_string(),
+                    })
+                    .unwrap()
+                    .into(),
+                })
+                .collect(),
+            aborted_subxids: Vec::new(),
+            mem_bytes: 0,
+            _budget: None,
+        }
+    }
+
+    fn update(xid: u32, id: i32, v: i32) -> Change {
+        Change {
+            op: Op::Update,
+            rel: rel(),
+            lsn: Lsn(1),
+            xid,
+            before: None,
+            after: Some(row(id, v)),
+        }
+    }
+
+    /// A worker's chunk: registered, its rows sent on demand.
+    struct Chunk {
+        rows: Option<oneshot::Sender<ChunkData>>,
+        done: oneshot::Receiver<Result<Lsn, Refused>>,
+    }
+
+    fn register(m: &Merger, id: &str) -> Chunk {
+        let (rows_tx, rows_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        m.shared.registry.lock().unwrap().insert(
+            id.into(),
+            Registered::Chunk {
+                oid: OID,
+                rows: rows_rx,
+                done: done_tx,
+                only: None,
+            },
+        );
+        Chunk {
+            rows: Some(rows_tx),
+            done: done_rx,
+        }
+    }
+
+    fn send_rows(c: &mut Chunk, rows: Vec<Row>, xip: Vec<u32>) {
+        let info = Arc::new(TableInfo {
+            schema: "public".into(),
+            table: "items".into(),
+            rel: rel(),
+            key_cols: vec![0],
+            key_types: vec!["integer".into()],
+            rows_estimate: 0,
+        });
+        let _ = c.rows.take().unwrap().send(ChunkData { info, rows, xip });
+    }
+
+    /// What the session does with each committed transaction.
+    async fn commit(m: &mut Merger, t: &mut Transaction) {
+        m.poll_pending();
+        m.replay(t).unwrap();
+        m.watermarks(t, &|_| Some(rel())).await.unwrap();
+        m.remember(t.meta.xid);
+        m.buffer(t).unwrap();
+    }
+
+    /// The read events of a transaction, as (id, v).
+    fn reads(t: &Transaction) -> Vec<(String, String)> {
+        let Changes::Memory(v) = &t.changes else {
+            panic!("spilled")
+        };
+        v.iter()
+            .filter(|c| c.op == Op::Read)
+            .map(|c| {
+                let r = c.after.as_ref().unwrap();
+                (r.text(0).unwrap().into(), r.text(1).unwrap().into())
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn changes_between_the_watermarks_land_on_the_rows_read_events_at_the_high_one() {
+        let mut m = merger(1 << 20);
+        let mut c = register(&m, "c1");
+        commit(&mut m, &mut txn(100, 0x100, vec![], &[("low", "c1")])).await;
+        // The stream changes row 1 before the worker's rows arrive (buffered)...
+        commit(&mut m, &mut txn(101, 0x200, vec![update(101, 1, 11)], &[])).await;
+        send_rows(&mut c, vec![row(1, 10), row(2, 20)], vec![]);
+        // ... and row 2 after (replayed onto the active window).
+        commit(&mut m, &mut txn(102, 0x300, vec![update(102, 2, 22)], &[])).await;
+        let mut high = txn(103, 0x400, vec![], &[("high", "c1")]);
+        commit(&mut m, &mut high).await;
+        assert_eq!(
+            reads(&high),
+            vec![("1".into(), "11".into()), ("2".into(), "22".into())],
+            "the rows as of the high watermark"
+        );
+        assert_eq!(c.done.await.unwrap().unwrap(), Lsn(0x408));
+        assert!(m.open.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_read_that_missed_a_transaction_committed_before_the_low_watermark_is_refused() {
+        let mut m = merger(1 << 20);
+        let mut c = register(&m, "c1");
+        commit(&mut m, &mut txn(55, 0x100, vec![update(55, 1, 11)], &[])).await;
+        commit(&mut m, &mut txn(56, 0x200, vec![], &[("low", "c1")])).await;
+        // The read's snapshot still saw xid 55 in progress: its row 1 is stale.
+        send_rows(&mut c, vec![row(1, 10)], vec![55]);
+        let mut high = txn(57, 0x300, vec![], &[("high", "c1")]);
+        commit(&mut m, &mut high).await;
+        assert!(
+            reads(&high).is_empty(),
+            "nothing of a refused chunk is delivered"
+        );
+        assert!(matches!(c.done.await.unwrap(), Err(Refused::Race)));
+    }
+
+    #[tokio::test]
+    async fn a_transaction_in_progress_that_commits_after_the_low_watermark_is_no_race() {
+        let mut m = merger(1 << 20);
+        let mut c = register(&m, "c1");
+        commit(&mut m, &mut txn(60, 0x100, vec![], &[("low", "c1")])).await;
+        // xid 61 was in progress for the read and commits inside the window:
+        // its change is replayed onto the rows.
+        commit(&mut m, &mut txn(61, 0x200, vec![update(61, 1, 11)], &[])).await;
+        send_rows(&mut c, vec![row(1, 10)], vec![61]);
+        let mut high = txn(62, 0x300, vec![], &[("high", "c1")]);
+        commit(&mut m, &mut high).await;
+        assert_eq!(reads(&high), vec![("1".into(), "11".into())]);
+        assert!(c.done.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_window_that_buffers_too_much_is_given_up_and_read_again() {
+        let mut m = merger(1);
+        let mut c = register(&m, "c1");
+        commit(&mut m, &mut txn(70, 0x100, vec![], &[("low", "c1")])).await;
+        commit(&mut m, &mut txn(71, 0x200, vec![update(71, 1, 11)], &[])).await;
+        send_rows(&mut c, vec![row(1, 10)], vec![]);
+        let mut high = txn(72, 0x300, vec![], &[("high", "c1")]);
+        commit(&mut m, &mut high).await;
+        assert!(reads(&high).is_empty());
+        assert!(matches!(c.done.await.unwrap(), Err(Refused::Race)));
+    }
+
+    #[tokio::test]
+    async fn watermarks_of_other_sessions_are_ignored() {
+        let mut m = merger(1 << 20);
+        let mut t = txn(
+            80,
+            0x100,
+            vec![],
+            &[("low", "someone-else"), ("high", "nope")],
+        );
+        commit(&mut m, &mut t).await;
+        assert!(m.open.is_empty());
+        assert_eq!(
+            t.messages.len(),
+            2,
+            "the messages stay with their transaction"
+        );
+    }
+
+    #[test]
+    fn remembered_commits_are_bounded() {
+        let mut m = merger(0);
+        for xid in 0..(RECENT_XIDS as u32 + 10) {
+            m.remember(xid);
+        }
+        assert_eq!(m.recent.len(), RECENT_XIDS);
+        assert!(m.recent_set.len() <= RECENT_XIDS);
+        assert!(!m.recent_set.contains_key(&0));
+    }
+}
