@@ -106,6 +106,21 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// [`Self::save`] on tokio's blocking pool: its two `fsync`s can take
+    /// long on a busy disk and must not stall the async workers that carry
+    /// the stream and the other sinks.
+    pub async fn save_off_executor(&self, cp: &Checkpoint) -> Result<(), CheckpointError> {
+        let (store, owned) = (self.clone(), cp.clone());
+        tokio::task::spawn_blocking(move || store.save(&owned))
+            .await
+            .unwrap_or_else(|e| {
+                Err(CheckpointError::Io {
+                    path: self.path(&cp.sink),
+                    source: std::io::Error::other(format!("the checkpoint writer died: {e}")),
+                })
+            })
+    }
+
     /// Removes a sink's checkpoint (used when the slot is dropped on purpose).
     pub fn remove(&self, sink: &str) -> Result<(), CheckpointError> {
         let path = self.path(sink);

@@ -525,7 +525,7 @@ impl SinkTask {
         // errors (permissions, a corrupt directory) need the operator.
         let path = self.store.path_of(&self.name);
         loop {
-            match self.store.save(&cp) {
+            match self.store.save_off_executor(&cp).await {
                 Ok(()) => {
                     crate::metrics::global().disk_ok(&path);
                     break;
