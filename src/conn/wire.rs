@@ -11,10 +11,11 @@
 //!   never kept in any error.
 
 use bytes::{Buf, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{
     ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
 };
-use postgres_protocol::message::frontend;
+use postgres_protocol::message::{backend, frontend};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Backend messages larger than this are refused as malformed (1 GiB, the
@@ -89,26 +90,38 @@ impl ConnError {
     }
 }
 
-/// Parses the fields of an ErrorResponse or NoticeResponse body.
-pub fn parse_error_fields(mut body: &[u8]) -> ConnError {
+/// A backend message body parsed by `postgres-protocol`: the body is framed
+/// again (tag and length) because its parser takes whole messages.
+fn parse_backend(tag: u8, body: &[u8]) -> std::io::Result<Option<backend::Message>> {
+    let mut framed = BytesMut::with_capacity(body.len() + 5);
+    framed.extend_from_slice(&[tag]);
+    framed.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+    framed.extend_from_slice(body);
+    backend::Message::parse(&mut framed)
+}
+
+/// Parses the fields of an ErrorResponse body (with `postgres-protocol`).
+/// A malformed body still gives an error, with what could be read of it.
+pub fn parse_error_fields(body: &[u8]) -> ConnError {
     let (mut severity, mut code, mut message, mut detail, mut hint) =
         (String::new(), String::new(), String::new(), None, None);
-    while let Some((&field, rest)) = body.split_first() {
-        if field == 0 {
-            break;
+    if let Ok(Some(backend::Message::ErrorResponse(e))) = parse_backend(b'E', body) {
+        let mut fields = e.fields();
+        while let Ok(Some(f)) = fields.next() {
+            let value = String::from_utf8_lossy(f.value_bytes()).into_owned();
+            match f.type_() {
+                b'V' => severity = value,
+                b'S' if severity.is_empty() => severity = value,
+                b'C' => code = value,
+                b'M' => message = value,
+                b'D' => detail = Some(value),
+                b'H' => hint = Some(value),
+                _ => {}
+            }
         }
-        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
-        let value = String::from_utf8_lossy(&rest[..end]).into_owned();
-        match field {
-            b'V' => severity = value,
-            b'S' if severity.is_empty() => severity = value,
-            b'C' => code = value,
-            b'M' => message = value,
-            b'D' => detail = Some(value),
-            b'H' => hint = Some(value),
-            _ => {}
-        }
-        body = rest.get(end + 1..).unwrap_or(&[]);
+    }
+    if message.is_empty() {
+        message = format!("malformed ErrorResponse ({} bytes)", body.len());
     }
     let hint = hint.or_else(|| super::tls::refusal_hint(&message).map(str::to_string));
     ConnError::Server {
@@ -473,32 +486,19 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> Connection<R, W> {
     }
 }
 
-fn parse_data_row(mut body: &[u8]) -> Result<Vec<Option<String>>, ConnError> {
+/// A DataRow's values as text (with `postgres-protocol`); `None` is NULL.
+fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ConnError> {
     let bad = || ConnError::Protocol("malformed DataRow".into());
-    if body.len() < 2 {
+    let Ok(Some(backend::Message::DataRow(row))) = parse_backend(b'D', body) else {
         return Err(bad());
+    };
+    let buf = row.buffer();
+    let mut out = Vec::new();
+    let mut ranges = row.ranges();
+    while let Some(r) = ranges.next().map_err(|_| bad())? {
+        out.push(r.map(|r| String::from_utf8_lossy(&buf[r]).into_owned()));
     }
-    let n = i16::from_be_bytes([body[0], body[1]]);
-    if n < 0 {
-        return Err(bad());
-    }
-    body = &body[2..];
-    let mut row = Vec::with_capacity((n as usize).min(body.len() / 4 + 1));
-    for _ in 0..n {
-        if body.len() < 4 {
-            return Err(bad());
-        }
-        let len = i32::from_be_bytes([body[0], body[1], body[2], body[3]]);
-        body = &body[4..];
-        if len < 0 {
-            row.push(None);
-            continue;
-        }
-        let v = body.get(..len as usize).ok_or_else(bad)?;
-        row.push(Some(String::from_utf8_lossy(v).into_owned()));
-        body = &body[len as usize..];
-    }
-    Ok(row)
+    Ok(out)
 }
 
 #[cfg(test)]
