@@ -679,7 +679,6 @@ impl SinkTask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Changes, TxnMeta};
     use std::sync::atomic::AtomicBool;
     use std::sync::Mutex;
 
@@ -720,17 +719,8 @@ mod tests {
 
     fn txn_of(end: u64, mem_bytes: usize) -> Transaction {
         Transaction {
-            meta: TxnMeta {
-                xid: end as u32,
-                commit_lsn: Lsn(end - 1),
-                end_lsn: Lsn(end),
-                commit_time: 0,
-            },
-            changes: Changes::Memory(Vec::new()),
-            messages: Vec::new(),
-            aborted_subxids: Vec::new(),
             mem_bytes,
-            _budget: None,
+            ..crate::event::fixtures::txn(end as u32, end - 1, end, Vec::new())
         }
     }
 

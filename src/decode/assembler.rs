@@ -462,12 +462,10 @@ impl Assembler {
             None => Changes::Memory(std::mem::take(&mut b.changes)),
         };
         Ok(Transaction {
-            meta,
-            changes,
             messages: std::mem::take(&mut b.messages),
             aborted_subxids: std::mem::take(&mut b.aborted),
             mem_bytes: b.mem,
-            _budget: None,
+            ..Transaction::new(meta, changes)
         })
     }
 

@@ -17,6 +17,8 @@
 //!   memory or in a spill file.
 
 pub mod change;
+#[cfg(test)]
+pub mod fixtures;
 
 pub use change::*;
 
@@ -59,6 +61,19 @@ pub struct Transaction {
 }
 
 impl Transaction {
+    /// A transaction of `changes` with no logical messages, no aborted
+    /// subtransactions and no memory budget held (snapshot copies, tests).
+    pub fn new(meta: TxnMeta, changes: Changes) -> Transaction {
+        Transaction {
+            meta,
+            changes,
+            messages: Vec::new(),
+            aborted_subxids: Vec::new(),
+            mem_bytes: 0,
+            _budget: None,
+        }
+    }
+
     /// Visits every change in WAL order. Spilled changes are read back from
     /// disk in a streaming fashion, so memory stays bounded.
     pub fn for_each_change(

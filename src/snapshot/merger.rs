@@ -278,22 +278,18 @@ impl Merger {
             if let Some(only) = c.only {
                 self.targets.insert(p, only);
             }
-            out.push(Transaction {
-                meta: TxnMeta {
+            out.push(Transaction::new(
+                TxnMeta {
                     xid: 0,
                     commit_lsn: p,
                     end_lsn: p,
                     commit_time: crate::event::pg_now(),
                 },
-                changes: Changes::Spilled {
+                Changes::Spilled {
                     reader,
                     tail: Vec::new(),
                 },
-                messages: Vec::new(),
-                aborted_subxids: Vec::new(),
-                mem_bytes: 0,
-                _budget: None,
-            });
+            ));
             self.delivered = self.delivered.max(p);
             let _ = c.done.send(Ok(p));
         }
@@ -504,13 +500,12 @@ mod tests {
     }
 
     fn rel() -> Arc<RelationInfo> {
-        Arc::new(RelationInfo::new(
+        crate::event::fixtures::relation(
             OID,
-            "public".into(),
-            "items".into(),
-            b'd',
-            vec![("id".into(), 23, true), ("v".into(), 23, false)],
-        ))
+            "public",
+            "items",
+            &[("id", 23, true), ("v", 23, false)],
+        )
     }
 
     fn row(id: i32, v: i32) -> Row {
@@ -518,31 +513,21 @@ mod tests {
     }
 
     fn txn(xid: u32, commit: u64, changes: Vec<Change>, marks: &[(&str, &str)]) -> Transaction {
-        Transaction {
-            meta: TxnMeta {
-                xid,
-                commit_lsn: Lsn(commit),
-                end_lsn: Lsn(commit + 8),
-                commit_time: 0,
-            },
-            changes: Changes::Memory(changes),
-            messages: marks
-                .iter()
-                .map(|(mark, id)| LogicalMessage {
-                    lsn: Lsn(commit - 1),
-                    prefix: WATERMARK_PREFIX.into(),
-                    content: serde_json::to_vec(&Mark {
-                        id: id.to_string(),
-                        mark: mark.to_string(),
-                    })
-                    .unwrap()
-                    .into(),
+        let mut t = crate::event::fixtures::txn(xid, commit, commit + 8, changes);
+        t.messages = marks
+            .iter()
+            .map(|(mark, id)| LogicalMessage {
+                lsn: Lsn(commit - 1),
+                prefix: WATERMARK_PREFIX.into(),
+                content: serde_json::to_vec(&Mark {
+                    id: id.to_string(),
+                    mark: mark.to_string(),
                 })
-                .collect(),
-            aborted_subxids: Vec::new(),
-            mem_bytes: 0,
-            _budget: None,
-        }
+                .unwrap()
+                .into(),
+            })
+            .collect();
+        t
     }
 
     fn update(xid: u32, id: i32, v: i32) -> Change {

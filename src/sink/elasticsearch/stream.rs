@@ -88,20 +88,19 @@ mod tests {
                 .unwrap();
         }
         let txn = Arc::new(Transaction {
-            meta: TxnMeta {
-                xid: 1,
-                commit_lsn: crate::lsn::Lsn(1000),
-                end_lsn: crate::lsn::Lsn(1001),
-                commit_time: 0,
-            },
-            changes: Changes::Spilled {
-                reader: w.finish().unwrap(),
-                tail: (600..610).map(|i| change(i, 1)).collect(),
-            },
-            messages: Vec::new(),
             aborted_subxids: vec![2],
-            mem_bytes: 0,
-            _budget: None,
+            ..Transaction::new(
+                TxnMeta {
+                    xid: 1,
+                    commit_lsn: crate::lsn::Lsn(1000),
+                    end_lsn: crate::lsn::Lsn(1001),
+                    commit_time: 0,
+                },
+                Changes::Spilled {
+                    reader: w.finish().unwrap(),
+                    tail: (600..610).map(|i| change(i, 1)).collect(),
+                },
+            )
         });
         let mut want = Vec::new();
         txn.for_each_change(|c| {

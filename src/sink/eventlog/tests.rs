@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::event::{Changes, RelationInfo};
+use crate::event::RelationInfo;
 
 fn rel(schema: &str, table: &str) -> Arc<RelationInfo> {
     Arc::new(RelationInfo::new(
@@ -25,19 +25,7 @@ fn change(op: Op, before: Option<(BeforeKind, Row)>, after: Option<Row>, lsn: u6
 }
 
 fn txn(commit: u64, changes: Vec<Change>) -> Transaction {
-    Transaction {
-        meta: TxnMeta {
-            xid: 700,
-            commit_lsn: Lsn(commit),
-            end_lsn: Lsn(commit + 8),
-            commit_time: 0,
-        },
-        changes: Changes::Memory(changes),
-        messages: Vec::new(),
-        aborted_subxids: Vec::new(),
-        mem_bytes: 0,
-        _budget: None,
-    }
+    crate::event::fixtures::txn(700, commit, commit + 8, changes)
 }
 
 fn owner() -> StreamOwner {

@@ -349,46 +349,12 @@ mod tests {
     }
 
     fn txn(commit: u64, n: usize) -> Arc<Transaction> {
-        use crate::event::{Cell, Change, Changes, Op, RelationInfo, Row, TxnMeta};
-        let rel = Arc::new(RelationInfo::new(
-            1,
-            "public".into(),
-            "t".into(),
-            b'd',
-            vec![("id".into(), 23, true)],
-        ));
+        use crate::event::fixtures::{insert, relation, row, txn};
+        let rel = relation(1, "public", "t", &[("id", 23, true)]);
         let changes = (0..n)
-            .map(|i| {
-                let buf = i.to_string().into_bytes();
-                Change {
-                    op: Op::Insert,
-                    rel: rel.clone(),
-                    lsn: Lsn(commit - 100 + i as u64),
-                    xid: 9,
-                    before: None,
-                    after: Some(Row {
-                        cells: vec![Cell::Value {
-                            start: 0,
-                            end: buf.len() as u32,
-                        }],
-                        buf,
-                    }),
-                }
-            })
+            .map(|i| insert(&rel, commit - 100 + i as u64, row(&[Some(&i.to_string())])))
             .collect();
-        Arc::new(Transaction {
-            meta: TxnMeta {
-                xid: 9,
-                commit_lsn: Lsn(commit),
-                end_lsn: Lsn(commit + 8),
-                commit_time: 0,
-            },
-            changes: Changes::Memory(changes),
-            messages: Vec::new(),
-            aborted_subxids: Vec::new(),
-            mem_bytes: 0,
-            _budget: None,
-        })
+        Arc::new(txn(9, commit, commit + 8, changes))
     }
 
     fn ids(path: &std::path::Path) -> Vec<(String, u64)> {

@@ -605,7 +605,7 @@ mod tests {
     //! as a replay of transactions Redis already holds.
 
     use super::*;
-    use crate::event::{BeforeKind, Cell, Change, Op, RelationInfo, Row, TxnMeta};
+    use crate::event::{fixtures, BeforeKind, Cell, Change, Op, RelationInfo, Row};
     use crate::lsn::Lsn;
     use std::process::{Child, Command, Stdio};
 
@@ -739,19 +739,7 @@ mod tests {
     }
 
     fn txn(commit: u64, changes: Vec<Change>) -> Arc<Transaction> {
-        Arc::new(Transaction {
-            meta: TxnMeta {
-                xid: commit as u32,
-                commit_lsn: Lsn(commit),
-                end_lsn: Lsn(commit + 1),
-                commit_time: 0,
-            },
-            changes: Changes::Memory(changes),
-            messages: Vec::new(),
-            aborted_subxids: Vec::new(),
-            mem_bytes: 0,
-            _budget: None,
-        })
+        Arc::new(fixtures::txn(commit as u32, commit, commit + 1, changes))
     }
 
     fn owner(slot: &str) -> StreamOwner {
