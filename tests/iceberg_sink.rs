@@ -428,6 +428,25 @@ fn kill_9_during_a_typed_workload_leaves_an_exact_change_log() {
         assert_current_state(&pg, &f, table, toast);
     }
 
+    // The workload did what it is meant to cover: key changes, and updates
+    // that left the TOASTed `doc` unsent.
+    let moved = events
+        .iter()
+        .filter(|e| e["table"] == "ledger" && e["op"] == "update" && !e["before"].is_null())
+        .filter(|e| e["before"]["id"] != e["key"]["id"])
+        .count();
+    assert!(moved > 0, "no key change in the workload");
+    let toast = read(
+        &f,
+        "typed",
+        "SELECT count(*) AS n FROM t WHERE list_contains(_unchanged, 'doc') AND doc IS NULL",
+    );
+    assert!(
+        toast["sql"][0]["n"].as_u64().unwrap() > 0,
+        "no unchanged TOAST value: {}",
+        toast["sql"]
+    );
+
     // ADD COLUMN: a new optional column, null in the rows before it.
     let lake = read(
         &f,
