@@ -32,6 +32,9 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --no-fail-fast 2>&1 | tee "$log" || status=$?
+# The Iceberg sink sits behind the `iceberg` cargo feature (its dependencies
+# take minutes to build): its one test binary, with the feature.
+cargo test --features iceberg --test iceberg_sink 2>&1 | tee -a "$log" || status=$?
 if [ "$status" -ne 0 ]; then
   echo >&2
   echo "== failing tests" >&2

@@ -447,6 +447,18 @@ async fn sink_checks<W: Write>(
                 }
             }
         }
+        #[cfg(feature = "iceberg")]
+        SinkConfig::Iceberg(c) => match crate::sink::iceberg::IcebergSink::open(c).await {
+            Ok(_) => r.pass(format!(
+                "sink {name}: the Iceberg catalog {} opens (warehouse {})",
+                c.catalog_path().display(),
+                c.warehouse.display()
+            )),
+            Err(e) => r.fail(
+                format!("sink {name}: {e}"),
+                "check that the warehouse directory and the catalog file are writable",
+            ),
+        },
     }
 }
 

@@ -610,6 +610,43 @@ path = "changes.jsonl"           # "-" for stdout
     }
 
     #[test]
+    fn an_iceberg_sink_is_read_with_the_feature_and_named_without_it() {
+        let text = format!(
+            "{EXAMPLE}\n[[sink]]\nname = \"lake\"\ntype = \"iceberg\"\nwarehouse = \"/tmp/lake\"\n\
+             catalog = {{ type = \"sql\", uri = \"sqlite:////tmp/lake/c.db\" }}\n"
+        );
+        let r = parse(&text);
+        #[cfg(feature = "iceberg")]
+        {
+            let c = r.unwrap();
+            let SinkConfig::Iceberg(ice) = &c.sinks[1] else {
+                panic!("not an iceberg sink")
+            };
+            assert_eq!(ice.catalog_path(), PathBuf::from("/tmp/lake/c.db"));
+            assert_eq!(
+                (ice.namespace.as_str(), ice.table.as_str()),
+                ("pgferry", "{schema}_{table}")
+            );
+            assert_eq!(
+                c.sinks[1].checkpoint_interval(),
+                Some(std::time::Duration::from_secs(10))
+            );
+            let typo = parse(&text.replace("warehouse =", "warehous ="))
+                .unwrap_err()
+                .to_string();
+            assert!(typo.contains("warehous"), "{typo}");
+        }
+        #[cfg(not(feature = "iceberg"))]
+        {
+            let e = r.unwrap_err().to_string();
+            assert!(
+                e.contains("sink[1].type") && e.contains("--features iceberg"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn the_docker_example_parses() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("docker");
         let path = dir.join("pgferry.toml");
@@ -626,6 +663,8 @@ path = "changes.jsonl"           # "-" for stdout
                 SinkConfig::Redis(_) => "redis",
                 SinkConfig::Elasticsearch(_) => "elasticsearch",
                 SinkConfig::Null(_) => "null",
+                #[cfg(feature = "iceberg")]
+                SinkConfig::Iceberg(_) => "iceberg",
             })
             .collect();
         assert_eq!(kinds, ["jsonl", "redis", "elasticsearch"]);

@@ -15,6 +15,10 @@ pub enum SinkConfig {
     /// Documents in Elasticsearch or OpenSearch indices (`type =
     /// "elasticsearch"` or `"opensearch"`).
     Elasticsearch(crate::sink::elasticsearch::ElasticsearchConfig),
+    /// An append-only Apache Iceberg change log per table (built with
+    /// `--features iceberg`).
+    #[cfg(feature = "iceberg")]
+    Iceberg(crate::sink::iceberg::IcebergConfig),
 }
 
 impl SinkConfig {
@@ -28,7 +32,7 @@ impl SinkConfig {
                 "must be a table: write [[sink]] and its keys below it",
             ));
         };
-        const TYPES: &str = "jsonl, redis, elasticsearch, opensearch or null";
+        const TYPES: &str = "jsonl, redis, elasticsearch, opensearch, iceberg or null";
         let kind = match table.remove("type") {
             Some(toml::Value::String(s)) => s,
             Some(_) => {
@@ -51,6 +55,16 @@ impl SinkConfig {
             "redis" => SinkConfig::Redis(deserialize_at(&at, value)?),
             "elasticsearch" | "opensearch" => {
                 SinkConfig::Elasticsearch(deserialize_at(&at, value)?)
+            }
+            #[cfg(feature = "iceberg")]
+            "iceberg" => SinkConfig::Iceberg(deserialize_at(&at, value)?),
+            #[cfg(not(feature = "iceberg"))]
+            "iceberg" => {
+                return Err(key_err(
+                    format!("{at}.type"),
+                    "\"iceberg\": this pgferry was built without the Iceberg sink; \
+                     build it with `cargo build --release --features iceberg`",
+                ))
             }
             other => {
                 return Err(key_err(
@@ -75,6 +89,15 @@ impl SinkConfig {
                     t.mapping_file.iter_mut().for_each(f);
                 }
             }
+            #[cfg(feature = "iceberg")]
+            SinkConfig::Iceberg(c) => {
+                f(&mut c.warehouse);
+                if let Some(cat) = &mut c.catalog {
+                    let mut p = crate::sink::iceberg::config::catalog_file(&cat.uri);
+                    f(&mut p);
+                    cat.uri = p.display().to_string();
+                }
+            }
         }
     }
 
@@ -96,6 +119,8 @@ impl SinkConfig {
         match self {
             SinkConfig::Jsonl(c) => list(&mut c.tables),
             SinkConfig::Null(c) => list(&mut c.tables),
+            #[cfg(feature = "iceberg")]
+            SinkConfig::Iceberg(c) => list(&mut c.tables),
             SinkConfig::Redis(c) => {
                 c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
                 Ok(())
@@ -113,6 +138,8 @@ impl SinkConfig {
             SinkConfig::Null(c) => &c.name,
             SinkConfig::Redis(c) => &c.name,
             SinkConfig::Elasticsearch(c) => &c.name,
+            #[cfg(feature = "iceberg")]
+            SinkConfig::Iceberg(c) => &c.name,
         }
     }
 
@@ -123,6 +150,8 @@ impl SinkConfig {
             SinkConfig::Null(_) => None,
             SinkConfig::Redis(c) => c.max_failure_secs,
             SinkConfig::Elasticsearch(c) => c.max_failure_secs,
+            #[cfg(feature = "iceberg")]
+            SinkConfig::Iceberg(c) => c.max_failure_secs,
         }
     }
 
@@ -130,6 +159,8 @@ impl SinkConfig {
     pub fn on_data_loss(&self) -> OnDataLoss {
         match self {
             SinkConfig::Jsonl(_) | SinkConfig::Null(_) => OnDataLoss::Warn,
+            #[cfg(feature = "iceberg")]
+            SinkConfig::Iceberg(_) => OnDataLoss::Warn,
             SinkConfig::Redis(c) => c.on_data_loss,
             SinkConfig::Elasticsearch(c) => c.on_data_loss,
         }
@@ -148,6 +179,17 @@ impl SinkConfig {
         }
     }
 
+    /// The least time between two checkpoints of this sink, when it wants
+    /// more than `pipeline.checkpoint_interval_ms` (each checkpoint flushes
+    /// the sink: for Iceberg, a commit).
+    pub fn checkpoint_interval(&self) -> Option<std::time::Duration> {
+        #[cfg(feature = "iceberg")]
+        if let SinkConfig::Iceberg(c) = self {
+            return Some(std::time::Duration::from_secs(c.commit_interval_secs));
+        }
+        None
+    }
+
     /// The tables this sink receives (`None`: all of `[source].tables`).
     /// Sinks with per-table options return the keys of their `tables` map.
     pub fn tables(&self) -> Option<Vec<String>> {
@@ -156,6 +198,8 @@ impl SinkConfig {
             SinkConfig::Null(c) => c.tables.clone(),
             SinkConfig::Redis(c) => Some(c.tables.keys().cloned().collect()),
             SinkConfig::Elasticsearch(c) => Some(c.table_names()),
+            #[cfg(feature = "iceberg")]
+            SinkConfig::Iceberg(c) => c.tables.clone(),
         }
     }
 
@@ -164,6 +208,8 @@ impl SinkConfig {
         match self {
             SinkConfig::Redis(c) => c.validate(),
             SinkConfig::Elasticsearch(c) => c.validate(),
+            #[cfg(feature = "iceberg")]
+            SinkConfig::Iceberg(c) => c.validate(),
             SinkConfig::Jsonl(_) | SinkConfig::Null(_) => Ok(()),
         }
     }

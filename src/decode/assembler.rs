@@ -321,7 +321,10 @@ impl Assembler {
             }
         };
         self.skipped.remove(&r.oid);
-        let info = RelationInfo::new(r.oid, schema, table, r.replica_identity, cols);
+        let mut info = RelationInfo::new(r.oid, schema, table, r.replica_identity, cols);
+        for (col, wire) in info.columns.iter_mut().zip(&r.columns) {
+            col.type_mod = wire.type_modifier;
+        }
         self.relations.insert(r.oid, Arc::new(info));
     }
 

@@ -61,6 +61,9 @@ impl Op {
 pub struct ColumnInfo {
     pub name: String,
     pub type_oid: u32,
+    /// The type modifier (`atttypmod`: `numeric(p,s)`, `varchar(n)`), or -1
+    /// when unknown (rows of a snapshot) or none.
+    pub type_mod: i32,
     /// Part of the event `key`.
     pub is_key: bool,
     /// The column name as a JSON string, quotes included, ready to write.
@@ -105,6 +108,7 @@ impl RelationInfo {
                     json_name: String::from_utf8_lossy(&j).into(),
                     name,
                     type_oid,
+                    type_mod: -1,
                     is_key,
                 }
             })

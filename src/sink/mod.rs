@@ -23,9 +23,14 @@
 //! - `elasticsearch` (alias `opensearch`): effectively-once per document:
 //!   every write carries the change's LSN as an external version, so the
 //!   changes a restart sends again cannot overwrite newer documents.
+//! - `iceberg` (feature `iceberg`): effectively-once: each commit's
+//!   snapshot carries the position of its last row, and rows at or before
+//!   the table's current position are skipped.
 
 pub mod elasticsearch;
 pub mod eventlog;
+#[cfg(feature = "iceberg")]
+pub mod iceberg;
 pub mod jsonl;
 pub mod key;
 pub mod null;
@@ -149,5 +154,7 @@ pub async fn build(
         crate::config::SinkConfig::Elasticsearch(c) => Ok(Box::new(
             elasticsearch::ElasticsearchSink::open(c, Some(rows))?,
         )),
+        #[cfg(feature = "iceberg")]
+        crate::config::SinkConfig::Iceberg(c) => Ok(Box::new(iceberg::IcebergSink::open(c).await?)),
     }
 }

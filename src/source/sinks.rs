@@ -62,7 +62,8 @@ pub(super) async fn start_sinks(
             checkpoint: starts[i],
             progress: progress.clone(),
             batch_max_events: config.pipeline.batch_max_events,
-            checkpoint_interval: Duration::from_millis(config.pipeline.checkpoint_interval_ms),
+            checkpoint_interval: Duration::from_millis(config.pipeline.checkpoint_interval_ms)
+                .max(sc.checkpoint_interval().unwrap_or_default()),
             linger: sc.linger(),
             state,
             max_failure: sc.max_failure_secs().map(Duration::from_secs),

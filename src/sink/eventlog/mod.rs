@@ -281,7 +281,7 @@ impl Encoder {
 /// server sends the old key columns (`K`) only when they changed, and the
 /// whole old row (`O`, REPLICA IDENTITY FULL) always, so the latter is
 /// compared column by column.
-fn moved_key(c: &Change) -> Option<(BeforeKind, Row)> {
+pub(crate) fn moved_key(c: &Change) -> Option<(BeforeKind, Row)> {
     if c.op != Op::Update {
         return None;
     }
