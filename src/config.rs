@@ -734,6 +734,8 @@ pub enum SinkConfig {
     /// Documents in Elasticsearch or OpenSearch indices (`type =
     /// "elasticsearch"` or `"opensearch"`).
     Elasticsearch(crate::sink::elasticsearch::ElasticsearchConfig),
+    /// Publishes the change events to NATS JetStream.
+    Nats(crate::sink::nats::NatsConfig),
 }
 
 impl SinkConfig {
@@ -747,7 +749,7 @@ impl SinkConfig {
                 "must be a table: write [[sink]] and its keys below it",
             ));
         };
-        const TYPES: &str = "jsonl, redis, elasticsearch, opensearch or null";
+        const TYPES: &str = "jsonl, redis, elasticsearch, opensearch, nats or null";
         let kind = match table.remove("type") {
             Some(toml::Value::String(s)) => s,
             Some(_) => {
@@ -768,6 +770,7 @@ impl SinkConfig {
             "jsonl" => SinkConfig::Jsonl(deserialize_at(&at, value)?),
             "null" => SinkConfig::Null(deserialize_at(&at, value)?),
             "redis" => SinkConfig::Redis(deserialize_at(&at, value)?),
+            "nats" => SinkConfig::Nats(deserialize_at(&at, value)?),
             "elasticsearch" | "opensearch" => {
                 SinkConfig::Elasticsearch(deserialize_at(&at, value)?)
             }
@@ -786,6 +789,14 @@ impl SinkConfig {
             SinkConfig::Jsonl(c) => f(&mut c.path),
             SinkConfig::Null(_) => {}
             SinkConfig::Redis(c) => c.tls_ca_file.iter_mut().for_each(f),
+            SinkConfig::Nats(c) => {
+                let files = [
+                    &mut c.tls_ca_file,
+                    &mut c.credentials_file,
+                    &mut c.nkey_seed_file,
+                ];
+                files.into_iter().for_each(|p| p.iter_mut().for_each(f));
+            }
             SinkConfig::Elasticsearch(c) => {
                 c.ca_file.iter_mut().for_each(f);
                 c.dead_letter_path.iter_mut().for_each(f);
@@ -819,6 +830,10 @@ impl SinkConfig {
                 c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
                 Ok(())
             }
+            SinkConfig::Nats(c) => {
+                c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
+                Ok(())
+            }
             SinkConfig::Elasticsearch(c) => {
                 c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
                 Ok(())
@@ -831,6 +846,7 @@ impl SinkConfig {
             SinkConfig::Jsonl(c) => &c.name,
             SinkConfig::Null(c) => &c.name,
             SinkConfig::Redis(c) => &c.name,
+            SinkConfig::Nats(c) => &c.name,
             SinkConfig::Elasticsearch(c) => &c.name,
         }
     }
@@ -841,6 +857,7 @@ impl SinkConfig {
             SinkConfig::Jsonl(c) => c.max_failure_secs,
             SinkConfig::Null(_) => None,
             SinkConfig::Redis(c) => c.max_failure_secs,
+            SinkConfig::Nats(c) => c.max_failure_secs,
             SinkConfig::Elasticsearch(c) => c.max_failure_secs,
         }
     }
@@ -848,7 +865,7 @@ impl SinkConfig {
     /// What to do when the sink's store lost pgferry's state (`on_data_loss`).
     pub fn on_data_loss(&self) -> OnDataLoss {
         match self {
-            SinkConfig::Jsonl(_) | SinkConfig::Null(_) => OnDataLoss::Warn,
+            SinkConfig::Jsonl(_) | SinkConfig::Null(_) | SinkConfig::Nats(_) => OnDataLoss::Warn,
             SinkConfig::Redis(c) => c.on_data_loss,
             SinkConfig::Elasticsearch(c) => c.on_data_loss,
         }
@@ -874,6 +891,7 @@ impl SinkConfig {
             SinkConfig::Jsonl(c) => c.tables.clone(),
             SinkConfig::Null(c) => c.tables.clone(),
             SinkConfig::Redis(c) => Some(c.tables.keys().cloned().collect()),
+            SinkConfig::Nats(c) => c.table_names(),
             SinkConfig::Elasticsearch(c) => Some(c.table_names()),
         }
     }
@@ -882,6 +900,7 @@ impl SinkConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
         match self {
             SinkConfig::Redis(c) => c.validate(),
+            SinkConfig::Nats(c) => c.validate(),
             SinkConfig::Elasticsearch(c) => c.validate(),
             SinkConfig::Jsonl(_) | SinkConfig::Null(_) => Ok(()),
         }
@@ -1549,6 +1568,7 @@ path = "changes.jsonl"           # "-" for stdout
                 SinkConfig::Redis(_) => "redis",
                 SinkConfig::Elasticsearch(_) => "elasticsearch",
                 SinkConfig::Null(_) => "null",
+                SinkConfig::Nats(_) => "nats",
             })
             .collect();
         assert_eq!(kinds, ["jsonl", "redis", "elasticsearch"]);

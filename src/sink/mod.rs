@@ -23,11 +23,15 @@
 //! - `elasticsearch` (alias `opensearch`): effectively-once per document:
 //!   every write carries the change's LSN as an external version, so the
 //!   changes a restart sends again cannot overwrite newer documents.
+//! - `nats`: effectively-once: each message carries a `Nats-Msg-Id` made of
+//!   its position, and the sink reads its position back from the stream's
+//!   last message before publishing, so nothing is repeated.
 
 pub mod elasticsearch;
 pub mod eventlog;
 pub mod jsonl;
 pub mod key;
+pub mod nats;
 pub mod null;
 pub mod redis;
 pub mod rows;
@@ -146,6 +150,7 @@ pub async fn build(
         crate::config::SinkConfig::Redis(c) => {
             Ok(Box::new(redis::RedisSink::open(c, owner.clone()).await?))
         }
+        crate::config::SinkConfig::Nats(c) => Ok(Box::new(nats::NatsSink::open(c, owner.clone())?)),
         crate::config::SinkConfig::Elasticsearch(c) => Ok(Box::new(
             elasticsearch::ElasticsearchSink::open(c, Some(rows))?,
         )),

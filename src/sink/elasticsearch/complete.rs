@@ -192,7 +192,7 @@ fn marked(version: u64) -> u64 {
 
 /// True for a version [`marked`] gave.
 fn is_marked(version: u64) -> bool {
-    version % 8 != 0
+    !version.is_multiple_of(8)
 }
 
 /// What a merge became.
