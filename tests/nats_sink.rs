@@ -321,3 +321,48 @@ fn debezium_format_rides_out_a_frozen_server() {
         "the snapshot's reads"
     );
 }
+
+#[test]
+fn an_oversized_message_and_a_denied_subject_stop_pgferry_with_the_fix() {
+    let pg = TestPg::start();
+    let n = TestNats::with_config(
+        "max_payload: 4096\nauthorization {\n  users = [\n    {user: pgferry, password: \"secret-pw\", \
+         permissions: {publish: {deny: [\"pgferry.public.secret\"]}}}\n  ]\n}\n",
+    );
+    pg.sql("CREATE TABLE big (id int PRIMARY KEY, body text); CREATE TABLE secret (id int PRIMARY KEY);");
+    let cases = [
+        (
+            "p1",
+            "public.big",
+            "INSERT INTO big VALUES (1, repeat('x', 10000))",
+            "max_payload in nats-server's config",
+        ),
+        (
+            "p2",
+            "public.secret",
+            "INSERT INTO secret VALUES (1)",
+            "refused to let pgferry publish",
+        ),
+    ];
+    for (slot, table, change, fix) in cases {
+        let f = FerryDir::new();
+        let sink = format!(
+            "\n[[sink]]\nname = \"bus\"\ntype = \"nats\"\nurl = \"{}\"\nuser = \"pgferry\"\n\
+             password = \"secret-pw\"\ntimeout_secs = 2\n",
+            n.url()
+        );
+        f.write_config_slot(&pg.url(), slot, &[table], "", &sink);
+        let mut g = Guard(f.run());
+        support::ferry::wait_active(&pg, &f, slot);
+        pg.sql(change);
+        let st = support::ferry::wait_timeout(&mut g.0, Duration::from_secs(90))
+            .unwrap_or_else(|| panic!("pgferry kept running:\n{}", f.log()));
+        let log = f.log();
+        assert!(!st.success(), "{log}");
+        assert!(log.contains(fix), "{table}: no {fix:?} in:\n{log}");
+        assert!(
+            !log.contains("secret-pw"),
+            "the password reached the log:\n{log}"
+        );
+    }
+}

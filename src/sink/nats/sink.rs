@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::header::HeaderMap;
-use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
+use async_nats::jetstream::context::{GetStreamErrorKind, PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, LastRawMessageErrorKind, Stream};
 use async_nats::jetstream::{self, ErrorCode};
@@ -125,7 +125,8 @@ impl NatsSink {
     }
 
     fn fatal(&self, m: impl std::fmt::Display) -> SinkError {
-        SinkError::Fatal(format!("sink {:?}: {m}", self.cfg.name))
+        // The pipeline names the sink.
+        SinkError::Fatal(m.to_string())
     }
 
     fn timeout(&self) -> Duration {
@@ -218,7 +219,7 @@ impl NatsSink {
                 cfg.timeout_secs * 2
             ))),
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(classify_connect(&self.cfg.name, &url, e)),
+            Ok(Err(e)) => Err(classify_connect(&url, e)),
         }
     }
 
@@ -228,8 +229,7 @@ impl NatsSink {
         let mut stream = match js.get_stream(name).await {
             Ok(s) => s,
             Err(e) => match e.kind() {
-                async_nats::jetstream::context::GetStreamErrorKind::JetStream(j)
-                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND =>
+                GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND =>
                 {
                     return self.create_stream(js).await;
                 }
@@ -300,15 +300,40 @@ impl NatsSink {
         }
     }
 
-    /// For `pgferry check`: connects (address, TLS, credentials), checks or
-    /// creates the stream and reads the position back. Publishes nothing.
+    /// For `pgferry check`: connects (address, TLS, credentials), checks the
+    /// stream and reads the position back. Publishes and creates nothing.
     pub async fn probe(&mut self) -> Result<String, SinkError> {
+        let client = self.connect().await?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(self.timeout())
+            .build(client.clone());
+        let url = self.cfg.redacted_url();
+        let name = self.cfg.stream.clone();
+        if let Err(e) = js.get_stream(&name).await {
+            return match e.kind() {
+                GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND => {
+                    if self.cfg.create_stream {
+                        Ok(format!(
+                            "NATS at {url}; stream {name:?} does not exist yet (created on first use, subjects {:?})",
+                            self.filters
+                        ))
+                    } else {
+                        Err(self.fatal(format!(
+                            "stream {name:?} does not exist and create_stream = false; create it with subjects {:?}",
+                            self.filters
+                        )))
+                    }
+                }
+                _ => Err(SinkError::Transient(format!(
+                    "reading stream {name:?}: {e} (is JetStream enabled on the server: nats-server -js?)"
+                ))),
+            };
+        }
+        self.client = Some(client);
         let position = self.recover().await?;
         let conn = self.conn.as_ref().expect("connected by recover");
         Ok(format!(
-            "NATS at {}, stream {:?} covers {:?}, max message {} bytes, position {}",
-            self.cfg.redacted_url(),
-            self.cfg.stream,
+            "NATS at {url}, stream {name:?} covers {:?}, messages up to {} bytes, position {}",
             self.filters,
             conn.limit,
             position.to_text()
@@ -390,7 +415,6 @@ impl NatsSink {
         let ctx = Prep {
             slot: self.owner.slot.clone(),
             source: self.source.clone(),
-            sink: self.cfg.name.clone(),
             limit,
             start,
         };
@@ -483,7 +507,6 @@ impl NatsSink {
 struct Prep {
     slot: String,
     source: String,
-    sink: String,
     limit: usize,
     start: Position,
 }
@@ -537,11 +560,10 @@ fn message(r: &Record<'_>, ctx: &Prep) -> Result<Outgoing, SinkError> {
     let size = header_bytes + payload.len();
     if size > ctx.limit {
         return Err(SinkError::Fatal(format!(
-            "sink {:?}: the change to {} at {} is {size} bytes as a NATS message ({} payload, {header_bytes} headers), \
+            "the change to {} at {} is {size} bytes as a NATS message ({} payload, {header_bytes} headers), \
              over the limit of {} bytes (the server's max_payload, or the stream's max_msg_size when smaller). \
              Raise max_payload in nats-server's config (at most 64 MB) and the stream's max_msg_size, \
              or leave the table out of the sink's tables",
-            ctx.sink,
             r.headers.table,
             r.headers.lsn,
             payload.len(),
@@ -584,15 +606,15 @@ fn note_event(sink: &str, ev: async_nats::Event, denied: &Mutex<Option<String>>)
     }
 }
 
-fn classify_connect(sink: &str, url: &str, e: async_nats::ConnectError) -> SinkError {
+fn classify_connect(url: &str, e: async_nats::ConnectError) -> SinkError {
     use async_nats::ConnectErrorKind as K;
     match e.kind() {
         K::Authentication | K::AuthorizationViolation => SinkError::Fatal(format!(
-            "sink {sink:?}: NATS at {url} refused the credentials ({e}); check user/password, token, credentials_file or nkey_seed_file"
+            "NATS at {url} refused the credentials ({e}); check user/password, token, credentials_file or nkey_seed_file"
         )),
-        K::ServerParse => SinkError::Fatal(format!("sink {sink:?}: invalid url {url}: {e}")),
+        K::ServerParse => SinkError::Fatal(format!("invalid url {url}: {e}")),
         K::Tls => SinkError::Fatal(format!(
-            "sink {sink:?}: TLS with NATS at {url} failed ({e}); check that the server has TLS enabled and that \
+            "TLS with NATS at {url} failed ({e}); check that the server has TLS enabled and that \
              tls_ca_file holds the CA that signed its certificate"
         )),
         _ => SinkError::Transient(format!("connecting to NATS at {url}: {e}")),
