@@ -264,20 +264,16 @@ impl NatsConfig {
     }
 }
 
-/// `scheme://user:secret@host` → `scheme://user:***@host` (a lone token,
-/// `scheme://token@host`, becomes `scheme://***@host`).
+/// `scheme://user:secret@host` → `scheme://user:***@host`; a lone token,
+/// `scheme://token@host`, becomes `scheme://***@host`.
 fn redact_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let Some((info, host)) = rest.rsplit_once('@') else {
-        return url.to_string();
-    };
-    let info = match info.split_once(':') {
-        Some((user, _)) => format!("{user}:***"),
-        None => "***".to_string(),
-    };
-    format!("{scheme}://{info}@{host}")
+    match rest.rfind('@') {
+        Some(at) if at > 0 && !rest[..at].contains(':') => format!("{scheme}://***{}", &rest[at..]),
+        _ => format!("{scheme}://{}", crate::config::redact_userinfo(rest)),
+    }
 }
 
 #[cfg(test)]
