@@ -7,13 +7,17 @@
 //! - A batch counts as applied only when the server acknowledged every one
 //!   of its messages; publishing is pipelined, at most `max_in_flight`
 //!   unacknowledged.
-//! - Before the first batch, and after any error, the sink reads the last
-//!   message on its subjects back from the stream: its headers carry its
-//!   position, and every record at or before it is skipped. So a pgferry
-//!   crash or a server restart repeats nothing, whatever the outage's length;
-//!   the duplicate window covers what the server stored but could not
-//!   acknowledge (a message that is stored but is not yet the last one read
-//!   back never exists: the server stores one connection's messages in order).
+//! - Before the first batch, the sink reads the last message on its
+//!   subjects back from the stream: its headers carry its position, and
+//!   every record at or before it is skipped. So a pgferry crash repeats
+//!   nothing, whatever the outage's length.
+//! - After an error, it resumes after the last message acknowledged in
+//!   order (or the stream's last, when that is earlier): a reconnecting
+//!   client can deliver later messages of a failed batch while earlier ones
+//!   died with the old connection, so the stream's last message does not
+//!   prove its predecessors are in. What is published again is dropped by
+//!   JetStream's deduplication within the stream's duplicate window, which
+//!   is therefore the longest outage that is covered without duplicates.
 //! - A message over the server's `max_payload` or the stream's
 //!   `max_msg_size` is never sent: it stops the sink with the fix.
 
@@ -67,8 +71,14 @@ pub struct NatsSink {
     client: Option<async_nats::Client>,
     /// The JetStream context and the checked stream; checked again after an error.
     conn: Option<Conn>,
-    /// What the stream holds; `None`: read it back before publishing.
+    /// Where publishing resumes (what is at or before it is skipped);
+    /// `None`: read the stream back first.
     position: Option<Position>,
+    /// The last message this process saw acknowledged with every message
+    /// before it (`None` before the first): after an error, publishing
+    /// resumes after it even when the stream holds later messages (see
+    /// [`NatsSink::resume_point`]).
+    acked: Option<Position>,
     /// A permission violation the server reported (asynchronously).
     denied: Arc<Mutex<Option<String>>>,
 }
@@ -120,6 +130,7 @@ impl NatsSink {
             client: None,
             conn: None,
             position: None,
+            acked: None,
             denied: Arc::new(Mutex::new(None)),
         })
     }
@@ -300,6 +311,26 @@ impl NatsSink {
         }
     }
 
+    /// Where to resume: after the last message on the stream, or, after an
+    /// error in this process, after the last message acknowledged in order
+    /// when that is earlier. The stream may hold a message whose
+    /// predecessors it never got: the client re-sends what it still had
+    /// queued once it reconnects, while what sat in the dead connection's
+    /// buffers is lost (seen in the crash test). Publishing again from the
+    /// acknowledged prefix fills such a gap; JetStream's deduplication drops
+    /// the copies of what it already holds, within its duplicate window.
+    async fn resume_point(&mut self) -> Result<Position, SinkError> {
+        let read = self.recover().await?;
+        Ok(match self.acked {
+            Some(a) if a < read => {
+                tracing::info!(sink = %self.cfg.name, acknowledged = %a.to_text(), stream = %read.to_text(),
+                    "publishing again from the last message acknowledged in order (deduplication drops what the stream holds)");
+                a
+            }
+            _ => read,
+        })
+    }
+
     /// For `pgferry check`: connects (address, TLS, credentials), checks the
     /// stream and reads the position back. Publishes and creates nothing.
     pub async fn probe(&mut self) -> Result<String, SinkError> {
@@ -400,7 +431,7 @@ impl NatsSink {
         let start = match self.position {
             Some(p) => p,
             None => {
-                let p = self.recover().await?;
+                let p = self.resume_point().await?;
                 self.position = Some(p);
                 p
             }
@@ -470,9 +501,14 @@ impl NatsSink {
     }
 
     /// Waits for one acknowledgement: `true` when the server says it is a duplicate.
-    async fn acked(&self, fut: PublishAckFuture, pos: Position) -> Result<bool, SinkError> {
+    async fn acked(&mut self, fut: PublishAckFuture, pos: Position) -> Result<bool, SinkError> {
         match fut.await {
-            Ok(ack) => Ok(ack.duplicate),
+            Ok(ack) => {
+                // Acknowledgements are awaited in publishing order, and the
+                // first failure ends the batch: this one's predecessors are in.
+                self.acked = Some(pos);
+                Ok(ack.duplicate)
+            }
             Err(e) => Err(self.publish_error(e, pos)),
         }
     }
