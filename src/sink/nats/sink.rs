@@ -11,13 +11,17 @@
 //!   subjects back from the stream: its headers carry its position, and
 //!   every record at or before it is skipped. So a pgferry crash repeats
 //!   nothing, whatever the outage's length.
-//! - After an error, it resumes after the last message acknowledged in
-//!   order (or the stream's last, when that is earlier): a reconnecting
-//!   client can deliver later messages of a failed batch while earlier ones
-//!   died with the old connection, so the stream's last message does not
-//!   prove its predecessors are in. What is published again is dropped by
-//!   JetStream's deduplication within the stream's duplicate window, which
-//!   is therefore the longest outage that is covered without duplicates.
+//! - The stream only ever holds a gap-free prefix of the sink's messages:
+//!   each message but the first after a read-back carries
+//!   `Nats-Expected-Last-Msg-Id` = its predecessor's id, so the server
+//!   refuses a message whose predecessor it does not hold. (A reconnecting
+//!   client re-sends what it still had queued, while what sat in the dead
+//!   connection's buffers is lost: without the chain the stream got later
+//!   messages of a batch without earlier ones, and filling the gap broke
+//!   per-key order.) After an error the sink therefore resumes after the
+//!   stream's last message, as at start; copies of messages it already
+//!   holds are dropped by JetStream's deduplication within the duplicate
+//!   window.
 //! - A message over the server's `max_payload` or the stream's
 //!   `max_msg_size` is never sent: it stops the sink with the fix.
 
@@ -74,11 +78,6 @@ pub struct NatsSink {
     /// Where publishing resumes (what is at or before it is skipped);
     /// `None`: read the stream back first.
     position: Option<Position>,
-    /// The last message this process saw acknowledged with every message
-    /// before it (`None` before the first): after an error, publishing
-    /// resumes after it even when the stream holds later messages (see
-    /// [`NatsSink::resume_point`]).
-    acked: Option<Position>,
     /// A permission violation the server reported (asynchronously).
     denied: Arc<Mutex<Option<String>>>,
 }
@@ -130,7 +129,6 @@ impl NatsSink {
             client: None,
             conn: None,
             position: None,
-            acked: None,
             denied: Arc::new(Mutex::new(None)),
         })
     }
@@ -311,26 +309,6 @@ impl NatsSink {
         }
     }
 
-    /// Where to resume: after the last message on the stream, or, after an
-    /// error in this process, after the last message acknowledged in order
-    /// when that is earlier. The stream may hold a message whose
-    /// predecessors it never got: the client re-sends what it still had
-    /// queued once it reconnects, while what sat in the dead connection's
-    /// buffers is lost (seen in the crash test). Publishing again from the
-    /// acknowledged prefix fills such a gap; JetStream's deduplication drops
-    /// the copies of what it already holds, within its duplicate window.
-    async fn resume_point(&mut self) -> Result<Position, SinkError> {
-        let read = self.recover().await?;
-        Ok(match self.acked {
-            Some(a) if a < read => {
-                tracing::info!(sink = %self.cfg.name, acknowledged = %a.to_text(), stream = %read.to_text(),
-                    "publishing again from the last message acknowledged in order (deduplication drops what the stream holds)");
-                a
-            }
-            _ => read,
-        })
-    }
-
     /// For `pgferry check`: connects (address, TLS, credentials), checks the
     /// stream and reads the position back. Publishes and creates nothing.
     pub async fn probe(&mut self) -> Result<String, SinkError> {
@@ -428,12 +406,15 @@ impl NatsSink {
         if !relevant(batch, enc) {
             return Ok(());
         }
-        let start = match self.position {
-            Some(p) => p,
+        // Continuing after a batch the server acknowledged whole: its last
+        // message is the stream's last, and the chain goes on from it. After
+        // a read-back the first message starts a new chain.
+        let (start, chained) = match self.position {
+            Some(p) => (p, true),
             None => {
-                let p = self.resume_point().await?;
+                let p = self.recover().await?;
                 self.position = Some(p);
-                p
+                (p, false)
             }
         };
         let limit = self.connection().await?.limit;
@@ -448,6 +429,7 @@ impl NatsSink {
             source: self.source.clone(),
             limit,
             start,
+            chained,
         };
         let producer = tokio::task::spawn_blocking(move || {
             let r = produce(&mut enc, &txns, &ctx, &tx);
@@ -503,12 +485,7 @@ impl NatsSink {
     /// Waits for one acknowledgement: `true` when the server says it is a duplicate.
     async fn acked(&mut self, fut: PublishAckFuture, pos: Position) -> Result<bool, SinkError> {
         match fut.await {
-            Ok(ack) => {
-                // Acknowledgements are awaited in publishing order, and the
-                // first failure ends the batch: this one's predecessors are in.
-                self.acked = Some(pos);
-                Ok(ack.duplicate)
-            }
+            Ok(ack) => Ok(ack.duplicate),
             Err(e) => Err(self.publish_error(e, pos)),
         }
     }
@@ -545,6 +522,9 @@ struct Prep {
     source: String,
     limit: usize,
     start: Position,
+    /// `start` is the last message of a batch published whole by this
+    /// connection: the first message may expect it.
+    chained: bool,
 }
 
 /// Encodes `txns` into messages (skipping what is at or before
@@ -555,6 +535,7 @@ fn produce(
     ctx: &Prep,
     tx: &mpsc::Sender<Outgoing>,
 ) -> Result<(), SinkError> {
+    let mut prev = ctx.chained.then(|| msg_id(ctx, ctx.start));
     for t in txns {
         if t.meta.commit_lsn < ctx.start.commit_lsn {
             continue;
@@ -563,7 +544,8 @@ fn produce(
             if r.position <= ctx.start {
                 return Ok(());
             }
-            let out = message(r, ctx)?;
+            let out = message(r, ctx, prev.as_deref())?;
+            prev = Some(msg_id(ctx, r.position));
             // The receiver is gone only when publishing failed; that error wins.
             tx.blocking_send(out)
                 .map_err(|_| SinkError::Transient("publishing stopped".into()))
@@ -572,12 +554,21 @@ fn produce(
     Ok(())
 }
 
-/// One record as a NATS message, checked against the size limit.
-fn message(r: &Record<'_>, ctx: &Prep) -> Result<Outgoing, SinkError> {
-    let id = format!("{}:{}", ctx.slot, r.position.to_text());
+/// The `Nats-Msg-Id` of the message at `p`.
+fn msg_id(ctx: &Prep, p: Position) -> String {
+    format!("{}:{}", ctx.slot, p.to_text())
+}
+
+/// One record as a NATS message, checked against the size limit; `prev`:
+/// the id the stream's last message must have for the server to store it.
+fn message(r: &Record<'_>, ctx: &Prep, prev: Option<&str>) -> Result<Outgoing, SinkError> {
+    let id = msg_id(ctx, r.position);
     let key = r.key.map(String::from_utf8_lossy);
     let pairs = r.headers.pairs();
     let mut all: Vec<(&str, &str)> = vec![("Nats-Msg-Id", &id), (SOURCE_HEADER, &ctx.source)];
+    if let Some(p) = prev {
+        all.push(("Nats-Expected-Last-Msg-Id", p));
+    }
     all.extend(pairs.iter().map(|(k, v)| (*k, v.as_str())));
     if let Some(k) = &key {
         all.push((KEY_HEADER, k.as_ref()));
