@@ -8,6 +8,8 @@
 #             experiment, PGFERRY_EXPERIMENT_BINARY), output checked identical
 #   binary    the binary-values experiment against to_jsonb() on edge values
 #   redis     pgferry into Redis, json and hash modes (throwaway redis-server)
+#   nats      pgferry into NATS JetStream (Debian's nats-server -js, file
+#             store), messages counted in the stream, against pgferry → JSONL
 #   search    pgferry into OpenSearch 2.19 (tests/opensearch) against a direct
 #             `_bulk` load of the same changes in batches of the same size
 #   latency   commit -> visible in Redis at a steady 1,000 transactions/s
@@ -25,7 +27,7 @@
 #
 # Knobs (environment):
 #   ROWS=1000000         row changes in the main workload
-#   BENCHES="e2e binary redis search latency memory snapshot tls"   which parts to run
+#   BENCHES="e2e binary redis nats search latency memory snapshot tls"   which parts to run
 #   BIG_TXN_ROWS=2000000 rows of the one transaction of the memory part
 #   SNAP_ROWS=1000000    rows of the snapshot table
 #   REPEAT=3             rounds of the e2e and Redis consumers (medians reported)
@@ -47,7 +49,7 @@ TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 BIN="$TARGET/release/pgferry"
 PGBIN="$(pg_bin)"
 ROWS="${ROWS:-1000000}"
-BENCHES="${BENCHES:-e2e binary redis search latency memory snapshot tls}"
+BENCHES="${BENCHES:-e2e binary redis nats search latency memory snapshot tls}"
 BIG_TXN_ROWS="${BIG_TXN_ROWS:-2000000}"
 SNAP_ROWS="${SNAP_ROWS:-1000000}"
 LAT_SECS="${LAT_SECS:-15}"
@@ -113,7 +115,7 @@ max_wal_size = 4GB
 shared_buffers = 512MB
 fsync = off
 logical_decoding_work_mem = 64MB
-max_replication_slots = $((REPEAT * 17 + 10))
+max_replication_slots = $((REPEAT * 18 + 10))
 max_wal_senders = 20
 $TLS_CONF
 ${PG_EXTRA_CONF:-}
@@ -138,6 +140,7 @@ for r in $(seq "$REPEAT"); do
   SLOTS+=("recv_$r" "recv_unix_$r" "recv_bin_$r" "ferry_null_$r" "ferry_null_unix_$r" "ferry_jsonl_$r" "redis_json_$r" "redis_hash_$r"
     "ferry_null_bin_$r" "ferry_jsonl_bin_$r" "ferry_null_unix1_$r" "ferry_jsonl_unix1_$r" "ferry_jsonl_tcp1_$r")
   if want tls; then SLOTS+=("tls_null_plain_$r" "tls_null_$r" "tls_jsonl_plain_$r" "tls_jsonl_$r"); fi
+  if want nats; then SLOTS+=("nats_$r"); fi
 done
 "${PSQL[@]}" >/dev/null <<SQL
 CREATE TABLE items (id bigint PRIMARY KEY, sku text, name text, price numeric(10,2), stock int, tags text[], attrs jsonb, updated_at timestamptz);
@@ -442,6 +445,41 @@ $(rrow "Redis, json mode" rjson "$(maxrss redis_json)")
 $(rrow "Redis, hash mode" rhash "$(maxrss redis_hash)")"
   SUMMARY+=("| Redis json vs pgferry → JSONL | $(ratio "$JSONLS" "$RJ")× ($(rate "$CHANGES" "$RJ") changes/s) | ≥ 0.8× | $(met "$(ratio "$JSONLS" "$RJ")" 0.8) |")
   SUMMARY+=("| Redis hash vs pgferry → JSONL | $(ratio "$JSONLS" "$RH")× ($(rate "$CHANGES" "$RH") changes/s) | ≥ 0.8× | $(met "$(ratio "$JSONLS" "$RH")" 0.8) |")
+fi
+
+# ---------------------------------------------------------------- nats
+# One stream per round (its own subjects): each round's pgferry has its own
+# slot, so its position must not be read from another round's messages.
+if want nats; then
+  ensure_packages nats-server
+  NATS_PORT="$(free_port)"; NATS_MON="$(free_port)"
+  nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -m "$NATS_MON" -sd "$WORK/nats" --server_name bench >"$WORK/nats.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 100); do grep -q "Server is ready" "$WORK/nats.log" && break; sleep 0.1; done
+  nats_msgs() { # stream: its message count, from the monitoring endpoint
+    curl -fsS "http://127.0.0.1:$NATS_MON/jsz?streams=true" | python3 -c "
+import json, sys
+j = json.load(sys.stdin)
+print(sum(s['state']['messages'] for a in j.get('account_details', []) for s in a.get('stream_detail', []) if s['name'] == '$1'))"
+  }
+  for r in $(seq "$REPEAT"); do
+    log "nats round $r/$REPEAT"
+    if ! want e2e && ! want redis; then ferry "ferry_jsonl_$r" "ferry_jsonl_$r" "$(JSONL_SINK "$r")"; add_t jsonl "$(fsecs "ferry_jsonl_$r")"; fi
+    ferry "nats_$r" "nats_$r" "$(printf '[[sink]]\nname = "nats"\ntype = "nats"\nurl = "nats://127.0.0.1:%s"\nstream = "BENCH%s"\nsubject = "bench%s.{schema}.{table}"\n' "$NATS_PORT" "$r" "$r")"
+    add_t nats "$(fsecs "nats_$r")"
+    got=$(nats_msgs "BENCH$r")
+    [ "$got" = "$CHANGES" ] || { echo "stream BENCH$r holds $got messages, expected $CHANGES" >&2; exit 1; }
+  done
+  JSONLS=$(med jsonl); NS=$(med nats)
+  ncpu() { python3 -c "import statistics,sys; print(f'{statistics.median(map(float, sys.argv[1:])):.2f}')" $(cat "$WORK"/$1_*.cpu); }
+  nrow() { local m; m=$(med "$2"); echo "| $1 | $m | $(rng "$2") | $(ncpu "$3") | $(rate "$CHANGES" "$m") | $(ratio "$JSONLS" "$m")× | $(maxrss "$3") |"; }
+  section "### NATS JetStream: the same $CHANGES changes ($CHANGES messages in each stream, verified), $REPEAT rounds
+
+| sink | seconds (median) | range | pgferry CPU s (user+sys, median) | changes/s | vs pgferry → JSONL | peak RSS (max) |
+|---|---:|---:|---:|---:|---:|---:|
+$(nrow "JSONL file (reference)" jsonl ferry_jsonl)
+$(nrow "NATS JetStream (file store, acks awaited, max_in_flight 1024)" nats nats)"
+  SUMMARY+=("| NATS JetStream vs pgferry → JSONL | $(ratio "$JSONLS" "$NS")× ($(rate "$CHANGES" "$NS") changes/s, peak RSS $(maxrss nats)) | ≥ 0.8× | $(met "$(ratio "$JSONLS" "$NS")" 0.8) |")
 fi
 
 # ---------------------------------------------------------------- search

@@ -425,6 +425,16 @@ async fn sink_checks<W: Write>(
                 .await;
             }
         }
+        SinkConfig::Nats(c) => match crate::sink::nats::NatsSink::open(c, owner.clone()) {
+            Ok(mut sink) => match sink.probe().await {
+                Ok(what) => r.pass(format!("sink {name}: {what}")),
+                Err(e) => r.fail(
+                    format!("sink {name}: {e}"),
+                    "check the sink's url, credentials and TLS settings, that nats-server runs with JetStream (-js), and the stream",
+                ),
+            },
+            Err(e) => r.fail(format!("sink {name}: {e}"), "fix the sink's config"),
+        },
         SinkConfig::Elasticsearch(c) => {
             match crate::sink::elasticsearch::probe(c).await {
                 Ok((version, indices)) => {

@@ -663,6 +663,7 @@ path = "changes.jsonl"           # "-" for stdout
                 SinkConfig::Redis(_) => "redis",
                 SinkConfig::Elasticsearch(_) => "elasticsearch",
                 SinkConfig::Null(_) => "null",
+                SinkConfig::Nats(_) => "nats",
                 #[cfg(feature = "iceberg")]
                 SinkConfig::Iceberg(_) => "iceberg",
             })

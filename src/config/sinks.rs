@@ -19,6 +19,8 @@ pub enum SinkConfig {
     /// `--features iceberg`).
     #[cfg(feature = "iceberg")]
     Iceberg(crate::sink::iceberg::IcebergConfig),
+    /// Publishes the change events to NATS JetStream.
+    Nats(crate::sink::nats::NatsConfig),
 }
 
 impl SinkConfig {
@@ -32,7 +34,7 @@ impl SinkConfig {
                 "must be a table: write [[sink]] and its keys below it",
             ));
         };
-        const TYPES: &str = "jsonl, redis, elasticsearch, opensearch, iceberg or null";
+        const TYPES: &str = "jsonl, redis, elasticsearch, opensearch, nats, iceberg or null";
         let kind = match table.remove("type") {
             Some(toml::Value::String(s)) => s,
             Some(_) => {
@@ -53,6 +55,7 @@ impl SinkConfig {
             "jsonl" => SinkConfig::Jsonl(deserialize_at(&at, value)?),
             "null" => SinkConfig::Null(deserialize_at(&at, value)?),
             "redis" => SinkConfig::Redis(deserialize_at(&at, value)?),
+            "nats" => SinkConfig::Nats(deserialize_at(&at, value)?),
             "elasticsearch" | "opensearch" => {
                 SinkConfig::Elasticsearch(deserialize_at(&at, value)?)
             }
@@ -81,6 +84,14 @@ impl SinkConfig {
             SinkConfig::Jsonl(c) => f(&mut c.path),
             SinkConfig::Null(_) => {}
             SinkConfig::Redis(c) => c.tls_ca_file.iter_mut().for_each(f),
+            SinkConfig::Nats(c) => {
+                let files = [
+                    &mut c.tls_ca_file,
+                    &mut c.credentials_file,
+                    &mut c.nkey_seed_file,
+                ];
+                files.into_iter().for_each(|p| p.iter_mut().for_each(f));
+            }
             SinkConfig::Elasticsearch(c) => {
                 c.ca_file.iter_mut().for_each(f);
                 c.dead_letter_path.iter_mut().for_each(f);
@@ -125,6 +136,10 @@ impl SinkConfig {
                 c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
                 Ok(())
             }
+            SinkConfig::Nats(c) => {
+                c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
+                Ok(())
+            }
             SinkConfig::Elasticsearch(c) => {
                 c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
                 Ok(())
@@ -137,6 +152,7 @@ impl SinkConfig {
             SinkConfig::Jsonl(c) => &c.name,
             SinkConfig::Null(c) => &c.name,
             SinkConfig::Redis(c) => &c.name,
+            SinkConfig::Nats(c) => &c.name,
             SinkConfig::Elasticsearch(c) => &c.name,
             #[cfg(feature = "iceberg")]
             SinkConfig::Iceberg(c) => &c.name,
@@ -149,6 +165,7 @@ impl SinkConfig {
             SinkConfig::Jsonl(c) => c.max_failure_secs,
             SinkConfig::Null(_) => None,
             SinkConfig::Redis(c) => c.max_failure_secs,
+            SinkConfig::Nats(c) => c.max_failure_secs,
             SinkConfig::Elasticsearch(c) => c.max_failure_secs,
             #[cfg(feature = "iceberg")]
             SinkConfig::Iceberg(c) => c.max_failure_secs,
@@ -158,7 +175,7 @@ impl SinkConfig {
     /// What to do when the sink's store lost pgferry's state (`on_data_loss`).
     pub fn on_data_loss(&self) -> OnDataLoss {
         match self {
-            SinkConfig::Jsonl(_) | SinkConfig::Null(_) => OnDataLoss::Warn,
+            SinkConfig::Jsonl(_) | SinkConfig::Null(_) | SinkConfig::Nats(_) => OnDataLoss::Warn,
             #[cfg(feature = "iceberg")]
             SinkConfig::Iceberg(_) => OnDataLoss::Warn,
             SinkConfig::Redis(c) => c.on_data_loss,
@@ -197,6 +214,7 @@ impl SinkConfig {
             SinkConfig::Jsonl(c) => c.tables.clone(),
             SinkConfig::Null(c) => c.tables.clone(),
             SinkConfig::Redis(c) => Some(c.tables.keys().cloned().collect()),
+            SinkConfig::Nats(c) => c.table_names(),
             SinkConfig::Elasticsearch(c) => Some(c.table_names()),
             #[cfg(feature = "iceberg")]
             SinkConfig::Iceberg(c) => c.tables.clone(),
@@ -207,6 +225,7 @@ impl SinkConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
         match self {
             SinkConfig::Redis(c) => c.validate(),
+            SinkConfig::Nats(c) => c.validate(),
             SinkConfig::Elasticsearch(c) => c.validate(),
             #[cfg(feature = "iceberg")]
             SinkConfig::Iceberg(c) => c.validate(),

@@ -26,6 +26,9 @@
 //! - `iceberg` (feature `iceberg`): effectively-once: each commit's
 //!   snapshot carries the position of its last row, and rows at or before
 //!   the table's current position are skipped.
+//! - `nats`: effectively-once: each message carries a `Nats-Msg-Id` made of
+//!   its position, and the sink reads its position back from the stream's
+//!   last message before publishing, so nothing is repeated.
 
 pub mod elasticsearch;
 pub mod eventlog;
@@ -33,6 +36,7 @@ pub mod eventlog;
 pub mod iceberg;
 pub mod jsonl;
 pub mod key;
+pub mod nats;
 pub mod null;
 pub mod redis;
 pub mod rows;
@@ -151,6 +155,7 @@ pub async fn build(
         crate::config::SinkConfig::Redis(c) => {
             Ok(Box::new(redis::RedisSink::open(c, owner.clone()).await?))
         }
+        crate::config::SinkConfig::Nats(c) => Ok(Box::new(nats::NatsSink::open(c, owner.clone())?)),
         crate::config::SinkConfig::Elasticsearch(c) => Ok(Box::new(
             elasticsearch::ElasticsearchSink::open(c, Some(rows))?,
         )),

@@ -18,6 +18,8 @@ pub struct TestNats {
     pub dir: tempfile::TempDir,
     pub port: u16,
     proc: Option<Guarded>,
+    /// A server config file (`-c`), for limits and users; flags override it.
+    config: Option<PathBuf>,
 }
 
 /// `$PGFERRY_NATS_SERVER`, or `nats-server` from the PATH.
@@ -27,14 +29,26 @@ fn server_bin() -> String {
 
 impl TestNats {
     pub fn new() -> TestNats {
+        Self::with_config("")
+    }
+
+    /// A server that also reads `conf` (nats-server's config syntax, e.g.
+    /// `max_payload: 4096` or an `authorization` block); empty: none.
+    pub fn with_config(conf: &str) -> TestNats {
         let dir = tempfile::Builder::new()
             .prefix("pgferry-nats-")
             .tempdir()
             .expect("temp dir");
+        let config = (!conf.is_empty()).then(|| {
+            let p = dir.path().join("nats.conf");
+            std::fs::write(&p, conf).expect("write nats.conf");
+            p
+        });
         let mut n = TestNats {
             dir,
             port: super::pg::free_port(),
             proc: None,
+            config,
         };
         n.start();
         n
@@ -60,7 +74,7 @@ impl TestNats {
         assert!(self.proc.is_none(), "nats-server is already running");
         // A fresh log, so that "Server is ready" is this start's.
         let _ = std::fs::remove_file(self.log());
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "-js",
             "-a",
             "127.0.0.1",
@@ -74,6 +88,9 @@ impl TestNats {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let Some(c) = &self.config {
+            args.extend(["-c".to_string(), c.to_str().unwrap().to_string()]);
+        }
         let bin = server_bin();
         // The temp dir removes itself on drop; the watchdog cleans nothing.
         let proc = Guarded::spawn(&bin, &args, &self.log(), Path::new(""));
