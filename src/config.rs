@@ -734,6 +734,8 @@ pub enum SinkConfig {
     /// Documents in Elasticsearch or OpenSearch indices (`type =
     /// "elasticsearch"` or `"opensearch"`).
     Elasticsearch(crate::sink::elasticsearch::ElasticsearchConfig),
+    /// Change events on Kafka topics (effectively-once with transactions).
+    Kafka(crate::sink::kafka::KafkaConfig),
 }
 
 impl SinkConfig {
@@ -747,7 +749,7 @@ impl SinkConfig {
                 "must be a table: write [[sink]] and its keys below it",
             ));
         };
-        const TYPES: &str = "jsonl, redis, elasticsearch, opensearch or null";
+        const TYPES: &str = "jsonl, redis, elasticsearch, opensearch, kafka or null";
         let kind = match table.remove("type") {
             Some(toml::Value::String(s)) => s,
             Some(_) => {
@@ -768,6 +770,7 @@ impl SinkConfig {
             "jsonl" => SinkConfig::Jsonl(deserialize_at(&at, value)?),
             "null" => SinkConfig::Null(deserialize_at(&at, value)?),
             "redis" => SinkConfig::Redis(deserialize_at(&at, value)?),
+            "kafka" => SinkConfig::Kafka(deserialize_at(&at, value)?),
             "elasticsearch" | "opensearch" => {
                 SinkConfig::Elasticsearch(deserialize_at(&at, value)?)
             }
@@ -784,7 +787,7 @@ impl SinkConfig {
     fn for_each_path(&mut self, f: &impl Fn(&mut PathBuf)) {
         match self {
             SinkConfig::Jsonl(c) => f(&mut c.path),
-            SinkConfig::Null(_) => {}
+            SinkConfig::Null(_) | SinkConfig::Kafka(_) => {}
             SinkConfig::Redis(c) => c.tls_ca_file.iter_mut().for_each(f),
             SinkConfig::Elasticsearch(c) => {
                 c.ca_file.iter_mut().for_each(f);
@@ -823,6 +826,10 @@ impl SinkConfig {
                 c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
                 Ok(())
             }
+            SinkConfig::Kafka(c) => {
+                c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
+                Ok(())
+            }
         }
     }
 
@@ -832,6 +839,7 @@ impl SinkConfig {
             SinkConfig::Null(c) => &c.name,
             SinkConfig::Redis(c) => &c.name,
             SinkConfig::Elasticsearch(c) => &c.name,
+            SinkConfig::Kafka(c) => &c.name,
         }
     }
 
@@ -842,13 +850,14 @@ impl SinkConfig {
             SinkConfig::Null(_) => None,
             SinkConfig::Redis(c) => c.max_failure_secs,
             SinkConfig::Elasticsearch(c) => c.max_failure_secs,
+            SinkConfig::Kafka(c) => c.max_failure_secs,
         }
     }
 
     /// What to do when the sink's store lost pgferry's state (`on_data_loss`).
     pub fn on_data_loss(&self) -> OnDataLoss {
         match self {
-            SinkConfig::Jsonl(_) | SinkConfig::Null(_) => OnDataLoss::Warn,
+            SinkConfig::Jsonl(_) | SinkConfig::Null(_) | SinkConfig::Kafka(_) => OnDataLoss::Warn,
             SinkConfig::Redis(c) => c.on_data_loss,
             SinkConfig::Elasticsearch(c) => c.on_data_loss,
         }
@@ -875,6 +884,7 @@ impl SinkConfig {
             SinkConfig::Null(c) => c.tables.clone(),
             SinkConfig::Redis(c) => Some(c.tables.keys().cloned().collect()),
             SinkConfig::Elasticsearch(c) => Some(c.table_names()),
+            SinkConfig::Kafka(_) => None,
         }
     }
 
@@ -883,6 +893,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Redis(c) => c.validate(),
             SinkConfig::Elasticsearch(c) => c.validate(),
+            SinkConfig::Kafka(c) => c.validate(),
             SinkConfig::Jsonl(_) | SinkConfig::Null(_) => Ok(()),
         }
     }
@@ -1549,6 +1560,7 @@ path = "changes.jsonl"           # "-" for stdout
                 SinkConfig::Redis(_) => "redis",
                 SinkConfig::Elasticsearch(_) => "elasticsearch",
                 SinkConfig::Null(_) => "null",
+                SinkConfig::Kafka(_) => "kafka",
             })
             .collect();
         assert_eq!(kinds, ["jsonl", "redis", "elasticsearch"]);

@@ -27,6 +27,7 @@
 pub mod elasticsearch;
 pub mod eventlog;
 pub mod jsonl;
+pub mod kafka;
 pub mod key;
 pub mod null;
 pub mod redis;
@@ -148,6 +149,9 @@ pub async fn build(
         }
         crate::config::SinkConfig::Elasticsearch(c) => Ok(Box::new(
             elasticsearch::ElasticsearchSink::open(c, Some(rows))?,
+        )),
+        crate::config::SinkConfig::Kafka(c) => Ok(Box::new(
+            kafka::KafkaSink::open(Arc::new(c.clone()), owner.clone()).await?,
         )),
     }
 }
