@@ -331,6 +331,8 @@ fn crash_run(prefix: &str, format: &str) {
     let rt = workload::runtime();
     let stop = Arc::new(AtomicBool::new(false));
     let mut g = support::ferry::start_streaming(&pg, &f);
+    // Every account row is then on Kafka (they were inserted before the slot).
+    pg.sql("UPDATE accounts SET note = note || '.'");
     let workers = start_workload(&pg, &rt, &stop);
     for i in 0..5 {
         std::thread::sleep(Duration::from_millis(2000 + 700 * i));
@@ -380,6 +382,7 @@ fn a_second_pgferry_with_the_same_sink_name_fences_the_first() {
     let rt = workload::runtime();
     let stop = Arc::new(AtomicBool::new(false));
     let mut first = support::ferry::start_streaming(&pg, &f);
+    pg.sql("UPDATE accounts SET note = note || '.'");
     let workers = start_workload(&pg, &rt, &stop);
     std::thread::sleep(Duration::from_secs(3));
     let second = Guard(f2.run());
@@ -409,4 +412,73 @@ fn a_second_pgferry_with_the_same_sink_name_fences_the_first() {
         std::thread::sleep(Duration::from_secs(2));
     }
     drop(second);
+}
+
+/// `exactly_once = false`: the idempotent producer; pgferry says at start
+/// that it is at-least-once, and what it publishes arrives. `pgferry check`
+/// reaches the broker without fencing anyone.
+#[test]
+fn at_least_once_mode_says_so_and_publishes_everything() {
+    let _s = support::kafka::broker().shared();
+    let pg = TestPg::start();
+    pg.sql(DDL);
+    let f = FerryDir::new();
+    f.write_config(
+        &pg.url(),
+        &TABLES,
+        "",
+        &kafka_sink("alo", "alo", "exactly_once = false\nformat = \"debezium\""),
+    );
+    let check = f.command(&["check"], &[]);
+    assert!(
+        check.stdout.contains("broker(s) reachable"),
+        "{}\n{}",
+        check.stdout,
+        check.stderr
+    );
+    let g = support::ferry::start_streaming(&pg, &f);
+    pg.sql(
+        "INSERT INTO items SELECT g, 1, 'x' || g, g FROM generate_series(1, 200) g;
+         UPDATE items SET v = 'y' WHERE id % 3 = 0; DELETE FROM items WHERE id % 7 = 0;
+         UPDATE items SET id = id + 1000 WHERE id = 5; UPDATE accounts SET note = 'z';",
+    );
+    wait_synced(&pg, &f, "alo", true);
+    assert!(f.log().contains("AT-LEAST-ONCE"), "{}", f.log());
+    drop(g);
+}
+
+/// A row whose record exceeds `message.max.bytes` stops pgferry with the
+/// key to raise, checked before producing; nothing of its transaction is
+/// published.
+#[test]
+fn a_record_over_message_max_bytes_is_fatal_with_the_fix() {
+    let _s = support::kafka::broker().shared();
+    let pg = TestPg::start();
+    pg.sql(DDL);
+    let f = FerryDir::new();
+    let cfg = kafka_sink("big", "big", "").replace(
+        "[sink.kafka]\n",
+        "[sink.kafka]\n\"message.max.bytes\" = 4000\n",
+    );
+    f.write_config(&pg.url(), &TABLES, "", &cfg);
+    let mut g = support::ferry::start_streaming(&pg, &f);
+    pg.sql("INSERT INTO items VALUES (1, 1, 'small', 1)");
+    // Published on its own (a batch is one Kafka transaction).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while read_topics("big").is_empty() {
+        assert!(Instant::now() < deadline, "nothing published:\n{}", f.log());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    pg.sql("INSERT INTO items VALUES (2, 1, repeat('x', 6000), 2)");
+    let status = wait_timeout(&mut g.0, Duration::from_secs(120))
+        .unwrap_or_else(|| panic!("pgferry did not stop:\n{}", f.log()));
+    assert!(!status.success());
+    let log = f.log();
+    assert!(
+        log.contains("over message.max.bytes = 4000") && log.contains("public.items"),
+        "{log}"
+    );
+    let recs = read_topics("big");
+    let ids: Vec<_> = recs.iter().filter_map(|r| r.key.clone()).collect();
+    assert_eq!(ids, ["{\"id\":1}"], "only the first row is published");
 }

@@ -245,3 +245,66 @@ impl std::fmt::Debug for KafkaConfig {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::{Config, SinkConfig};
+
+    const SOURCE: &str = "[source]\nurl = \"postgres://u@h/db\"\nslot = \"s\"\npublication = \"p\"\ntables = [\"public.products\"]\n[checkpoint]\ndir = \"st\"\n";
+
+    fn parse(sink: &str) -> Result<Config, String> {
+        let text = format!("{SOURCE}\n[[sink]]\nname = \"events\"\ntype = \"kafka\"\n{sink}");
+        Config::parse(&text, Path::new("t.toml"), |_| None).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_issue_example_parses_with_its_defaults() {
+        let c = parse(
+            "brokers = \"127.0.0.1:9092\"\n[sink.kafka]\n\"security.protocol\" = \"sasl_ssl\"\n\"sasl.password\" = \"hunter2\"\n\"linger.ms\" = 5\n\
+             [sink.tables.\"public.products\"]\ntopic = \"products\"\n",
+        )
+        .unwrap();
+        let SinkConfig::Kafka(k) = &c.sinks[0] else {
+            panic!("not a kafka sink")
+        };
+        assert_eq!(k.topic, "pgferry.{schema}.{table}");
+        assert!(k.exactly_once && k.tombstones && k.create_topics);
+        assert_eq!(k.format, crate::sink::eventlog::Format::Pgferry);
+        assert_eq!(k.transactional_id(), "pgferry.events");
+        assert_eq!(k.position_topic(), "__pgferry_position.events");
+        assert_eq!(k.overrides()["public.products"], "products");
+        assert_eq!(k.kafka["linger.ms"].text(), "5");
+        assert_eq!(k.max_message_bytes(), 1_000_000);
+        let shown = format!("{k:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("sasl_ssl"),
+            "{shown}"
+        );
+        assert!(c.sinks[0].tables().is_none());
+    }
+
+    #[test]
+    fn mistakes_name_the_key_and_the_fix() {
+        let e = parse("brokers = \"b:9092\"\nexactly_one = true\n").unwrap_err();
+        assert!(e.contains("exactly_one"), "{e}");
+        let e = parse("brokers = \"b:9092\"\n[sink.kafka]\n\"transactional.id\" = \"x\"\n")
+            .unwrap_err();
+        assert!(
+            e.contains("transactional.id") && e.contains("sink name"),
+            "{e}"
+        );
+        let e = parse("brokers = \"b:9092\"\ntopic = \"cdc/{table}\"\n").unwrap_err();
+        assert!(e.contains("sink[0].topic") && e.contains('/'), "{e}");
+        let e = parse("brokers = \"b:9092\"\nformat = \"avro\"\n").unwrap_err();
+        assert!(e.contains("format"), "{e}");
+        let e = parse("brokers = \"\"\n").unwrap_err();
+        assert!(e.contains("brokers"), "{e}");
+        let e = parse("brokers = \"b:9092\"\npartitions = 0\n").unwrap_err();
+        assert!(e.contains("partitions"), "{e}");
+        let e = parse("brokers = \"b:9092\"\n[sink.tables.\"public.products\"]\ntopic = \"a b\"\n")
+            .unwrap_err();
+        assert!(e.contains("topic"), "{e}");
+    }
+}
