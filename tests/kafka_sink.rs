@@ -47,6 +47,17 @@ fn kafka_sink(name: &str, prefix: &str, extra: &str) -> String {
     )
 }
 
+/// A Postgres with the test tables, and a pgferry directory whose config
+/// has the JSONL sink and a kafka sink named `name` (topics `name.…`) with
+/// `extra` lines.
+fn setup(name: &str, extra: &str) -> (TestPg, FerryDir) {
+    let pg = TestPg::start();
+    pg.sql(DDL);
+    let f = FerryDir::new();
+    f.write_config(&pg.url(), &TABLES, "", &kafka_sink(name, name, extra));
+    (pg, f)
+}
+
 /// Every committed record of the topics starting with `prefix.`, read from
 /// the beginning with `isolation.level=read_committed`.
 fn read_topics(prefix: &str) -> Vec<Rec> {
@@ -319,15 +330,7 @@ fn start_workload(
 fn crash_run(prefix: &str, format: &str) {
     let broker = support::kafka::broker();
     let _x = broker.exclusive();
-    let pg = TestPg::start();
-    pg.sql(DDL);
-    let f = FerryDir::new();
-    f.write_config(
-        &pg.url(),
-        &TABLES,
-        "",
-        &kafka_sink(prefix, prefix, &format!("format = \"{format}\"")),
-    );
+    let (pg, f) = setup(prefix, &format!("format = \"{format}\""));
     let rt = workload::runtime();
     let stop = Arc::new(AtomicBool::new(false));
     let mut g = support::ferry::start_streaming(&pg, &f);
@@ -372,13 +375,9 @@ fn debezium_format_survives_kill9_and_a_broker_restart() {
 #[test]
 fn a_second_pgferry_with_the_same_sink_name_fences_the_first() {
     let _s = support::kafka::broker().shared();
-    let pg = TestPg::start();
-    pg.sql(DDL);
-    let f = FerryDir::new();
-    let cfg = kafka_sink("fence", "fence", "");
-    f.write_config(&pg.url(), &TABLES, "", &cfg);
+    let (pg, f) = setup("fence", "");
     let f2 = FerryDir::new();
-    f2.write_config(&pg.url(), &TABLES, "", &cfg);
+    f2.write_config(&pg.url(), &TABLES, "", &kafka_sink("fence", "fence", ""));
     let rt = workload::runtime();
     let stop = Arc::new(AtomicBool::new(false));
     let mut first = support::ferry::start_streaming(&pg, &f);
@@ -420,15 +419,7 @@ fn a_second_pgferry_with_the_same_sink_name_fences_the_first() {
 #[test]
 fn at_least_once_mode_says_so_and_publishes_everything() {
     let _s = support::kafka::broker().shared();
-    let pg = TestPg::start();
-    pg.sql(DDL);
-    let f = FerryDir::new();
-    f.write_config(
-        &pg.url(),
-        &TABLES,
-        "",
-        &kafka_sink("alo", "alo", "exactly_once = false\nformat = \"debezium\""),
-    );
+    let (pg, f) = setup("alo", "exactly_once = false\nformat = \"debezium\"");
     let check = f.command(&["check"], &[]);
     assert!(
         check.stdout.contains("broker(s) reachable"),
@@ -453,14 +444,13 @@ fn at_least_once_mode_says_so_and_publishes_everything() {
 #[test]
 fn a_record_over_message_max_bytes_is_fatal_with_the_fix() {
     let _s = support::kafka::broker().shared();
-    let pg = TestPg::start();
-    pg.sql(DDL);
-    let f = FerryDir::new();
-    let cfg = kafka_sink("big", "big", "").replace(
+    let (pg, f) = setup("big", "");
+    let cfg = std::fs::read_to_string(f.path("pgferry.toml")).unwrap();
+    let cfg = cfg.replace(
         "[sink.kafka]\n",
         "[sink.kafka]\n\"message.max.bytes\" = 4000\n",
     );
-    f.write_config(&pg.url(), &TABLES, "", &cfg);
+    std::fs::write(f.path("pgferry.toml"), cfg).unwrap();
     let mut g = support::ferry::start_streaming(&pg, &f);
     pg.sql("INSERT INTO items VALUES (1, 1, 'small', 1)");
     // Published on its own (a batch is one Kafka transaction).
