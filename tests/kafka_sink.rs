@@ -266,9 +266,17 @@ fn compare(pg: &TestPg, f: &FerryDir, prefix: &str, debezium: bool) -> Result<()
     Ok(())
 }
 
-/// Waits until [`compare`] holds (what pgferry still has to publish).
+/// Waits until [`compare`] holds (what pgferry still has to publish), as
+/// long as pgferry makes progress (its slot's confirmed position moves): a
+/// loaded machine can take long, a stuck sink (or a `read_committed` end
+/// held back by a transaction left open) fails after two stalled minutes.
 fn wait_synced(pg: &TestPg, f: &FerryDir, prefix: &str, debezium: bool) {
-    let deadline = Instant::now() + Duration::from_secs(180);
+    let flushed = || {
+        pg.sql("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'pgferry'")
+    };
+    let mut last = flushed();
+    let mut stalled_since = Instant::now();
+    let give_up = Instant::now() + Duration::from_secs(900);
     loop {
         match compare(pg, f, prefix, debezium) {
             Ok(()) => return,
@@ -276,7 +284,18 @@ fn wait_synced(pg: &TestPg, f: &FerryDir, prefix: &str, debezium: bool) {
                 panic!("{e}\n{}", f.log())
             }
             Err(e) => {
-                assert!(Instant::now() < deadline, "{e}\n{}", f.log());
+                let now = flushed();
+                if now != last {
+                    last = now;
+                    stalled_since = Instant::now();
+                }
+                let stalled = stalled_since.elapsed() > Duration::from_secs(120);
+                assert!(
+                    !stalled && Instant::now() < give_up,
+                    "{e}\n(slot confirmed at {last})\n{}\nbroker:\n{}",
+                    f.log(),
+                    support::kafka::broker().log_tail()
+                );
                 std::thread::sleep(Duration::from_secs(2));
             }
         }
