@@ -518,3 +518,52 @@ pub async fn probe(cfg: &KafkaConfig) -> Result<String, SinkError> {
     .await
     .map_err(|e| SinkError::Transient(format!("kafka probe failed: {e}")))?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> KafkaConfig {
+        let text = "name = \"events\"\nbrokers = \"b:9092\"\n";
+        toml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn errors_are_classified_with_the_fix() {
+        let c = cfg();
+        let e = |code| KafkaError::MessageProduction(code);
+        let fatal = |err: SinkError| match err {
+            SinkError::Fatal(m) => m,
+            other => panic!("not fatal: {other}"),
+        };
+        let m = fatal(classify(
+            &c,
+            "committing",
+            &e(RDKafkaErrorCode::ProducerFenced),
+        ));
+        assert!(m.contains("fenced") && m.contains("pgferry.events"), "{m}");
+        let m = fatal(classify(
+            &c,
+            "producing",
+            &e(RDKafkaErrorCode::TopicAuthorizationFailed),
+        ));
+        assert!(m.contains("TransactionalId pgferry.events"), "{m}");
+        let m = fatal(classify(
+            &c,
+            "producing",
+            &e(RDKafkaErrorCode::MessageSizeTooLarge),
+        ));
+        assert!(m.contains("max.message.bytes"), "{m}");
+        for code in [
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::BrokerTransportFailure,
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::NotLeaderForPartition,
+        ] {
+            assert!(
+                matches!(classify(&c, "x", &e(code)), SinkError::Transient(_)),
+                "{code:?}"
+            );
+        }
+    }
+}
