@@ -93,7 +93,7 @@ def latency(conninfo, bootstrap, topic, tps, secs):
             return i + 1
 
         commits, t_first, t_last = drive(update, tps, secs)
-    time.sleep(3)
+    time.sleep(15)  # the tail: a loaded machine can lag seconds
     stop.set()
     seen = out.get(timeout=60)
     sub.join()
