@@ -570,7 +570,7 @@ publication = "klatpub"
 tables = ["public.klat"]
 [checkpoint]
 dir = "$WORK/state-klat"
-$(kafka_sink klat true)
+$(kafka_sink klat "${KAFKA_LAT_EXACTLY_ONCE:-true}")
 TOML
   "$BIN" --log-format json run --config "$WORK/klat.toml" 2>"$WORK/klat.log" &
   KLAT_PID=$!; PIDS+=("$KLAT_PID")
@@ -590,7 +590,7 @@ $(krow "JSONL file (reference)" jsonl ferry_jsonl)
 $(krow "Kafka, exactly_once = false (idempotent producer)" kalo kafka_alo)
 $(krow "Kafka, exactly_once = true (one transaction per batch)" keo kafka_eo)
 
-Latency commit → visible to a \`read_committed\` consumer (Python, confluent-kafka), $KN transactions at $KRATE/s, exactly_once = true; $KNEG negative samples:
+Latency commit → visible to a \`read_committed\` consumer (Python, confluent-kafka), $KN transactions at $KRATE/s, exactly_once = ${KAFKA_LAT_EXACTLY_ONCE:-true}; $KNEG negative samples:
 
 | measured from | p50 | p99 | max |
 |---|---:|---:|---:|
