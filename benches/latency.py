@@ -19,9 +19,6 @@ import multiprocessing as mp
 import sys
 import time
 
-import psycopg
-import redis
-
 CLOCK = time.CLOCK_MONOTONIC
 ROWS = 1000
 
@@ -31,6 +28,8 @@ def now_ns():
 
 
 def subscribe(port, db, ready, stop, out):
+    import redis
+
     r = redis.Redis(host="127.0.0.1", port=port, db=db)
     r.config_set("notify-keyspace-events", "K$")
     p = r.pubsub(ignore_subscribe_messages=True)
@@ -49,33 +48,60 @@ def subscribe(port, db, ready, stop, out):
     out.put(seen)
 
 
+def drive(run, tps, secs):
+    """Calls run(i) TPS times a second for one second of warm-up plus SECS.
+    Returns ([(run's result, t_reply_ns, t_send_ns, counted)], the first
+    counted reply, the last reply)."""
+    commits = []
+    warm = int(tps)
+    total = warm + int(tps * secs)
+    start = now_ns()
+    period = 1e9 / tps
+    t_first = None
+    for i in range(total):
+        d = start + int(i * period) - now_ns()
+        if d > 0:
+            time.sleep(d / 1e9)
+        t_send = now_ns()
+        key = run(i)
+        t = now_ns()
+        if i == warm:
+            t_first = t
+        commits.append((key, t, t_send, i >= warm))
+    return commits, t_first, commits[-1][1]
+
+
+def summarize(lat, lat_send, t_first, t_last):
+    """The line run.sh reads: n p50 p99 max (from the reply) p50 p99 max
+    (from sending) rate negatives."""
+    lat.sort()
+    lat_send.sort()
+    q = lambda v, p: v[min(len(v) - 1, int(p * len(v)))]
+    rate = (len(lat) - 1) / ((t_last - t_first) / 1e9)
+    neg = sum(1 for x in lat if x < 0)
+    return (
+        f"{len(lat)} {q(lat, 0.5):.2f} {q(lat, 0.99):.2f} {lat[-1]:.2f}"
+        f" {q(lat_send, 0.5):.2f} {q(lat_send, 0.99):.2f} {lat_send[-1]:.2f} {rate:,.0f} {neg}"
+    )
+
+
 def main():
+    import psycopg
+
     conninfo, port, db, tps, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
     ready, stop, out = mp.Event(), mp.Event(), mp.Queue()
     sub = mp.Process(target=subscribe, args=(port, db, ready, stop, out))
     sub.start()
     ready.wait(10)
-    commits = []  # (key, t_reply_ns, t_send_ns, counted)
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute("SET synchronous_commit = on")
-        warm = int(tps)  # one second of warm-up
-        total = warm + int(tps * secs)
-        start = now_ns()
-        period = 1e9 / tps
-        t_first = None
-        for i in range(total):
-            due = start + int(i * period)
-            d = due - now_ns()
-            if d > 0:
-                time.sleep(d / 1e9)
+
+        def update(i):
             row = i % ROWS + 1
-            t_send = now_ns()
             conn.execute("UPDATE lat SET seq = %s, sent_at = clock_timestamp() WHERE id = %s", (i, row), prepare=True)
-            t = now_ns()
-            if i == warm:
-                t_first = t
-            commits.append((f"lat:{row}", t, t_send, i >= warm))
-        t_last = commits[-1][1]
+            return f"lat:{row}"
+
+        commits, t_first, t_last = drive(update, tps, secs)
     time.sleep(2)
     stop.set()
     seen = out.get(timeout=30)
@@ -99,15 +125,7 @@ def main():
     if missing:
         print(f"latency.py: {missing} commits never showed up in Redis", file=sys.stderr)
         sys.exit(1)
-    lat.sort()
-    lat_send.sort()
-    q = lambda v, p: v[min(len(v) - 1, int(p * len(v)))]
-    rate = (len(lat) - 1) / ((t_last - t_first) / 1e9)
-    neg = sum(1 for x in lat if x < 0)
-    print(
-        f"{len(lat)} {q(lat, 0.5):.2f} {q(lat, 0.99):.2f} {lat[-1]:.2f}"
-        f" {q(lat_send, 0.5):.2f} {q(lat_send, 0.99):.2f} {lat_send[-1]:.2f} {rate:,.0f} {neg}"
-    )
+    print(summarize(lat, lat_send, t_first, t_last))
 
 
 if __name__ == "__main__":

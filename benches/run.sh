@@ -16,6 +16,10 @@
 #   memory    peak RSS while one transaction of 2M rows goes through
 #   snapshot  an initial snapshot of a 1M-row table against COPY TO /dev/null
 #             (needs `pgferry run --exit-after-snapshot`; "n/a" without it)
+#   kafka     (opt-in: BENCHES=kafka) pgferry into Kafka (embedded 4.4 broker,
+#             tests/kafka) with exactly_once false and true, against JSONL, with
+#             peak RSS and records counted; commit -> read_committed consumer
+#             latency at KAFKA_LAT_TPS (default 1,000) transactions/s
 #   tls       pgferry over TLS (sslmode=verify-full) against plain TCP, into
 #             null and into JSONL, on the same WAL: time, CPU (user+sys) of
 #             pgferry and of the server's walsender. The server then has
@@ -37,6 +41,7 @@
 #   SNAPSHOT_EXTRA       extra lines at the end of the snapshot runs' config
 #                        (e.g. $'[snapshot]\nchunk_rows = 100000')
 #   PG_EXTRA_CONF        extra postgresql.conf lines
+#   KAFKA_LINGER_MS=5    linger.ms of the Kafka runs
 #   PERF_DIR             record `perf` profiles of the e2e consumers there
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +59,7 @@ BIG_TXN_ROWS="${BIG_TXN_ROWS:-2000000}"
 SNAP_ROWS="${SNAP_ROWS:-1000000}"
 LAT_SECS="${LAT_SECS:-15}"
 LAT_TPS="${LAT_TPS:-1000}"
+KAFKA_LAT_TPS="${KAFKA_LAT_TPS:-1000}"
 REPEAT="${REPEAT:-3}"
 mkdir -p "$TARGET/pgferry-bench"
 OUT="${OUT:-$TARGET/pgferry-bench/results.md}"
@@ -66,6 +72,12 @@ if (want latency || want search) && ! "$PY" -c 'import psycopg, redis' 2>/dev/nu
   log "creating $TARGET/pgferry-bench/venv (psycopg, redis)"
   python3 -m venv "$TARGET/pgferry-bench/venv"
   "$TARGET/pgferry-bench/venv/bin/pip" install -q 'psycopg[binary]' redis
+fi
+
+if want kafka && ! "$PY" -c 'import psycopg, confluent_kafka' 2>/dev/null; then
+  log "adding psycopg and confluent-kafka to $TARGET/pgferry-bench/venv"
+  [ -x "$PY" ] || python3 -m venv "$TARGET/pgferry-bench/venv"
+  "$TARGET/pgferry-bench/venv/bin/pip" install -q 'psycopg[binary]' confluent-kafka
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -141,6 +153,7 @@ for r in $(seq "$REPEAT"); do
     "ferry_null_bin_$r" "ferry_jsonl_bin_$r" "ferry_null_unix1_$r" "ferry_jsonl_unix1_$r" "ferry_jsonl_tcp1_$r")
   if want tls; then SLOTS+=("tls_null_plain_$r" "tls_null_$r" "tls_jsonl_plain_$r" "tls_jsonl_$r"); fi
   if want nats; then SLOTS+=("nats_$r"); fi
+  if want kafka; then SLOTS+=("kafka_alo_$r" "kafka_eo_$r"); fi
 done
 "${PSQL[@]}" >/dev/null <<SQL
 CREATE TABLE items (id bigint PRIMARY KEY, sku text, name text, price numeric(10,2), stock int, tags text[], attrs jsonb, updated_at timestamptz);
@@ -553,6 +566,78 @@ an upper bound, it is in the second row.
 | COMMIT's reply | $LP50 ms | $LP99 ms | $LMAX ms |
 | sending the UPDATE | $SP50 ms | $SP99 ms | $SMAX ms |"
   SUMMARY+=("| latency commit → Redis at $LRATE txn/s, p50 / p99 / max | $LP50 / $LP99 / $LMAX ms | p99 < 10 ms | $(met_le "$LP99" 10) |")
+fi
+
+# ---------------------------------------------------------------- kafka
+if want kafka; then
+  log "kafka: embedded broker, pgferry with exactly_once false and true"
+  command -v java >/dev/null 2>&1 || ensure_packages openjdk-17-jdk-headless
+  command -v mvn >/dev/null 2>&1 || ensure_packages maven
+  KAFKA_PORT="$(free_port)"
+  KAFKA_PID=$(KAFKA_JAVA_OPTS="${KAFKA_JAVA_OPTS:--Xms512m -Xmx1g}" tests/kafka/start.sh "$WORK/kafka-home" "$KAFKA_PORT")
+  PIDS+=("$KAFKA_PID")
+  kafka_sink() { # name exactly_once
+    printf '[[sink]]\nname = "%s"\ntype = "kafka"\nbrokers = "127.0.0.1:%s"\ntopic = "%s.{schema}.{table}"\nexactly_once = %s\n[sink.kafka]\n"linger.ms" = %s\n' \
+      "$1" "$KAFKA_PORT" "$1" "$2" "${KAFKA_LINGER_MS:-5}"
+  }
+  for r in $(seq "$REPEAT"); do
+    log "kafka round $r/$REPEAT"
+    if ! want e2e && ! want redis; then ferry "ferry_jsonl_$r" "ferry_jsonl_$r" "$(JSONL_SINK "$r")"; add_t jsonl "$(fsecs "ferry_jsonl_$r")"; fi
+    for mode in alo eo; do
+      eo=false; [ "$mode" = eo ] && eo=true
+      ferry "kafka_${mode}_$r" "kafka_${mode}_$r" "$(kafka_sink "k${mode}$r" "$eo")"; add_t "k$mode" "$(fsecs "kafka_${mode}_$r")"
+      read -r KV KT <<<"$("$PY" benches/kafka_bench.py count "127.0.0.1:$KAFKA_PORT" "k${mode}$r")"
+      [ "$KV" = "$CHANGES" ] || { echo "kafka ($mode): $KV records, expected $CHANGES" >&2; exit 1; }
+    done
+  done
+  JSONLS=$(med jsonl); KA=$(med kalo); KE=$(med keo)
+  kcpu() { python3 -c "import statistics,sys; print(f'{statistics.median(map(float, sys.argv[1:])):.1f}')" $(cat "$WORK"/$1_*.cpu); }
+  krow() { local m; m=$(med "$2"); echo "| $1 | $m | $(rng "$2") | $(rate "$CHANGES" "$m") | $(ratio "$JSONLS" "$m")× | $(kcpu "$3") s | $(maxrss "$3") |"; }
+  log "kafka latency: $KAFKA_LAT_TPS txn/s for $LAT_SECS s"
+  "${PSQL[@]}" >/dev/null <<SQL
+CREATE TABLE klat (id int PRIMARY KEY, seq bigint);
+INSERT INTO klat SELECT g, 0 FROM generate_series(1, 1000) g;
+CREATE PUBLICATION klatpub FOR TABLE klat;
+SELECT count(pg_create_logical_replication_slot('klat', 'pgoutput'));
+SQL
+  cat >"$WORK/klat.toml" <<TOML
+[source]
+url = "$PLAIN_URL"
+slot = "klat"
+publication = "klatpub"
+tables = ["public.klat"]
+[checkpoint]
+dir = "$WORK/state-klat"
+$(kafka_sink klat "${KAFKA_LAT_EXACTLY_ONCE:-true}")
+TOML
+  "$BIN" --log-format json run --config "$WORK/klat.toml" 2>"$WORK/klat.log" &
+  KLAT_PID=$!; PIDS+=("$KLAT_PID")
+  # The topic exists once the first change went through.
+  "${PSQL[@]}" -c "UPDATE klat SET seq = 0 WHERE id = 1"
+  for _ in $(seq 120); do
+    [ "$("$PY" benches/kafka_bench.py count "127.0.0.1:$KAFKA_PORT" klat | cut -d' ' -f1)" -ge 1 ] 2>/dev/null && break; sleep 1
+  done
+  KLATOUT=$("$PY" benches/kafka_bench.py latency "host=127.0.0.1 port=$PORT user=postgres dbname=postgres" "127.0.0.1:$KAFKA_PORT" klat.public.klat "$KAFKA_LAT_TPS" "$LAT_SECS")
+  kill "$KLAT_PID" 2>/dev/null || true; wait "$KLAT_PID" 2>/dev/null || true
+  read -r KN KP50 KP99 KMAX KSP50 KSP99 KSMAX KRATE KNEG <<<"$KLATOUT"
+  section "### Kafka (embedded Apache Kafka 4.4.0, one KRaft node, 3 partitions, linger.ms = ${KAFKA_LINGER_MS:-5}): the same $CHANGES changes, $REPEAT rounds, records counted with a read_committed consumer
+
+| sink | seconds (median) | range | changes/s | vs pgferry → JSONL | pgferry CPU (user+sys, median) | peak RSS (max) |
+|---|---:|---:|---:|---:|---:|---:|
+$(krow "JSONL file (reference)" jsonl ferry_jsonl)
+$(krow "Kafka, exactly_once = false (idempotent producer)" kalo kafka_alo)
+$(krow "Kafka, exactly_once = true (one transaction per batch)" keo kafka_eo)
+
+Latency commit → visible to a \`read_committed\` consumer (Python, confluent-kafka), $KN transactions at $KRATE/s, exactly_once = ${KAFKA_LAT_EXACTLY_ONCE:-true}; $KNEG negative samples:
+
+| measured from | p50 | p99 | max |
+|---|---:|---:|---:|
+| COMMIT's reply | $KP50 ms | $KP99 ms | $KMAX ms |
+| sending the UPDATE | $KSP50 ms | $KSP99 ms | $KSMAX ms |"
+  SUMMARY+=("| Kafka exactly_once = false vs pgferry → JSONL | $(ratio "$JSONLS" "$KA")× ($(rate "$CHANGES" "$KA") changes/s) | ≥ 0.8× | $(met "$(ratio "$JSONLS" "$KA")" 0.8) |")
+  SUMMARY+=("| Kafka exactly_once = true vs pgferry → JSONL | $(ratio "$JSONLS" "$KE")× ($(rate "$CHANGES" "$KE") changes/s) | ≥ 0.5× | $(met "$(ratio "$JSONLS" "$KE")" 0.5) |")
+  SUMMARY+=("| latency commit → Kafka read_committed consumer at $KRATE txn/s, p50 / p99 / max | $KP50 / $KP99 / $KMAX ms | p99 < 50 ms | $(met_le "$KP99" 50) |")
+  kill "$KAFKA_PID" 2>/dev/null || true
 fi
 
 # ---------------------------------------------------------------- memory

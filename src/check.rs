@@ -457,6 +457,13 @@ async fn sink_checks<W: Write>(
                 }
             }
         }
+        SinkConfig::Kafka(c) => match crate::sink::kafka::probe(c).await {
+            Ok(what) => r.pass(format!("sink {name}: {what}")),
+            Err(e) => r.fail(
+                format!("sink {name}: {e}"),
+                "check the sink's brokers, the security settings in [sink.kafka], and that the brokers run",
+            ),
+        },
         #[cfg(feature = "iceberg")]
         SinkConfig::Iceberg(c) => match crate::sink::iceberg::IcebergSink::open(c).await {
             Ok(_) => r.pass(format!(

@@ -664,6 +664,7 @@ path = "changes.jsonl"           # "-" for stdout
                 SinkConfig::Elasticsearch(_) => "elasticsearch",
                 SinkConfig::Null(_) => "null",
                 SinkConfig::Nats(_) => "nats",
+                SinkConfig::Kafka(_) => "kafka",
                 #[cfg(feature = "iceberg")]
                 SinkConfig::Iceberg(_) => "iceberg",
             })

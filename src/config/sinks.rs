@@ -21,6 +21,8 @@ pub enum SinkConfig {
     Iceberg(crate::sink::iceberg::IcebergConfig),
     /// Publishes the change events to NATS JetStream.
     Nats(crate::sink::nats::NatsConfig),
+    /// Change events on Kafka topics (effectively-once with transactions).
+    Kafka(crate::sink::kafka::KafkaConfig),
 }
 
 impl SinkConfig {
@@ -34,7 +36,7 @@ impl SinkConfig {
                 "must be a table: write [[sink]] and its keys below it",
             ));
         };
-        const TYPES: &str = "jsonl, redis, elasticsearch, opensearch, nats, iceberg or null";
+        const TYPES: &str = "jsonl, redis, elasticsearch, opensearch, kafka, nats, iceberg or null";
         let kind = match table.remove("type") {
             Some(toml::Value::String(s)) => s,
             Some(_) => {
@@ -56,6 +58,7 @@ impl SinkConfig {
             "null" => SinkConfig::Null(deserialize_at(&at, value)?),
             "redis" => SinkConfig::Redis(deserialize_at(&at, value)?),
             "nats" => SinkConfig::Nats(deserialize_at(&at, value)?),
+            "kafka" => SinkConfig::Kafka(deserialize_at(&at, value)?),
             "elasticsearch" | "opensearch" => {
                 SinkConfig::Elasticsearch(deserialize_at(&at, value)?)
             }
@@ -82,7 +85,7 @@ impl SinkConfig {
     pub(super) fn for_each_path(&mut self, f: &impl Fn(&mut PathBuf)) {
         match self {
             SinkConfig::Jsonl(c) => f(&mut c.path),
-            SinkConfig::Null(_) => {}
+            SinkConfig::Null(_) | SinkConfig::Kafka(_) => {}
             SinkConfig::Redis(c) => c.tls_ca_file.iter_mut().for_each(f),
             SinkConfig::Nats(c) => {
                 let files = [
@@ -140,6 +143,10 @@ impl SinkConfig {
                 c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
                 Ok(())
             }
+            SinkConfig::Kafka(c) => {
+                c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
+                Ok(())
+            }
             SinkConfig::Elasticsearch(c) => {
                 c.tables = canonical_keys(std::mem::take(&mut c.tables)).map_err(keyed)?;
                 Ok(())
@@ -153,6 +160,7 @@ impl SinkConfig {
             SinkConfig::Null(c) => &c.name,
             SinkConfig::Redis(c) => &c.name,
             SinkConfig::Nats(c) => &c.name,
+            SinkConfig::Kafka(c) => &c.name,
             SinkConfig::Elasticsearch(c) => &c.name,
             #[cfg(feature = "iceberg")]
             SinkConfig::Iceberg(c) => &c.name,
@@ -166,6 +174,7 @@ impl SinkConfig {
             SinkConfig::Null(_) => None,
             SinkConfig::Redis(c) => c.max_failure_secs,
             SinkConfig::Nats(c) => c.max_failure_secs,
+            SinkConfig::Kafka(c) => c.max_failure_secs,
             SinkConfig::Elasticsearch(c) => c.max_failure_secs,
             #[cfg(feature = "iceberg")]
             SinkConfig::Iceberg(c) => c.max_failure_secs,
@@ -175,7 +184,10 @@ impl SinkConfig {
     /// What to do when the sink's store lost pgferry's state (`on_data_loss`).
     pub fn on_data_loss(&self) -> OnDataLoss {
         match self {
-            SinkConfig::Jsonl(_) | SinkConfig::Null(_) | SinkConfig::Nats(_) => OnDataLoss::Warn,
+            SinkConfig::Jsonl(_)
+            | SinkConfig::Null(_)
+            | SinkConfig::Nats(_)
+            | SinkConfig::Kafka(_) => OnDataLoss::Warn,
             #[cfg(feature = "iceberg")]
             SinkConfig::Iceberg(_) => OnDataLoss::Warn,
             SinkConfig::Redis(c) => c.on_data_loss,
@@ -215,6 +227,7 @@ impl SinkConfig {
             SinkConfig::Null(c) => c.tables.clone(),
             SinkConfig::Redis(c) => Some(c.tables.keys().cloned().collect()),
             SinkConfig::Nats(c) => c.table_names(),
+            SinkConfig::Kafka(_) => None,
             SinkConfig::Elasticsearch(c) => Some(c.table_names()),
             #[cfg(feature = "iceberg")]
             SinkConfig::Iceberg(c) => c.tables.clone(),
@@ -226,6 +239,7 @@ impl SinkConfig {
         match self {
             SinkConfig::Redis(c) => c.validate(),
             SinkConfig::Nats(c) => c.validate(),
+            SinkConfig::Kafka(c) => c.validate(),
             SinkConfig::Elasticsearch(c) => c.validate(),
             #[cfg(feature = "iceberg")]
             SinkConfig::Iceberg(c) => c.validate(),

@@ -35,6 +35,7 @@ pub mod eventlog;
 #[cfg(feature = "iceberg")]
 pub mod iceberg;
 pub mod jsonl;
+pub mod kafka;
 pub mod key;
 pub mod nats;
 pub mod null;
@@ -161,5 +162,8 @@ pub async fn build(
         )),
         #[cfg(feature = "iceberg")]
         crate::config::SinkConfig::Iceberg(c) => Ok(Box::new(iceberg::IcebergSink::open(c).await?)),
+        crate::config::SinkConfig::Kafka(c) => Ok(Box::new(
+            kafka::KafkaSink::open(Arc::new(c.clone()), owner.clone()).await?,
+        )),
     }
 }
