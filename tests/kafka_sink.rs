@@ -13,13 +13,12 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Headers;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value;
 use support::ferry::{kill9, wait_timeout, FerryDir, Guard};
+use support::kafka::{read_topics, Rec};
+use support::nats::TestNats;
 use support::pg::TestPg;
+use support::redis::TestRedis;
 use support::workload::{self, OnError, Sessions};
 
 const DDL: &str = "CREATE TABLE items (id int PRIMARY KEY, grp int, v text, n numeric);
@@ -27,16 +26,6 @@ const DDL: &str = "CREATE TABLE items (id int PRIMARY KEY, grp int, v text, n nu
     INSERT INTO accounts SELECT g, 100, 'a' || g FROM generate_series(1, 20) g;";
 
 const TABLES: [&str; 2] = ["public.items", "public.accounts"];
-
-/// One record as a `read_committed` consumer saw it.
-#[derive(Debug, Clone)]
-struct Rec {
-    topic: String,
-    partition: i32,
-    key: Option<String>,
-    value: Option<Value>,
-    headers: HashMap<String, String>,
-}
 
 /// A `[[sink]]` of type kafka named `name`, topics `<prefix>.{schema}.{table}`.
 fn kafka_sink(name: &str, prefix: &str, extra: &str) -> String {
@@ -56,73 +45,6 @@ fn setup(name: &str, extra: &str) -> (TestPg, FerryDir) {
     let f = FerryDir::new();
     f.write_config(&pg.url(), &TABLES, "", &kafka_sink(name, name, extra));
     (pg, f)
-}
-
-/// Every committed record of the topics starting with `prefix.`, read from
-/// the beginning with `isolation.level=read_committed`.
-fn read_topics(prefix: &str) -> Vec<Rec> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", support::kafka::broker().bootstrap())
-        .set("group.id", "kafka-sink-test")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let md = consumer
-        .fetch_metadata(None, Duration::from_secs(30))
-        .unwrap();
-    let mut out = Vec::new();
-    for t in md.topics() {
-        if t.name().starts_with(&format!("{prefix}.")) {
-            read_topic(&consumer, t.name(), t.partitions().len(), &mut out);
-        }
-    }
-    out
-}
-
-/// One topic, to the end of each of its partitions (one topic at a time:
-/// the end-of-partition event names only the partition).
-fn read_topic(consumer: &BaseConsumer, topic: &str, partitions: usize, out: &mut Vec<Rec>) {
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions as i32 {
-        tpl.add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut at_end = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while at_end.len() < partitions {
-        assert!(Instant::now() < deadline, "reading {topic} took too long");
-        match consumer.poll(Duration::from_millis(500)) {
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
-            }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            Some(Ok(m)) => {
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| {
-                                let v = String::from_utf8(h.value.unwrap_or_default().to_vec());
-                                (h.key.to_string(), v.unwrap())
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push(Rec {
-                    topic: m.topic().to_string(),
-                    partition: m.partition(),
-                    key: m.key().map(|k| String::from_utf8(k.to_vec()).unwrap()),
-                    value: m.payload().map(|v| serde_json::from_slice(v).unwrap()),
-                    headers,
-                });
-            }
-        }
-    }
-    consumer.unassign().unwrap();
 }
 
 /// The rows of one table rebuilt from its records, key by key, in each
@@ -490,4 +412,150 @@ fn a_record_over_message_max_bytes_is_fatal_with_the_fix() {
     let recs = read_topics("big");
     let ids: Vec<_> = recs.iter().filter_map(|r| r.key.clone()).collect();
     assert_eq!(ids, ["{\"id\":1}"], "only the first row is published");
+}
+
+/// The three sinks of [`log_sinks_and_redis_do_not_wait_for_each_other`]:
+/// Redis (`item:{id}`, json), Kafka (topics `iso.*`) and NATS (stream `PGFERRY`).
+fn three_sinks(redis: &TestRedis, nats: &TestNats) -> String {
+    format!(
+        "\n[[sink]]\nname = \"cache\"\ntype = \"redis\"\nurl = \"{}\"\ntimeout_secs = 2\n\
+         [sink.tables.\"public.items\"]\nkey = \"item:{{id}}\"\nmode = \"json\"\n\
+         [sink.tables.\"public.accounts\"]\nkey = \"account:{{id}}\"\nmode = \"json\"\n\
+         \n[[sink]]\nname = \"bus\"\ntype = \"nats\"\nurl = \"{}\"\ntimeout_secs = 2\n{}",
+        redis.url(),
+        nats.url(),
+        kafka_sink("iso", "iso", ""),
+    )
+}
+
+/// Which stores differ from Postgres (empty: all three equal it, with no
+/// duplicate on the logs). `kafka`/`nats`: whether that store can be read now.
+fn behind(
+    pg: &TestPg,
+    redis: &TestRedis,
+    nats: &TestNats,
+    kafka: bool,
+    read_nats: bool,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (table, prefix) in [("public.items", "item"), ("public.accounts", "account")] {
+        let rows = support::oracle::table_rows(pg, table);
+        let mut c = redis.conn();
+        let keys: Vec<String> = rows.keys().map(|id| format!("{prefix}:{id}")).collect();
+        let got: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(&mut c).unwrap();
+        let cached: Vec<Option<Value>> = got
+            .into_iter()
+            .map(|g| g.map(|g| serde_json::from_str(&g).unwrap()))
+            .collect();
+        if cached
+            .iter()
+            .zip(rows.values())
+            .any(|(c, r)| c.as_ref() != Some(r))
+        {
+            out.push(format!("redis {table}"));
+        }
+        if kafka {
+            match rebuild(&read_topics("iso"), table, false) {
+                Ok(r) if r == rows => {}
+                Ok(_) => out.push(format!("kafka {table}")),
+                Err(e) => panic!("kafka {table}: {e}"),
+            }
+        }
+        if read_nats {
+            let msgs = nats.read_stream("PGFERRY");
+            let ids: HashSet<&String> = msgs.iter().map(|m| &m.id).collect();
+            assert_eq!(ids.len(), msgs.len(), "a message twice on NATS");
+            let events: Vec<Value> = msgs
+                .iter()
+                .filter(|m| m.table == table)
+                .map(|m| m.value.clone())
+                .collect();
+            if support::oracle::replay(&events) != rows {
+                out.push(format!("nats {table}"));
+            }
+        }
+    }
+    out
+}
+
+/// Waits until `behind` reports nothing, while pgferry runs.
+fn wait_caught_up(what: &str, f: &FerryDir, mut behind: impl FnMut() -> Vec<String>) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let b = behind();
+        if b.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still behind: {b:?}\n{}",
+            tail(&f.log())
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn tail(s: &str) -> &str {
+    &s[s.len().saturating_sub(4000)..]
+}
+
+/// Ten transactions of inserts and updates on both tables, ids from `from`.
+fn some_changes(pg: &TestPg, from: i32) {
+    for i in from..from + 10 {
+        pg.sql(&format!(
+            "BEGIN; INSERT INTO items VALUES ({i}, {i} % 3, 'v{i}', {i}.5);
+             UPDATE accounts SET balance = balance + {i} WHERE id = {};
+             UPDATE items SET v = v || '!' WHERE id = {}; COMMIT;",
+            i % 20 + 1,
+            from
+        ));
+    }
+}
+
+#[test]
+fn log_sinks_and_redis_do_not_wait_for_each_other() {
+    let broker = support::kafka::broker();
+    let _x = broker.exclusive();
+    let pg = TestPg::start();
+    pg.sql(DDL);
+    let redis = TestRedis::new();
+    let mut nats = TestNats::new();
+    let f = FerryDir::new();
+    f.write_config(&pg.url(), &TABLES, "", &three_sinks(&redis, &nats));
+    let mut g = Guard(f.run());
+    support::ferry::wait_active(&pg, &f, "pgferry");
+    // The accounts were inserted before pgferry started: one update of
+    // each brings its whole row to every sink.
+    pg.sql("UPDATE accounts SET note = note || '.'");
+    some_changes(&pg, 1000);
+    wait_caught_up("all three at start", &f, || {
+        behind(&pg, &redis, &nats, true, true)
+    });
+
+    // NATS down: Redis and Kafka keep receiving every change.
+    nats.stop();
+    some_changes(&pg, 2000);
+    wait_caught_up("redis and kafka while nats is down", &f, || {
+        behind(&pg, &redis, &nats, true, false)
+    });
+
+    // Kafka frozen (SIGSTOP: connections hang), NATS back: Redis and NATS
+    // keep up, NATS replays what it missed.
+    broker.pause();
+    nats.start();
+    some_changes(&pg, 3000);
+    wait_caught_up("redis and nats while kafka is frozen", &f, || {
+        behind(&pg, &redis, &nats, false, true)
+    });
+    assert!(
+        wait_timeout(&mut g.0, Duration::from_millis(10)).is_none(),
+        "pgferry exited while a sink's store was down:\n{}",
+        tail(&f.log())
+    );
+
+    broker.resume();
+    some_changes(&pg, 4000);
+    wait_caught_up("all three after both outages", &f, || {
+        behind(&pg, &redis, &nats, true, true)
+    });
 }

@@ -12,23 +12,12 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde_json::Value;
 use support::ferry::{kill9, terminate, FerryDir, Guard};
-use support::nats::TestNats;
+use support::nats::{Msg, TestNats};
 use support::pg::TestPg;
 
 const TABLES: [&str; 2] = ["public.items", "public.other"];
-
-/// One message read back from the stream.
-#[derive(Debug)]
-struct Msg {
-    subject: String,
-    id: String,
-    table: String,
-    key: Option<String>,
-    value: Value,
-}
 
 fn setup(pg: &TestPg, n: &TestNats, format: &str, extra_source: &str) -> FerryDir {
     pg.sql(
@@ -107,44 +96,6 @@ fn workload(
     )
 }
 
-/// Every message of stream `PGFERRY`, in stream order.
-fn read_stream(n: &TestNats) -> Vec<Msg> {
-    use async_nats::jetstream;
-    let rt = support::workload::runtime();
-    rt.block_on(async {
-        let client = async_nats::connect(n.url()).await.unwrap();
-        let js = jetstream::new(client);
-        let mut stream = js.get_stream("PGFERRY").await.unwrap();
-        let total = stream.info().await.unwrap().state.messages as usize;
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::Config {
-                ack_policy: jetstream::consumer::AckPolicy::None,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut msgs = consumer.messages().await.unwrap();
-        let mut out = Vec::with_capacity(total);
-        while out.len() < total {
-            let m = tokio::time::timeout(Duration::from_secs(30), msgs.next())
-                .await
-                .expect("the stream's messages come")
-                .unwrap()
-                .unwrap();
-            let h = m.headers.clone().expect("headers");
-            let get = |k: &str| h.get(k).map(|v| v.as_str().to_string());
-            out.push(Msg {
-                subject: m.subject.to_string(),
-                id: get("Nats-Msg-Id").expect("Nats-Msg-Id"),
-                table: get("table").expect("table header"),
-                key: get("key"),
-                value: serde_json::from_slice(&m.payload).expect("a JSON value"),
-            });
-        }
-        out
-    })
-}
-
 /// The position `(commit_lsn, index)` of a `slot:X/Y:index` message id.
 fn position(id: &str) -> (u64, u64) {
     let mut parts = id.split(':');
@@ -221,7 +172,7 @@ fn compare_until_equal(pg: &TestPg, n: &TestNats, f: &FerryDir, debezium: bool) 
     let msgs = support::progress::wait_for(
         Duration::from_secs(120),
         || {
-            let msgs = read_stream(n);
+            let msgs = n.read_stream("PGFERRY");
             let diff: usize = TABLES
                 .iter()
                 .zip(&expected)

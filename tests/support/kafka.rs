@@ -10,10 +10,17 @@
 //! test holds the read side of ([`Broker::shared`]); [`Broker::start`] brings
 //! it back on the same port with its data.
 
+use std::collections::{HashMap, HashSet};
 use std::net::TcpStream;
 use std::path::Path;
 use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value;
 
 use super::watchdog::Guarded;
 
@@ -136,4 +143,81 @@ impl Broker {
     pub fn log_tail(&self) -> String {
         super::watchdog::log_tail(&self.home().join("node.log"), 40)
     }
+}
+
+/// One record as a `read_committed` consumer saw it.
+#[derive(Debug, Clone)]
+pub struct Rec {
+    pub topic: String,
+    pub partition: i32,
+    pub key: Option<String>,
+    pub value: Option<Value>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Every committed record of the topics starting with `prefix.`, read from
+/// the beginning with `isolation.level=read_committed`.
+pub fn read_topics(prefix: &str) -> Vec<Rec> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker().bootstrap())
+        .set("group.id", "kafka-sink-test")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(None, Duration::from_secs(30))
+        .unwrap();
+    let mut out = Vec::new();
+    for t in md.topics() {
+        if t.name().starts_with(&format!("{prefix}.")) {
+            read_topic(&consumer, t.name(), t.partitions().len(), &mut out);
+        }
+    }
+    out
+}
+
+/// One topic, to the end of each of its partitions (one topic at a time:
+/// the end-of-partition event names only the partition).
+pub fn read_topic(consumer: &BaseConsumer, topic: &str, partitions: usize, out: &mut Vec<Rec>) {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut at_end = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while at_end.len() < partitions {
+        assert!(Instant::now() < deadline, "reading {topic} took too long");
+        match consumer.poll(Duration::from_millis(500)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            Some(Ok(m)) => {
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                let v = String::from_utf8(h.value.unwrap_or_default().to_vec());
+                                (h.key.to_string(), v.unwrap())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Rec {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    key: m.key().map(|k| String::from_utf8(k.to_vec()).unwrap()),
+                    value: m.payload().map(|v| serde_json::from_slice(v).unwrap()),
+                    headers,
+                });
+            }
+        }
+    }
+    consumer.unassign().unwrap();
 }

@@ -12,6 +12,9 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use serde_json::Value;
+
 use super::watchdog::Guarded;
 
 pub struct TestNats {
@@ -145,6 +148,44 @@ impl TestNats {
     pub fn log_tail(&self) -> String {
         super::watchdog::log_tail(&self.log(), 40)
     }
+
+    /// Every message of `stream`, in stream order.
+    pub fn read_stream(&self, stream: &str) -> Vec<Msg> {
+        use async_nats::jetstream;
+        let rt = super::workload::runtime();
+        rt.block_on(async {
+            let client = async_nats::connect(self.url()).await.unwrap();
+            let js = jetstream::new(client);
+            let mut stream = js.get_stream(stream).await.unwrap();
+            let total = stream.info().await.unwrap().state.messages as usize;
+            let consumer = stream
+                .create_consumer(jetstream::consumer::pull::Config {
+                    ack_policy: jetstream::consumer::AckPolicy::None,
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let mut msgs = consumer.messages().await.unwrap();
+            let mut out = Vec::with_capacity(total);
+            while out.len() < total {
+                let m = tokio::time::timeout(Duration::from_secs(30), msgs.next())
+                    .await
+                    .expect("the stream's messages come")
+                    .unwrap()
+                    .unwrap();
+                let h = m.headers.clone().expect("headers");
+                let get = |k: &str| h.get(k).map(|v| v.as_str().to_string());
+                out.push(Msg {
+                    subject: m.subject.to_string(),
+                    id: get("Nats-Msg-Id").expect("Nats-Msg-Id"),
+                    table: get("table").expect("table header"),
+                    key: get("key"),
+                    value: serde_json::from_slice(&m.payload).expect("a JSON value"),
+                });
+            }
+            out
+        })
+    }
 }
 
 impl Drop for TestNats {
@@ -158,4 +199,14 @@ impl Default for TestNats {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// One message read back from the stream.
+#[derive(Debug)]
+pub struct Msg {
+    pub subject: String,
+    pub id: String,
+    pub table: String,
+    pub key: Option<String>,
+    pub value: Value,
 }
