@@ -28,7 +28,7 @@ def main():
     with open(path, "rb") as f:
         for line in f:
             ev = json.loads(line)
-            if ev["table"] != "items":
+            if ev["table"] != "items" or ev["op"] in ("schema", "ddl"):
                 continue
             if limit is not None and ops >= limit:
                 break

@@ -213,8 +213,11 @@ fn a_stdout_reader_that_exits_loses_no_event() {
     wait_active(&pg, &f, "pgferry");
     pg.sql("INSERT INTO items VALUES (1)");
     pg.sql("INSERT INTO items VALUES (2)");
-    // The reader takes two lines and exits.
+    // The reader takes two change lines (after the table's schema line) and exits.
     let mut reader = BufReader::new(out);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.starts_with("{\"op\":\"schema\""), "{line}");
     for _ in 0..2 {
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();

@@ -390,3 +390,230 @@ fn each_alter_table_kind_mid_stream_including_one_in_a_spilled_streamed_transact
         f.log()
     );
 }
+
+/// The versions of `table` as its schema events announce them: checks that
+/// every change event is preceded by a schema event of its table with its
+/// `schema_version`, that a non-null `previous_version` is the version of
+/// the table's change before it, and that the same columns always have the
+/// same version (and other columns another one). Returns the versions in
+/// order of first appearance with their columns as `name type` strings.
+fn check_schema_events(all: &[Value], table: &str) -> Vec<(String, Vec<String>)> {
+    let mut current: Option<String> = None;
+    let mut last_change: Option<String> = None;
+    let mut versions: Vec<(String, Vec<String>)> = Vec::new();
+    for (i, e) in all.iter().enumerate().filter(|(_, e)| e["table"] == table) {
+        let v = e["schema_version"].as_str().map(str::to_string);
+        assert!(
+            v.as_ref().is_some_and(|v| v.len() == 16),
+            "line {i} has no schema_version: {e}"
+        );
+        match e["op"].as_str() {
+            Some("schema") => {
+                let prev = &e["previous_version"];
+                assert!(
+                    prev.is_null() || prev.as_str() == last_change.as_deref(),
+                    "line {i}: previous_version {prev} but the change before it had {last_change:?}"
+                );
+                let cols: Vec<String> = e["columns"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{} {}",
+                            c["name"].as_str().unwrap(),
+                            c["type"].as_str().unwrap()
+                        )
+                    })
+                    .collect();
+                let v = v.unwrap();
+                match versions.iter().find(|(known, _)| *known == v) {
+                    Some((_, known_cols)) => assert_eq!(
+                        known_cols, &cols,
+                        "line {i}: version {v} with other columns"
+                    ),
+                    None => {
+                        assert!(
+                            versions.iter().all(|(_, c)| *c != cols),
+                            "line {i}: columns {cols:?} got a second version {v}"
+                        );
+                        versions.push((v.clone(), cols));
+                    }
+                }
+                current = Some(v);
+            }
+            Some("truncate") => {}
+            _ => {
+                assert_eq!(
+                    v, current,
+                    "line {i}: a change without a schema event of its version before it: {e}"
+                );
+                last_change = v;
+            }
+        }
+    }
+    versions
+}
+
+/// kill -9 between a DDL and the first change after it, right after that
+/// first change, and at a random moment after a DDL made under the load,
+/// with a workload on the same table; restarted each time. The JSONL
+/// changes equal the server's own decoding (test_decoding) change by change
+/// and, replayed, `to_jsonb()` of the rows; every schema version is
+/// announced before its first change; a restart with the same columns
+/// gives the same version.
+#[test]
+fn kill_9_around_ddl_loses_nothing_and_announces_every_schema_version() {
+    use std::sync::atomic::Ordering;
+    let pg = TestPg::start();
+    pg.sql("CREATE TABLE v (id int PRIMARY KEY, a int)");
+    support::oracle::create(&pg);
+    let f = FerryDir::new();
+    f.write_config(&pg.url(), &["public.v"], "", "");
+    let mut ferry = start_streaming(&pg, &f);
+    let stop = Arc::new(AtomicBool::new(false));
+    let paused = Arc::new(AtomicBool::new(false));
+    let rt = workload::runtime();
+    let workers = {
+        let paused = paused.clone();
+        workload::spawn(
+            &pg,
+            &rt,
+            &stop,
+            Sessions {
+                count: 2,
+                seed: 0x5151,
+                pause: Duration::from_millis(5),
+                on_error: OnError::Panic,
+            },
+            move |w| {
+                let paused = paused.clone();
+                let mut next = (w as i64 + 1) * 1_000_000;
+                move |rng, _| {
+                    if paused.load(Ordering::SeqCst) {
+                        return vec![];
+                    }
+                    next += 1;
+                    let old = next - 1 - rng.below(50) as i64;
+                    vec![format!(
+                        "BEGIN; INSERT INTO v(id, a) VALUES ({next}, 0); \
+                         UPDATE v SET a = a + 1 WHERE id = {old}; COMMIT;"
+                    )]
+                }
+            },
+        )
+    };
+    let restart = |ferry: &mut support::ferry::Guard| {
+        support::ferry::kill9(&mut ferry.0);
+        *ferry = support::ferry::Guard(f.run());
+    };
+    // Progress: the JSONL file grows.
+    let let_it_run = |more: usize| {
+        let n = f.events().len();
+        f.wait_events(n + more, STALL);
+    };
+    let_it_run(50);
+    // A restart with no DDL: the table is announced again with the same version.
+    restart(&mut ferry);
+    let_it_run(50);
+    let ddls = [
+        "ALTER TABLE v ADD COLUMN c1 int",
+        "ALTER TABLE v ADD COLUMN c2 text DEFAULT 'x'",
+        "ALTER TABLE v ALTER COLUMN c1 TYPE bigint",
+        "ALTER TABLE v DROP COLUMN c2",
+        "ALTER TABLE v RENAME COLUMN c1 TO c1r",
+        "ALTER TABLE v ALTER COLUMN a TYPE numeric(10,2)",
+    ];
+    for (i, ddl) in ddls.iter().enumerate() {
+        match i % 3 {
+            0 => {
+                // Between the DDL and the first change after it: the
+                // workload is paused, pgferry has streamed past the DDL.
+                paused.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(200));
+                pg.sql(ddl);
+                let at = pg.sql("SELECT pg_current_wal_lsn()").trim().to_string();
+                support::progress::wait_for(
+                    STALL,
+                    || {
+                        let q = format!(
+                            "SELECT confirmed_flush_lsn >= '{at}' FROM pg_replication_slots WHERE slot_name = 'pgferry'"
+                        );
+                        if pg.sql(&q).trim() == "t" {
+                            Ok(())
+                        } else {
+                            Err(())
+                        }
+                    },
+                    || f.log(),
+                );
+                restart(&mut ferry);
+                paused.store(false, Ordering::SeqCst);
+            }
+            1 => {
+                // Right after the first change after the DDL.
+                paused.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(200));
+                pg.sql(ddl);
+                pg.sql("UPDATE v SET a = a + 1 WHERE id = 1000001");
+                restart(&mut ferry);
+                paused.store(false, Ordering::SeqCst);
+            }
+            _ => {
+                // A DDL under the load, killed at a moment after it.
+                pg.sql(ddl);
+                std::thread::sleep(Duration::from_millis(100 + 150 * i as u64));
+                restart(&mut ferry);
+            }
+        }
+        let_it_run(50);
+    }
+    let txns = workload::stop(&rt, &stop, workers);
+    assert!(txns > 200, "the workload ran only {txns} transactions");
+    // Every row in its latest shape, then a marker.
+    pg.sql("UPDATE v SET a = a + 1");
+    pg.sql("INSERT INTO v(id, a) VALUES (-1, 0)");
+    let expected = support::oracle::read(&pg, "v");
+    support::progress::wait_for(
+        STALL,
+        || match support::oracle::jsonl(&f, "v").len() {
+            n if n >= expected.len() => Ok(()),
+            n => Err(n),
+        },
+        || f.log(),
+    );
+    support::ferry::terminate(&mut ferry.0);
+    // Nothing lost, nothing duplicated, in order.
+    let got = support::oracle::jsonl(&f, "v");
+    assert_eq!(got.len(), expected.len(), "same number of changes");
+    if let Some(i) = got.iter().zip(&expected).position(|(a, b)| a != b) {
+        panic!(
+            "first difference at change {i}: pgferry {:?} vs oracle {:?}",
+            got[i], expected[i]
+        );
+    }
+    assert_eq!(
+        jsonl_rows(&f, "v"),
+        support::oracle::table_rows(&pg, "public.v")
+    );
+    // One version per column set, each announced before its first change.
+    let all = f.all_events();
+    let versions = check_schema_events(&all, "v");
+    let cols: Vec<&Vec<String>> = versions.iter().map(|(_, c)| c).collect();
+    assert_eq!(versions.len(), ddls.len() + 1, "{cols:#?}");
+    assert_eq!(versions[0].1, ["id integer", "a integer"], "{cols:#?}");
+    assert_eq!(
+        versions.last().unwrap().1,
+        ["id integer", "a numeric(10,2)", "c1r bigint"],
+        "{cols:#?}"
+    );
+    // Each start announced the table again (8 starts), and the version of
+    // the columns before the first restart came back unchanged after it.
+    let schema_lines = all.iter().filter(|e| e["op"] == "schema").count();
+    assert!(schema_lines >= 8, "{schema_lines} schema events");
+    let first: Vec<&Value> = all.iter().filter(|e| e["op"] == "schema").take(2).collect();
+    assert_eq!(
+        first[0]["schema_version"], first[1]["schema_version"],
+        "{first:?}"
+    );
+}

@@ -321,10 +321,14 @@ impl Assembler {
             }
         };
         self.skipped.remove(&r.oid);
-        let mut info = RelationInfo::new(r.oid, schema, table, r.replica_identity, cols);
-        for (col, wire) in info.columns.iter_mut().zip(&r.columns) {
-            col.type_mod = wire.type_modifier;
-        }
+        let types = r.columns.iter().map(|c| {
+            (
+                c.type_modifier,
+                self.types.name(c.type_oid, c.type_modifier),
+            )
+        });
+        let info =
+            RelationInfo::new(r.oid, schema, table, r.replica_identity, cols).with_types(types);
         self.relations.insert(r.oid, Arc::new(info));
     }
 

@@ -105,6 +105,9 @@ type OidMap<V> = HashMap<u32, V, BuildHasherDefault<OidHasher>>;
 #[derive(Debug, Clone)]
 pub struct TypeRegistry {
     kinds: OidMap<TypeKind>,
+    /// `format_type(oid, typmod)` of the columns of delivered relations,
+    /// for `op:"schema"` events only (see [`TypeRegistry::load_names`]).
+    names: HashMap<(u32, i32), Box<str>>,
 }
 
 /// Built-in scalar types whose rule is not [`TypeKind::String`].
@@ -350,7 +353,41 @@ impl TypeRegistry {
             let delim = if elem == 603 { b';' } else { b',' };
             kinds.insert(oid, TypeKind::Array { elem, delim });
         }
-        TypeRegistry { kinds }
+        TypeRegistry {
+            kinds,
+            names: HashMap::new(),
+        }
+    }
+
+    /// The name of type `oid` with modifier `type_mod`, as `format_type()`
+    /// gave it at the last [`TypeRegistry::load_names`].
+    pub fn name(&self, oid: u32, type_mod: i32) -> Option<Box<str>> {
+        self.names.get(&(oid, type_mod)).cloned()
+    }
+
+    /// Asks the catalog for the names of `types` (type OID, modifier) in one
+    /// query, replacing what was known (a type may have been renamed). Only
+    /// schema events show them; a type that no longer exists keeps no name.
+    pub async fn load_names(
+        &mut self,
+        client: &tokio_postgres::Client,
+        types: &[(u32, i32)],
+    ) -> Result<(), tokio_postgres::Error> {
+        let (oids, mods): (Vec<u32>, Vec<i32>) = types.iter().copied().unzip();
+        let rows = client
+            .query(
+                "SELECT t.o, t.m, pg_catalog.format_type(t.o, t.m) \
+                 FROM unnest($1::pg_catalog.oid[], $2::pg_catalog.int4[]) AS t(o, m) \
+                 JOIN pg_catalog.pg_type ty ON ty.oid = t.o",
+                &[&oids, &mods],
+            )
+            .await?;
+        for row in rows {
+            let name: String = row.try_get(2)?;
+            self.names
+                .insert((row.try_get(0)?, row.try_get(1)?), name.into());
+        }
+        Ok(())
     }
 
     /// The rule for `oid`; `None` when the registry has not seen it (render then

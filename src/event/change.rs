@@ -68,6 +68,9 @@ pub struct ColumnInfo {
     pub is_key: bool,
     /// The column name as a JSON string, quotes included, ready to write.
     pub json_name: Box<str>,
+    /// The type as `format_type()` names it (`integer`, `numeric(10,2)`),
+    /// when the catalog was asked; only `op:"schema"` events show it.
+    pub type_name: Option<Box<str>>,
 }
 
 /// A source table as described by the latest Relation message.
@@ -82,6 +85,8 @@ pub struct RelationInfo {
     pub columns: Vec<ColumnInfo>,
     /// `"schema":"…","table":"…"` with JSON escaping, ready to write.
     pub json_ident: Box<str>,
+    /// `,"schema_version":"…"`, ready to write: see [`schema_version`].
+    json_version: Box<str>,
 }
 
 impl RelationInfo {
@@ -110,10 +115,11 @@ impl RelationInfo {
                     type_oid,
                     type_mod: -1,
                     is_key,
+                    type_name: None,
                 }
             })
             .collect();
-        RelationInfo {
+        let mut rel = RelationInfo {
             oid,
             qualified: format!("{schema}.{table}"),
             schema,
@@ -121,8 +127,57 @@ impl RelationInfo {
             replica_identity,
             columns,
             json_ident: String::from_utf8_lossy(&ident).into(),
-        }
+            json_version: Box::default(),
+        };
+        rel.seal();
+        rel
     }
+
+    /// Sets the columns' type modifiers (and, when known, type names) and
+    /// computes the schema version again.
+    pub fn with_types(mut self, types: impl IntoIterator<Item = (i32, Option<Box<str>>)>) -> Self {
+        for (col, (type_mod, name)) in self.columns.iter_mut().zip(types) {
+            col.type_mod = type_mod;
+            col.type_name = name;
+        }
+        self.seal();
+        self
+    }
+
+    /// Computes the schema version from the columns as they are now.
+    fn seal(&mut self) {
+        let v = schema_version(&self.columns);
+        self.json_version = format!(",\"schema_version\":\"{v}\"").into();
+    }
+
+    /// A short, stable fingerprint of the columns: see [`schema_version`].
+    pub fn schema_version(&self) -> &str {
+        let s = &self.json_version;
+        s.get(19..s.len().saturating_sub(1)).unwrap_or_default()
+    }
+}
+
+/// The schema version of a relation with `columns`: the first 8 bytes of
+/// the SHA-256 of a canonical encoding of each column's name, type OID,
+/// type modifier and key flag, in column order, as 16 lower-case hex
+/// digits. It depends on nothing else (not the table's name, not the
+/// process, not the machine), so the same columns give the same version
+/// across restarts and hosts. Type OIDs of built-in types are fixed; a user
+/// type's OID is its identity within one database (a dump restored
+/// elsewhere gives its columns other versions).
+pub fn schema_version(columns: &[ColumnInfo]) -> String {
+    let mut enc = Vec::with_capacity(32 + columns.len() * 24);
+    enc.extend_from_slice(b"pgferry schema v1\0");
+    enc.extend_from_slice(&(columns.len() as u32).to_be_bytes());
+    for c in columns {
+        enc.extend_from_slice(&(c.name.len() as u32).to_be_bytes());
+        enc.extend_from_slice(c.name.as_bytes());
+        enc.extend_from_slice(&c.type_oid.to_be_bytes());
+        enc.extend_from_slice(&c.type_mod.to_be_bytes());
+        enc.push(c.is_key as u8);
+    }
+    let d = ring::digest::digest(&ring::digest::SHA256, &enc);
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One column value of a row image.
@@ -264,6 +319,7 @@ impl Change {
         out.extend_from_slice(self.op.as_str().as_bytes());
         out.extend_from_slice(b"\",");
         out.extend_from_slice(self.rel.json_ident.as_bytes());
+        out.extend_from_slice(self.rel.json_version.as_bytes());
         out.extend_from_slice(b",\"key\":");
         self.write_key(out);
         out.extend_from_slice(b",\"before\":");

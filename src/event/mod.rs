@@ -6,8 +6,11 @@
 //! sink that writes JSON copies bytes and never re-encodes.
 //!
 //! The JSON form of one change (one JSONL line) has these fixed fields:
-//! `op`, `schema`, `table`, `key`, `before`, `after`, `unchanged` (omitted when
-//! empty), `lsn`, `commit_lsn`, `xid`, `commit_time`.
+//! `op`, `schema`, `table`, `schema_version`, `key`, `before`, `after`,
+//! `unchanged` (omitted when empty), `lsn`, `commit_lsn`, `xid`, `commit_time`.
+//! `schema_version` is computed once per Relation message
+//! ([`change::schema_version`]); sinks that announce schemas write
+//! `op:"schema"` events through a [`schema::SchemaTracker`].
 //!
 //! Invariants:
 //! - a `Row`'s cells index the relation's columns one to one;
@@ -19,8 +22,10 @@
 pub mod change;
 #[cfg(test)]
 pub mod fixtures;
+pub mod schema;
 
 pub use change::*;
+pub use schema::SchemaTracker;
 
 use crate::lsn::Lsn;
 use crate::spill::SpillReader;

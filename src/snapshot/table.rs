@@ -147,7 +147,8 @@ pub async fn describe(
     let cols = client
         .query(
             &format!(
-                "SELECT a.attname::text, a.atttypid, pg_catalog.format_type(a.atttypid, a.atttypmod) \
+                "SELECT a.attname::text, a.atttypid, pg_catalog.format_type(a.atttypid, a.atttypmod), \
+                        a.atttypmod \
                  FROM pg_catalog.pg_attribute a \
                  WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped {generated} \
                  ORDER BY a.attnum"
@@ -189,6 +190,12 @@ pub async fn describe(
                 (name, r.get::<_, u32>(1), k)
             })
             .collect(),
+    )
+    // The type modifiers the stream's Relation messages carry, so that a
+    // `read` event has the same schema_version as the changes around it.
+    .with_types(
+        cols.iter()
+            .map(|r| (r.get::<_, i32>(3), Some(r.get::<_, String>(2).into()))),
     );
     let keyset = if !pk.is_empty() { &pk } else { &ri };
     let key_cols: Vec<usize> = keyset

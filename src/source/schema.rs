@@ -32,6 +32,16 @@ impl Session<'_> {
             let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
             let user = self.assembler.types_mut().loaded(&oids);
             self.assembler.types_mut().load(&self.client, &user).await?;
+            // The names its schema events show (the version does not use them).
+            let types: Vec<(u32, i32)> = r
+                .columns
+                .iter()
+                .map(|c| (c.type_oid, c.type_modifier))
+                .collect();
+            self.assembler
+                .types_mut()
+                .load_names(&self.client, &types)
+                .await?;
         }
         Ok(())
     }

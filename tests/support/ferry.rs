@@ -127,9 +127,16 @@ impl FerryDir {
         std::fs::read_to_string(self.path("pgferry.log")).unwrap_or_default()
     }
 
-    /// Every complete line of the JSONL output, parsed.
+    /// The change events of the JSONL output (every complete line but the
+    /// `op:"schema"` and `op:"ddl"` ones), parsed.
     pub fn events(&self) -> Vec<Value> {
         read_jsonl(&self.jsonl())
+    }
+
+    /// Every complete line of the JSONL output, parsed, schema and ddl
+    /// events included.
+    pub fn all_events(&self) -> Vec<Value> {
+        read_jsonl_all(&self.jsonl())
     }
 
     /// Waits until the output holds at least `n` events. Fails only when no
@@ -182,7 +189,17 @@ pub struct CommandOutput {
     pub stderr: String,
 }
 
+/// The change events of a JSONL file: [`read_jsonl_all`] without the
+/// `op:"schema"` and `op:"ddl"` events (which carry no row).
 pub fn read_jsonl(path: &Path) -> Vec<Value> {
+    read_jsonl_all(path)
+        .into_iter()
+        .filter(|e| e["op"] != "schema" && e["op"] != "ddl")
+        .collect()
+}
+
+/// Every complete line of a JSONL file, parsed.
+pub fn read_jsonl_all(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     // Only complete lines: a writer may be in the middle of the last one.
     let complete = text.rfind('\n').map_or("", |i| &text[..i]);

@@ -8,6 +8,16 @@
 //! after any crash the file has no gap and no duplicate, whatever the
 //! checkpoint says. Each batch is written with one `write`; `flush` makes the
 //! file durable with `fsync` before the pipeline checkpoints it.
+//!
+//! Schema events: before the first change of a table with a schema version
+//! it has not written since it started, the sink writes an `op:"schema"`
+//! line (see [`crate::event::schema`]). Those lines are **not counted**
+//! among a transaction's events, neither when writing nor when reading the
+//! file's tail back, so they never shift which changes a replay skips. After
+//! a start (and after a failed write) each table's first change gets its
+//! schema line again: a schema line may repeat (same table and
+//! `schema_version`, `previous_version` `null`), but a change is never
+//! without a schema line of its version before it.
 
 mod config;
 mod sink;

@@ -3,7 +3,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
 
 use super::JsonlConfig;
-use crate::event::Transaction;
+use crate::event::{SchemaTracker, Transaction};
 use crate::lsn::Lsn;
 use crate::sink::{Sink, SinkError, TableFilter};
 
@@ -25,6 +25,8 @@ pub struct JsonlSink {
     buf: Vec<u8>,
     /// A write failed: re-read the file's tail before writing again.
     needs_recovery: bool,
+    /// The schema versions written (`op:"schema"` lines, not counted).
+    schemas: SchemaTracker,
 }
 
 impl JsonlSink {
@@ -40,6 +42,7 @@ impl JsonlSink {
                 last_count: 0,
                 buf: Vec::new(),
                 needs_recovery: false,
+                schemas: SchemaTracker::default(),
             });
         }
         let fatal = |e: std::io::Error| {
@@ -70,6 +73,7 @@ impl JsonlSink {
             last_count,
             buf: Vec::with_capacity(1 << 20),
             needs_recovery: false,
+            schemas: SchemaTracker::default(),
         })
     }
 
@@ -93,6 +97,7 @@ impl JsonlSink {
             let mut skip = if commit == last_commit { last_count } else { 0 };
             let mut written = 0u64;
             let (filter, buf, out) = (&self.filter, &mut self.buf, &mut self.out);
+            let schemas = &mut self.schemas;
             let tail = txn.meta.json_tail();
             txn.for_each_change(|c| {
                 if !filter.accepts(&c.rel.qualified) {
@@ -103,6 +108,7 @@ impl JsonlSink {
                     skip -= 1;
                     return Ok(());
                 }
+                schemas.write_if_new(c, &tail, buf);
                 c.write_json_with(&tail, buf);
                 buf.push(b'\n');
                 // Memory stays bounded for huge transactions: write as we go.
@@ -206,11 +212,11 @@ fn recover(file: &mut File) -> std::io::Result<(Lsn, u64)> {
                 "the last line has no commit_lsn: this file was not written by pgferry; move it away",
             )
         })?;
-        let mut count = 1;
+        let mut count = counted(last) as u64;
         let mut found_older = false;
         for line in lines {
             if commit_lsn_of(line) == Some(newest) {
-                count += 1;
+                count += counted(line) as u64;
             } else {
                 found_older = true;
                 break;
@@ -221,6 +227,13 @@ fn recover(file: &mut File) -> std::io::Result<(Lsn, u64)> {
         }
         window *= 2;
     }
+}
+
+/// Whether a line counts as one of its transaction's events: `op:"schema"`
+/// lines do not (they are derived from the changes, see
+/// [`crate::event::schema`], and written again after a start).
+fn counted(line: &[u8]) -> bool {
+    !line.starts_with(b"{\"op\":\"schema\"")
 }
 
 /// The `commit_lsn` of one of our lines. Our own fields come last in a line,
@@ -251,6 +264,8 @@ impl Sink for JsonlSink {
             // On stdout the counters still say what was written before the
             // failed batch: the batch is written again (at-least-once).
             self.buf.clear();
+            // The schema lines noted may not be out: announce them again.
+            self.schemas.reset();
             self.needs_recovery = false;
         }
         let res = self.write_batch(batch);
@@ -310,6 +325,29 @@ mod tests {
     }
 
     #[test]
+    fn recovery_does_not_count_schema_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.jsonl");
+        let schema = |commit: &str| {
+            format!("{{\"op\":\"schema\",\"columns\":[],\"lsn\":\"0/1\",\"commit_lsn\":\"{commit}\",\"xid\":1,\"commit_time\":\"x\"}}\n")
+        };
+        let f = || {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap()
+        };
+        // Killed after a transaction's schema line, before its first change.
+        std::fs::write(&path, line("0/10", 1) + &schema("0/20")).unwrap();
+        assert_eq!(recover(&mut f()).unwrap(), (Lsn(0x20), 0));
+        // A schema line in the middle of a transaction.
+        let text = line("0/10", 1) + &line("0/20", 2) + &schema("0/20") + &line("0/20", 3);
+        std::fs::write(&path, text).unwrap();
+        assert_eq!(recover(&mut f()).unwrap(), (Lsn(0x20), 2));
+    }
+
+    #[test]
     fn recovery_of_an_empty_or_foreign_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.jsonl");
@@ -361,8 +399,9 @@ mod tests {
         std::fs::read_to_string(path)
             .unwrap()
             .lines()
-            .map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["op"] != "schema")
+            .map(|v| {
                 (
                     v["commit_lsn"].as_str().unwrap().to_string(),
                     v["key"]["id"].as_u64().unwrap(),
@@ -390,7 +429,8 @@ mod tests {
         // A crash in the middle of transaction b: only two of its four lines
         // made it, the third is torn.
         let text = std::fs::read_to_string(&path).unwrap();
-        let keep: Vec<&str> = text.lines().take(5).collect();
+        // (The first line is the table's schema line.)
+        let keep: Vec<&str> = text.lines().take(6).collect();
         std::fs::write(&path, format!("{}\n{{\"op\":\"ins", keep.join("\n"))).unwrap();
         // The server sends a, b and c again (the checkpoint was behind).
         let mut sink = JsonlSink::open(&cfg).unwrap();
@@ -404,5 +444,19 @@ mod tests {
             .flat_map(|(l, n)| (0..*n).map(move |i| (l.to_string(), i)))
             .collect();
         assert_eq!(got, want);
+        // One schema line per start, before the first change written, and
+        // not counted: the replay above skipped exactly the changes on file.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ops: Vec<&str> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("{\"op\":\"schema\"") {
+                    "s"
+                } else {
+                    "c"
+                }
+            })
+            .collect();
+        assert_eq!(ops.concat(), "scccccscccc");
     }
 }
