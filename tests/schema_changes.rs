@@ -609,11 +609,103 @@ fn kill_9_around_ddl_loses_nothing_and_announces_every_schema_version() {
     );
     // Each start announced the table again (8 starts), and the version of
     // the columns before the first restart came back unchanged after it.
+    // Without the DDL trigger (sql/capture_ddl.sql) there are no ddl events.
+    assert!(all.iter().all(|e| e["op"] != "ddl"));
     let schema_lines = all.iter().filter(|e| e["op"] == "schema").count();
     assert!(schema_lines >= 8, "{schema_lines} schema events");
     let first: Vec<&Value> = all.iter().filter(|e| e["op"] == "schema").take(2).collect();
     assert_eq!(
         first[0]["schema_version"], first[1]["schema_version"],
         "{first:?}"
+    );
+}
+
+/// With `sql/capture_ddl.sql` installed, each DDL on a configured table is
+/// an `op:"ddl"` event at its place among the changes of its transaction,
+/// also when no row changes after it; DDL on other tables gives none; a
+/// kill -9 and restart neither loses nor repeats one.
+#[test]
+fn captured_ddl_is_an_event_at_its_place_in_the_transaction() {
+    let pg = TestPg::start();
+    pg.sql("CREATE TABLE t (id int PRIMARY KEY, a int); CREATE TABLE other (id int PRIMARY KEY)");
+    let trigger =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/capture_ddl.sql"))
+            .unwrap();
+    pg.sql(&trigger);
+    let f = FerryDir::new();
+    f.write_config(&pg.url(), &["public.t"], "", "");
+    let mut ferry = start_streaming(&pg, &f);
+    pg.sql(
+        "BEGIN; INSERT INTO t VALUES (1, 1); ALTER TABLE t ADD COLUMN c int; \
+         INSERT INTO t VALUES (2, 2, 2); COMMIT;",
+    );
+    pg.sql("ALTER TABLE other ADD COLUMN z int");
+    // No row of t changes after this one: only the ddl event tells.
+    pg.sql("ALTER TABLE t ADD COLUMN d int");
+    let ddls = |all: &[Value]| {
+        all.iter()
+            .filter(|e| e["op"] == "ddl")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    support::progress::wait_for(
+        STALL,
+        || match ddls(&f.all_events()).len() {
+            2 => Ok(()),
+            n => Err(n),
+        },
+        || f.log(),
+    );
+    support::ferry::kill9(&mut ferry.0);
+    ferry = support::ferry::Guard(f.run());
+    pg.sql("INSERT INTO t VALUES (3, 3, 3, 3)");
+    // Every row in its latest shape for the final comparison.
+    pg.sql("UPDATE t SET a = a");
+    f.wait_events(6, STALL);
+    support::ferry::terminate(&mut ferry.0);
+    let all = f.all_events();
+    let ops: Vec<String> = all
+        .iter()
+        .map(|e| format!("{} {}", e["op"].as_str().unwrap(), e["key"]["id"]))
+        .collect();
+    // The first transaction: insert 1, the ALTER, (the new schema), insert 2.
+    let first: Vec<&str> = ops.iter().take(5).map(String::as_str).collect();
+    assert_eq!(
+        first,
+        [
+            "schema null",
+            "insert 1",
+            "ddl null",
+            "schema null",
+            "insert 2"
+        ],
+        "{all:#?}"
+    );
+    let d = ddls(&all);
+    assert_eq!(d.len(), 2, "{all:#?}");
+    assert_eq!(d[0]["tag"], "ALTER TABLE");
+    assert_eq!(d[0]["tables"], serde_json::json!(["public.t"]));
+    assert!(
+        d[0]["statement"].as_str().unwrap().contains("ADD COLUMN c"),
+        "{}",
+        d[0]
+    );
+    assert_eq!(d[0]["commit_lsn"], all[1]["commit_lsn"]);
+    assert!(
+        d[1]["statement"].as_str().unwrap().contains("ADD COLUMN d"),
+        "{}",
+        d[1]
+    );
+    // The ddl event's position lies between the changes around it (a
+    // logical message's LSN is the end of its record: the next change's
+    // start at most).
+    let lsn = |v: &Value| {
+        let (hi, lo) = v.as_str().unwrap().split_once('/').unwrap();
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+    };
+    assert!(lsn(&all[1]["lsn"]) < lsn(&d[0]["lsn"]) && lsn(&d[0]["lsn"]) <= lsn(&all[4]["lsn"]));
+    assert_eq!(
+        jsonl_rows(&f, "t"),
+        support::oracle::table_rows(&pg, "public.t")
     );
 }

@@ -31,7 +31,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::decode::routes::{Route, Routes, REPLACED_PREFIX};
+use crate::decode::routes::{Route, Routes, DDL_PREFIX, REPLACED_PREFIX};
 use crate::decode::types::TypeRegistry;
 use crate::decode::value;
 use crate::event::{
@@ -265,6 +265,11 @@ impl Assembler {
             {
                 self.on_replaced(lsn, m.xid, &m.content)?;
             }
+            LogicalMessage::Message(m)
+                if m.is_transactional() && &m.prefix[..] == DDL_PREFIX.as_bytes() =>
+            {
+                self.on_ddl(lsn, &m)?;
+            }
             LogicalMessage::Message(m) => self.on_message(lsn, &m)?,
             LogicalMessage::Origin(_) | LogicalMessage::Type(_) => {}
             LogicalMessage::BeginPrepare(_)
@@ -342,6 +347,54 @@ impl Assembler {
             };
             self.builder(lsn)?.messages.push(msg);
         }
+        Ok(())
+    }
+
+    /// A message of the DDL event trigger (`sql/capture_ddl.sql`): kept,
+    /// as `{"tag","statement","tables"}`, when it names a configured table
+    /// (`tables`: their configured names); dropped otherwise.
+    fn on_ddl(&mut self, lsn: Lsn, m: &pgoutput::Message) -> Result<(), AssembleError> {
+        #[derive(serde::Deserialize)]
+        struct Object {
+            #[serde(default)]
+            oid: u32,
+            #[serde(default)]
+            schema: Option<String>,
+            #[serde(default)]
+            name: Option<String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Ddl {
+            tag: String,
+            #[serde(default)]
+            statement: Option<String>,
+            #[serde(default)]
+            objects: Vec<Object>,
+        }
+        let Ok(d) = serde_json::from_slice::<Ddl>(&m.content) else {
+            return self.on_message(lsn, m);
+        };
+        let mut tables: Vec<String> = Vec::new();
+        for o in &d.objects {
+            let (Some(schema), Some(name)) = (&o.schema, &o.name) else {
+                continue;
+            };
+            if let Some(t) = self.routes.configured_name(o.oid, schema, name) {
+                if !tables.contains(&t) {
+                    tables.push(t);
+                }
+            }
+        }
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let content = serde_json::json!({"tag": d.tag, "statement": d.statement, "tables": tables});
+        let msg = EventMessage {
+            lsn: m.lsn,
+            prefix: DDL_PREFIX.to_string(),
+            content: Bytes::from(content.to_string()),
+        };
+        self.builder(lsn)?.messages.push(msg);
         Ok(())
     }
 

@@ -45,6 +45,10 @@ use std::collections::{HashMap, HashSet};
 /// by a new relation (content: JSON `{"schema","table","oid"}`).
 pub const REPLACED_PREFIX: &str = "pgferry.replaced";
 
+/// The prefix of the transactional messages of the DDL event trigger
+/// (`sql/capture_ddl.sql`).
+pub const DDL_PREFIX: &str = "pgferry.ddl";
+
 /// What to do with a relation described by a Relation message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -118,6 +122,18 @@ impl Routes {
                 self.by_oid.contains_key(&oid)
                     || c.contains(&(schema.to_string(), table.to_string()))
             }
+        }
+    }
+
+    /// The configured name of relation `oid` (called `schema.table` in the
+    /// catalog now), or `None` when it is not a configured table.
+    pub fn configured_name(&self, oid: u32, schema: &str, table: &str) -> Option<String> {
+        let name = (schema.to_string(), table.to_string());
+        match (&self.configured, self.by_oid.get(&oid)) {
+            (_, Some((s, t))) => Some(format!("{s}.{t}")),
+            (None, None) => Some(format!("{schema}.{table}")),
+            (Some(c), None) if c.contains(&name) => Some(format!("{schema}.{table}")),
+            _ => None,
         }
     }
 

@@ -18,6 +18,13 @@
 //! schema line again: a schema line may repeat (same table and
 //! `schema_version`, `previous_version` `null`), but a change is never
 //! without a schema line of its version before it.
+//!
+//! DDL events: `pgferry.ddl` messages of the event trigger in
+//! `sql/capture_ddl.sql` (kept by the assembler only when they name a
+//! configured table) are written as `op:"ddl"` lines at their place among
+//! the changes (a message's LSN is the end of its record, so it goes before
+//! a change at the same LSN). They come from the WAL, so they **are**
+//! counted like changes: effectively-once.
 
 mod config;
 mod sink;

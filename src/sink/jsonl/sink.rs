@@ -3,7 +3,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
 
 use super::JsonlConfig;
-use crate::event::{SchemaTracker, Transaction};
+use crate::event::{LogicalMessage, SchemaTracker, Transaction};
 use crate::lsn::Lsn;
 use crate::sink::{Sink, SinkError, TableFilter};
 
@@ -99,9 +99,24 @@ impl JsonlSink {
             let (filter, buf, out) = (&self.filter, &mut self.buf, &mut self.out);
             let schemas = &mut self.schemas;
             let tail = txn.meta.json_tail();
+            let mut ddls = txn
+                .messages
+                .iter()
+                .filter(|m| m.prefix == DDL_PREFIX && ddl_accepted(filter, m))
+                .peekable();
             txn.for_each_change(|c| {
                 if !filter.accepts(&c.rel.qualified) {
                     return Ok(());
+                }
+                // DDL events at their place among the changes (counted). A
+                // message's LSN is the *end* of its record (the start of the
+                // next one), so it goes before a change at the same LSN.
+                while let Some(m) = ddls.next_if(|m| m.lsn <= c.lsn) {
+                    written += 1;
+                    match skip {
+                        0 => write_ddl(m, &tail, buf),
+                        _ => skip -= 1,
+                    }
                 }
                 written += 1;
                 if skip > 0 {
@@ -118,6 +133,13 @@ impl JsonlSink {
                 Ok(())
             })
             .map_err(|e| write_err(&self.path, e, stdout))?;
+            for m in ddls {
+                written += 1;
+                match skip {
+                    0 => write_ddl(m, &tail, &mut self.buf),
+                    _ => skip -= 1,
+                }
+            }
             if written > 0 {
                 if commit == last_commit {
                     last_count = last_count.max(written);
@@ -132,6 +154,36 @@ impl JsonlSink {
         self.last_count = last_count;
         Ok(())
     }
+}
+
+/// The prefix of DDL messages (see `sql/capture_ddl.sql`).
+const DDL_PREFIX: &str = "pgferry.ddl";
+
+/// Whether a DDL message names a table this sink takes.
+fn ddl_accepted(filter: &TableFilter, m: &LogicalMessage) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.content) else {
+        return false;
+    };
+    v["tables"].as_array().is_some_and(|t| {
+        t.iter()
+            .filter_map(|t| t.as_str())
+            .any(|t| filter.accepts(t))
+    })
+}
+
+/// One `op:"ddl"` line: the message's fields (`statement`, `tables`,
+/// `tag`), its own `lsn`, and the transaction's fields.
+fn write_ddl(m: &LogicalMessage, txn_tail: &[u8], out: &mut Vec<u8>) {
+    let body = m
+        .content
+        .get(1..m.content.len().saturating_sub(1))
+        .unwrap_or_default();
+    out.extend_from_slice(b"{\"op\":\"ddl\",");
+    out.extend_from_slice(body);
+    out.extend_from_slice(b",\"lsn\":\"");
+    out.extend_from_slice(m.lsn.to_string().as_bytes());
+    out.extend_from_slice(txn_tail);
+    out.push(b'\n');
 }
 
 /// A failed write: retried (a full disk as such, with its path), except
@@ -408,6 +460,59 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[tokio::test]
+    async fn ddl_events_sit_between_their_changes_and_count_on_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.jsonl");
+        let cfg = JsonlConfig {
+            name: "j".into(),
+            path: path.clone(),
+            fsync: true,
+            max_failure_secs: None,
+            tables: None,
+        };
+        let mut t = Arc::try_unwrap(txn(1000, 2)).unwrap();
+        // Changes at 900 and 901; the message ends where the second starts.
+        t.messages.push(LogicalMessage {
+            lsn: Lsn(901),
+            prefix: DDL_PREFIX.into(),
+            content: r#"{"statement":"ALTER TABLE t …","tables":["public.t"],"tag":"ALTER TABLE"}"#
+                .into(),
+        });
+        t.messages.push(LogicalMessage {
+            lsn: Lsn(902),
+            prefix: DDL_PREFIX.into(),
+            content: r#"{"statement":"x","tables":["public.other"],"tag":"ALTER TABLE"}"#.into(),
+        });
+        let t = Arc::new(t);
+        let ops = || -> String {
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["op"]
+                        .as_str()
+                        .unwrap()[..1]
+                        .to_string()
+                })
+                .collect()
+        };
+        let mut sink = JsonlSink::open(&cfg).unwrap();
+        sink.apply(std::slice::from_ref(&t)).await.unwrap();
+        sink.flush().await.unwrap();
+        drop(sink);
+        // Both go to a sink without a table filter, in LSN order.
+        assert_eq!(ops(), "sidid");
+        // Killed after the first DDL event: the replay writes the rest once.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let keep: Vec<&str> = text.lines().take(3).collect();
+        std::fs::write(&path, keep.join("\n") + "\n").unwrap();
+        let mut sink = JsonlSink::open(&cfg).unwrap();
+        sink.apply(std::slice::from_ref(&t)).await.unwrap();
+        sink.flush().await.unwrap();
+        assert_eq!(ops(), "sidsid");
     }
 
     #[tokio::test]
