@@ -462,17 +462,21 @@ mod tests {
             .collect()
     }
 
+    fn file_config(path: &std::path::Path) -> JsonlConfig {
+        JsonlConfig {
+            name: "j".into(),
+            path: path.to_path_buf(),
+            fsync: true,
+            max_failure_secs: None,
+            tables: None,
+        }
+    }
+
     #[tokio::test]
     async fn ddl_events_sit_between_their_changes_and_count_on_replay() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
-        let cfg = JsonlConfig {
-            name: "j".into(),
-            path: path.clone(),
-            fsync: true,
-            max_failure_secs: None,
-            tables: None,
-        };
+        let cfg = file_config(&path);
         let mut t = Arc::try_unwrap(txn(1000, 2)).unwrap();
         // Changes at 900 and 901; the message ends where the second starts.
         t.messages.push(LogicalMessage {
@@ -519,13 +523,7 @@ mod tests {
     async fn replays_after_a_crash_leave_no_gap_and_no_duplicate() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.jsonl");
-        let cfg = JsonlConfig {
-            name: "j".into(),
-            path: path.clone(),
-            fsync: true,
-            max_failure_secs: None,
-            tables: None,
-        };
+        let cfg = file_config(&path);
         let (a, b, c) = (txn(1000, 3), txn(2000, 4), txn(3000, 2));
         let mut sink = JsonlSink::open(&cfg).unwrap();
         sink.apply(&[a.clone(), b.clone()]).await.unwrap();
