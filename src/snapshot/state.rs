@@ -195,10 +195,7 @@ impl StateFile {
     /// Replaces the file atomically with `s`. Blocking file I/O (an fsync):
     /// async callers use [`StateFile::save_off_executor`].
     pub fn save(&self, s: &State) -> Result<(), StateError> {
-        let body = serde_json::to_vec_pretty(s).map_err(|source| StateError::Damaged {
-            path: self.path.clone(),
-            source,
-        })?;
+        let body = serde_json::to_vec_pretty(s)?;
         self.write(&body)
     }
 
@@ -206,10 +203,7 @@ impl StateFile {
     /// here (cheap), and the write and fsyncs, all of one save, are handed
     /// over at once.
     pub async fn save_off_executor(&self, s: &State) -> Result<(), StateError> {
-        let body = serde_json::to_vec_pretty(s).map_err(|source| StateError::Damaged {
-            path: self.path.clone(),
-            source,
-        })?;
+        let body = serde_json::to_vec_pretty(s)?;
         let file = self.clone();
         tokio::task::spawn_blocking(move || file.write(&body))
             .await
@@ -251,6 +245,8 @@ pub enum StateError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("encoding the snapshot state: {0}")]
+    Encode(#[from] serde_json::Error),
     /// A full disk reads "disk full: …" (see [`crate::disk::full_message`]).
     #[error("{}", io_message(what, path, source))]
     Io {
