@@ -25,7 +25,9 @@
 //! - connections:
 //!   - [`conn`]: the replication connection (startup, auth, commands, CopyBoth).
 //!   - [`pg`]: ordinary SQL connections to the source (every one applies
-//!     `source.network`), slot reads, and the session error [`pg::SourceError`].
+//!     `source.network`), slot reads, and the session error
+//!     [`pg::SourceError`] (it sits here so that the session and the
+//!     snapshot both return it without importing each other).
 //! - [`decode`]: type registry, `to_jsonb()`-exact values, transaction assembly.
 //! - observability, which reads state through the types of [`flow`] and
 //!   imports nothing above it:
@@ -33,17 +35,33 @@
 //!   - [`endpoints`]: `/metrics`, `/healthz` and `/readyz`, served with hyper.
 //!   - [`observe`]: heartbeat, lag and slot polling, progress log lines (once
 //!     per process).
-//! - [`sink`]: the `Sink` trait and the sinks (`jsonl`, `redis`,
-//!   `elasticsearch`, `null`); a sink never imports the pipeline or the session.
+//! - [`sink`]: the `Sink` trait, [`sink::SinkError`] (one classification,
+//!   `is_transient()`, and the typed cause), and the sinks, one folder
+//!   each: `jsonl`, `redis`, `elasticsearch` (request building, client,
+//!   retry classification, dead letters, merge), `nats` and `kafka` (their
+//!   shared envelope in `eventlog`), `iceberg` (feature `iceberg`), `null`;
+//!   beside them `key` (key templates) and `rows` (reading rows back). A
+//!   sink imports only `event` (and `spill`), its config, the ground and
+//!   the metrics counters; never the pipeline or the session. Their file
+//!   I/O runs off the executor.
 //! - [`pipeline`]: sink tasks, batching, backpressure, the memory budget,
-//!   acknowledgements; it drives the sinks through the `Sink` trait.
+//!   acknowledgements, and the one retry layer: it drives the sinks through
+//!   the `Sink` trait and retries a batch when `SinkError::is_transient()`.
 //! - the session:
 //!   - [`source`]: one replication session, wiring the stages together
-//!     (preflight, sinks, the stream loop, schema follow-up, feedback and drain).
-//!   - [`snapshot`]: initial snapshots and backfills (watermarked chunks).
+//!     (preflight, sinks, the stream loop, schema follow-up, feedback and
+//!     drain); it ends with a [`pg::SourceError`], whose `is_transient()`
+//!     says whether `main` starts another session.
+//!   - [`snapshot`]: initial snapshots and backfills (watermarked chunks):
+//!     the merger, workers, coordinator, planning, `snapshot.json` and the
+//!     backfill commands. The stream talks to it through one narrow
+//!     interface, [`snapshot::Snapshots::seen`] and
+//!     [`snapshot::Snapshots::delivered`].
 //!   - [`publication`]: what the publications must hold before a session
 //!     streams; created, completed or refused at every start.
 //!   - [`check`]: `pgferry check`, the preflight of a configuration.
+//!   - [`setup`]: `pgferry setup`, the SQL that gives pgferry's role what it
+//!     needs (never a superuser).
 
 pub mod check;
 pub mod checkpoint;

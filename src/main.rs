@@ -305,7 +305,7 @@ async fn run(config: &Config, opts: &source::RunOptions) -> anyhow::Result<std::
         let streamed_before = metrics.sessions_streamed.load(Ordering::Relaxed);
         let session = tokio::select! {
             r = source::run(config, stop_rx.clone(), opts) => r,
-            msg = observer.fatal() => Err(SourceError::Fatal(msg)),
+            msg = observer.fatal() => Err(SourceError::fatal(msg)),
             _ = shutdown_deadline(stop_rx.clone()) => {
                 tracing::warn!(limit_secs = SHUTDOWN_LIMIT.as_secs(), "the session did not end in time after the signal: exiting now; what was not checkpointed is replayed at the next start");
                 return Ok(std::process::ExitCode::SUCCESS);
@@ -315,7 +315,7 @@ async fn run(config: &Config, opts: &source::RunOptions) -> anyhow::Result<std::
         if metrics.sessions_streamed.load(Ordering::Relaxed) > streamed_before {
             backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
             slot_busy_since = None;
-            if !matches!(session, Err(SourceError::DiskFull(_))) {
+            if !matches!(session, Err(SourceError::DiskFull { .. })) {
                 disk_backoff = Backoff::new(Duration::from_secs(1), DISK_RETRY_MAX);
             }
         }
@@ -324,13 +324,14 @@ async fn run(config: &Config, opts: &source::RunOptions) -> anyhow::Result<std::
                 tracing::info!("stopped cleanly");
                 return Ok(std::process::ExitCode::SUCCESS);
             }
-            Err(SourceError::Fatal(msg)) => anyhow::bail!(msg),
+            // The message is complete (the fix included): no chain to add.
+            Err(e) if !e.is_transient() => anyhow::bail!(e.to_string()),
             Err(SourceError::Rejoin) => {
                 tracing::info!("restarting the session so a recovered sink catches up");
                 continue;
             }
             Err(_) if *stop_rx.borrow() => return Ok(std::process::ExitCode::SUCCESS),
-            Err(SourceError::SlotActive(msg)) => {
+            Err(SourceError::SlotActive { message: msg, .. }) => {
                 let since = *slot_busy_since.get_or_insert_with(std::time::Instant::now);
                 let window =
                     source::wal_sender_timeout().unwrap_or(Duration::from_secs(60)) + SLOT_MARGIN;
@@ -341,10 +342,10 @@ async fn run(config: &Config, opts: &source::RunOptions) -> anyhow::Result<std::
                     (backoff.next_delay(), msg)
                 }
             }
-            Err(SourceError::DiskFull(msg)) => (disk_backoff.next_delay(), msg),
-            Err(SourceError::Transient(msg)) => {
+            Err(SourceError::DiskFull { message, .. }) => (disk_backoff.next_delay(), message),
+            Err(e) => {
                 slot_busy_since = None;
-                (backoff.next_delay(), msg)
+                (backoff.next_delay(), e.to_string())
             }
         };
         tracing::warn!(error = %msg, retry_in_ms = delay.as_millis() as u64, "replication session ended; resuming from the checkpoints");

@@ -3,10 +3,10 @@
 //!
 //! Everything that talks SQL to Postgres opens its connection here, so one
 //! place applies `source.network` (keepalive, connect timeout) to all of
-//! them. [`SourceError`] is the session's classification: transient
-//! (retry after a backoff), fatal (stop, with the operator's fix in the
-//! message), or one of the special retries (slot still active, disk full,
-//! rejoin). It sits here, below the session and the snapshot, so that both
+//! them. [`SourceError`] is the session's error, with one classification,
+//! [`SourceError::is_transient`]: retry (after a backoff that depends on the
+//! kind: slot still active, disk full, rejoin) or stop, with the operator's
+//! fix in the message; it keeps its typed cause. It sits here, below the session and the snapshot, so that both
 //! can return it without importing each other.
 
 use tokio::sync::oneshot;
@@ -15,13 +15,34 @@ use crate::config::Config;
 use crate::conn::{self, wire::ConnError};
 use crate::lsn::Lsn;
 
-/// Why a session ended.
+/// The typed cause of a [`SourceError`], kept as its `source()`.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a session ended, classified by [`SourceError::is_transient`].
+///
+/// Invariants: the message is the operator's text and complete on its own
+/// (it names the cause in words; a fatal one says what to fix): print the
+/// `Display`, not the chain. The typed cause (a [`ConnError`], a
+/// `tokio_postgres::Error`, a sink's error) is kept as the `source()` for
+/// code that inspects it. Build errors with the constructors
+/// ([`SourceError::transient`], [`fatal`], `From`); only the caller that
+/// picks the backoff (`main`) looks at the variants.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("{0}")]
-    Transient(String),
-    #[error("{0}")]
-    Fatal(String),
+    /// Retry after a backoff: connection lost, server restarting.
+    #[error("{message}")]
+    Transient {
+        message: String,
+        #[source]
+        cause: Option<Cause>,
+    },
+    /// Stop: retrying cannot help; the message says what to fix.
+    #[error("{message}")]
+    Fatal {
+        message: String,
+        #[source]
+        cause: Option<Cause>,
+    },
     /// A detached sink recovered: start a new session at once, from the
     /// minimum checkpoint.
     #[error("a detached sink recovered; replaying from its checkpoint")]
@@ -29,22 +50,86 @@ pub enum SourceError {
     /// The slot is still held by another walsender (55006), typically the
     /// one of pgferry's previous connection that the server has not noticed
     /// gone yet: it is freed within `wal_sender_timeout`, so retry soon.
-    #[error("{0}")]
-    SlotActive(String),
+    #[error("{message}")]
+    SlotActive {
+        message: String,
+        #[source]
+        cause: Option<Cause>,
+    },
     /// A disk is full (spill files): retried with its own, slower backoff.
-    #[error("{0}")]
-    DiskFull(String),
+    #[error("{message}")]
+    DiskFull {
+        message: String,
+        #[source]
+        cause: Option<Cause>,
+    },
+}
+
+impl SourceError {
+    /// Retry after a backoff; `message` says what happened.
+    pub fn transient(message: impl Into<String>) -> SourceError {
+        SourceError::Transient {
+            message: message.into(),
+            cause: None,
+        }
+    }
+
+    /// Stop; `message` says what to fix.
+    pub fn fatal(message: impl Into<String>) -> SourceError {
+        SourceError::Fatal {
+            message: message.into(),
+            cause: None,
+        }
+    }
+
+    /// A full disk; `message` names it (see [`crate::disk::full_message`]).
+    pub fn disk_full(message: impl Into<String>) -> SourceError {
+        SourceError::DiskFull {
+            message: message.into(),
+            cause: None,
+        }
+    }
+
+    /// Keeps `cause` as this error's `source()`; the message is unchanged.
+    pub fn caused_by(mut self, cause: impl Into<Cause>) -> SourceError {
+        match &mut self {
+            SourceError::Transient { cause: c, .. }
+            | SourceError::Fatal { cause: c, .. }
+            | SourceError::SlotActive { cause: c, .. }
+            | SourceError::DiskFull { cause: c, .. } => *c = Some(cause.into()),
+            SourceError::Rejoin => {}
+        }
+        self
+    }
+
+    /// The one classification: `true` when a new session is worth starting
+    /// (after the backoff its variant picks), `false` when pgferry stops.
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, SourceError::Fatal { .. })
+    }
+
+    /// The stream broke or the server wants it gone (every transient error
+    /// but a rejoin): the session closes the replication connection before
+    /// it drains the sinks, so that the server is never held.
+    pub fn is_broken_stream(&self) -> bool {
+        self.is_transient() && !matches!(self, SourceError::Rejoin)
+    }
 }
 
 impl From<ConnError> for SourceError {
     fn from(e: ConnError) -> Self {
-        if e.code() == Some("55006") {
-            SourceError::SlotActive(e.to_string())
+        let message = e.to_string();
+        let class = if e.code() == Some("55006") {
+            SourceError::SlotActive {
+                message,
+                cause: None,
+            }
         } else if e.is_transient() {
-            SourceError::Transient(e.to_string())
+            SourceError::transient(message)
         } else {
-            SourceError::Fatal(e.to_string())
-        }
+            SourceError::fatal(message)
+        };
+        class.caused_by(e)
     }
 }
 
@@ -80,16 +165,18 @@ impl From<tokio_postgres::Error> for SourceError {
             (None, Some(c)) => format!("Postgres connection error: {e}: {c}"),
             (None, None) => format!("Postgres connection error: {e}"),
         };
-        if transient {
-            SourceError::Transient(msg)
+        let class = if transient {
+            SourceError::transient(msg)
         } else {
-            SourceError::Fatal(msg)
-        }
+            SourceError::fatal(msg)
+        };
+        class.caused_by(e)
     }
 }
 
+/// A fatal [`SourceError`] (short for [`SourceError::fatal`]).
 pub(crate) fn fatal(msg: impl Into<String>) -> SourceError {
-    SourceError::Fatal(msg.into())
+    SourceError::fatal(msg)
 }
 
 /// Opens the ordinary SQL connection.

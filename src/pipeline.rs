@@ -301,14 +301,15 @@ pub const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Publishes a full disk reported by a sink (see [`crate::disk`]).
 fn note_disk(e: &SinkError) {
-    if let SinkError::DiskFull { path, message } = e {
-        crate::metrics::global().disk_full(path, message);
+    if let Some(path) = e.disk_full() {
+        crate::metrics::global().disk_full(path, e.message());
     }
 }
 
 impl SinkTask {
-    /// Applies items until the channel closes (clean shutdown) or a fatal error.
-    pub async fn run(mut self) -> Result<(), String> {
+    /// Applies items until the channel closes (clean shutdown) or a fatal
+    /// error, which it returns with the sink's name in its message.
+    pub async fn run(mut self) -> Result<(), SinkError> {
         let mut applied = self.checkpoint;
         let mut durable = self.checkpoint;
         let mut last_checkpoint = tokio::time::Instant::now();
@@ -418,10 +419,12 @@ impl SinkTask {
     /// reached now (the usual reason a session ends with a sink failing)
     /// fails its close too: that loses nothing, since what the sink did not
     /// checkpoint is replayed, so only a fatal error ends pgferry.
-    async fn close(&mut self) -> Result<(), String> {
+    async fn close(&mut self) -> Result<(), SinkError> {
         match self.sink.close().await {
             Ok(()) => Ok(()),
-            Err(SinkError::Fatal(e)) => Err(format!("sink {:?}: closing failed: {e}", self.name)),
+            Err(e) if !e.is_transient() => {
+                Err(e.context(format_args!("sink {:?}: closing failed", self.name)))
+            }
             Err(e) => {
                 tracing::warn!(sink = %self.name, error = %e, "closing the sink failed; what it did not checkpoint is replayed in the next session");
                 Ok(())
@@ -447,7 +450,7 @@ impl SinkTask {
     /// When the sink has a checkpoint, asks it whether its store still holds
     /// pgferry's state (retrying while the store does not answer) and
     /// reports a loss to the session. `Ok(false)`: the session ended first.
-    async fn check_state(&mut self) -> Result<bool, String> {
+    async fn check_state(&mut self) -> Result<bool, SinkError> {
         let Some(report) = self.loss.take() else {
             return Ok(true);
         };
@@ -472,7 +475,7 @@ impl SinkTask {
                         _ = self.stop.wait_for(|s| *s) => false,
                     });
                 }
-                Err(SinkError::Fatal(m)) => return Err(format!("sink {:?}: {m}", self.name)),
+                Err(e) if !e.is_transient() => return Err(self.named(e)),
                 Err(e) => e,
             };
             let m = e.to_string();
@@ -488,19 +491,21 @@ impl SinkTask {
 
     /// Flushes the sink (retrying transient failures) and saves the
     /// checkpoint. `Ok(false)`: the session ended while the flush was failing.
-    async fn checkpoint(&mut self, lsn: Lsn) -> Result<bool, String> {
+    async fn checkpoint(&mut self, lsn: Lsn) -> Result<bool, SinkError> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         loop {
             match self.sink.flush().await {
                 Ok(()) => break,
-                Err(SinkError::Fatal(m)) => {
-                    crate::metrics::global().sink(&self.name).failed(&m, false);
-                    return Err(format!("sink {:?}: {m}", self.name));
+                Err(e) if !e.is_transient() => {
+                    crate::metrics::global()
+                        .sink(&self.name)
+                        .failed(e.message(), false);
+                    return Err(self.named(e));
                 }
                 Err(e) => {
                     let m = e.to_string();
-                    if let SinkError::DiskFull { path, .. } = &e {
-                        self.disk_full_path = Some(path.clone());
+                    if let Some(path) = e.disk_full() {
+                        self.disk_full_path = Some(path.to_path_buf());
                     }
                     note_disk(&e);
                     crate::metrics::global().sink(&self.name).failed(&m, true);
@@ -540,11 +545,19 @@ impl SinkTask {
                         return Ok(false);
                     }
                 }
-                Err(e) => return Err(format!("sink {:?}: {e}", self.name)),
+                Err(e) => {
+                    let m = format!("sink {:?}: {e}", self.name);
+                    return Err(SinkError::fatal(m).caused_by(e));
+                }
             }
         }
         self.progress.set_sink(self.index, lsn);
         Ok(true)
+    }
+
+    /// A fatal error of this sink, as the session reports it (its name first).
+    fn named(&self, e: SinkError) -> SinkError {
+        e.context(format_args!("sink {:?}", self.name))
     }
 
     /// A write of the sink succeeded: its disk (if it has one) is not full.
@@ -618,7 +631,10 @@ impl SinkTask {
     }
 
     /// `Ok(true)`: applied. `Ok(false)`: the session ended while retrying.
-    async fn apply_with_retry(&mut self, batch: &mut [Arc<Transaction>]) -> Result<bool, String> {
+    async fn apply_with_retry(
+        &mut self,
+        batch: &mut [Arc<Transaction>],
+    ) -> Result<bool, SinkError> {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
         let mut attempt = 0u32;
         let mut failing_since: Option<std::time::Instant> = None;
@@ -631,8 +647,7 @@ impl SinkTask {
             };
             match &res {
                 Ok(()) => metrics.applied(batch, started.elapsed().as_secs_f64()),
-                Err(SinkError::Fatal(m)) => metrics.failed(m, false),
-                Err(e) => metrics.failed(&e.to_string(), true),
+                Err(e) => metrics.failed(e.message(), e.is_transient()),
             }
             match res {
                 Ok(()) => {
@@ -643,10 +658,10 @@ impl SinkTask {
                     self.sink_disk_ok();
                     return Ok(true);
                 }
-                Err(SinkError::Fatal(m)) => return Err(format!("sink {:?}: {m}", self.name)),
+                Err(e) if !e.is_transient() => return Err(self.named(e)),
                 Err(e) => {
-                    if let SinkError::DiskFull { path, .. } = &e {
-                        self.disk_full_path = Some(path.clone());
+                    if let Some(path) = e.disk_full() {
+                        self.disk_full_path = Some(path.to_path_buf());
                     }
                     note_disk(&e);
                     let m = e.to_string();
@@ -655,13 +670,14 @@ impl SinkTask {
                     let since = *failing_since.get_or_insert_with(std::time::Instant::now);
                     if let Some(max) = self.max_failure {
                         if since.elapsed() >= max {
-                            return Err(format!(
+                            return Err(SinkError::fatal(format!(
                                 "sink {:?} has been failing for {} s (last error: {m}); it is configured to stop after max_failure_secs = {}. \
                                  Fix the destination and start pgferry again: it resumes from the sink's checkpoint",
                                 self.name,
                                 since.elapsed().as_secs(),
                                 max.as_secs()
-                            ));
+                            ))
+                            .caused_by(e));
                         }
                     }
                     let delay = backoff.next_delay();
@@ -697,7 +713,7 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             if self.broken.load(Ordering::Acquire) {
-                return Err(SinkError::Transient("down".into()));
+                return Err(SinkError::transient("down"));
             }
             let mut a = self.applied.lock().unwrap();
             a.extend(batch.iter().map(|t| t.meta.end_lsn));
@@ -707,7 +723,7 @@ mod tests {
         /// A store that is down fails its close too.
         async fn close(&mut self) -> Result<(), SinkError> {
             if self.broken.load(Ordering::Acquire) {
-                return Err(SinkError::Transient("down".into()));
+                return Err(SinkError::transient("down"));
             }
             Ok(())
         }
@@ -730,7 +746,7 @@ mod tests {
         broken: Vec<Arc<AtomicBool>>,
         hung: Vec<Arc<AtomicBool>>,
         progress: Arc<Progress>,
-        tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+        tasks: Vec<tokio::task::JoinHandle<Result<(), SinkError>>>,
         stop: tokio::sync::watch::Sender<bool>,
         _dir: tempfile::TempDir,
     }
@@ -960,6 +976,8 @@ mod tests {
         .await
         .unwrap()
         .unwrap_err();
+        assert!(!err.is_transient());
+        let err = err.to_string();
         assert!(
             err.contains("has been failing") && err.contains("max_failure_secs"),
             "{err}"

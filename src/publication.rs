@@ -536,7 +536,7 @@ pub async fn ensure(
 impl From<PublicationError> for crate::pg::SourceError {
     fn from(e: PublicationError) -> Self {
         match e {
-            PublicationError::Refused(m) => crate::pg::SourceError::Fatal(m),
+            PublicationError::Refused(m) => crate::pg::SourceError::fatal(m),
             PublicationError::Postgres(e) => e.into(),
         }
     }

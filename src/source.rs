@@ -9,11 +9,12 @@
 //!     └──── Progress::confirmed() ◀── checkpoints ◀── sink tasks ◀──── bounded channels
 //! ```
 //!
-//! One [`run`] call is one session. Errors come in two tiers: a
-//! [`SourceError::Transient`] (connection lost, server restarting) makes the
-//! caller start a new session from the checkpoints after a backoff; a
-//! [`SourceError::Fatal`] (slot gap, missing publication, wrong plugin) stops
-//! pgferry with a message that tells the operator what to do.
+//! One [`run`] call is one session. Its error has one classification,
+//! [`SourceError::is_transient`]: a transient one (connection lost, server
+//! restarting) makes the caller start a new session from the checkpoints
+//! after a backoff; a fatal one (slot gap, missing publication, wrong
+//! plugin, a sink that failed for good) stops pgferry with a message that
+//! tells the operator what to do, and keeps its typed cause.
 //!
 //! The stages, one file each below `source/`:
 //! - `preflight`: connect, check the server and publication, read the
@@ -60,7 +61,7 @@ use crate::pg::{fatal, slot_info, slot_mismatch, sql_connect_watched, SlotInfo, 
 use crate::pipeline::{fan_out, fan_out_to, Budget, DataLoss, Item, SinkLink, SinkTask};
 use crate::protocol::pgoutput::{self, LogicalMessage};
 use crate::protocol::replication::{self, ReplicationMessage};
-use crate::snapshot::Snapshots;
+use crate::snapshot::{Delivered, Seen, Snapshots};
 
 /// How `pgferry run` was asked to end, besides a signal.
 #[derive(Debug, Clone, Copy, Default)]
@@ -111,7 +112,7 @@ struct Session<'a> {
     reader: conn::wire::Reader<conn::ReadSide>,
     progress: Arc<Progress>,
     senders: Vec<SinkLink>,
-    tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+    tasks: Vec<tokio::task::JoinHandle<Result<(), crate::sink::SinkError>>>,
     sinks_stop: watch::Sender<bool>,
     loss_rx: mpsc::UnboundedReceiver<DataLoss>,
     loss_open: bool,
@@ -283,8 +284,8 @@ impl<'a> Session<'a> {
                     continue;
                 }
                 _ = self.progress.changed.notified(), if watch_progress => continue,
-                _ = self.snaps.pickup().notified() => {
-                    for t in self.snaps.service().await? {
+                _ = self.snaps.wake().notified() => {
+                    for t in self.snaps.seen(&self.client, Seen::Wake).await? {
                         self.deliver(t).await?;
                     }
                     continue;
@@ -311,13 +312,13 @@ impl<'a> Session<'a> {
             // CopyDone, or CommandComplete "COPY 0" once the client confirmed
             // everything at shutdown; either way the session is over.
             b'c' => {
-                return Err(SourceError::Transient(
-                    "the server ended the replication stream (CopyDone)".into(),
+                return Err(SourceError::transient(
+                    "the server ended the replication stream (CopyDone)",
                 ))
             }
             b'C' | b'Z' => {
-                return Err(SourceError::Transient(
-                    "the server ended the replication stream (CommandComplete): it is shutting down or restarting".into(),
+                return Err(SourceError::transient(
+                    "the server ended the replication stream (CommandComplete): it is shutting down or restarting",
                 ))
             }
             b'E' => return Err(conn::wire::parse_error_fields(&m.body).into()),
@@ -388,19 +389,19 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         self.past_spill_failure(txn.meta.end_lsn);
-        let before = self
-            .snaps
-            .on_commit(&mut txn, &self.client, |oid| {
-                self.assembler.relation_info(oid)
-            })
-            .await?;
+        let relation = |oid| self.assembler.relation_info(oid);
+        let seen = Seen::Commit {
+            txn: &mut txn,
+            relation: &relation,
+        };
+        let before = self.snaps.seen(&self.client, seen).await?;
         for t in before {
             self.received.committed(&t);
             self.deliver(t).await?;
         }
         self.received.committed(&txn);
         let txn = self.deliver(txn).await?;
-        self.snaps.delivered(&txn)
+        self.snaps.delivered(Delivered::Txn(&txn))
     }
 
     async fn on_keepalive(
@@ -415,7 +416,7 @@ impl<'a> Session<'a> {
             let _ = self.reply_tx.try_send(());
             let confirmed = self.progress.confirmed();
             if self.pings.note() && confirmed < wal_end {
-                return Err(SourceError::Transient(format!(
+                return Err(SourceError::transient(format!(
                     "the server is shutting down and waits for pgferry to confirm {wal_end}, but the sinks hold the flush position back at {confirmed}: \
                      closing the session so that the server can stop; resuming from the checkpoints"
                 )));
@@ -429,7 +430,7 @@ impl<'a> Session<'a> {
         self.past_spill_failure(wal_end);
         self.refresh_composites().await?;
         self.check_publication().await?;
-        for t in self.snaps.on_idle(wal_end).await? {
+        for t in self.snaps.seen(&self.client, Seen::Idle(wal_end)).await? {
             self.deliver(t).await?;
         }
         if wal_end > self.last_idle
@@ -437,7 +438,7 @@ impl<'a> Session<'a> {
         {
             self.last_idle = wal_end;
             self.last_idle_at = Instant::now();
-            self.snaps.delivered_idle(wal_end);
+            self.snaps.delivered(Delivered::Idle(wal_end))?;
             fan_out(&self.senders, Item::Idle(wal_end))
                 .await
                 .map_err(|g| fatal(format!("sink {:?} stopped", g.0)))?;
@@ -469,17 +470,19 @@ impl<'a> Session<'a> {
                     let m = crate::disk::full_message("writing a spill file in", dir, &io);
                     crate::metrics::global().disk_full(dir, &m);
                     SPILL_FULL_AT.store(at.0.max(1), Ordering::Release);
-                    SourceError::DiskFull(m)
+                    SourceError::disk_full(m).caused_by(io)
                 } else {
-                    SourceError::Transient(format!(
+                    SourceError::transient(format!(
                         "spill file in {}: {io}; retrying from the checkpoints",
                         dir.display()
                     ))
+                    .caused_by(io)
                 }
             }
             e => fatal(format!(
                 "{e}; this is a bug or a corrupted stream: please report it"
-            )),
+            ))
+            .caused_by(e),
         }
     }
 
@@ -545,12 +548,7 @@ impl<'a> Session<'a> {
             ..
         } = self;
         drop(observed);
-        let close_first = matches!(
-            result,
-            Err(SourceError::Transient(_)
-                | SourceError::DiskFull(_)
-                | SourceError::SlotActive { .. })
-        );
+        let close_first = result.as_ref().is_err_and(SourceError::is_broken_stream);
         let mut reader = Some(reader);
         let mut feedback = Some(feedback);
         let stats = reader
@@ -577,7 +575,7 @@ impl<'a> Session<'a> {
             if let Err(ended) = &result {
                 tracing::warn!(error = %ended, "the session had ended with this error before a sink failed for good");
             }
-            return Err(fatal(e));
+            return Err(sink_fatal(e));
         }
         result
     }

@@ -8,7 +8,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::ferry::{terminate, wait_active, wait_timeout, FerryDir, Guard};
+use support::ferry::{terminate, wait_active, wait_or_kill, FerryDir, Guard};
 use support::pg::{PgOptions, TestPg};
 
 const T: Duration = Duration::from_secs(60);
@@ -125,7 +125,7 @@ fn a_wrong_password_stops_pgferry_with_authentication_failed() {
         let pw = format!("{}-wrong", password(role));
         let f = config_for(&pg, role);
         let mut child = f.spawn_env(&["run"], &[("PGFERRY_TEST_PASSWORD", &pw)]);
-        let st = wait_timeout(&mut child, T).unwrap_or_else(|| {
+        let st = wait_or_kill(&mut child, T).unwrap_or_else(|| {
             panic!(
                 "{role}: pgferry kept running with a wrong password:\n{}",
                 f.log()
@@ -167,7 +167,7 @@ fn a_missing_password_stops_pgferry_and_says_so() {
             "",
         );
         let mut child = f.run();
-        let st = wait_timeout(&mut child, T).unwrap_or_else(|| {
+        let st = wait_or_kill(&mut child, T).unwrap_or_else(|| {
             panic!(
                 "{role}: pgferry kept running without a password:\n{}",
                 f.log()

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::ferry::{terminate, wait_timeout, FerryDir, Guard};
+use support::ferry::{terminate, wait_or_kill, FerryDir, Guard};
 use support::pg::{free_port, PgOptions, TestPg};
 use support::proxy::Proxy;
 use support::redis::TestRedis;
@@ -701,7 +701,7 @@ fn a_redis_restarted_empty_is_refilled_by_a_backfill_into_it_alone() {
 
     // "stop": pgferry names the sink and the loss, and exits.
     let mut stopped = r.f.run();
-    let status = wait_timeout(&mut stopped, Duration::from_secs(30)).expect("pgferry exits");
+    let status = wait_or_kill(&mut stopped, Duration::from_secs(30)).expect("pgferry exits");
     assert!(!status.success());
     let log = r.f.log();
     assert!(
@@ -883,7 +883,7 @@ fn sigterm_during_a_sink_hang_exits_within_ten_seconds() {
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &g.0.id().to_string()])
         .status();
-    let status = wait_timeout(&mut g.0, Duration::from_secs(30)).expect("pgferry exits");
+    let status = wait_or_kill(&mut g.0, Duration::from_secs(30)).expect("pgferry exits");
     let took = t.elapsed();
     eprintln!("SIGTERM with Redis hung: exit {status} after {took:?}");
     assert!(status.success(), "{}", tail(&r.f.log(), 30));
@@ -912,7 +912,7 @@ fn a_dropped_slot_is_not_created_again_over_the_gap() {
     std::thread::sleep(Duration::from_millis(500));
 
     let mut again = r.f.run();
-    let status = wait_timeout(&mut again, Duration::from_secs(30)).expect("pgferry exits");
+    let status = wait_or_kill(&mut again, Duration::from_secs(30)).expect("pgferry exits");
     assert!(!status.success());
     assert!(
         r.f.log().contains("changes were lost"),

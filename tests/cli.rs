@@ -107,7 +107,7 @@ fn check_fails_wal_level_replica_with_the_alter_system_fix() {
     );
     // And `run` stops by itself, saying why.
     let mut child = f.run();
-    let st = support::ferry::wait_timeout(&mut child, T)
+    let st = support::ferry::wait_or_kill(&mut child, T)
         .unwrap_or_else(|| panic!("pgferry kept running on wal_level=replica:\n{}", f.log()));
     assert!(!st.success(), "{st:?}\n{}", f.log());
     assert!(f.log().contains("wal_level"), "{}", f.log());
@@ -375,7 +375,7 @@ fn check_and_run_refuse_slots_they_cannot_use() {
         assert!(!out.status.success(), "{out:?}");
         assert!(fails(&out).contains(needle), "{needle}:\n{}", out.stdout);
         let mut child = f.run();
-        let st = support::ferry::wait_timeout(&mut child, T)
+        let st = support::ferry::wait_or_kill(&mut child, T)
             .unwrap_or_else(|| panic!("run kept retrying ({needle}):\n{}", f.log()));
         assert!(!st.success());
         assert!(

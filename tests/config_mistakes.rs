@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
-use support::ferry::{start_streaming, terminate, wait_active, wait_timeout, FerryDir, Guard};
+use support::ferry::{start_streaming, terminate, wait_active, wait_or_kill, FerryDir, Guard};
 use support::pg::TestPg;
 use support::redis::TestRedis;
 
@@ -62,7 +62,7 @@ fn log_text(f: &FerryDir) -> String {
 /// returns its log.
 fn run_refused(f: &FerryDir) -> String {
     let mut child = f.run();
-    let st = wait_timeout(&mut child, REFUSE)
+    let st = wait_or_kill(&mut child, REFUSE)
         .unwrap_or_else(|| panic!("pgferry kept running instead of refusing:\n{}", f.log()));
     assert!(
         !st.success(),
@@ -227,7 +227,7 @@ fn a_stdout_reader_that_exits_loses_no_event() {
     for i in 3..=5 {
         pg.sql(&format!("INSERT INTO items VALUES ({i})"));
     }
-    let st = wait_timeout(&mut g.0, REFUSE)
+    let st = wait_or_kill(&mut g.0, REFUSE)
         .unwrap_or_else(|| panic!("pgferry went on writing into a closed pipe:\n{}", f.log()));
     assert!(!st.success(), "{st:?}\n{}", f.log());
     assert!(

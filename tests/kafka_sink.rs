@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::ferry::{kill9, wait_timeout, FerryDir, Guard};
+use support::ferry::{kill9, wait_or_kill, FerryDir, Guard};
 use support::kafka::{read_topics, Rec};
 use support::nats::TestNats;
 use support::pg::TestPg;
@@ -326,7 +326,7 @@ fn a_second_pgferry_with_the_same_sink_name_fences_the_first() {
     let workers = start_workload(&pg, &rt, &stop);
     std::thread::sleep(Duration::from_secs(3));
     let second = Guard(f2.run());
-    let status = wait_timeout(&mut first.0, Duration::from_secs(120))
+    let status = wait_or_kill(&mut first.0, Duration::from_secs(120))
         .unwrap_or_else(|| panic!("the first pgferry was not fenced:\n{}", f.log()));
     assert!(!status.success(), "{}", f.log());
     assert!(f.log().contains("fenced"), "{}", f.log());
@@ -401,7 +401,7 @@ fn a_record_over_message_max_bytes_is_fatal_with_the_fix() {
         std::thread::sleep(Duration::from_millis(500));
     }
     pg.sql("INSERT INTO items VALUES (2, 1, repeat('x', 6000), 2)");
-    let status = wait_timeout(&mut g.0, Duration::from_secs(120))
+    let status = wait_or_kill(&mut g.0, Duration::from_secs(120))
         .unwrap_or_else(|| panic!("pgferry did not stop:\n{}", f.log()));
     assert!(!status.success());
     let log = f.log();

@@ -306,7 +306,7 @@ fn an_oversized_message_and_a_denied_subject_stop_pgferry_with_the_fix() {
         let mut g = Guard(f.run());
         support::ferry::wait_active(&pg, &f, slot);
         pg.sql(change);
-        let st = support::ferry::wait_timeout(&mut g.0, Duration::from_secs(90))
+        let st = support::ferry::wait_or_kill(&mut g.0, Duration::from_secs(90))
             .unwrap_or_else(|| panic!("pgferry kept running:\n{}", f.log()));
         let log = f.log();
         assert!(!st.success(), "{log}");

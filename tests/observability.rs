@@ -504,7 +504,7 @@ fn retained_wal_warns_then_a_lost_slot_stops_pgferry_with_the_recovery_steps() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    let status = support::ferry::wait_timeout(&mut g.0, T).expect("pgferry stops");
+    let status = support::ferry::wait_or_kill(&mut g.0, T).expect("pgferry stops");
     assert!(!status.success());
     // JSON lines: quotes in messages are escaped.
     let log = f.log().replace("\\\"", "\"");

@@ -607,7 +607,7 @@ fn https_with_a_custom_ca_and_basic_auth_and_a_wrong_password_stops() {
     let mut g = run("wrong-pw");
     wait_active(&pg, &f, "pgferry");
     pg.sql("INSERT INTO secure VALUES (21, 'v21')");
-    let st = support::ferry::wait_timeout(&mut g.0, T).expect("pgferry stops");
+    let st = support::ferry::wait_or_kill(&mut g.0, T).expect("pgferry stops");
     assert!(!st.success());
     let log = f.log();
     assert!(
@@ -730,7 +730,7 @@ fn on_error_stop_stops_pgferry_and_says_what_to_do() {
     let mut g = start(&pg, &f);
     pg.sql("INSERT INTO strict_items VALUES (1, '1')");
     pg.sql("INSERT INTO strict_items VALUES (2, 'two')");
-    let st = support::ferry::wait_timeout(&mut g.0, T).expect("pgferry stops");
+    let st = support::ferry::wait_or_kill(&mut g.0, T).expect("pgferry stops");
     assert!(!st.success());
     let log = f.log();
     assert!(

@@ -300,7 +300,7 @@ fn a_slot_recreated_behind_pgferrys_back_stops_it_with_a_clear_error() {
     pg.sql("SELECT pg_create_logical_replication_slot('pgferry', 'pgoutput')");
     pg.sql("INSERT INTO g VALUES (3)");
     let mut again = Guard(f.run());
-    let st = support::ferry::wait_timeout(&mut again.0, T).expect("pgferry must stop by itself");
+    let st = support::ferry::wait_or_kill(&mut again.0, T).expect("pgferry must stop by itself");
     assert!(!st.success());
     let log = f.log();
     assert!(log.contains("changes were lost"), "{log}");

@@ -28,7 +28,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::ferry::{wait_active, wait_timeout, FerryDir, Guard};
+use support::ferry::{wait_active, wait_or_kill, FerryDir, Guard};
 use support::pg::{PgOptions, TestPg};
 
 const PASSWORD: &str = "tls-secret-pw";
@@ -111,7 +111,7 @@ fn run_stops(url: &str) -> String {
     let f = FerryDir::new();
     f.write_config(url, &["public.items"], "", "");
     let mut child = f.run();
-    let status = wait_timeout(&mut child, Duration::from_secs(60))
+    let status = wait_or_kill(&mut child, Duration::from_secs(60))
         .unwrap_or_else(|| panic!("pgferry kept running:\n{}", f.log()));
     assert!(!status.success(), "pgferry exited 0:\n{}", f.log());
     f.log()

@@ -6,10 +6,11 @@
 //! with its config struct (`deny_unknown_fields`, one doc comment per field:
 //! those are the user docs) and its implementation.
 //!
-//! Error tiers: [`SinkError::Transient`] is retried (same batch, exponential
-//! backoff with jitter), so `apply` must be idempotent for transactions it
-//! has already seen; [`SinkError::Fatal`] stops pgferry with the message,
-//! which must tell the operator what to do.
+//! Errors: [`SinkError`] (in `error.rs`) has one classification,
+//! [`SinkError::is_transient`]. A transient failure is retried by the
+//! pipeline (same batch, exponential backoff with jitter), so `apply` must
+//! be idempotent for transactions it has already seen; a fatal one stops
+//! pgferry with the message, which must tell the operator what to do.
 //!
 //! Delivery guarantees:
 //! - `jsonl` to a file: effectively-once. The file itself is the sink's
@@ -31,6 +32,7 @@
 //!   last message before publishing, so nothing is repeated.
 
 pub mod elasticsearch;
+mod error;
 pub mod eventlog;
 #[cfg(feature = "iceberg")]
 pub mod iceberg;
@@ -46,38 +48,7 @@ use std::sync::Arc;
 
 use crate::event::Transaction;
 
-/// A sink failure, classified for the retry policy.
-#[derive(Debug, thiserror::Error)]
-pub enum SinkError {
-    /// Worth retrying: the destination is unreachable, busy or restarting.
-    #[error("{0}")]
-    Transient(String),
-    /// Retrying cannot help; the message tells the operator what to do.
-    #[error("{0}")]
-    Fatal(String),
-    /// A disk is full (or over quota): retried like a transient failure,
-    /// and reported with its path on `/readyz` and in the metrics.
-    #[error("{message}")]
-    DiskFull {
-        path: std::path::PathBuf,
-        message: String,
-    },
-}
-
-impl SinkError {
-    /// An I/O error while writing `path`: [`SinkError::DiskFull`] when the
-    /// disk is full, [`SinkError::Transient`] otherwise.
-    pub fn io(what: &str, path: &std::path::Path, e: std::io::Error) -> SinkError {
-        if crate::disk::is_full(&e) {
-            SinkError::DiskFull {
-                path: path.to_path_buf(),
-                message: crate::disk::full_message(what, path, &e),
-            }
-        } else {
-            SinkError::Transient(format!("{what} {}: {e}", path.display()))
-        }
-    }
-}
+pub use error::{Cause, SinkError};
 
 /// A destination for committed transactions.
 #[async_trait::async_trait]

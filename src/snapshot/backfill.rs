@@ -8,6 +8,7 @@ use super::state::StateFile;
 use super::BACKFILL_PREFIX;
 use crate::config::Config;
 use crate::lsn::Lsn;
+use crate::pg::{fatal, SourceError};
 
 /// `pgferry backfill`: asks the running pgferry (through the stream) to
 /// re-load a table. Returns the request's LSN.
@@ -15,18 +16,16 @@ pub async fn request_backfill(
     config: &Config,
     table: &str,
     filter: Option<&str>,
-) -> Result<Lsn, String> {
+) -> Result<Lsn, SourceError> {
     let table = crate::config::canonical_table(table)
         .filter(|t| config.source.tables.contains(t))
         .ok_or_else(|| {
-            format!(
+            fatal(format!(
                 "{table} is not in source.tables ({}); only replicated tables can be backfilled",
                 config.source.tables.join(", ")
-            )
+            ))
         })?;
-    let client = crate::pg::sql_connect(config)
-        .await
-        .map_err(|e| e.to_string())?;
+    let client = crate::pg::sql_connect(config).await?;
     if let Some(f) = filter {
         // Check the condition now rather than in the running pgferry's log.
         let (schema, name) = crate::config::split_table(&table).unwrap_or_default();
@@ -36,11 +35,11 @@ pub async fn request_backfill(
             crate::conn::quote_ident(&name)
         );
         check_filter(&client, &sql_name, f).await.map_err(|e| {
-            let why = match e {
-                FilterError::Refused(m) => m,
-                FilterError::Other(e) => e.to_string(),
-            };
-            format!("--where {f:?} is not a valid condition on {table}: {why}")
+            let refused = |why| format!("--where {f:?} is not a valid condition on {table}: {why}");
+            match e {
+                FilterError::Refused(m) => fatal(refused(m)),
+                FilterError::Other(e) => fatal(refused(e.to_string())).caused_by(e),
+            }
         })?;
     }
     emit_backfill_request(&client, config, &table, filter).await
@@ -53,7 +52,7 @@ pub async fn emit_backfill_request(
     config: &Config,
     table: &str,
     filter: Option<&str>,
-) -> Result<Lsn, String> {
+) -> Result<Lsn, SourceError> {
     let body = serde_json::json!({"table": table, "where": filter, "slot": config.source.slot});
     emit_request(client, &body).await
 }
@@ -61,17 +60,15 @@ pub async fn emit_backfill_request(
 /// `pgferry backfill --cancel ID`: asks the running pgferry (through the
 /// stream) to cancel a snapshot job, running or failed. Returns the
 /// request's LSN.
-pub async fn cancel_backfill(config: &Config, id: u64) -> Result<Lsn, String> {
-    let st = StateFile::new(&config.checkpoint.dir).load()?;
+pub async fn cancel_backfill(config: &Config, id: u64) -> Result<Lsn, SourceError> {
+    let st = load(config)?;
     if !st.jobs.iter().any(|j| j.id == id) && !st.failed.iter().any(|j| j.id == id) {
-        return Err(format!(
+        return Err(fatal(format!(
             "there is no snapshot job {id} in {}; pgferry backfill --list shows them",
             StateFile::new(&config.checkpoint.dir).path().display()
-        ));
+        )));
     }
-    let client = crate::pg::sql_connect(config)
-        .await
-        .map_err(|e| e.to_string())?;
+    let client = crate::pg::sql_connect(config).await?;
     let body = serde_json::json!({"cancel": id, "slot": config.source.slot});
     emit_request(&client, &body).await
 }
@@ -79,7 +76,7 @@ pub async fn cancel_backfill(config: &Config, id: u64) -> Result<Lsn, String> {
 async fn emit_request(
     client: &tokio_postgres::Client,
     body: &serde_json::Value,
-) -> Result<Lsn, String> {
+) -> Result<Lsn, SourceError> {
     let row = client
         .query_one(
             "SELECT pg_logical_emit_message(true, $1::text, $2::text)::text",
@@ -87,21 +84,30 @@ async fn emit_request(
         )
         .await
         .map_err(|e| {
-            format!(
+            fatal(format!(
                 "emitting the request failed: {}; the role needs EXECUTE on pg_logical_emit_message (GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO <role>)",
                 e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())
-            )
+            ))
+            .caused_by(e)
         })?;
     let lsn: String = row.get(0);
-    lsn.parse().map_err(|_| format!("unexpected LSN {lsn:?}"))
+    lsn.parse()
+        .map_err(|_| fatal(format!("unexpected LSN {lsn:?}")))
+}
+
+/// `snapshot.json`, for the commands.
+fn load(config: &Config) -> Result<super::state::State, SourceError> {
+    StateFile::new(&config.checkpoint.dir)
+        .load()
+        .map_err(|e| fatal(e.to_string()).caused_by(e))
 }
 
 /// `pgferry backfill --list`: the snapshot jobs in `snapshot.json`, one
 /// per line: running, failed (with the error), and the last finished.
-pub fn list_backfills<W: std::io::Write>(config: &Config, out: &mut W) -> Result<(), String> {
+pub fn list_backfills<W: std::io::Write>(config: &Config, out: &mut W) -> Result<(), SourceError> {
     let file = StateFile::new(&config.checkpoint.dir);
-    let st = file.load()?;
-    let io = |e: std::io::Error| e.to_string();
+    let st = load(config)?;
+    let io = |e: std::io::Error| fatal(format!("writing the list: {e}")).caused_by(e);
     let filter = |f: &Option<String>| {
         f.as_ref()
             .map(|f| format!(" where {f:?}"))

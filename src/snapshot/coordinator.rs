@@ -15,19 +15,22 @@ use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::state::{self, Job, State};
+use super::state::{self, Job};
 use super::{Completion, Shared};
 use crate::flow::Progress;
 use crate::pg::SourceError;
 
-pub(super) fn file_save(shared: &Shared, st: &State) -> Result<(), SourceError> {
-    shared.save(st).map_err(|e| {
-        if e.starts_with("disk full") {
-            // Retried from the checkpoints, like a full spill directory.
-            crate::metrics::global().disk_full(shared.file.path(), &e);
-            SourceError::DiskFull(e)
+/// Saves the shared state (see [`Shared::persist`]); a full disk is
+/// retried from the checkpoints, like a full spill directory, and any other
+/// write error stops pgferry.
+pub(super) async fn file_save(shared: &Shared) -> Result<(), SourceError> {
+    shared.persist().await.map_err(|e| {
+        let m = e.to_string();
+        if e.is_disk_full() {
+            crate::metrics::global().disk_full(shared.file.path(), &m);
+            SourceError::disk_full(m).caused_by(e)
         } else {
-            SourceError::Fatal(format!("{e}; check that checkpoint.dir is writable"))
+            SourceError::fatal(format!("{m}; check that checkpoint.dir is writable")).caused_by(e)
         }
     })?;
     crate::metrics::global().disk_ok(shared.file.path());
@@ -84,6 +87,9 @@ pub(super) async fn coordinate(shared: Arc<Shared>, progress: Arc<Progress>) {
         };
         if !ready.is_empty() {
             absorb(&shared, &ready);
+            if let Err(e) = shared.persist().await {
+                tracing::error!(error = %e, "could not record snapshot progress; chunks will be read again after a restart");
+            }
             progress.changed.notify_waiters();
         }
         let lines = open_jobs(&shared);
@@ -105,8 +111,9 @@ pub(super) async fn coordinate(shared: Arc<Shared>, progress: Arc<Progress>) {
     }
 }
 
-/// Records the chunks every sink has checkpointed: their ranges move on in
-/// `snapshot.json`, and finished jobs leave it (logged, kept in `finished`).
+/// Records the chunks every sink has checkpointed: their ranges move on,
+/// and finished jobs leave the state (logged, kept in `finished`); the
+/// caller saves it.
 fn absorb(shared: &Shared, ready: &[Completion]) {
     // Under the lock throughout: the stream side and the workers change
     // the state too (requests, cancels, failures).
@@ -140,9 +147,6 @@ fn absorb(shared: &Shared, ready: &[Completion]) {
         if st.finished.len() > 50 {
             st.finished.remove(0);
         }
-    }
-    if let Err(e) = shared.save(&st) {
-        tracing::error!(error = %e, "could not record snapshot progress; chunks will be read again after a restart");
     }
 }
 

@@ -207,7 +207,7 @@ impl Merger {
             }
             Ok(())
         })
-        .map_err(|e| SourceError::Fatal(format!("reading a spilled transaction: {e}")))
+        .map_err(|e| SourceError::fatal(format!("reading a spilled transaction: {e}")))
     }
 
     /// Picks up copy registrations, and delivers the copies whose point the
@@ -315,14 +315,14 @@ impl Merger {
             }
             Ok(())
         })
-        .map_err(|e| SourceError::Fatal(format!("reading a spilled transaction: {e}")))
+        .map_err(|e| SourceError::fatal(format!("reading a spilled transaction: {e}")))
     }
 
     /// Acts on the watermarks in the transaction; returns backfill requests.
     pub(super) async fn watermarks(
         &mut self,
         txn: &mut Transaction,
-        relation: &impl Fn(u32) -> Option<Arc<RelationInfo>>,
+        relation: &(dyn Fn(u32) -> Option<Arc<RelationInfo>> + Sync),
     ) -> Result<Vec<(Lsn, Request)>, SourceError> {
         let mut requests = Vec::new();
         if txn.messages.is_empty() {
@@ -447,42 +447,33 @@ pub(super) struct Mark {
 mod tests {
     //! The merger's state machine without a server: a chunk registered by a
     //! "worker", its watermarks and the stream's changes fed as the session
-    //! feeds them (`on_commit`'s order, then `delivered`).
-    use std::collections::HashSet;
-    use std::sync::atomic::AtomicBool;
-    use std::sync::Mutex;
-
-    use tokio::sync::Notify;
-
+    //! feeds them (the order of `Snapshots::seen` with a commit, then `delivered`).
     use super::*;
     use crate::event::{Change, LogicalMessage, Op, Row};
-    use crate::snapshot::state::{State, StateFile};
+    use crate::snapshot::state::StateFile;
     use crate::snapshot::table::TableInfo;
 
     const OID: u32 = 16400;
 
     fn shared() -> Arc<Shared> {
-        Arc::new(Shared {
-            config: Default::default(),
-            tables: vec!["public.items".into()],
-            slot: "pgferry".into(),
-            sql_url: String::new(),
-            spill_dir: std::env::temp_dir(),
-            network: Default::default(),
-            file: StateFile::new(&std::env::temp_dir()),
-            state: Mutex::new(State::default()),
-            registry: Mutex::new(HashMap::new()),
-            taken: Mutex::new(HashSet::new()),
-            infos: Mutex::new(HashMap::new()),
-            completions: Mutex::new(Vec::new()),
-            live: Mutex::new(HashMap::new()),
-            work: Notify::new(),
-            pickup: Notify::new(),
-            stopping: AtomicBool::new(false),
-            run_id: "test".into(),
-            next_chunk: std::sync::atomic::AtomicU64::new(0),
-            progress: crate::flow::Progress::new(&[Lsn::ZERO]),
-        })
+        let text = r#"
+[source]
+url = "postgres://u@h/db"
+slot = "pgferry"
+publication = "p"
+tables = ["public.items"]
+
+[checkpoint]
+dir = "state"
+
+[[sink]]
+name = "null"
+type = "null"
+"#;
+        let dir = std::env::temp_dir();
+        let config = crate::config::Config::parse(text, &dir.join("t.toml"), |_| None).unwrap();
+        let progress = crate::flow::Progress::new(&[Lsn::ZERO]);
+        Arc::new(Shared::new(&config, StateFile::new(&dir), progress))
     }
 
     fn merger(max_buffer: usize) -> Merger {

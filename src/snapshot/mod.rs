@@ -180,6 +180,8 @@ pub(crate) struct Shared {
     network: crate::config::NetworkConfig,
     file: StateFile,
     state: Mutex<State>,
+    /// Held across a save of `state` (see [`Shared::persist`]).
+    save_order: tokio::sync::Mutex<()>,
     registry: Mutex<HashMap<String, Registered>>,
     /// (job, range) units a worker holds.
     taken: Mutex<HashSet<(u64, usize)>>,
@@ -198,15 +200,50 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The registry of a session for `config`, with an empty state (the
+    /// caller puts the loaded one in once it planned) and nothing running.
+    fn new(config: &Config, file: StateFile, progress: Arc<Progress>) -> Shared {
+        Shared {
+            config: config.snapshot.clone(),
+            tables: config.source.tables.clone(),
+            slot: config.source.slot.clone(),
+            sql_url: config.source.url.clone(),
+            spill_dir: config.spill_dir(),
+            network: config.source.network,
+            file,
+            state: Mutex::new(State::default()),
+            save_order: tokio::sync::Mutex::new(()),
+            registry: Mutex::new(HashMap::new()),
+            taken: Mutex::new(HashSet::new()),
+            infos: Mutex::new(HashMap::new()),
+            completions: Mutex::new(Vec::new()),
+            live: Mutex::new(HashMap::new()),
+            work: Notify::new(),
+            pickup: Notify::new(),
+            stopping: AtomicBool::new(false),
+            run_id: format!("{:08x}", rand::random::<u32>()),
+            next_chunk: std::sync::atomic::AtomicU64::new(0),
+            progress,
+        }
+    }
+
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Saves `snapshot.json`, and tells the session whether jobs are open
-    /// (no slow-sink detach meanwhile): every change to the jobs is saved.
-    fn save(&self, s: &State) -> Result<(), String> {
-        self.progress.set_snapshot_open(!s.jobs.is_empty());
-        self.file.save(s)
+    /// Saves the state as it is now to `snapshot.json`, off the executor,
+    /// and tells the session whether jobs are open (no slow-sink detach
+    /// meanwhile): every change to the jobs is saved this way, after the
+    /// state lock is released.
+    ///
+    /// Saves are serialized (`save_order`), and each copies the state only
+    /// once it holds that lock, so the last save to finish wrote the newest
+    /// state: a save that lost the race can never overwrite a newer one.
+    async fn persist(&self) -> Result<(), state::StateError> {
+        let _order = self.save_order.lock().await;
+        let st = self.lock_state().clone();
+        self.progress.set_snapshot_open(!st.jobs.is_empty());
+        self.file.save_off_executor(&st).await
     }
 
     /// Adds a planned job (under the state lock the caller holds).
@@ -235,16 +272,18 @@ impl Shared {
 
     /// Marks job `id` failed for good (a definite error): no worker takes
     /// it again, and it is shown until cancelled.
-    fn fail_job(&self, id: u64, error: &str) {
-        let mut st = self.lock_state();
-        let Some(job) = st.jobs.iter().find(|j| j.id == id).cloned() else {
-            return;
+    async fn fail_job(&self, id: u64, error: &str) {
+        let job = {
+            let mut st = self.lock_state();
+            let Some(job) = st.jobs.iter().find(|j| j.id == id).cloned() else {
+                return;
+            };
+            st.fail(id, error);
+            job
         };
-        st.fail(id, error);
-        if let Err(e) = self.save(&st) {
+        if let Err(e) = self.persist().await {
             tracing::error!(error = %e, "could not record the failed snapshot job");
         }
-        drop(st);
         report_failure(id, &job.table, &job.kind, error, true);
     }
 
@@ -281,7 +320,51 @@ impl Shared {
     }
 }
 
-/// The snapshot machinery of one replication session.
+/// What the stream saw, told to [`Snapshots::seen`] before it delivers it.
+pub enum Seen<'a> {
+    /// A committed transaction: replayed onto the open windows (a change
+    /// inside a window rebases the chunk's rows), its watermarks and
+    /// backfill requests acted on (a request is persisted before this
+    /// returns, so before its transaction can be checkpointed).
+    /// `relation` looks up the stream's current relation by OID.
+    Commit {
+        txn: &'a mut Transaction,
+        relation: &'a (dyn Fn(u32) -> Option<Arc<RelationInfo>> + Sync),
+    },
+    /// A keepalive with nothing open: every commit before this position
+    /// was seen, so a copy whose point it passes can be delivered.
+    Idle(Lsn),
+    /// [`Snapshots::wake`] fired: a worker registered a copy that needs
+    /// the stream paused now.
+    Wake,
+}
+
+/// What the stream handed to the sinks, told to [`Snapshots::delivered`].
+pub enum Delivered<'a> {
+    /// A transaction (after those [`Snapshots::seen`] returned before it):
+    /// its changes are buffered for the windows still open.
+    Txn(&'a Transaction),
+    /// An idle position: a copy's point must stay ahead of it.
+    Idle(Lsn),
+}
+
+/// The snapshot machinery of one replication session, and the stream's
+/// one narrow interface to it.
+///
+/// The stream calls, in stream order and from its one task:
+/// 1. [`Snapshots::seen`] with each committed transaction, each idle
+///    position it is about to hand to the sinks, and each
+///    [`Snapshots::wake`]; it delivers what `seen` returns first, in order,
+///    asking [`Snapshots::only_for`] which sinks each goes to;
+/// 2. [`Snapshots::delivered`] with the transaction (or idle position)
+///    once it is handed to the sinks.
+///
+/// Invariants the stream keeps: nothing is delivered that `seen` was not
+/// told first; `delivered` follows in the same order; and transactions that
+/// `seen` returned are delivered before the one it was called with. Besides
+/// those, the session asks [`Snapshots::exit_now`] between messages, plans
+/// a reload with [`Snapshots::backfill_sink`], and ends with
+/// [`Snapshots::stop`].
 pub struct Snapshots {
     shared: Arc<Shared>,
     merger: Merger,
@@ -301,7 +384,9 @@ impl Snapshots {
         exit_when_done: bool,
     ) -> Result<Snapshots, SourceError> {
         let file = StateFile::new(&config.checkpoint.dir);
-        let mut st = file.load().map_err(SourceError::Fatal)?;
+        let mut st = file
+            .load()
+            .map_err(|e| SourceError::fatal(e.to_string()).caused_by(e))?;
         if fresh {
             // No sink has a checkpoint, so no chunk can have been durable:
             // progress recorded here belongs to sinks whose checkpoints were
@@ -318,27 +403,7 @@ impl Snapshots {
             }
         }
         let resumed = st.active();
-        let shared = Arc::new(Shared {
-            config: config.snapshot.clone(),
-            tables: config.source.tables.clone(),
-            slot: config.source.slot.clone(),
-            sql_url: config.source.url.clone(),
-            spill_dir: config.spill_dir(),
-            network: config.source.network,
-            file,
-            state: Mutex::new(State::default()),
-            registry: Mutex::new(HashMap::new()),
-            taken: Mutex::new(HashSet::new()),
-            infos: Mutex::new(HashMap::new()),
-            completions: Mutex::new(Vec::new()),
-            live: Mutex::new(HashMap::new()),
-            work: Notify::new(),
-            pickup: Notify::new(),
-            stopping: AtomicBool::new(false),
-            run_id: format!("{:08x}", rand::random::<u32>()),
-            next_chunk: std::sync::atomic::AtomicU64::new(0),
-            progress: progress.clone(),
-        });
+        let shared = Arc::new(Shared::new(config, file, progress.clone()));
         // Fresh sinks get the initial snapshot, unless one is already under
         // way (a crash before the first checkpoint resumes it). Removing the
         // checkpoint files, as the lost-slot advice says, plans a new one.
@@ -349,7 +414,8 @@ impl Snapshots {
                 shared.add_job(&mut st, job, info);
             }
             st.initial_planned = true;
-            file_save(&shared, &st)?;
+            *shared.lock_state() = st.clone();
+            file_save(&shared).await?;
             tracing::info!(
                 tables = config.source.tables.len(),
                 "initial snapshot planned"
@@ -412,59 +478,60 @@ impl Snapshots {
             .iter()
             .map(|f| format!("job {} ({}): {}", f.id, f.table, f.error))
             .collect();
-        Err(SourceError::Fatal(format!(
+        Err(SourceError::fatal(format!(
             "the snapshot ended, but {} job(s) failed: {}; fix the cause and request them again, and acknowledge the failures with pgferry backfill --cancel ID",
             list.len(),
             list.join("; ")
         )))
     }
 
-    /// Woken when a worker needs the stream side to act between transactions.
-    pub fn pickup(&self) -> &Notify {
+    /// Fires when the snapshot side needs the stream to call
+    /// [`Snapshots::seen`] with [`Seen::Wake`] between two transactions.
+    pub fn wake(&self) -> &Notify {
         &self.shared.pickup
     }
 
-    /// Handles a committed transaction before it goes to the sinks: replays
-    /// it onto open windows, acts on watermarks and backfill requests, and
-    /// returns the transactions to deliver *before* it (an exported-snapshot
-    /// copy whose point it crosses). `relation` looks up the stream's
-    /// current relation by OID.
-    pub async fn on_commit(
+    /// The stream saw `what`, and has not delivered it yet. Returns the
+    /// transactions to deliver *before* it, in order (the rows of an
+    /// exported-snapshot copy whose point it crosses; the read events of a
+    /// chunk). See [`Seen`] for what each case does.
+    pub async fn seen(
         &mut self,
-        txn: &mut Transaction,
         client: &tokio_postgres::Client,
-        relation: impl Fn(u32) -> Option<Arc<RelationInfo>>,
+        what: Seen<'_>,
     ) -> Result<Vec<Transaction>, SourceError> {
-        let before = self.merger.cross(Some(txn.meta.commit_lsn), None).await?;
-        self.merger.poll_pending();
-        self.merger.replay(txn)?;
-        let requests = self.merger.watermarks(txn, &relation).await?;
-        for r in requests {
-            self.backfill_request(client, r).await?;
+        match what {
+            Seen::Commit { txn, relation } => {
+                let before = self.merger.cross(Some(txn.meta.commit_lsn), None).await?;
+                self.merger.poll_pending();
+                self.merger.replay(txn)?;
+                let requests = self.merger.watermarks(txn, relation).await?;
+                for r in requests {
+                    self.backfill_request(client, r).await?;
+                }
+                self.merger.remember(txn.meta.xid);
+                self.merger.delivered = self.merger.delivered.max(txn.meta.end_lsn);
+                Ok(before)
+            }
+            Seen::Idle(wal_end) => self.merger.cross(None, Some(wal_end)).await,
+            Seen::Wake => self.merger.cross(None, None).await,
         }
-        self.merger.remember(txn.meta.xid);
-        self.merger.delivered = self.merger.delivered.max(txn.meta.end_lsn);
-        Ok(before)
     }
 
-    /// Called with each transaction once it is handed to the sinks.
-    pub fn delivered(&mut self, txn: &Transaction) -> Result<(), SourceError> {
-        self.merger.buffer(txn)
-    }
-
-    /// A keepalive with nothing open: every commit before `wal_end` was seen.
-    pub async fn on_idle(&mut self, wal_end: Lsn) -> Result<Vec<Transaction>, SourceError> {
-        let out = self.merger.cross(None, Some(wal_end)).await?;
-        Ok(out)
-    }
-
-    /// Idle positions handed to the sinks (a copy's point must stay ahead of them).
-    pub fn delivered_idle(&mut self, wal_end: Lsn) {
-        self.merger.delivered = self.merger.delivered.max(wal_end);
+    /// The stream handed `what` to the sinks.
+    pub fn delivered(&mut self, what: Delivered<'_>) -> Result<(), SourceError> {
+        match what {
+            Delivered::Txn(txn) => self.merger.buffer(txn),
+            Delivered::Idle(at) => {
+                self.merger.delivered = self.merger.delivered.max(at);
+                Ok(())
+            }
+        }
     }
 
     /// The sinks that alone get the transaction ending at `end` (the rows
-    /// of a job for some sinks only); `None`: every sink.
+    /// of a job for some sinks only); `None`: every sink. Asked once for
+    /// each transaction the stream delivers.
     pub fn only_for(&mut self, end: Lsn) -> Option<Vec<String>> {
         if self.merger.targets.is_empty() {
             return None;
@@ -509,21 +576,17 @@ impl Snapshots {
             job.sinks = Some(vec![sink.to_string()]);
             planned.push((job, info));
         }
-        let mut st = self.shared.lock_state();
-        st.next_job = scratch.next_job;
-        for (job, info) in planned {
-            self.shared.add_job(&mut st, job, info);
+        {
+            let mut st = self.shared.lock_state();
+            st.next_job = scratch.next_job;
+            for (job, info) in planned {
+                self.shared.add_job(&mut st, job, info);
+            }
         }
-        file_save(&self.shared, &st)?;
-        drop(st);
+        file_save(&self.shared).await?;
         self.shared.work.notify_waiters();
         tracing::info!(sink, tables = ?tables, "reload of the sink's tables planned");
         Ok(())
-    }
-
-    /// Picks up registrations (called when [`Self::pickup`] fires).
-    pub async fn service(&mut self) -> Result<Vec<Transaction>, SourceError> {
-        self.merger.cross(None, None).await
     }
 
     /// Acts on a backfill request or cancellation from the stream. A request
@@ -557,6 +620,21 @@ impl Snapshots {
                 "the request names no table".to_string(),
             ))),
         };
+        self.record_request(lsn, &req, planned, scratch.next_job);
+        file_save(&self.shared).await?;
+        self.shared.work.notify_waiters();
+        Ok(())
+    }
+
+    /// Writes a request's outcome into the state (saved by the caller): a
+    /// cancellation, a planned job, or a job that cannot run.
+    fn record_request(
+        &self,
+        lsn: Lsn,
+        req: &Request,
+        planned: Option<Result<(Job, TableInfo), (String, String)>>,
+        next_job: u64,
+    ) {
         let mut st = self.shared.lock_state();
         st.last_request_lsn = Some(lsn.to_string());
         if let Some(id) = req.cancel {
@@ -571,7 +649,7 @@ impl Snapshots {
             None => {}
             Some(Ok((job, info))) => {
                 tracing::info!(job = job.id, table = %job.table, filter = ?job.filter, at = %lsn, rows_estimate = job.rows_estimate, "backfill requested");
-                st.next_job = scratch.next_job;
+                st.next_job = next_job;
                 self.shared.add_job(&mut st, job, info);
             }
             Some(Err((table, error))) => {
@@ -589,10 +667,6 @@ impl Snapshots {
                 report_failure(id, &table, "backfill", &error, true);
             }
         }
-        file_save(&self.shared, &st)?;
-        drop(st);
-        self.shared.work.notify_waiters();
-        Ok(())
     }
 
     /// Plans a requested backfill. `Err` inside: (table, why it cannot run).
@@ -628,7 +702,7 @@ impl Snapshots {
         .await
         {
             Ok(x) => Ok(Ok(x)),
-            Err(SourceError::Fatal(e)) => Ok(Err((table, e))),
+            Err(e) if !e.is_transient() => Ok(Err((table, e.to_string()))),
             Err(e) => Err(e),
         }
     }

@@ -25,14 +25,14 @@ pub(super) async fn plan_job(
     kind: &str,
 ) -> Result<(Job, TableInfo), SourceError> {
     let Some((schema, table)) = crate::config::split_table(qualified) else {
-        return Err(SourceError::Fatal(format!(
+        return Err(SourceError::fatal(format!(
             "{qualified:?} is not schema.table"
         )));
     };
     let info = table::describe(client, &schema, &table)
         .await?
         .ok_or_else(|| {
-            SourceError::Fatal(format!(
+            SourceError::fatal(format!(
                 "table {qualified} does not exist; remove it from source.tables or create it"
             ))
         })?;
@@ -40,7 +40,7 @@ pub(super) async fn plan_job(
         check_filter(client, &info.qualified_sql(), f)
             .await
             .map_err(|e| match e {
-                FilterError::Refused(m) => SourceError::Fatal(format!(
+                FilterError::Refused(m) => SourceError::fatal(format!(
                     "the condition {f:?} cannot be used on {qualified}: {m}"
                 )),
                 FilterError::Other(e) => e.into(),

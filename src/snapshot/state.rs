@@ -13,7 +13,9 @@
 //!   there (shown by `/readyz` and `pgferry backfill --list`) until the
 //!   operator cancels it (`pgferry backfill --cancel ID`);
 //! - the file is replaced atomically (temporary file, fsync, rename, fsync
-//!   of the directory), like the checkpoints.
+//!   of the directory), like the checkpoints; the session's saves run on
+//!   the blocking pool ([`StateFile::save_off_executor`]), never on the
+//!   async executor.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -175,33 +177,54 @@ impl StateFile {
         &self.path
     }
 
-    pub fn load(&self) -> Result<State, String> {
+    pub fn load(&self) -> Result<State, StateError> {
         match std::fs::read(&self.path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                format!(
-                    "snapshot state {} is damaged ({e}); remove it to forget unfinished snapshots and backfills",
-                    self.path.display()
-                )
+            Ok(b) => serde_json::from_slice(&b).map_err(|source| StateError::Damaged {
+                path: self.path.clone(),
+                source,
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(State::default()),
-            Err(e) => Err(format!("reading {}: {e}", self.path.display())),
+            Err(source) => Err(StateError::Io {
+                what: "reading",
+                path: self.path.clone(),
+                source,
+            }),
         }
     }
 
-    /// Replaces the file atomically. A full disk gives a message that
-    /// starts with "disk full" (see [`crate::disk`]).
-    pub fn save(&self, s: &State) -> Result<(), String> {
-        let io = |e: std::io::Error| {
-            if crate::disk::is_full(&e) {
-                crate::disk::full_message("writing", &self.path, &e)
-            } else {
-                format!("writing {}: {e}", self.path.display())
-            }
+    /// Replaces the file atomically with `s`. Blocking file I/O (an fsync):
+    /// async callers use [`StateFile::save_off_executor`].
+    pub fn save(&self, s: &State) -> Result<(), StateError> {
+        let body = serde_json::to_vec_pretty(s)?;
+        self.write(&body)
+    }
+
+    /// [`StateFile::save`] on the blocking pool: the state is serialized
+    /// here (cheap), and the write and fsyncs, all of one save, are handed
+    /// over at once.
+    pub async fn save_off_executor(&self, s: &State) -> Result<(), StateError> {
+        let body = serde_json::to_vec_pretty(s)?;
+        let file = self.clone();
+        tokio::task::spawn_blocking(move || file.write(&body))
+            .await
+            .unwrap_or_else(|e| {
+                Err(StateError::Io {
+                    what: "writing",
+                    path: self.path.clone(),
+                    source: std::io::Error::other(format!("the state writer died: {e}")),
+                })
+            })
+    }
+
+    fn write(&self, body: &[u8]) -> Result<(), StateError> {
+        let io = |source| StateError::Io {
+            what: "writing",
+            path: self.path.clone(),
+            source,
         };
         let tmp = self.path.with_extension("json.tmp");
-        let body = serde_json::to_vec_pretty(s).map_err(|e| e.to_string())?;
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&body).map_err(io)?;
+        f.write_all(body).map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &self.path).map_err(io)?;
         if let Some(dir) = self.path.parent() {
@@ -210,6 +233,42 @@ impl StateFile {
             }
         }
         Ok(())
+    }
+}
+
+/// Why `snapshot.json` could not be read or written; the cause is kept.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("snapshot state {} is damaged ({source}); remove it to forget unfinished snapshots and backfills", path.display())]
+    Damaged {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("encoding the snapshot state: {0}")]
+    Encode(#[from] serde_json::Error),
+    /// A full disk reads "disk full: …" (see [`crate::disk::full_message`]).
+    #[error("{}", io_message(what, path, source))]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StateError {
+    /// The disk (or quota) is full: retried, like a full spill directory.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StateError::Io { source, .. } if crate::disk::is_full(source))
+    }
+}
+
+fn io_message(what: &str, path: &Path, e: &std::io::Error) -> String {
+    if crate::disk::is_full(e) {
+        crate::disk::full_message(what, path, e)
+    } else {
+        format!("{what} {}: {e}", path.display())
     }
 }
 
@@ -252,6 +311,6 @@ mod tests {
         assert_eq!(back.jobs[0].ranges[0].after, Some(vec!["3".to_string()]));
         assert!(back.active());
         std::fs::write(f.path(), b"{oops").unwrap();
-        assert!(f.load().unwrap_err().contains("remove it"));
+        assert!(f.load().unwrap_err().to_string().contains("remove it"));
     }
 }

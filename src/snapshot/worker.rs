@@ -95,7 +95,7 @@ pub(crate) async fn run(shared: Arc<Shared>, n: usize) {
             Err(ReadError::Gone) => shared.release(job.id, range),
             Err(ReadError::Definite(e)) => {
                 shared.release(job.id, range);
-                shared.fail_job(job.id, &e);
+                shared.fail_job(job.id, &e).await;
                 client = None;
             }
             Err(ReadError::Retry(e)) => {

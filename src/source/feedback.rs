@@ -53,7 +53,7 @@ pub(super) fn stream_deadline(
 /// replication session then means the server never waits for pgferry.
 pub(super) fn server_shutting_down(code: Option<String>) -> Result<(), SourceError> {
     match code.as_deref() {
-        Some(c @ ("57P01" | "57P02")) => Err(SourceError::Transient(format!(
+        Some(c @ ("57P01" | "57P02")) => Err(SourceError::transient(format!(
             "the server is shutting down (it ended pgferry's SQL connection with {c}): closing the replication session at once so that the server is not held up; resuming from the checkpoints"
         ))),
         other => {
@@ -84,8 +84,8 @@ pub(super) async fn close_stream(
 /// hold; a failing or hung one gives up after [`crate::pipeline::STOP_GRACE`]),
 /// but no longer than [`DRAIN_LIMIT`]. Returns a sink's fatal error.
 pub(super) async fn drain(
-    tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
-) -> Option<String> {
+    tasks: Vec<tokio::task::JoinHandle<Result<(), crate::sink::SinkError>>>,
+) -> Option<crate::sink::SinkError> {
     let deadline = tokio::time::Instant::now() + DRAIN_LIMIT;
     let mut sink_error = None;
     for t in tasks {
@@ -93,7 +93,10 @@ pub(super) async fn drain(
         match tokio::time::timeout_at(deadline, t).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => sink_error = Some(e),
-            Ok(Err(e)) => sink_error = Some(format!("a sink task panicked: {e}")),
+            Ok(Err(e)) => {
+                let m = format!("a sink task panicked: {e}");
+                sink_error = Some(crate::sink::SinkError::fatal(m).caused_by(e))
+            }
             Err(_) => {
                 tracing::warn!("a sink did not finish in time at the end of the session: abandoned, its batch is replayed");
                 abort.abort();

@@ -34,7 +34,7 @@ pub(super) async fn within<T>(
 ) -> Result<T, SourceError> {
     let t = config.source.network.connect_timeout();
     tokio::time::timeout(t, f).await.map_err(|_| {
-        SourceError::Transient(format!(
+        SourceError::transient(format!(
             "{what}: no answer from Postgres within {} s (source.network.connect_timeout_secs)",
             t.as_secs()
         ))

@@ -3,11 +3,18 @@
 //! its own message; sinks with a checkpoint check their store first.
 
 use super::*;
+use crate::sink::SinkError;
+
+/// A sink that failed for good (or could not be built) ends the session
+/// with its message; the sink's error is kept as the cause.
+pub(super) fn sink_fatal(e: SinkError) -> SourceError {
+    fatal(e.to_string()).caused_by(e)
+}
 
 /// The sink tasks of a session, and their ends.
 pub(super) struct Sinks {
     pub(super) senders: Vec<SinkLink>,
-    pub(super) tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+    pub(super) tasks: Vec<tokio::task::JoinHandle<Result<(), SinkError>>>,
     pub(super) stop: watch::Sender<bool>,
     pub(super) loss_rx: mpsc::UnboundedReceiver<DataLoss>,
 }
@@ -37,7 +44,7 @@ pub(super) async fn start_sinks(
     for (i, sc) in config.sinks.iter().enumerate() {
         let sink = crate::sink::build(sc, &owner, row_source.clone())
             .await
-            .map_err(|e| fatal(e.to_string()))?;
+            .map_err(sink_fatal)?;
         let (tx, rx) = mpsc::channel(64);
         let state = Arc::new(SinkState::default());
         let slow_after = crate::pipeline::slow_bound(

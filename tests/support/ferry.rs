@@ -110,7 +110,7 @@ impl FerryDir {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("start pgferry");
-        let status = wait_timeout(&mut child, Duration::from_secs(60))
+        let status = wait_or_kill(&mut child, Duration::from_secs(60))
             .unwrap_or_else(|| panic!("pgferry {args:?} did not finish within 60 s"));
         CommandOutput {
             status,
@@ -224,7 +224,7 @@ fn signal(child: &mut Child, sig: &str) -> std::process::ExitStatus {
     let _ = Command::new("kill")
         .args([&format!("-{sig}"), &child.id().to_string()])
         .status();
-    wait_timeout(child, Duration::from_secs(30))
+    wait_or_kill(child, Duration::from_secs(30))
         .unwrap_or_else(|| panic!("pgferry did not exit within 30 s of SIG{sig}"))
 }
 
@@ -234,7 +234,11 @@ pub fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
-pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+/// Waits up to `timeout` for the child to exit, and returns its status;
+/// `None` when it did not exit in time, and then it is KILLED (SIGKILL): for
+/// a process that is expected to end. To ask whether it still runs, use
+/// `child.try_wait()`, which leaves it alone.
+pub fn wait_or_kill(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(Some(st)) = child.try_wait() {

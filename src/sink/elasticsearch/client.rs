@@ -160,14 +160,16 @@ impl Client {
         }
         let what = format!("{method} {}", url.path());
         let resp = req.send().await.map_err(|e| {
-            SinkError::Transient(format!("{what} on {}: {}", self.base, error_chain(&e)))
+            SinkError::transient(format!("{what} on {}: {}", self.base, error_chain(&e)))
+                .caused_by(e)
         })?;
         let status = resp.status();
         let body = resp.bytes().await.map_err(|e| {
-            SinkError::Transient(format!(
+            SinkError::transient(format!(
                 "{what}: reading the response failed: {}",
                 error_chain(&e)
             ))
+            .caused_by(e)
         })?;
         Ok((status, body))
     }
@@ -192,7 +194,7 @@ impl Client {
             return Err(status_error(&what, status, &bytes));
         }
         serde_json::from_slice(&bytes)
-            .map_err(|e| SinkError::Transient(format!("{what}: the response is not JSON: {e}")))
+            .map_err(|e| SinkError::transient(format!("{what}: the response is not JSON: {e}")))
     }
 
     /// `POST /_bulk` with an NDJSON body; one result per item, in order.
@@ -214,7 +216,7 @@ impl Client {
             return Err(status_error("POST /_bulk", status, &bytes));
         }
         let resp: Resp = serde_json::from_slice(&bytes)
-            .map_err(|e| SinkError::Transient(format!("POST /_bulk: unexpected response ({e})")))?;
+            .map_err(|e| SinkError::transient(format!("POST /_bulk: unexpected response ({e})")))?;
         Ok(resp
             .items
             .into_iter()
@@ -246,9 +248,9 @@ impl Client {
             )
             .await?;
         let resp: Resp = serde_json::from_value(v)
-            .map_err(|e| SinkError::Transient(format!("POST /_mget: unexpected response ({e})")))?;
+            .map_err(|e| SinkError::transient(format!("POST /_mget: unexpected response ({e})")))?;
         if resp.docs.len() != docs.len() {
-            return Err(SinkError::Transient(format!(
+            return Err(SinkError::transient(format!(
                 "POST /_mget: asked for {} documents, got {}",
                 docs.len(),
                 resp.docs.len()
@@ -289,7 +291,7 @@ impl Client {
             return Ok(());
         }
         if status == StatusCode::BAD_REQUEST {
-            return Err(SinkError::Fatal(format!(
+            return Err(SinkError::fatal(format!(
                 "{what}: the cluster refused to create the index: {}; fix mapping_file (or create the index yourself) and start pgferry again",
                 reason(&bytes)
             )));
@@ -394,7 +396,7 @@ fn parse_hits(bytes: &[u8]) -> Result<(Option<String>, Vec<String>), SinkError> 
         hits: Hits,
     }
     let r: Resp = serde_json::from_slice(bytes)
-        .map_err(|e| SinkError::Transient(format!("scroll search: unexpected response ({e})")))?;
+        .map_err(|e| SinkError::transient(format!("scroll search: unexpected response ({e})")))?;
     Ok((r.scroll_id, r.hits.hits.into_iter().map(|h| h.id).collect()))
 }
 
@@ -436,18 +438,18 @@ fn truncate(s: &str, max: usize) -> &str {
 pub fn status_error(what: &str, status: StatusCode, body: &[u8]) -> SinkError {
     let r = reason(body);
     match status.as_u16() {
-        401 => SinkError::Fatal(format!(
+        401 => SinkError::fatal(format!(
             "{what}: authentication failed ({status}: {r}); check username/password or api_key"
         )),
-        403 => SinkError::Fatal(format!(
+        403 => SinkError::fatal(format!(
             "{what}: not allowed ({status}: {r}); grant the sink's user the index privileges it needs (create_index, index, delete, read) on its indices"
         )),
-        413 => SinkError::Fatal(format!(
+        413 => SinkError::fatal(format!(
             "{what}: the cluster refused the request as too large ({status}); lower batch_max_bytes below the cluster's http.max_content_length"
         )),
-        408 | 429 => SinkError::Transient(format!("{what}: {status}: {r}")),
-        s if s >= 500 => SinkError::Transient(format!("{what}: {status}: {r}")),
-        _ => SinkError::Fatal(format!(
+        408 | 429 => SinkError::transient(format!("{what}: {status}: {r}")),
+        s if s >= 500 => SinkError::transient(format!("{what}: {status}: {r}")),
+        _ => SinkError::fatal(format!(
             "{what}: the cluster answered {status}: {r}; this request shape is expected to work on Elasticsearch 7/8 and OpenSearch 1/2, so check the url (is it a search cluster, behind a proxy that rewrites requests?)"
         )),
     }
@@ -592,7 +594,7 @@ mod tests {
             head.contains(&format!("Basic {}", base64(b"u@x:p:ss"))),
             "{head}"
         );
-        let SinkError::Fatal(m) = err else {
+        let SinkError::Fatal { message: m, .. } = err else {
             panic!("{err}")
         };
         assert!(
@@ -611,7 +613,7 @@ mod tests {
         let c = Client::new(&cfg("", &format!("http://127.0.0.1:{port}"))).unwrap();
         assert!(matches!(
             c.index_exists("x").await,
-            Err(SinkError::Transient(_))
+            Err(SinkError::Transient { .. })
         ));
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");

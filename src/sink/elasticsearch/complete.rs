@@ -354,7 +354,7 @@ async fn read_documents(
 fn check_read(doc: &Fetched, it: &Item<'_>) -> Result<(), SinkError> {
     match &doc.error {
         Some(e) if e.get("type").and_then(Value::as_str) != Some("index_not_found_exception") => {
-            Err(SinkError::Transient(format!(
+            Err(SinkError::transient(format!(
                 "reading document {:?} of index {:?}: {}",
                 it.id,
                 it.index,
@@ -405,7 +405,7 @@ async fn read_rows(
                 match r.fetch(&q).await {
                     Ok(v) if v.len() == keys.len() => Ok(v),
                     Ok(v) => {
-                        return Err(SinkError::Transient(format!(
+                        return Err(SinkError::transient(format!(
                             "reading rows of {}: asked for {} keys, got {} answers",
                             shape.rel.qualified,
                             keys.len(),
@@ -413,7 +413,7 @@ async fn read_rows(
                         )))
                     }
                     Err(RowError::Transient(e)) => {
-                        return Err(SinkError::Transient(format!(
+                        return Err(SinkError::transient(format!(
                             "reading rows of {} from Postgres to complete documents: {e}",
                             shape.rel.qualified
                         )))

@@ -12,6 +12,8 @@
 //!   does not write them twice; a replay after a restart can (dead letters
 //!   are at-least-once).
 //! - A write or `fsync` failure is transient: the batch is retried.
+//! - The file I/O runs on the blocking pool, never on the async executor:
+//!   a chunk's lines are handed over at once (one write and one `fsync`).
 
 use std::fs::File;
 use std::io::Write;
@@ -70,7 +72,7 @@ impl DeadLetters {
     pub fn reject(&mut self, r: Rejection<'_>) -> Result<(), SinkError> {
         let what = describe_error(r.error);
         if self.on_error == OnError::Stop {
-            return Err(SinkError::Fatal(format!(
+            return Err(SinkError::fatal(format!(
                 "sink {:?}: {} of document {:?} in index {:?} was rejected ({}{what}). on_error = \"stop\": fix the mapping or the data \
                  (or set on_error = \"dead_letter\"), then start pgferry again; it resumes from the sink's checkpoint",
                 self.sink,
@@ -91,34 +93,59 @@ impl DeadLetters {
         Ok(())
     }
 
-    /// Makes the dead letters written so far durable.
-    pub fn sync(&mut self) -> Result<(), SinkError> {
+    /// Makes the dead letters written so far durable: the lines are
+    /// appended and synced on the blocking pool, all at once. The lines are
+    /// gone from the buffer either way: after a failure the batch is built
+    /// again (and its lines with it).
+    pub async fn sync(&mut self) -> Result<(), SinkError> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let path = self.path.clone();
-        let io = |e: std::io::Error| {
-            SinkError::Transient(format!(
-                "dead-letter file {}: {e}; check that its directory is writable",
-                path.display()
-            ))
-        };
-        if self.file.is_none() {
-            if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(io)?;
-            }
-            self.file = Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(io)?,
-            );
+        let lines = std::mem::take(&mut self.buf);
+        let (path, file) = (self.path.clone(), self.file.take());
+        let (file, res) = tokio::task::spawn_blocking(move || append(&path, file, &lines))
+            .await
+            .map_err(|e| {
+                let m = format!("the dead-letter writer failed: {e}");
+                SinkError::transient(m).caused_by(e)
+            })?;
+        // Kept open for the next chunk (opened again when a write failed).
+        self.file = file;
+        res
+    }
+}
+
+/// Appends `lines` to the file at `path` (opened, with its directory, when
+/// `file` is `None`) and syncs it. Blocking. Returns the file when it is
+/// still good to append to.
+fn append(
+    path: &std::path::Path,
+    file: Option<File>,
+    lines: &[u8],
+) -> (Option<File>, Result<(), SinkError>) {
+    let io = |e: std::io::Error| {
+        let m = format!(
+            "dead-letter file {}: {e}; check that its directory is writable",
+            path.display()
+        );
+        SinkError::transient(m).caused_by(e)
+    };
+    let open = || {
+        if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
         }
-        let f = self.file.as_mut().expect("opened above");
-        let res = f.write_all(&self.buf).and_then(|_| f.sync_data());
-        self.buf.clear();
-        res.map_err(io)
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    };
+    let mut f = match file.map_or_else(open, Ok) {
+        Ok(f) => f,
+        Err(e) => return (None, Err(io(e))),
+    };
+    match f.write_all(lines).and_then(|_| f.sync_data()) {
+        Ok(()) => (Some(f), Ok(())),
+        Err(e) => (None, Err(io(e))),
     }
 }
 
@@ -156,8 +183,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn a_dead_letter_is_one_json_line_made_durable_by_sync() {
+    #[tokio::test]
+    async fn a_dead_letter_is_one_json_line_made_durable_by_sync() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/dead.jsonl");
         let mut d = DeadLetters::new("s", OnError::DeadLetter, path.clone());
@@ -173,7 +200,8 @@ mod tests {
         d.reject(r(Some("1"))).unwrap();
         d.discard();
         d.reject(r(None)).unwrap();
-        d.sync().unwrap();
+        d.sync().await.unwrap();
+        assert!(d.sync().await.is_ok(), "nothing more to write");
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<Value> = text
             .lines()
@@ -185,7 +213,7 @@ mod tests {
         assert_eq!(lines[0]["event"], json!({"op": "insert"}));
         let mut stop = DeadLetters::new("s", OnError::Stop, path);
         match stop.reject(r(Some("1"))) {
-            Err(SinkError::Fatal(m)) => assert!(m.contains("on_error"), "{m}"),
+            Err(SinkError::Fatal { message: m, .. }) => assert!(m.contains("on_error"), "{m}"),
             _ => panic!("on_error = stop stops"),
         }
     }

@@ -157,7 +157,7 @@ impl Routes {
         }
         let route = &self.by_table[&rel.qualified];
         let fatal = |m: String| {
-            SinkError::Fatal(format!(
+            SinkError::fatal(format!(
                 "sink {:?}: table {}: {m}",
                 self.sink, rel.qualified
             ))
@@ -264,7 +264,7 @@ mod tests {
             cols(),
         ));
         match routes.plan(&full) {
-            Err(SinkError::Fatal(m)) => {
+            Err(SinkError::Fatal { message: m, .. }) => {
                 assert!(m.contains("id_columns") && m.contains("FULL"), "{m}")
             }
             _ => panic!("a FULL table without id_columns must stop"),

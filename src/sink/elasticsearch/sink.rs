@@ -85,7 +85,7 @@ impl ElasticsearchSink {
         cfg: &ElasticsearchConfig,
         rows: Option<Arc<dyn RowSource>>,
     ) -> Result<ElasticsearchSink, SinkError> {
-        let fatal = |m: String| SinkError::Fatal(format!("sink {:?}: {m}", cfg.name));
+        let fatal = |m: String| SinkError::fatal(format!("sink {:?}: {m}", cfg.name));
         let client = Client::new(cfg).map_err(fatal)?;
         let routes = Routes::new(cfg).map_err(fatal)?;
         let dead_path = cfg
@@ -233,7 +233,7 @@ impl ElasticsearchSink {
             self.resolve_merges(&mut ops).await?;
             self.send_phases(request::phases(ops, &bases), at).await?;
         }
-        self.acknowledged(at)
+        self.acknowledged(at).await
     }
 
     /// Sends the phases in order; on a failure, holds what is left of them
@@ -254,11 +254,11 @@ impl ElasticsearchSink {
 
     /// The batch's first `at` changes are applied: their dead letters are
     /// made durable and a retry of the batch skips them.
-    fn acknowledged(&mut self, at: usize) -> Result<(), SinkError> {
+    async fn acknowledged(&mut self, at: usize) -> Result<(), SinkError> {
         crate::metrics::global()
             .sink(&self.name)
             .set_incomplete(self.incomplete.len() as u64);
-        self.dead.sync()?;
+        self.dead.sync().await?;
         self.resume.done = at;
         Ok(())
     }
@@ -362,7 +362,7 @@ impl ElasticsearchSink {
             let got = match self.client.bulk(std::mem::take(&mut body)).await {
                 Ok(got) if got.len() == end - start => got,
                 Ok(got) => {
-                    let error = SinkError::Transient(format!(
+                    let error = SinkError::transient(format!(
                         "POST /_bulk: sent {} operations, got {} results",
                         end - start,
                         got.len()
@@ -385,7 +385,7 @@ impl ElasticsearchSink {
             return Ok(());
         }
         tracing::warn!(sink = %self.name, items = left.len(), error = %last, "bulk items failed; sending them again when the pipeline retries the batch");
-        let error = SinkError::Transient(format!(
+        let error = SinkError::transient(format!(
             "{} of {total} bulk items failed (last: {last})",
             left.len()
         ));
@@ -517,7 +517,7 @@ impl ElasticsearchSink {
             let held = std::mem::take(&mut self.resume.held);
             let at = self.resume.held_at;
             self.send_phases(held, at).await?;
-            self.acknowledged(at)?;
+            self.acknowledged(at).await?;
         }
         Ok(self.resume.done)
     }
@@ -532,7 +532,7 @@ impl ElasticsearchSink {
             let mut stream = ChangeStream::new(txn);
             while let Some(c) = stream.next().await {
                 let c = c.map_err(|e| {
-                    SinkError::Transient(format!("reading spilled transaction: {e}"))
+                    SinkError::transient(format!("reading spilled transaction: {e}"))
                 })?;
                 pos += 1;
                 if pos <= skip || !self.routes.takes(&c.rel.qualified) {
@@ -541,7 +541,7 @@ impl ElasticsearchSink {
                 if c.op == Op::Truncate {
                     self.flush(&mut chunk, pos - 1).await?;
                     self.truncate(&c, &txn.meta).await?;
-                    self.acknowledged(pos)?;
+                    self.acknowledged(pos).await?;
                     continue;
                 }
                 self.add(&mut chunk, &c, &txn.meta, pos - 1).await?;
@@ -600,7 +600,7 @@ impl Sink for ElasticsearchSink {
 
     async fn close(&mut self) -> Result<(), SinkError> {
         self.resume = Resume::default();
-        self.dead.sync()?;
+        self.dead.sync().await?;
         let m = &self.stats.merges;
         tracing::info!(sink = %self.name, indexed = self.stats.indexed, deleted = self.stats.deleted,
             older_skipped = self.stats.older + m.older, completed_by_read = m.from_index,

@@ -183,7 +183,7 @@ impl Encoder {
         });
         match (failed, read) {
             (Some(e), _) => Err(e),
-            (None, Err(e)) => Err(SinkError::Transient(format!(
+            (None, Err(e)) => Err(SinkError::transient(format!(
                 "reading the spilled changes of transaction {} back: {e}",
                 txn.meta.xid
             ))),

@@ -66,7 +66,7 @@ impl IcebergSink {
     pub async fn open(cfg: &IcebergConfig) -> Result<IcebergSink, SinkError> {
         let abs = |p: &std::path::Path| {
             std::path::absolute(p).map_err(|e| {
-                SinkError::Fatal(format!("sink {}: path {}: {e}", cfg.name, p.display()))
+                SinkError::fatal(format!("sink {}: path {}: {e}", cfg.name, p.display()))
             })
         };
         let warehouse = abs(&cfg.warehouse)?;
@@ -154,7 +154,7 @@ impl IcebergSink {
     /// Buffers the rows of one transaction, skipping those already taken.
     async fn take(&mut self, txn: &Transaction) -> Result<(), SinkError> {
         let read_err = |e: std::io::Error| {
-            SinkError::Transient(format!(
+            SinkError::transient(format!(
                 "reading the spilled changes of transaction {} back: {e}",
                 txn.meta.xid
             ))

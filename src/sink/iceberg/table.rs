@@ -48,7 +48,7 @@ pub const POSITION_KEY: &str = "pgferry.position";
 /// retry; the rest too, since the catalog is a local file that a retry may
 /// find readable again (a fatal condition is raised by the sink itself).
 pub fn transient(what: &str, e: iceberg::Error) -> SinkError {
-    SinkError::Transient(format!("{what}: {e}"))
+    SinkError::transient(format!("{what}: {e}")).caused_by(e)
 }
 
 /// Source field `i` of the Iceberg schema is relation column `map[i]`.
@@ -72,14 +72,14 @@ fn current_position(table: &Table) -> Result<Option<Position>, SinkError> {
         return Ok(None);
     };
     match snap.summary().additional_properties.get(POSITION_KEY) {
-        None => Err(SinkError::Fatal(format!(
+        None => Err(SinkError::fatal(format!(
             "Iceberg table {}: its current snapshot {} has no {POSITION_KEY}: another program \
              wrote it. Give pgferry its own table (change the sink's `table` or `namespace`)",
             table.identifier(),
             snap.snapshot_id()
         ))),
         Some(p) => Position::parse(p).map(Some).ok_or_else(|| {
-            SinkError::Fatal(format!(
+            SinkError::fatal(format!(
                 "Iceberg table {}: {POSITION_KEY} = {p:?} is not X/Y:index",
                 table.identifier()
             ))
@@ -124,7 +124,7 @@ pub fn new_schema(rel: &RelationInfo) -> Result<Schema, SinkError> {
     Schema::builder()
         .with_fields(fields)
         .build()
-        .map_err(|e| SinkError::Fatal(format!("the schema of {}: {e}", rel.qualified)))
+        .map_err(|e| SinkError::fatal(format!("the schema of {}: {e}", rel.qualified)))
 }
 
 impl IceTable {
@@ -163,7 +163,7 @@ impl IceTable {
                 match schema.field_by_name(&c.name) {
                     None => add.push(AddColumn::optional(&c.name, want)),
                     Some(f) if !types::compatible(&f.field_type, &want) => {
-                        return Err(SinkError::Fatal(format!(
+                        return Err(SinkError::fatal(format!(
                             "{}: column {:?} changed from Iceberg {} to {want}, a change Iceberg \
                              tables cannot take in place. Fix: write this table to a new Iceberg \
                              table (rename or drop {}, or change the sink's `table` template), \
@@ -231,7 +231,7 @@ impl IceTable {
                 return Ok(self.committed_buffer());
             }
             let show = |p: Option<Position>| p.map_or("none".to_string(), Position::to_text);
-            return Err(SinkError::Fatal(format!(
+            return Err(SinkError::fatal(format!(
                 "Iceberg table {}: its current snapshot has {POSITION_KEY} {}, but this sink \
                  last committed {}: another writer commits to it. Iceberg does not fence \
                  writers: stop the other pgferry (or give each its own table), then restart",
@@ -279,7 +279,7 @@ impl IceTable {
             .map(|f| sources.iter().position(|n| n == f.name()))
             .collect();
         let batch = batch::build(arrow, &fields, &self.rows).map_err(|e| {
-            SinkError::Fatal(format!(
+            SinkError::fatal(format!(
                 "Iceberg table {}: {e}. Fix: leave the table out of the sink (`tables`), or \
                  change the source column to a type that holds the value",
                 self.ident

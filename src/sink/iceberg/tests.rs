@@ -152,7 +152,7 @@ async fn replays_add_nothing_and_a_key_change_is_a_delete_and_an_insert() {
     .unwrap();
     sink.flush().await.unwrap();
     match other.flush().await {
-        Err(SinkError::Fatal(m)) => assert!(m.contains("another writer"), "{m}"),
+        Err(SinkError::Fatal { message: m, .. }) => assert!(m.contains("another writer"), "{m}"),
         other => panic!("a second writer committed: {other:?}"),
     }
 }
@@ -170,7 +170,9 @@ async fn a_value_the_column_cannot_hold_stops_the_sink_with_the_column_named() {
     .await
     .unwrap();
     match sink.flush().await {
-        Err(SinkError::Fatal(m)) => assert!(m.contains("amount") && m.contains("NaN"), "{m}"),
+        Err(SinkError::Fatal { message: m, .. }) => {
+            assert!(m.contains("amount") && m.contains("NaN"), "{m}")
+        }
         other => panic!("{other:?}"),
     }
 }

@@ -1,3 +1,16 @@
+//! The JSONL sink's writer. All its file I/O (the writes, the `fsync`s, the
+//! recovery of the file's tail, and the reads of spilled transactions it
+//! encodes) runs on the blocking pool, never on the async executor: each
+//! `apply`, `flush` or `close` hands the whole batch to one blocking task
+//! (one hand-off per batch, none per event).
+//!
+//! Invariants:
+//! - at most one blocking task works on the file at a time: the [`Writer`]
+//!   moves into it and comes back with its result; a task the pipeline
+//!   stopped waiting for (the session ended) is awaited by the next call,
+//!   so two tasks never write the file at once;
+//! - the counters of what the file holds move only once a write succeeded.
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::sync::Arc;
@@ -12,8 +25,20 @@ enum Out {
     File(File),
 }
 
-/// Writes change events as JSON lines.
+/// Writes change events as JSON lines (see the module docs).
 pub struct JsonlSink {
+    /// `None` while a blocking task has it.
+    writer: Option<Writer>,
+    /// The blocking task that has the writer, if the call that started it
+    /// was abandoned before it ended.
+    pending: Option<tokio::task::JoinHandle<Done>>,
+}
+
+/// A blocking task's end: the writer, given back, and what it reports.
+type Done = (Writer, Result<(), SinkError>);
+
+/// The file (or stdout) and what it holds: everything a blocking task needs.
+struct Writer {
     out: Out,
     /// The file (`-`: stdout), for messages.
     path: std::path::PathBuf,
@@ -30,10 +55,58 @@ pub struct JsonlSink {
 }
 
 impl JsonlSink {
+    /// Opens the file and recovers what it holds. Called once per session,
+    /// while the sinks are built.
     pub fn open(cfg: &JsonlConfig) -> Result<JsonlSink, SinkError> {
+        Ok(JsonlSink {
+            writer: Some(Writer::open(cfg)?),
+            pending: None,
+        })
+    }
+
+    /// Runs `op` on the writer in a blocking task. A task left from an
+    /// abandoned call is waited for first.
+    async fn run(
+        &mut self,
+        op: impl FnOnce(&mut Writer) -> Result<(), SinkError> + Send + 'static,
+    ) -> Result<(), SinkError> {
+        if let Some(task) = self.pending.as_mut() {
+            // The abandoned call's outcome: its batch is sent again anyway.
+            let joined = task.await;
+            self.pending = None;
+            self.writer = Some(settled(joined)?.0);
+        }
+        let Some(mut w) = self.writer.take() else {
+            return Err(SinkError::fatal(
+                "the jsonl writer was lost in a failed task; start pgferry again",
+            ));
+        };
+        let task = tokio::task::spawn_blocking(move || {
+            let res = op(&mut w);
+            (w, res)
+        });
+        // Should this call be abandoned, the next one waits for the task.
+        let joined = self.pending.insert(task).await;
+        self.pending = None;
+        let (w, res) = settled(joined)?;
+        self.writer = Some(w);
+        res
+    }
+}
+
+/// A blocking task's end; it panicked: fatal (the writer is gone with it).
+fn settled(joined: Result<Done, tokio::task::JoinError>) -> Result<Done, SinkError> {
+    joined.map_err(|e| {
+        let m = format!("the jsonl writer task failed: {e}");
+        SinkError::fatal(m).caused_by(e)
+    })
+}
+
+impl Writer {
+    fn open(cfg: &JsonlConfig) -> Result<Writer, SinkError> {
         let filter = TableFilter::new(cfg.tables.clone());
         if cfg.path.as_os_str() == "-" {
-            return Ok(JsonlSink {
+            return Ok(Writer {
                 out: Out::Stdout(std::io::stdout()),
                 path: cfg.path.clone(),
                 fsync: false,
@@ -46,7 +119,7 @@ impl JsonlSink {
             });
         }
         let fatal = |e: std::io::Error| {
-            SinkError::Fatal(format!(
+            SinkError::fatal(format!(
                 "sink {:?}: cannot open {}: {e}; check that the directory exists and is writable",
                 cfg.name,
                 cfg.path.display()
@@ -64,7 +137,7 @@ impl JsonlSink {
             .map_err(fatal)?;
         let (last_commit, last_count) = recover(&mut file).map_err(fatal)?;
         file.seek(SeekFrom::End(0)).map_err(fatal)?;
-        Ok(JsonlSink {
+        Ok(Writer {
             out: Out::File(file),
             path: cfg.path.clone(),
             fsync: cfg.fsync,
@@ -191,7 +264,7 @@ fn write_ddl(m: &LogicalMessage, txn_tail: &[u8], out: &mut Vec<u8>) {
 /// it, and going on would drop the events.
 fn write_err(path: &std::path::Path, e: std::io::Error, stdout: bool) -> SinkError {
     if stdout && e.kind() == std::io::ErrorKind::BrokenPipe {
-        return SinkError::Fatal(format!(
+        return SinkError::fatal(format!(
             "jsonl write to stdout failed: {e}: the program reading pgferry's output exited. \
              The events not written are not checkpointed: they are sent again when pgferry starts with a reader"
         ));
@@ -298,9 +371,10 @@ fn commit_lsn_of(line: &[u8]) -> Option<Lsn> {
     std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
 }
 
-#[async_trait::async_trait]
-impl Sink for JsonlSink {
-    async fn apply(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
+impl Writer {
+    /// `apply`'s work: after a failed write, re-reads the file's tail to
+    /// learn what it holds, then writes the batch.
+    fn apply(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
         if self.needs_recovery {
             // A write failed part-way: the file, not our counters, says what
             // it holds now.
@@ -308,7 +382,8 @@ impl Sink for JsonlSink {
                 let (commit, count) = recover(f)
                     .and_then(|r| f.seek(SeekFrom::End(0)).map(|_| r))
                     .map_err(|e| {
-                        SinkError::Transient(format!("jsonl recovery after a failed write: {e}"))
+                        let m = format!("jsonl recovery after a failed write: {e}");
+                        SinkError::transient(m).caused_by(e)
                     })?;
                 self.last_commit = commit;
                 self.last_count = count;
@@ -327,7 +402,7 @@ impl Sink for JsonlSink {
         res
     }
 
-    async fn flush(&mut self) -> Result<(), SinkError> {
+    fn flush(&mut self) -> Result<(), SinkError> {
         self.flush_buf()?;
         if self.fsync {
             if let Out::File(f) = &self.out {
@@ -338,13 +413,29 @@ impl Sink for JsonlSink {
         Ok(())
     }
 
-    async fn close(&mut self) -> Result<(), SinkError> {
+    fn close(&mut self) -> Result<(), SinkError> {
         self.flush_buf()?;
         if let Out::File(f) = &self.out {
             f.sync_all()
-                .map_err(|e| SinkError::Transient(format!("jsonl fsync failed: {e}")))?;
+                .map_err(|e| SinkError::io("jsonl fsync failed:", &self.path, e))?;
         }
         Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for JsonlSink {
+    async fn apply(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
+        let batch = batch.to_vec();
+        self.run(move |w| w.apply(&batch)).await
+    }
+
+    async fn flush(&mut self) -> Result<(), SinkError> {
+        self.run(Writer::flush).await
+    }
+
+    async fn close(&mut self) -> Result<(), SinkError> {
+        self.run(Writer::close).await
     }
 }
 

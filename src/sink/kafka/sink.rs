@@ -69,7 +69,7 @@ impl KafkaSink {
         };
         let res = sink.run(|inner| inner.connect()).await;
         match res {
-            Err(SinkError::Fatal(m)) => Err(SinkError::Fatal(m)),
+            Err(e) if !e.is_transient() => Err(e),
             Err(e) => {
                 tracing::warn!(sink = %sink.cfg.name, error = %e, "kafka not reachable yet; the first batch retries");
                 Ok(sink)
@@ -97,7 +97,7 @@ impl KafkaSink {
             (inner, res)
         })
         .await
-        .map_err(|e| SinkError::Transient(format!("kafka sink task failed: {e}")))?;
+        .map_err(|e| SinkError::transient(format!("kafka sink task failed: {e}")))?;
         self.inner = Some(inner);
         res
     }
@@ -250,13 +250,13 @@ impl Inner {
             rec.system_identifier == self.owner.system_identifier && rec.slot == self.owner.slot;
         match rec.parsed() {
             Some(p) if mine => Ok(Some(p)),
-            Some(_) => Err(SinkError::Fatal(format!(
+            Some(_) => Err(SinkError::fatal(format!(
                 "topic {topic} holds the position of another change stream (server {}, slot {:?}; this pgferry follows server {}, slot {:?}). \
                  Two pgferry instances must not share a Kafka sink name: rename this sink, or delete topic {topic} if the old stream is gone for good \
                  (its records would then be published again from this stream's checkpoint)",
                 rec.system_identifier, rec.slot, self.owner.system_identifier, self.owner.slot
             ))),
-            None => Err(SinkError::Fatal(format!(
+            None => Err(SinkError::fatal(format!(
                 "topic {topic} holds an unreadable position {:?}; delete the topic to publish again from the checkpoint",
                 rec.position
             ))),
@@ -372,7 +372,7 @@ impl Out<'_> {
                 .sum::<usize>()
             + 128;
         if size > self.max {
-            return Err(SinkError::Fatal(format!(
+            return Err(SinkError::fatal(format!(
                 "a change of {} at {} (commit {}) makes a Kafka record of about {size} bytes, over message.max.bytes = {}. \
                  Raise it: set [sink.kafka] \"message.max.bytes\" (and the brokers' message.max.bytes or the topic's max.message.bytes) above {size}, \
                  or leave the table out of source.tables; pgferry stops rather than drop the change",
@@ -478,10 +478,10 @@ pub fn classify(cfg: &KafkaConfig, what: &str, e: &KafkaError) -> SinkError {
             KafkaError::Transaction(t) if t.is_fatal() => format!(
                 "{what}: {e}. The transactional producer failed for good; start pgferry again (it resumes from the committed position)"
             ),
-            _ => return SinkError::Transient(format!("kafka: {what}: {e}")),
+            _ => return SinkError::transient(format!("kafka: {what}: {e}")),
         },
     };
-    SinkError::Fatal(msg)
+    SinkError::fatal(msg)
 }
 
 /// For `pgferry check`: connects without a `transactional.id` (so a
@@ -516,7 +516,7 @@ pub async fn probe(cfg: &KafkaConfig) -> Result<String, SinkError> {
         ))
     })
     .await
-    .map_err(|e| SinkError::Transient(format!("kafka probe failed: {e}")))?
+    .map_err(|e| SinkError::transient(format!("kafka probe failed: {e}")))?
 }
 
 #[cfg(test)]
@@ -533,7 +533,7 @@ mod tests {
         let c = cfg();
         let e = |code| KafkaError::MessageProduction(code);
         let fatal = |err: SinkError| match err {
-            SinkError::Fatal(m) => m,
+            SinkError::Fatal { message: m, .. } => m,
             other => panic!("not fatal: {other}"),
         };
         let m = fatal(classify(
@@ -561,7 +561,7 @@ mod tests {
             RDKafkaErrorCode::NotLeaderForPartition,
         ] {
             assert!(
-                matches!(classify(&c, "x", &e(code)), SinkError::Transient(_)),
+                matches!(classify(&c, "x", &e(code)), SinkError::Transient { .. }),
                 "{code:?}"
             );
         }

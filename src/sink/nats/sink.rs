@@ -85,7 +85,7 @@ pub struct NatsSink {
 impl NatsSink {
     pub fn open(cfg: &NatsConfig, owner: StreamOwner) -> Result<NatsSink, SinkError> {
         cfg.validate().map_err(|(k, m)| {
-            SinkError::Fatal(format!("sink {:?}: config key {k}: {m}", cfg.name))
+            SinkError::fatal(format!("sink {:?}: config key {k}: {m}", cfg.name))
         })?;
         let overrides = cfg.overrides();
         let filters = subjects::filters(&cfg.subject, &overrides);
@@ -135,7 +135,7 @@ impl NatsSink {
 
     fn fatal(&self, m: impl std::fmt::Display) -> SinkError {
         // The pipeline names the sink.
-        SinkError::Fatal(m.to_string())
+        SinkError::fatal(m.to_string())
     }
 
     fn timeout(&self) -> Duration {
@@ -223,7 +223,7 @@ impl NatsSink {
             .map_err(|e| self.fatal(format!("invalid url {}: {e}", cfg.redacted_url())))?;
         let url = cfg.redacted_url();
         match tokio::time::timeout(self.timeout() * 2, opts.connect(addrs)).await {
-            Err(_) => Err(SinkError::Transient(format!(
+            Err(_) => Err(SinkError::transient(format!(
                 "connecting to NATS at {url} timed out after {} s",
                 cfg.timeout_secs * 2
             ))),
@@ -243,7 +243,7 @@ impl NatsSink {
                     return self.create_stream(js).await;
                 }
                 _ => {
-                    return Err(SinkError::Transient(format!(
+                    return Err(SinkError::transient(format!(
                         "reading stream {name:?} from NATS: {e} (is JetStream enabled on the server: nats-server -js?)"
                     )))
                 }
@@ -252,7 +252,7 @@ impl NatsSink {
         let info = stream
             .info()
             .await
-            .map_err(|e| SinkError::Transient(format!("reading stream {name:?}'s config: {e}")))?;
+            .map_err(|e| SinkError::transient(format!("reading stream {name:?}'s config: {e}")))?;
         let have = &info.config.subjects;
         if let Some(missing) = self
             .filters
@@ -302,7 +302,7 @@ impl NatsSink {
                         self.filters
                     )))
                 }
-                _ => Err(SinkError::Transient(format!(
+                _ => Err(SinkError::transient(format!(
                     "creating stream {name:?}: {e} (is JetStream enabled on the server: nats-server -js?)"
                 ))),
             },
@@ -333,7 +333,7 @@ impl NatsSink {
                         )))
                     }
                 }
-                _ => Err(SinkError::Transient(format!(
+                _ => Err(SinkError::transient(format!(
                     "reading stream {name:?}: {e} (is JetStream enabled on the server: nats-server -js?)"
                 ))),
             };
@@ -360,7 +360,7 @@ impl NatsSink {
                 Ok(m) => found.push((m.subject.to_string(), m.sequence, m.headers)),
                 Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
                 Err(e) => {
-                    return Err(SinkError::Transient(format!(
+                    return Err(SinkError::transient(format!(
                         "reading the last message on {f:?} from stream {:?}: {e}",
                         self.cfg.stream
                     )))
@@ -508,7 +508,7 @@ impl NatsSink {
                 "the message at {at} is larger than the server's max_payload ({e}); raise max_payload in nats-server's config, \
                  or leave the table out of the sink's tables"
             )),
-            _ => SinkError::Transient(format!(
+            _ => SinkError::transient(format!(
                 "publishing to stream {:?} (message {at}): {e}",
                 self.cfg.stream
             )),
@@ -548,7 +548,7 @@ fn produce(
             prev = Some(msg_id(ctx, r.position));
             // The receiver is gone only when publishing failed; that error wins.
             tx.blocking_send(out)
-                .map_err(|_| SinkError::Transient("publishing stopped".into()))
+                .map_err(|_| SinkError::transient("publishing stopped"))
         })?;
     }
     Ok(())
@@ -586,7 +586,7 @@ fn message(r: &Record<'_>, ctx: &Prep, prev: Option<&str>) -> Result<Outgoing, S
     let payload = Bytes::copy_from_slice(r.value.unwrap_or_default());
     let size = header_bytes + payload.len();
     if size > ctx.limit {
-        return Err(SinkError::Fatal(format!(
+        return Err(SinkError::fatal(format!(
             "the change to {} at {} is {size} bytes as a NATS message ({} payload, {header_bytes} headers), \
              over the limit of {} bytes (the server's max_payload, or the stream's max_msg_size when smaller). \
              Raise max_payload in nats-server's config (at most 64 MB) and the stream's max_msg_size, \
@@ -636,15 +636,15 @@ fn note_event(sink: &str, ev: async_nats::Event, denied: &Mutex<Option<String>>)
 fn classify_connect(url: &str, e: async_nats::ConnectError) -> SinkError {
     use async_nats::ConnectErrorKind as K;
     match e.kind() {
-        K::Authentication | K::AuthorizationViolation => SinkError::Fatal(format!(
+        K::Authentication | K::AuthorizationViolation => SinkError::fatal(format!(
             "NATS at {url} refused the credentials ({e}); check user/password, token, credentials_file or nkey_seed_file"
         )),
-        K::ServerParse => SinkError::Fatal(format!("invalid url {url}: {e}")),
-        K::Tls => SinkError::Fatal(format!(
+        K::ServerParse => SinkError::fatal(format!("invalid url {url}: {e}")),
+        K::Tls => SinkError::fatal(format!(
             "TLS with NATS at {url} failed ({e}); check that the server has TLS enabled and that \
              tls_ca_file holds the CA that signed its certificate"
         )),
-        _ => SinkError::Transient(format!("connecting to NATS at {url}: {e}")),
+        _ => SinkError::transient(format!("connecting to NATS at {url}: {e}")),
     }
 }
 

@@ -29,7 +29,7 @@ impl Sink for NullSink {
     async fn apply(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
         for txn in batch {
             txn.for_each_change(|_| Ok(()))
-                .map_err(|e| SinkError::Transient(format!("reading spilled transaction: {e}")))?;
+                .map_err(|e| SinkError::transient(format!("reading spilled transaction: {e}")))?;
         }
         Ok(())
     }

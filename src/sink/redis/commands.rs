@@ -46,11 +46,11 @@ impl Rules {
         let mut tables = HashMap::new();
         for (name, t) in &cfg.tables {
             let (schema, table) = crate::config::split_table(name).ok_or_else(|| {
-                SinkError::Fatal(format!("sink {:?}: {name:?} is not schema.table", cfg.name))
+                SinkError::fatal(format!("sink {:?}: {name:?} is not schema.table", cfg.name))
             })?;
             let qualified = format!("{schema}.{table}");
             let template = KeyTemplate::parse(&t.key)
-                .map_err(|e| SinkError::Fatal(format!("sink {:?}: {e}", cfg.name)))?;
+                .map_err(|e| SinkError::fatal(format!("sink {:?}: {e}", cfg.name)))?;
             tables.insert(
                 qualified.clone(),
                 Arc::new(TableRule {
@@ -198,7 +198,7 @@ impl Builder {
             return self.delete(&rule, c);
         }
         let Some(after) = &c.after else {
-            return Err(SinkError::Fatal(format!(
+            return Err(SinkError::fatal(format!(
                 "an {} on {} came without its new row",
                 c.op.as_str(),
                 rule.qualified
@@ -241,7 +241,7 @@ impl Builder {
 
     fn delete(&mut self, rule: &TableRule, c: &Change) -> Result<(), SinkError> {
         let Some((_, before)) = &c.before else {
-            return Err(SinkError::Fatal(format!(
+            return Err(SinkError::fatal(format!(
                 "a delete on {} came without its old key; check the table's replica identity",
                 rule.qualified
             )));
@@ -433,14 +433,14 @@ impl Builder {
         }
         for name in rule.template.columns() {
             let Some(col) = rel.columns.iter().find(|c| c.name == name) else {
-                return Err(SinkError::Fatal(format!(
+                return Err(SinkError::fatal(format!(
                     "the key template of {} names the column {name:?}, which the table does not have; \
                      fix sink.tables.\"{}\".key and start pgferry again",
                     rule.qualified, rule.qualified
                 )));
             };
             if !col.is_key {
-                return Err(SinkError::Fatal(format!(
+                return Err(SinkError::fatal(format!(
                     "the key template of {} uses the column {name:?}, which is not part of the table's replica identity \
                      (its primary key), so updates and deletes do not carry its old value and old keys would be left behind. \
                      Build the key from primary-key columns, or run ALTER TABLE {} REPLICA IDENTITY FULL, then start pgferry again",
@@ -482,7 +482,7 @@ fn keys(rule: &TableRule, c: &Change, after: &Row) -> Result<(String, Option<Str
 }
 
 fn key_fatal(rule: &TableRule, c: &Change, e: KeyError) -> SinkError {
-    SinkError::Fatal(format!(
+    SinkError::fatal(format!(
         "cannot build the Redis key of a {} on {}: {e}; fix sink.tables.\"{}\".key and start pgferry again",
         c.op.as_str(),
         rule.qualified,

@@ -35,7 +35,7 @@ impl RedisSink {
     /// Checks the config and prepares the client. Does not connect: a Redis
     /// that is down at start is retried like any outage.
     pub async fn open(cfg: &RedisConfig, owner: StreamOwner) -> Result<RedisSink, SinkError> {
-        let fatal = |m: String| SinkError::Fatal(format!("sink {:?}: {m}", cfg.name));
+        let fatal = |m: String| SinkError::fatal(format!("sink {:?}: {m}", cfg.name));
         cfg.validate()
             .map_err(|(k, m)| fatal(format!("config key {k}: {m}")))?;
         let info = redis::IntoConnectionInfo::into_connection_info(cfg.url.as_str())
@@ -92,7 +92,7 @@ impl RedisSink {
         )
         .await
         .map_err(|_| {
-            SinkError::Transient(format!(
+            SinkError::transient(format!(
                 "connecting to Redis at {} timed out after {} s",
                 self.url,
                 self.timeout.as_secs() * 2
@@ -126,7 +126,7 @@ impl RedisSink {
             .collect::<Vec<_>>()
             < vec![6, 2];
         if old && version != "?" {
-            return Err(SinkError::Fatal(format!(
+            return Err(SinkError::fatal(format!(
                 "Redis at {} is version {version}; pgferry needs 6.2 or later",
                 self.url
             )));
@@ -160,18 +160,18 @@ impl RedisSink {
             Some(text) => {
                 self.had_position = true;
                 let stored = position::decode(&text).ok_or_else(|| {
-                    SinkError::Fatal(format!(
+                    SinkError::fatal(format!(
                         "Redis key {key:?} holds {text:?}, which is not a pgferry position; another program uses that key. \
                          Set state_prefix in the sink's config to a prefix of pgferry's own"
                     ))
                 })?;
                 if let Some(why) = position::foreign_owner(&key, &stored, &self.rules.owner) {
-                    return Err(SinkError::Fatal(format!("sink {:?}: {why}", self.name)));
+                    return Err(SinkError::fatal(format!("sink {:?}: {why}", self.name)));
                 }
                 match stored {
                     Stored::Owned(p, _) => p,
                     Stored::Unowned(_) => {
-                        return Err(SinkError::Fatal(format!(
+                        return Err(SinkError::fatal(format!(
                             "sink {:?}: Redis key {key:?} holds a position written by an older pgferry, {}",
                             self.name,
                             position::OLDER_VERSION
@@ -199,7 +199,7 @@ impl RedisSink {
             .await
             .map_err(|e| self.classify(e, "reading the position"))?;
         match old {
-            Some(text) if position::decode(&text).is_some() => Err(SinkError::Fatal(format!(
+            Some(text) if position::decode(&text).is_some() => Err(SinkError::fatal(format!(
                 "sink {:?}: Redis holds this sink's position under {key:?}, the default state_prefix of older pgferry versions \
                  (the default is now pgferry:<slot>:<sink name>), {}",
                 self.name,
@@ -253,7 +253,7 @@ impl RedisSink {
         drop(rx);
         let produced = producer
             .await
-            .map_err(|e| SinkError::Fatal(format!("the Redis command builder failed: {e}")))?;
+            .map_err(|e| SinkError::fatal(format!("the Redis command builder failed: {e}")))?;
         if let Some(e) = failed {
             return Err(e);
         }
@@ -271,13 +271,13 @@ impl RedisSink {
             .await
             .map_err(|e| self.classify(e, "applying a transaction"))?;
         let Value::Array(replies) = reply else {
-            return Err(SinkError::Transient(format!(
+            return Err(SinkError::transient(format!(
                 "unexpected reply from Redis: {reply:?}"
             )));
         };
         let n = unit.kinds.len();
         if replies.len() != n + 2 {
-            return Err(SinkError::Transient(format!(
+            return Err(SinkError::transient(format!(
                 "Redis answered {} replies to {} commands",
                 replies.len(),
                 n + 2
@@ -316,18 +316,18 @@ impl RedisSink {
                     });
                 return Err(match cause {
                     Some((_, q)) if matches!(q.code(), "OOM" | "LOADING" | "BUSY" | "MISCONF" | "READONLY" | "TRYAGAIN" | "MASTERDOWN") => {
-                        SinkError::Transient(format!("Redis refused the transaction (nothing was applied): {q}"))
+                        SinkError::transient(format!("Redis refused the transaction (nothing was applied): {q}"))
                     }
-                    Some((i, q)) => SinkError::Fatal(format!(
+                    Some((i, q)) => SinkError::fatal(format!(
                         "Redis refused {} ({q}), so nothing of the transaction was applied. Retrying cannot help; \
                          check that the server is Redis 6.2 or later (or a compatible server) with Lua scripting and that the ACL user may run it",
                         describe(&unit.pipe, i)
                     )),
-                    None => SinkError::Transient(format!("Redis aborted the transaction: {e}")),
+                    None => SinkError::transient(format!("Redis aborted the transaction: {e}")),
                 });
             }
             other => {
-                return Err(SinkError::Transient(format!(
+                return Err(SinkError::transient(format!(
                     "Redis did not run the transaction: {other:?}"
                 )))
             }
@@ -364,7 +364,7 @@ impl RedisSink {
                  delete the tables' keys (or FLUSHDB) before restarting, so the cache is rebuilt by new changes only"
             ),
         };
-        SinkError::Fatal(format!(
+        SinkError::fatal(format!(
             "Redis: {failure}. Retrying cannot fix this: a key pgferry writes holds a value of another type (another program writes it, \
              or the table's mode changed), or the server refused a script. pgferry owns the keys of its key templates and those under its \
              state_prefix; delete the offending key or change the table's key template, then start pgferry again. {tail}"
@@ -416,14 +416,20 @@ impl RedisSink {
 
     /// Transient for what waiting can fix (the network, a restarting or
     /// busy server), fatal for what needs the operator.
+    /// The `RedisError` is kept as the cause.
     fn classify(&self, e: RedisError, what: &str) -> SinkError {
+        let class = self.class_of(&e, what);
+        class.caused_by(e)
+    }
+
+    fn class_of(&self, e: &RedisError, what: &str) -> SinkError {
         let msg = format!("Redis at {}, {what}: {e}", self.url);
         if e.is_io_error()
             || e.is_timeout()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
         {
-            return SinkError::Transient(msg);
+            return SinkError::transient(msg);
         }
         match e.kind() {
             ErrorKind::Server(
@@ -433,19 +439,19 @@ impl RedisSink {
                 | ServerErrorKind::ClusterDown
                 | ServerErrorKind::ReadOnly,
             )
-            | ErrorKind::Parse => SinkError::Transient(msg),
-            ErrorKind::AuthenticationFailed => SinkError::Fatal(format!(
+            | ErrorKind::Parse => SinkError::transient(msg),
+            ErrorKind::AuthenticationFailed => SinkError::fatal(format!(
                 "{msg}; check the user and password in the sink's url"
             )),
-            ErrorKind::Server(ServerErrorKind::NoPerm) => SinkError::Fatal(format!(
+            ErrorKind::Server(ServerErrorKind::NoPerm) => SinkError::fatal(format!(
                 "{msg}; the ACL user needs the commands GET SET DEL UNLINK EXPIRE HSET HDEL SADD SREM SPOP SCAN EVAL MULTI EXEC on the cached keys"
             )),
             _ => match e.code() {
-                Some("OOM" | "BUSY" | "LOADING" | "MISCONF" | "NOREPLICAS") => SinkError::Transient(msg),
-                Some("WRONGPASS" | "NOAUTH") => SinkError::Fatal(format!(
+                Some("OOM" | "BUSY" | "LOADING" | "MISCONF" | "NOREPLICAS") => SinkError::transient(msg),
+                Some("WRONGPASS" | "NOAUTH") => SinkError::fatal(format!(
                     "{msg}; check the user and password in the sink's url"
                 )),
-                _ => SinkError::Fatal(format!("{msg}; retrying cannot help, fix the cause and start pgferry again")),
+                _ => SinkError::fatal(format!("{msg}; retrying cannot help, fix the cause and start pgferry again")),
             },
         }
     }
@@ -530,7 +536,7 @@ fn produce(
         if let Some(e) = failed {
             return Err(e);
         }
-        read.map_err(|e| SinkError::Transient(format!("reading a spilled transaction: {e}")))?;
+        read.map_err(|e| SinkError::transient(format!("reading a spilled transaction: {e}")))?;
         if seen >= skip {
             last = Position {
                 commit,
@@ -881,7 +887,7 @@ mod tests {
             .query(&mut c)
             .unwrap();
         match sink(&s.url(), "json").await.apply(&[t]).await {
-            Err(SinkError::Fatal(m)) => assert!(m.contains("older pgferry"), "{m}"),
+            Err(SinkError::Fatal { message: m, .. }) => assert!(m.contains("older pgferry"), "{m}"),
             other => panic!("expected a fatal error, got {other:?}"),
         }
     }
@@ -902,7 +908,7 @@ mod tests {
         a.apply(&[txn(900, vec![row("1")])]).await.unwrap();
         let mut b = sink_of(&s.url(), "json", "b").await;
         match b.apply(&[txn(100, vec![row("2")])]).await {
-            Err(SinkError::Fatal(m)) => {
+            Err(SinkError::Fatal { message: m, .. }) => {
                 assert!(m.contains("\"a\"") && m.contains("state_prefix"), "{m}")
             }
             other => panic!("expected a fatal error, got {other:?}"),
@@ -937,7 +943,9 @@ mod tests {
         );
         let err = sink(&s.url(), "json").await.apply(&[t]).await.unwrap_err();
         match err {
-            SinkError::Fatal(m) => assert!(m.contains("WRONGTYPE") && m.contains("SADD"), "{m}"),
+            SinkError::Fatal { message: m, .. } => {
+                assert!(m.contains("WRONGTYPE") && m.contains("SADD"), "{m}")
+            }
             other => panic!("expected fatal, got {other:?}"),
         }
         let p: Option<String> = redis::cmd("GET")
@@ -969,7 +977,7 @@ mod tests {
         let mut s = sink(&format!("redis://127.0.0.1:{port}"), "json").await;
         assert!(matches!(
             s.apply(std::slice::from_ref(&t)).await,
-            Err(SinkError::Transient(_))
+            Err(SinkError::Transient { .. })
         ));
         // A batch without a change for its tables does not need Redis at all.
         assert!(s.apply(&[txn(200, Vec::new())]).await.is_ok());
