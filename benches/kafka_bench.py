@@ -9,8 +9,8 @@ usage:
 
 The latency driver commits TPS transactions a second, each updating one of
 the 1,000 rows of `klat` with a sequence number, and notes when COMMIT's
-reply arrived; a consumer process (isolation.level=read_committed) notes
-when the record of each sequence number arrived. Both use CLOCK_MONOTONIC.
+reply arrived; a consumer process (isolation.level=read_committed,
+fetch.wait.max.ms=10) notes when the record of each sequence number arrived. Both use CLOCK_MONOTONIC.
 The first second is a warm-up and is not counted. Prints: n p50 p99 max (ms,
 from COMMIT's reply) p50 p99 max (ms, from sending the UPDATE) rate
 negatives.
@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from latency import drive, now_ns, summarize
 
 
-def consumer(bootstrap, group):
+def consumer(bootstrap, group, **extra):
     return Consumer({
         "bootstrap.servers": bootstrap,
         "group.id": group,
@@ -33,6 +33,7 @@ def consumer(bootstrap, group):
         "enable.partition.eof": True,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
+        **extra,
     })
 
 
@@ -61,7 +62,10 @@ def count(bootstrap, prefix):
 
 
 def subscribe(bootstrap, topic, ready, stop, out):
-    c = consumer(bootstrap, "bench-latency")
+    # A consumer tuned for latency: the broker answers a fetch at once when
+    # records are there, and otherwise holds it at most 10 ms (librdkafka's
+    # default fetch.wait.max.ms is 500 ms).
+    c = consumer(bootstrap, "bench-latency", **{"fetch.wait.max.ms": 10})
     md = c.list_topics(topic, timeout=30)
     parts = [TopicPartition(topic, p, -1) for p in md.topics[topic].partitions]  # -1: the end
     c.assign(parts)

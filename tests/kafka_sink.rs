@@ -522,6 +522,7 @@ fn log_sinks_and_redis_do_not_wait_for_each_other() {
     let mut nats = TestNats::new();
     let f = FerryDir::new();
     f.write_config(&pg.url(), &TABLES, "", &three_sinks(&redis, &nats));
+    let port = support::http::fix_metrics_port(&f.path("pgferry.toml"));
     let mut g = Guard(f.run());
     support::ferry::wait_active(&pg, &f, "pgferry");
     // The accounts were inserted before pgferry started: one update of
@@ -544,6 +545,9 @@ fn log_sinks_and_redis_do_not_wait_for_each_other() {
     broker.pause();
     nats.start();
     some_changes(&pg, 3000);
+    let t = Duration::from_secs(120);
+    // /readyz names the frozen broker's sink while it cannot publish.
+    let body = support::http::wait_readyz(port, 503, "sink iso", t, || tail(&f.log()).into());
     wait_caught_up("redis and nats while kafka is frozen", &f, || {
         behind(&pg, &redis, &nats, false, true)
     });
@@ -553,9 +557,12 @@ fn log_sinks_and_redis_do_not_wait_for_each_other() {
         tail(&f.log())
     );
 
+    assert!(body.contains("not ready"), "{body}");
+
     broker.resume();
     some_changes(&pg, 4000);
     wait_caught_up("all three after both outages", &f, || {
         behind(&pg, &redis, &nats, true, true)
     });
+    support::http::wait_readyz(port, 200, "\"ready\"", t, || tail(&f.log()).into());
 }

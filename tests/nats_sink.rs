@@ -243,6 +243,7 @@ fn debezium_format_rides_out_a_frozen_server() {
     let n = TestNats::new();
     // Rows from before the start come as snapshot reads (`r`).
     let f = setup(&pg, &n, "debezium", "snapshot = \"initial\"");
+    let port = support::http::fix_metrics_port(&f.path("pgferry.toml"));
     pg.sql("INSERT INTO items SELECT i, 0, 'snap', 1, NULL FROM generate_series(1, 20) i");
     let mut g = support::ferry::start_streaming(&pg, &f);
     let stop = Arc::new(AtomicBool::new(false));
@@ -250,12 +251,19 @@ fn debezium_format_rides_out_a_frozen_server() {
     let workers = workload(&pg, &rt, &stop);
     std::thread::sleep(Duration::from_secs(2));
     n.pause();
-    std::thread::sleep(Duration::from_secs(6));
+    // While the server is frozen, /readyz says the sink is not healthy.
+    let frozen = std::time::Instant::now();
+    let t = Duration::from_secs(120);
+    let body = support::http::wait_readyz(port, 503, "sink bus", t, || f.log());
+    assert!(body.contains("not ready"), "{body}");
+    std::thread::sleep(Duration::from_secs(6).saturating_sub(frozen.elapsed()));
     n.resume();
     std::thread::sleep(Duration::from_secs(2));
     support::workload::stop(&rt, &stop, workers);
     pg.sql("TRUNCATE other");
     let msgs = compare_until_equal(&pg, &n, &f, true);
+    // ... and ready again once it is back and caught up.
+    support::http::wait_readyz(port, 200, "\"ready\"", t, || f.log());
     assert!(terminate(&mut g.0).success(), "{}", f.log());
     assert!(
         f.log().contains("sink batch failed; retrying"),
@@ -316,4 +324,140 @@ fn an_oversized_message_and_a_denied_subject_stop_pgferry_with_the_fix() {
             "the password reached the log:\n{log}"
         );
     }
+}
+
+/// Publishes ten inserts through a pgferry whose NATS sink connects to `url`
+/// with `keys` (auth/TLS lines of the sink), reads them back with `reader`,
+/// and checks that none of `secrets` reached pgferry's log.
+fn publish_with(
+    pg: &TestPg,
+    slot: &str,
+    url: &str,
+    keys: &str,
+    reader: impl Fn() -> async_nats::ConnectOptions,
+    secrets: &[&str],
+) {
+    let f = FerryDir::new();
+    let sink = format!(
+        "\n[[sink]]\nname = \"bus\"\ntype = \"nats\"\nurl = \"{url}\"\nstream = \"AUTH\"\n\
+         timeout_secs = 5\n{keys}\n"
+    );
+    f.write_config_slot(&pg.url(), slot, &["public.items"], "", &sink);
+    let mut g = Guard(f.run());
+    support::ferry::wait_active(pg, &f, slot);
+    pg.sql("INSERT INTO items SELECT i, 0, 'v' || i, i, NULL FROM generate_series(1, 10) i");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let msgs = loop {
+        let stream_exists = f.log().contains("created the JetStream stream");
+        if stream_exists {
+            let msgs = support::nats::read_stream_as(url, &reader, "AUTH");
+            if msgs.len() >= 10 {
+                break msgs;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{slot}: the ten inserts never reached the stream:\n{}",
+            f.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let ids: BTreeSet<i64> = msgs
+        .iter()
+        .map(|m| m.value["after"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, (1..=10).collect(), "{slot}: {msgs:?}");
+    assert_eq!(msgs.len(), 10, "{slot}: no duplicates");
+    assert!(terminate(&mut g.0).success(), "{}", f.log());
+    let log = f.log();
+    for s in secrets {
+        assert!(
+            !log.contains(s),
+            "{slot}: a secret ({s:.6}…) reached the log:\n{log}"
+        );
+    }
+    pg.sql("DELETE FROM items");
+}
+
+/// A token, an NKey seed file, a `.creds` file (operator mode: JWTs signed
+/// with NKeys, made here as `nsc` would) and `tls://` with a CA file, each
+/// against a real nats-server that demands it: the changes arrive, and no
+/// secret reaches pgferry's log.
+#[test]
+fn token_nkey_creds_and_tls_each_publish_and_keep_their_secrets() {
+    let pg = TestPg::start();
+    pg.sql("CREATE TABLE items (id int PRIMARY KEY, grp int, v text, amount numeric, doc jsonb)");
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+
+    let token = "tok-0f1e2d3c4b5a";
+    let n = TestNats::with_config(&format!("authorization {{ token: \"{token}\" }}\n"));
+    let t = token.to_string();
+    publish_with(
+        &pg,
+        "tok",
+        &n.url(),
+        &format!("token = \"{token}\""),
+        || async_nats::ConnectOptions::new().token(t.clone()),
+        &[token],
+    );
+    drop(n);
+
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().unwrap();
+    std::fs::write(path("user.nk"), format!("{seed}\n")).unwrap();
+    let n = TestNats::with_config(&format!(
+        "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}\n",
+        user.public_key()
+    ));
+    let s = seed.clone();
+    publish_with(
+        &pg,
+        "nk",
+        &n.url(),
+        &format!("nkey_seed_file = {:?}", path("user.nk")),
+        || async_nats::ConnectOptions::new().nkey(s.clone()),
+        &[&seed],
+    );
+    drop(n);
+
+    let (conf, creds) = support::nats::operator_mode();
+    std::fs::write(path("user.creds"), &creds).unwrap();
+    let creds_seed = creds
+        .lines()
+        .find(|l| l.starts_with("SU"))
+        .unwrap()
+        .to_string();
+    let n = TestNats::with_config(&conf);
+    let c = creds.clone();
+    publish_with(
+        &pg,
+        "creds",
+        &n.url(),
+        &format!("credentials_file = {:?}", path("user.creds")),
+        || async_nats::ConnectOptions::with_credentials(&c).unwrap(),
+        &[&creds_seed],
+    );
+    drop(n);
+
+    support::pg::make_certs(dir.path());
+    let n = TestNats::with_config(&format!(
+        "tls {{ cert_file: {:?}, key_file: {:?} }}\nauthorization {{ user: pgferry, password: \"pw-9a8b7c6d\" }}\n",
+        path("server.pem"), path("server.key")
+    ));
+    let url = format!("tls://127.0.0.1:{}", n.port);
+    let ca = path("ca.pem");
+    publish_with(
+        &pg,
+        "tls",
+        &url,
+        &format!("tls_ca_file = {ca:?}\nuser = \"pgferry\"\npassword = \"pw-9a8b7c6d\""),
+        || {
+            async_nats::ConnectOptions::new()
+                .require_tls(true)
+                .add_root_certificates(ca.clone())
+                .user_and_password("pgferry".into(), "pw-9a8b7c6d".into())
+        },
+        &["pw-9a8b7c6d"],
+    );
 }

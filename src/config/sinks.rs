@@ -227,7 +227,7 @@ impl SinkConfig {
             SinkConfig::Null(c) => c.tables.clone(),
             SinkConfig::Redis(c) => Some(c.tables.keys().cloned().collect()),
             SinkConfig::Nats(c) => c.table_names(),
-            SinkConfig::Kafka(_) => None,
+            SinkConfig::Kafka(c) => c.table_names(),
             SinkConfig::Elasticsearch(c) => Some(c.table_names()),
             #[cfg(feature = "iceberg")]
             SinkConfig::Iceberg(c) => c.tables.clone(),

@@ -22,3 +22,43 @@ pub fn value(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// Polls `GET /readyz` on `port` until it answers `status` with a body
+/// holding `holds`, and returns the body; panics after `timeout` with the
+/// last answer and `log()`.
+pub fn wait_readyz(
+    port: u16,
+    status: u16,
+    holds: &str,
+    timeout: Duration,
+    log: impl Fn() -> String,
+) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let answer = get(port, "/readyz");
+        if let Some((s, body)) = &answer {
+            if *s == status && body.contains(holds) {
+                return body.clone();
+            }
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "/readyz never answered {status} with {holds:?}; last: {answer:?}\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Gives `pgferry.toml`'s metrics endpoint (written as `127.0.0.1:0` by
+/// [`super::ferry::FerryDir::write_config`]) a fixed free port, and returns it.
+pub fn fix_metrics_port(config: &std::path::Path) -> u16 {
+    let port = super::pg::free_port();
+    let text = std::fs::read_to_string(config).unwrap();
+    std::fs::write(
+        config,
+        text.replace("127.0.0.1:0", &format!("127.0.0.1:{port}")),
+    )
+    .unwrap();
+    port
+}

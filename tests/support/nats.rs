@@ -151,41 +151,126 @@ impl TestNats {
 
     /// Every message of `stream`, in stream order.
     pub fn read_stream(&self, stream: &str) -> Vec<Msg> {
-        use async_nats::jetstream;
-        let rt = super::workload::runtime();
-        rt.block_on(async {
-            let client = async_nats::connect(self.url()).await.unwrap();
-            let js = jetstream::new(client);
-            let mut stream = js.get_stream(stream).await.unwrap();
-            let total = stream.info().await.unwrap().state.messages as usize;
-            let consumer = stream
-                .create_consumer(jetstream::consumer::pull::Config {
-                    ack_policy: jetstream::consumer::AckPolicy::None,
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
-            let mut msgs = consumer.messages().await.unwrap();
-            let mut out = Vec::with_capacity(total);
-            while out.len() < total {
-                let m = tokio::time::timeout(Duration::from_secs(30), msgs.next())
-                    .await
-                    .expect("the stream's messages come")
-                    .unwrap()
-                    .unwrap();
-                let h = m.headers.clone().expect("headers");
-                let get = |k: &str| h.get(k).map(|v| v.as_str().to_string());
-                out.push(Msg {
-                    subject: m.subject.to_string(),
-                    id: get("Nats-Msg-Id").expect("Nats-Msg-Id"),
-                    table: get("table").expect("table header"),
-                    key: get("key"),
-                    value: serde_json::from_slice(&m.payload).expect("a JSON value"),
-                });
-            }
-            out
-        })
+        read_stream_as(&self.url(), async_nats::ConnectOptions::new, stream)
     }
+}
+
+/// Every message of `stream` at `url`, connecting with `opts()` (an
+/// authenticated or TLS server), in stream order.
+pub fn read_stream_as(
+    url: &str,
+    opts: impl Fn() -> async_nats::ConnectOptions,
+    stream: &str,
+) -> Vec<Msg> {
+    use async_nats::jetstream;
+    let rt = super::workload::runtime();
+    rt.block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = opts().connect(url).await.unwrap();
+        let js = jetstream::new(client);
+        let mut stream = js.get_stream(stream).await.unwrap();
+        let total = stream.info().await.unwrap().state.messages as usize;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut msgs = consumer.messages().await.unwrap();
+        let mut out = Vec::with_capacity(total);
+        while out.len() < total {
+            let m = tokio::time::timeout(Duration::from_secs(30), msgs.next())
+                .await
+                .expect("the stream's messages come")
+                .unwrap()
+                .unwrap();
+            let h = m.headers.clone().expect("headers");
+            let get = |k: &str| h.get(k).map(|v| v.as_str().to_string());
+            out.push(Msg {
+                subject: m.subject.to_string(),
+                id: get("Nats-Msg-Id").expect("Nats-Msg-Id"),
+                table: get("table").expect("table header"),
+                key: get("key"),
+                value: serde_json::from_slice(&m.payload).expect("a JSON value"),
+            });
+        }
+        out
+    })
+}
+
+/// An operator-mode server set-up made here, as `nsc` would: an operator,
+/// an account with JetStream and a user signed by it. Returns the server
+/// config lines and the user's `.creds` file text.
+pub fn operator_mode() -> (String, String) {
+    use nkeys::KeyPair;
+    let operator = KeyPair::new_operator();
+    let account = KeyPair::new_account();
+    let system = KeyPair::new_account();
+    let user = KeyPair::new_user();
+    let op = jwt(
+        &operator,
+        &operator.public_key(),
+        "O",
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let unlimited = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+        "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1
+    });
+    let acc = jwt(
+        &operator,
+        &account.public_key(),
+        "A",
+        serde_json::json!({"limits": unlimited, "default_permissions": {"pub": {}, "sub": {}}, "type": "account", "version": 2}),
+    );
+    let usr = jwt(
+        &account,
+        &user.public_key(),
+        "U",
+        serde_json::json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}),
+    );
+    // JetStream needs a system account in operator mode.
+    let sys = jwt(
+        &operator,
+        &system.public_key(),
+        "SYS",
+        serde_json::json!({"type": "account", "version": 2}),
+    );
+    let conf = format!(
+        "operator: \"{op}\"\nsystem_account: {}\nresolver: MEMORY\nresolver_preload: {{\n  {}: \"{acc}\"\n  {}: \"{sys}\"\n}}\n",
+        system.public_key(),
+        account.public_key(),
+        system.public_key()
+    );
+    let creds = format!(
+        "-----BEGIN NATS USER JWT-----\n{usr}\n------END NATS USER JWT------\n\n\
+         ************************* IMPORTANT *************************\n\
+         NKEY Seed printed below can be used to sign and prove identity.\n\n\
+         -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+        user.seed().unwrap()
+    );
+    (conf, creds)
+}
+
+/// A NATS JWT (`ed25519-nkey`) for `sub`, signed by `issuer`.
+fn jwt(issuer: &nkeys::KeyPair, sub: &str, name: &str, nats: Value) -> String {
+    let b64 = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "jti": data_encoding::BASE32_NOPAD.encode(format!("{sub}{iat}").as_bytes()),
+        "iat": iat, "iss": issuer.public_key(), "name": name, "sub": sub, "nats": nats,
+    });
+    let signed = format!(
+        "{}.{}",
+        b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#),
+        b64(claims.to_string().as_bytes())
+    );
+    let sig = issuer.sign(signed.as_bytes()).unwrap();
+    format!("{signed}.{}", b64(&sig))
 }
 
 impl Drop for TestNats {

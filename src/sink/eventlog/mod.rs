@@ -30,7 +30,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::event::{BeforeKind, Change, Op, Row, Transaction, TxnMeta};
+use crate::event::{BeforeKind, Cell, Change, Op, Row, Transaction, TxnMeta};
 use crate::lsn::Lsn;
 use crate::sink::{SinkError, StreamOwner, TableFilter};
 
@@ -79,24 +79,33 @@ pub struct Headers<'a> {
     pub lsn: &'a str,
     /// The commit LSN of its transaction (`X/Y`).
     pub commit_lsn: &'a str,
-    pub xid: u32,
+    /// The transaction id, in decimal.
+    pub xid: &'a str,
     /// `insert`, `update`, `delete`, `truncate` or `read`.
     pub op: &'static str,
     /// `schema.table`.
     pub table: &'a str,
 }
 
-impl Headers<'_> {
+impl<'a> Headers<'a> {
     /// `(name, value)` pairs, in a fixed order.
-    pub fn pairs(&self) -> [(&'static str, String); 5] {
+    pub fn pairs(&self) -> [(&'static str, &'a str); 5] {
         [
-            ("lsn", self.lsn.to_string()),
-            ("commit_lsn", self.commit_lsn.to_string()),
-            ("xid", self.xid.to_string()),
-            ("op", self.op.to_string()),
-            ("table", self.table.to_string()),
+            ("lsn", self.lsn),
+            ("commit_lsn", self.commit_lsn),
+            ("xid", self.xid),
+            ("op", self.op),
+            ("table", self.table),
         ]
     }
+}
+
+/// What every record of one transaction shares, rendered once.
+struct TxnText {
+    commit_lsn: String,
+    xid: String,
+    /// [`TxnMeta::json_tail`] (pgferry format; empty for Debezium).
+    tail: Vec<u8>,
 }
 
 /// One record to publish. Borrowed from the encoder's buffers: a transport
@@ -139,6 +148,8 @@ pub struct Encoder {
     owner: StreamOwner,
     key: Vec<u8>,
     value: Vec<u8>,
+    /// The current change's LSN as text.
+    lsn: String,
 }
 
 impl Encoder {
@@ -150,6 +161,7 @@ impl Encoder {
             owner,
             key: Vec::with_capacity(256),
             value: Vec::with_capacity(4096),
+            lsn: String::with_capacity(24),
         }
     }
 
@@ -167,15 +179,19 @@ impl Encoder {
     ) -> Result<(), SinkError> {
         let mut index = 0u64;
         let mut failed = None;
-        let tail = match self.opts.format {
-            Format::Pgferry => txn.meta.json_tail(),
-            Format::Debezium => Vec::new(),
+        let text = TxnText {
+            commit_lsn: txn.meta.commit_lsn.to_string(),
+            xid: txn.meta.xid.to_string(),
+            tail: match self.opts.format {
+                Format::Pgferry => txn.meta.json_tail(),
+                Format::Debezium => Vec::new(),
+            },
         };
         let read = txn.for_each_change(|c| {
             if !self.opts.tables.accepts(&c.rel.qualified) {
                 return Ok(());
             }
-            if let Err(e) = self.encode_change(&txn.meta, &tail, c, &mut index, &mut emit) {
+            if let Err(e) = self.encode_change(&txn.meta, &text, c, &mut index, &mut emit) {
                 failed = Some(e);
                 return Err(std::io::Error::other("stopped"));
             }
@@ -195,7 +211,7 @@ impl Encoder {
     fn encode_change(
         &mut self,
         meta: &TxnMeta,
-        tail: &[u8],
+        text: &TxnText,
         c: &Change,
         index: &mut u64,
         emit: &mut impl FnMut(&Record<'_>) -> Result<(), SinkError>,
@@ -207,23 +223,22 @@ impl Encoder {
                 after: None,
                 ..c.clone()
             };
-            self.one(meta, tail, &delete, index, emit)?;
+            self.one(meta, text, &delete, index, emit)?;
             let insert = Change {
                 op: Op::Insert,
                 before: None,
                 ..c.clone()
             };
-            return self.one(meta, tail, &insert, index, emit);
+            return self.one(meta, text, &insert, index, emit);
         }
-        self.one(meta, tail, c, index, emit)
+        self.one(meta, text, c, index, emit)
     }
 
-    /// The record of one change, and its tombstone after a delete. `tail`
-    /// is the transaction's [`TxnMeta::json_tail`] (pgferry format).
+    /// The record of one change, and its tombstone after a delete.
     fn one(
         &mut self,
         meta: &TxnMeta,
-        tail: &[u8],
+        text: &TxnText,
         c: &Change,
         index: &mut u64,
         emit: &mut impl FnMut(&Record<'_>) -> Result<(), SinkError>,
@@ -236,7 +251,7 @@ impl Encoder {
                 if has_key {
                     c.write_key(&mut self.key);
                 }
-                c.write_json_with(tail, &mut self.value);
+                c.write_json_with(&text.tail, &mut self.value);
             }
             Format::Debezium => {
                 if has_key {
@@ -245,13 +260,16 @@ impl Encoder {
                 debezium::write_value(c, meta, &self.owner, &self.opts.sink, &mut self.value);
             }
         }
-        let lsn = c.lsn.to_string();
-        let commit_lsn = meta.commit_lsn.to_string();
+        self.lsn.clear();
+        {
+            use std::fmt::Write;
+            let _ = write!(self.lsn, "{}", c.lsn);
+        }
         let dest = self.router.dest(&c.rel);
         let headers = Headers {
-            lsn: &lsn,
-            commit_lsn: &commit_lsn,
-            xid: meta.xid,
+            lsn: &self.lsn,
+            commit_lsn: &text.commit_lsn,
+            xid: &text.xid,
             op: c.op.as_str(),
             table: &c.rel.qualified,
         };
@@ -280,19 +298,27 @@ impl Encoder {
 /// The old key of an update that changed its row's key (or `None`): the
 /// server sends the old key columns (`K`) only when they changed, and the
 /// whole old row (`O`, REPLICA IDENTITY FULL) always, so the latter is
-/// compared column by column.
+/// compared column by column. Compares the key columns' JSON text in place
+/// (what [`crate::event::write_object`] would render for each side; an
+/// unchanged TOAST cell is left out of both), without rendering the keys.
 pub(crate) fn moved_key(c: &Change) -> Option<(BeforeKind, Row)> {
     if c.op != Op::Update {
         return None;
     }
     let (kind, old) = c.before.as_ref()?;
     let new = c.after.as_ref()?;
-    let mut old_key = Vec::new();
-    let mut new_key = Vec::new();
-    crate::event::write_object(&c.rel, old, |_, col| col.is_key, &mut old_key);
-    crate::event::write_object(&c.rel, new, |_, col| col.is_key, &mut new_key);
-    let no_key_columns = !c.rel.columns.iter().any(|col| col.is_key);
-    if no_key_columns || old_key == new_key {
+    let mut keys = c
+        .rel
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(_, col)| col.is_key)
+        .peekable();
+    keys.peek()?;
+    fn shown(row: &Row, i: usize) -> Option<Option<&[u8]>> {
+        (row.cell(i) != Cell::Unchanged).then(|| row.json(i))
+    }
+    if keys.all(|(i, _)| shown(old, i) == shown(new, i)) {
         return None;
     }
     Some((*kind, old.clone()))

@@ -114,6 +114,72 @@ fn an_update_that_keeps_its_key_is_one_record() {
 }
 
 #[test]
+fn a_full_old_image_moves_the_key_only_when_a_key_column_changed() {
+    let full = |id: &str, name: &str| Some((BeforeKind::Full, row(id, name)));
+    // REPLICA IDENTITY FULL: the whole old row comes with every update.
+    let same = change(
+        Op::Update,
+        full("1", "\"a\""),
+        Some(row("1", "\"b\"")),
+        0x90,
+    );
+    assert!(moved_key(&same).is_none());
+    let moved = change(
+        Op::Update,
+        full("1", "\"a\""),
+        Some(row("2", "\"a\"")),
+        0x90,
+    );
+    let (kind, old) = moved_key(&moved).expect("the key changed");
+    assert_eq!((kind, old.json(0)), (BeforeKind::Full, Some(&b"1"[..])));
+    // NULL against a value in a key column is a change; NULL against NULL is not.
+    let nulls = |a: Option<&str>, b: Option<&str>| {
+        change(
+            Op::Update,
+            Some((BeforeKind::Full, Row::from_values(&[a, Some("\"x\"")]))),
+            Some(Row::from_values(&[b, Some("\"y\"")])),
+            0x90,
+        )
+    };
+    assert!(moved_key(&nulls(None, Some("1"))).is_some());
+    assert!(moved_key(&nulls(None, None)).is_none());
+    // Not an update, or no key columns: never a move.
+    let mut del = moved.clone();
+    del.op = Op::Delete;
+    assert!(moved_key(&del).is_none());
+}
+
+#[test]
+fn headers_carry_the_change_and_its_transaction() {
+    let t = txn(
+        0x1_0000_0100,
+        vec![
+            change(Op::Insert, None, Some(row("1", "\"a\"")), 0x90),
+            change(
+                Op::Delete,
+                Some((BeforeKind::Key, row("1", "null"))),
+                None,
+                0xA0,
+            ),
+        ],
+    );
+    let mut seen = Vec::new();
+    encoder(Format::Pgferry, false)
+        .encode(&t, |r| {
+            seen.push(r.headers.pairs().map(|(k, v)| format!("{k}={v}")).join(" "));
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(
+        seen,
+        [
+            "lsn=0/90 commit_lsn=1/100 xid=700 op=insert table=public.items",
+            "lsn=0/A0 commit_lsn=1/100 xid=700 op=delete table=public.items",
+        ]
+    );
+}
+
+#[test]
 fn pgferry_values_are_the_jsonl_lines() {
     let c = change(Op::Insert, None, Some(row("1", "\"a\"")), 0x90);
     let t = txn(0x100, vec![c.clone()]);

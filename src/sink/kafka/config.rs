@@ -67,8 +67,10 @@ pub struct KafkaConfig {
     /// itself; those are refused here.
     #[serde(default)]
     pub kafka: BTreeMap<String, PropValue>,
-    /// Per-table options by `schema.table` (the sink takes every table of
-    /// `source.tables`; these only override).
+    /// The tables published, by `schema.table`, each with its options. When
+    /// the map is present only the listed tables are published (each must be
+    /// in `source.tables`); absent: every table of `source.tables`. The same
+    /// rule as the NATS sink's `tables`.
     #[serde(default)]
     pub tables: BTreeMap<String, KafkaTableConfig>,
 }
@@ -138,6 +140,11 @@ impl KafkaConfig {
     /// `__pgferry_position.<name>`.
     pub fn position_topic(&self) -> String {
         format!("__pgferry_position.{}", self.name)
+    }
+
+    /// The tables published (`None`: all of `source.tables`).
+    pub fn table_names(&self) -> Option<Vec<String>> {
+        (!self.tables.is_empty()).then(|| self.tables.keys().cloned().collect())
     }
 
     /// Per-table topic overrides, by `schema.table`.
@@ -282,7 +289,20 @@ mod tests {
             !shown.contains("hunter2") && shown.contains("sasl_ssl"),
             "{shown}"
         );
-        assert!(c.sinks[0].tables().is_none());
+        assert_eq!(c.sinks[0].tables(), Some(vec!["public.products".into()]));
+        let all = parse("brokers = \"b:9092\"\n").unwrap();
+        assert!(all.sinks[0].tables().is_none());
+    }
+
+    #[test]
+    fn tables_filter_and_must_be_in_source_tables() {
+        let e = parse("brokers = \"b:9092\"\n[sink.tables.\"public.orders\"]\n").unwrap_err();
+        assert!(
+            e.contains("sink[0].tables.\"public.orders\"") && e.contains("source.tables"),
+            "{e}"
+        );
+        let e = parse("brokers = \"b:9092\"\n[sink.tables.\"a.b.c\"]\n").unwrap_err();
+        assert!(e.contains("tables") && e.contains("schema.table"), "{e}");
     }
 
     #[test]

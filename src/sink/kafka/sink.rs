@@ -1,5 +1,5 @@
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::AdminClient;
@@ -17,11 +17,52 @@ use crate::event::Transaction;
 use crate::sink::eventlog::{route, Encoder, EncoderOptions, Position, Record};
 use crate::sink::{Sink, SinkError, StreamOwner, TableFilter};
 
-/// Records the first delivery failure, for the at-least-once mode (in a
-/// transaction, `commit_transaction` reports it as well).
+/// Delivery reports: the first failure (for the at-least-once mode; in a
+/// transaction `commit_transaction` reports it as well) and how many
+/// records still wait for theirs.
 #[derive(Clone, Default)]
 struct Deliveries {
     failed: Arc<Mutex<Option<KafkaError>>>,
+    /// Records queued and not yet reported, and its wake-up.
+    pending: Arc<(Mutex<u64>, Condvar)>,
+}
+
+impl Deliveries {
+    fn queued(&self) {
+        *self.pending.0.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+    }
+
+    /// One record fewer to wait for.
+    fn reported(&self) {
+        let (lock, cv) = &*self.pending;
+        let mut n = lock.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            cv.notify_all();
+        }
+    }
+
+    /// Waits until every queued record has its delivery report (the
+    /// producer's polling thread serves them as they come). `false` on
+    /// timeout. rust-rdkafka's own `flush` polls in 100 ms slices and can
+    /// lose the race for each report to that thread, so a thin stream paid
+    /// about 100 ms per batch.
+    fn wait_all(&self, timeout: Duration) -> bool {
+        let (lock, cv) = &*self.pending;
+        let deadline = Instant::now() + timeout;
+        let mut n = lock.lock().unwrap_or_else(|p| p.into_inner());
+        while *n > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            n = cv
+                .wait_timeout(n, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
 }
 
 impl ClientContext for Deliveries {}
@@ -33,6 +74,7 @@ impl ProducerContext for Deliveries {
             let mut f = self.failed.lock().unwrap_or_else(|p| p.into_inner());
             f.get_or_insert_with(|| e.clone());
         }
+        self.reported();
     }
 }
 
@@ -106,8 +148,14 @@ impl KafkaSink {
 #[async_trait::async_trait]
 impl Sink for KafkaSink {
     async fn apply(&mut self, batch: &[Arc<Transaction>]) -> Result<(), SinkError> {
+        let started = Instant::now();
+        let age_ms = batch.first().map(|t| commit_age_ms(t.meta.commit_time));
+        let n = batch.len();
         let batch = batch.to_vec();
-        self.run(move |inner| inner.apply(&batch)).await
+        let res = self.run(move |inner| inner.apply(&batch)).await;
+        tracing::debug!(sink = %self.cfg.name, txns = n, first_commit_age_ms = ?age_ms,
+            apply_ms = started.elapsed().as_secs_f64() * 1e3, "kafka batch");
+        res
     }
 
     async fn close(&mut self) -> Result<(), SinkError> {
@@ -117,6 +165,15 @@ impl Sink for KafkaSink {
         }
         Ok(())
     }
+}
+
+/// Milliseconds since a commit time (microseconds since 2000-01-01 UTC).
+fn commit_age_ms(commit_time: i64) -> f64 {
+    const PG_EPOCH_US: i64 = 946_684_800_000_000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
+    (now - PG_EPOCH_US - commit_time) as f64 / 1e3
 }
 
 /// The connected clients.
@@ -146,7 +203,7 @@ impl Inner {
                 format: cfg.format,
                 dest: cfg.topic.clone(),
                 overrides: cfg.overrides(),
-                tables: TableFilter::new(None),
+                tables: TableFilter::new(cfg.table_names()),
                 tombstones: cfg.tombstones,
                 sink: cfg.name.clone(),
                 valid_char: route::kafka_topic_char,
@@ -282,6 +339,7 @@ impl Inner {
             timeout,
         };
         let done = out.conn.position;
+        let t0 = Instant::now();
         for txn in batch {
             if done.is_some_and(|p| p.commit_lsn > txn.meta.commit_lsn) {
                 continue;
@@ -294,16 +352,45 @@ impl Inner {
             })?;
         }
         let (open, last) = (out.open, out.last);
-        let conn = self.conn.as_mut().expect("connected");
-        if !eo {
-            conn.producer
-                .flush(timeout)
-                .map_err(|e| self.fail("flushing", &e))?;
-            return self.check_deliveries();
+        let produced = t0.elapsed();
+        let position = last.filter(|_| eo && open);
+        if let Some(last) = position {
+            self.send_position(last)?;
         }
-        let Some(last) = last.filter(|_| open) else {
-            return Ok(());
-        };
+        // Every delivery report before committing: librdkafka's commit
+        // would flush too, but through rust-rdkafka's event queue that
+        // took ~100 ms per batch (measured, see docs/kafka-sink.md); with
+        // the reports in, the commit is only EndTxn (~3 ms).
+        let conn = self.conn.as_ref().expect("connected");
+        if !conn.deliveries.wait_all(timeout) {
+            self.check_deliveries()?;
+            return Err(SinkError::Transient(format!(
+                "kafka: records not delivered within timeout_secs = {} (brokers down or slow)",
+                self.cfg.timeout_secs
+            )));
+        }
+        self.check_deliveries()?;
+        let delivered = t0.elapsed();
+        if let Some(last) = position {
+            let conn = self.conn.as_mut().expect("connected");
+            if let Err(e) = conn.producer.commit_transaction(timeout) {
+                self.check_deliveries()?;
+                return Err(self.fail("committing the transaction", &e));
+            }
+            conn.position = Some(last);
+        }
+        tracing::debug!(
+            sink = %self.cfg.name,
+            produce_ms = produced.as_secs_f64() * 1e3,
+            deliver_ms = (delivered - produced).as_secs_f64() * 1e3,
+            commit_ms = (t0.elapsed() - delivered).as_secs_f64() * 1e3,
+            "kafka batch published"
+        );
+        Ok(())
+    }
+
+    /// Queues the position record of the open transaction.
+    fn send_position(&mut self, last: Position) -> Result<(), SinkError> {
         let rec = PositionRecord {
             position: last.to_text(),
             system_identifier: self.owner.system_identifier.clone(),
@@ -314,15 +401,9 @@ impl Inner {
         let record = BaseRecord::to(&topic)
             .key(self.cfg.name.as_bytes())
             .payload(&value);
-        send_queued(&conn.producer, record, timeout)
-            .map_err(|e| self.fail("producing the position", &e))?;
-        let conn = self.conn.as_mut().expect("connected");
-        if let Err(e) = conn.producer.commit_transaction(timeout) {
-            self.check_deliveries()?;
-            return Err(self.fail("committing the transaction", &e));
-        }
-        self.conn.as_mut().expect("connected").position = Some(last);
-        Ok(())
+        let conn = self.conn.as_ref().expect("connected");
+        send_queued(&conn.producer, &conn.deliveries, record, self.timeout())
+            .map_err(|e| self.fail("producing the position", &e))
     }
 
     /// The first delivery failure since the last check, classified.
@@ -401,8 +482,13 @@ impl Out<'_> {
         if let Some(v) = r.value {
             record = record.payload(v);
         }
-        send_queued(&self.conn.producer, record, self.timeout)
-            .map_err(|e| classify(self.cfg, &format!("producing to {}", r.dest), &e))?;
+        send_queued(
+            &self.conn.producer,
+            &self.conn.deliveries,
+            record,
+            self.timeout,
+        )
+        .map_err(|e| classify(self.cfg, &format!("producing to {}", r.dest), &e))?;
         self.last = Some(r.position);
         Ok(())
     }
@@ -431,23 +517,32 @@ impl Out<'_> {
 }
 
 /// Queues a record, waiting (up to `timeout`) while the producer's queue is
-/// full.
+/// full, and counts it in `deliveries` (before queueing: its report can
+/// come at once).
 fn send_queued<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
     producer: &ThreadedProducer<Deliveries>,
+    deliveries: &Deliveries,
     mut record: BaseRecord<'_, K, P>,
     timeout: Duration,
 ) -> Result<(), KafkaError> {
     let deadline = Instant::now() + timeout;
     loop {
+        deliveries.queued();
         match producer.send(record) {
             Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
-                if Instant::now() < deadline =>
-            {
-                record = r;
-                std::thread::sleep(Duration::from_millis(2));
+            Err((e, r)) => {
+                // Not queued: no report will come for it.
+                deliveries.reported();
+                match e {
+                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
+                        if Instant::now() < deadline =>
+                    {
+                        record = r;
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    e => return Err(e),
+                }
             }
-            Err((e, _)) => return Err(e),
         }
     }
 }

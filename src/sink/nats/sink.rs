@@ -569,7 +569,7 @@ fn message(r: &Record<'_>, ctx: &Prep, prev: Option<&str>) -> Result<Outgoing, S
     if let Some(p) = prev {
         all.push(("Nats-Expected-Last-Msg-Id", p));
     }
-    all.extend(pairs.iter().map(|(k, v)| (*k, v.as_str())));
+    all.extend(pairs.iter().copied());
     if let Some(k) = &key {
         all.push((KEY_HEADER, k.as_ref()));
     }
