@@ -73,18 +73,16 @@ KAFKA_LAT_TPS="${KAFKA_LAT_TPS:-1000}"
 REPEAT="${REPEAT:-3}"
 # The cpu part's consumers: recv is pg_recvlogical; TAG_SINK (sink null or
 # jsonl) is pgferry: TAG "after" this build with its defaults, "before"
-# $BIN_BEFORE (an earlier build) or, without it, this build set up as before
-# issue 14 (one runtime worker per CPU, no read pacing: the same code path);
-# any other TAG this build with the [source] lines of $CPU_SRC_TAG and the
-# lines of $CPU_CFG_TAG at the end of its config.
+# $BIN_BEFORE (an earlier build; skipped when unset), any other TAG this
+# build with the [source] lines of $CPU_SRC_TAG and the lines of
+# $CPU_CFG_TAG at the end of its config.
 BIN_BEFORE="${BIN_BEFORE:-}"
-CPU_CONSUMERS="${CPU_CONSUMERS:-recv before_null before_jsonl after_null after_jsonl pace500_jsonl rcv256_jsonl}"
-if [ -z "$BIN_BEFORE" ]; then
-  CPU_SRC_before="${CPU_SRC_before:-read_pace_us = 0}"
-  CPU_CFG_before="${CPU_CFG_before:-$'[pipeline]\nworker_threads = '$(nproc)}"
-fi
-CPU_SRC_pace500="${CPU_SRC_pace500:-read_pace_us = 500}"
-CPU_SRC_rcv256="${CPU_SRC_rcv256:-recv_buffer_kb = 256}"
+CPU_CONSUMERS="${CPU_CONSUMERS:-recv before_null before_jsonl after_null after_jsonl w1_null w1_jsonl pace500_jsonl rcv256_jsonl}"
+[ -n "$BIN_BEFORE" ] || CPU_CONSUMERS="$(for c in $CPU_CONSUMERS; do [[ $c == before_* ]] || echo "$c"; done)"
+CPU_CFG_w1="${CPU_CFG_w1:-$'[pipeline]\nworker_threads = 1'}"
+# The read-side levers, measured on top of one thread.
+CPU_SRC_pace500="${CPU_SRC_pace500:-read_pace_us = 500}"; CPU_CFG_pace500="${CPU_CFG_pace500:-$CPU_CFG_w1}"
+CPU_SRC_rcv256="${CPU_SRC_rcv256:-recv_buffer_kb = 256}"; CPU_CFG_rcv256="${CPU_CFG_rcv256:-$CPU_CFG_w1}"
 mkdir -p "$TARGET/pgferry-bench"
 OUT="${OUT:-$TARGET/pgferry-bench/results.md}"
 want() { [[ " $BENCHES " == *" $1 "* ]]; }
@@ -491,7 +489,7 @@ else: print('n/a')" "$1"; }
       echo n/a >"$WORK/$name.reads"
     else
       local tag=${c%_*} kind=${c##*_} bin=$BIN sink
-      [ "$tag" = before ] && [ -n "$BIN_BEFORE" ] && bin=$BIN_BEFORE
+      [ "$tag" = before ] && bin=$BIN_BEFORE
       local src="CPU_SRC_$tag" cfg="CPU_CFG_$tag"
       if [ "$kind" = jsonl ]; then sink=$(JSONL_SINK "$name"); else sink=$NULL_SINK; fi
       FERRY_BIN=$bin FERRY_SOURCE_EXTRA="${FERRY_SOURCE_EXTRA:-}"$'\n'"${!src:-}" FERRY_EXTRA="${!cfg:-}" WSSEGS=1 tferry "$name" "$PLAIN_URL" "$sink"
@@ -536,8 +534,7 @@ else: print('n/a')" "$1"; }
   clabel() {
     case $1 in
       recv) echo "pg_recvlogical → /dev/null" ;;
-      before_*) if [ -n "$BIN_BEFORE" ]; then echo "pgferry before (\`$BIN_BEFORE\`) → ${1#before_}"
-        else echo "pgferry before (this build as before: $(echo "${CPU_SRC_before:-} ${CPU_CFG_before:-}" | tr '\n' ' ' | sed 's/  */ /g; s/^ //; s/ $//')) → ${1#before_}"; fi ;;
+      before_*) echo "pgferry before (\`$BIN_BEFORE\`) → ${1#before_}" ;;
       after_*) echo "pgferry → ${1#after_}" ;;
       *) local cfg="CPU_CFG_${1%_*}" src="CPU_SRC_${1%_*}"; echo "pgferry → ${1##*_}, $(echo "${!src:-} ${!cfg:-}" | tr '\n' ' ' | sed 's/  */ /g; s/^ //; s/ $//')" ;;
     esac
@@ -554,10 +551,10 @@ Medians (time range in its column). Own CPU is the consumer's user+sys; walsende
 ${rows%$'\n'}"
     k() { echo "$m $1"; }
     RT=$(cmedian "${CT[$(k recv)]}"); RC=$(cmedian "${CC[$(k recv)]}"); RW=$(cmedian "${CW[$(k recv)]}")
-    for c in after_jsonl before_jsonl; do
+    for c in after_jsonl w1_jsonl before_jsonl; do
       [[ " $CPU_CONSUMERS " == *" $c "* ]] || continue
       FT=$(cmedian "${CT[$(k "$c")]}"); FC=$(cmedian "${CC[$(k "$c")]}"); FW=$(cmedian "${CW[$(k "$c")]}")
-      lbl="pgferry → JSONL"; [ "$c" = before_jsonl ] && lbl="pgferry before → JSONL"
+      case $c in after_jsonl) lbl="pgferry → JSONL" ;; w1_jsonl) lbl="pgferry → JSONL, one thread" ;; *) lbl="pgferry before → JSONL" ;; esac
       SUMMARY+=("| $m: $lbl own CPU vs pg_recvlogical's | $(ratio "$FC" "$RC")× ($FC s vs $RC s) | ≤ 1.5× | $(met_le "$(ratio "$FC" "$RC")" 1.5) |")
       SUMMARY+=("| $m: walsender CPU serving $lbl vs serving pg_recvlogical | $(ratio "$FW" "$RW")× ($FW s vs $RW s) | ≤ 0.8× | $(met_le "$(ratio "$FW" "$RW")" 0.8) |")
       SUMMARY+=("| $m: $lbl end to end vs pg_recvlogical | $(ratio "$RT" "$FT")× ($FT s vs $RT s) | ≥ 1.5× | $(met "$(ratio "$RT" "$FT")" 1.5) |")

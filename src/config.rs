@@ -404,12 +404,13 @@ pub struct PipelineConfig {
     #[serde(default = "default_slow_sink_detach_ms")]
     pub slow_sink_detach_ms: u64,
     /// Threads of the async runtime that runs the stream, the sinks and the
-    /// snapshot workers. Default 1: reading, decoding and handing batches to
-    /// the sinks on one thread saves the cross-thread wake-ups that cost
-    /// more CPU than they gain (benches/RESULTS.md, issue 14). Blocking work
-    /// (checkpoint files, producers of some sinks) has its own threads
-    /// either way. More threads help only when a sink's own CPU work is the
-    /// limit and a core is free.
+    /// snapshot workers. 0 (default): one per CPU. 1: one thread for
+    /// everything (a current-thread runtime), which measured 0.76-0.83x the
+    /// CPU per change and 1.07-1.14x the speed into JSONL, but a 2x worse
+    /// commit-to-Redis p99 on an oversubscribed machine (benches/RESULTS.md,
+    /// issue 14): use it where pgferry's CPU matters more than its latency
+    /// under CPU contention. Blocking work (checkpoint files, producers of
+    /// some sinks) has its own threads either way.
     #[serde(default = "default_worker_threads")]
     pub worker_threads: usize,
 }
@@ -419,7 +420,7 @@ fn default_read_pace_us() -> u64 {
 }
 
 fn default_worker_threads() -> usize {
-    1
+    0
 }
 
 fn default_slow_sink_detach_ms() -> u64 {

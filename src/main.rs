@@ -143,9 +143,9 @@ fn log_format(cli: &Cli) -> LogFormat {
 }
 
 /// `pipeline.worker_threads` of the config file (a config that does not
-/// load is reported once the runtime runs), else 1.
+/// load is reported once the runtime runs), else 0 (one per CPU).
 fn worker_threads(cli: &Cli) -> usize {
-    Config::load(cli.command.config_path()).map_or(1, |c| c.pipeline.worker_threads)
+    Config::load(cli.command.config_path()).map_or(0, |c| c.pipeline.worker_threads)
 }
 
 /// Sets up logging to stderr. Colours only on a terminal: never ANSI codes
@@ -173,14 +173,17 @@ fn init_logging(format: LogFormat) {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(log_format(&cli));
-    // One thread (the default): the stream, the sinks and the feedback task
-    // share this thread and hand each other work without waking another one.
+    // One thread (`pipeline.worker_threads = 1`): the stream, the sinks and
+    // the feedback task share this thread and hand each other work without
+    // waking another one. 0 (default): one worker per CPU.
     let threads = worker_threads(&cli);
     let mut builder = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(threads);
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
         b
     };
     let rt = match builder.enable_all().build() {

@@ -272,10 +272,10 @@ impl Config {
         if self.pipeline.memory_limit_mb == 0 {
             return Err(key_err("pipeline.memory_limit_mb", "must be at least 1"));
         }
-        if !(1..=64).contains(&self.pipeline.worker_threads) {
+        if self.pipeline.worker_threads > 64 {
             return Err(key_err(
                 "pipeline.worker_threads",
-                "must be between 1 and 64 (default 1)",
+                "must be at most 64 (0, the default: one per CPU)",
             ));
         }
         if self.pipeline.batch_max_events == 0 {
