@@ -20,6 +20,13 @@
 #             tests/kafka) with exactly_once false and true, against JSONL, with
 #             peak RSS and records counted; commit -> read_committed consumer
 #             latency at KAFKA_LAT_TPS (default 1,000) transactions/s
+#   cpu       (opt-in: BENCHES=cpu) issue 14: on the same WAL, pg_recvlogical
+#             → /dev/null and pgferry → null and → JSONL over TCP, quiet and
+#             under a fixed load of its own (a busy loop pinned to CPU 1):
+#             time, own CPU (user+sys), the walsender's CPU and the data
+#             segments its socket sent (per socket, from `ss`), pgferry's
+#             reads, peak RSS; JSONL checked identical across builds.
+#             BIN_BEFORE=<an earlier pgferry binary> adds it to every round.
 #   tls       pgferry over TLS (sslmode=verify-full) against plain TCP, into
 #             null and into JSONL, on the same WAL: time, CPU (user+sys) of
 #             pgferry and of the server's walsender. The server then has
@@ -38,6 +45,10 @@
 #   LAT_SECS=15 LAT_TPS=1000   the latency run
 #   OUT=<target dir>/pgferry-bench/results.md
 #   FERRY_SOURCE_EXTRA   extra [source] lines for every pgferry run (experiments)
+#   FERRY_EXTRA          extra lines at the end of every pgferry run's config
+#                        (e.g. $'[pipeline]\nworker_threads = 2'), latency run included
+#   BIN                  a pgferry binary to measure instead of building this tree
+#   BIN_BEFORE, CPU_CONSUMERS, CPU_SRC_<tag>, CPU_CFG_<tag>   the cpu part (below)
 #   SNAPSHOT_EXTRA       extra lines at the end of the snapshot runs' config
 #                        (e.g. $'[snapshot]\nchunk_rows = 100000')
 #   PG_EXTRA_CONF        extra postgresql.conf lines
@@ -49,9 +60,8 @@ ROOT="$PWD"
 . scripts/lib.sh
 ensure_packages postgresql util-linux time redis-server curl
 ensure_cargo
-cargo build --release --quiet
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
-BIN="$TARGET/release/pgferry"
+if [ -z "${BIN:-}" ]; then cargo build --release --quiet; BIN="$TARGET/release/pgferry"; fi
 PGBIN="$(pg_bin)"
 ROWS="${ROWS:-1000000}"
 BENCHES="${BENCHES:-e2e binary redis nats search latency memory snapshot tls}"
@@ -61,6 +71,18 @@ LAT_SECS="${LAT_SECS:-15}"
 LAT_TPS="${LAT_TPS:-1000}"
 KAFKA_LAT_TPS="${KAFKA_LAT_TPS:-1000}"
 REPEAT="${REPEAT:-3}"
+# The cpu part's consumers: recv is pg_recvlogical; TAG_SINK (sink null or
+# jsonl) is pgferry: TAG "after" this build with its defaults, "before"
+# $BIN_BEFORE (an earlier build; skipped when unset), any other TAG this
+# build with the [source] lines of $CPU_SRC_TAG and the lines of
+# $CPU_CFG_TAG at the end of its config.
+BIN_BEFORE="${BIN_BEFORE:-}"
+CPU_CONSUMERS="${CPU_CONSUMERS:-recv before_null before_jsonl after_null after_jsonl w1_null w1_jsonl pace500_jsonl rcv256_jsonl}"
+[ -n "$BIN_BEFORE" ] || CPU_CONSUMERS="$(for c in $CPU_CONSUMERS; do [[ $c == before_* ]] || echo "$c"; done)"
+CPU_CFG_w1="${CPU_CFG_w1:-$'[pipeline]\nworker_threads = 1'}"
+# The read-side levers, measured on top of one thread.
+CPU_SRC_pace500="${CPU_SRC_pace500:-read_pace_us = 500}"; CPU_CFG_pace500="${CPU_CFG_pace500:-$CPU_CFG_w1}"
+CPU_SRC_rcv256="${CPU_SRC_rcv256:-recv_buffer_kb = 256}"; CPU_CFG_rcv256="${CPU_CFG_rcv256:-$CPU_CFG_w1}"
 mkdir -p "$TARGET/pgferry-bench"
 OUT="${OUT:-$TARGET/pgferry-bench/results.md}"
 want() { [[ " $BENCHES " == *" $1 "* ]]; }
@@ -127,7 +149,7 @@ max_wal_size = 4GB
 shared_buffers = 512MB
 fsync = off
 logical_decoding_work_mem = 64MB
-max_replication_slots = $((REPEAT * 18 + 10))
+max_replication_slots = $((REPEAT * 30 + 10))
 max_wal_senders = 20
 $TLS_CONF
 ${PG_EXTRA_CONF:-}
@@ -152,6 +174,7 @@ for r in $(seq "$REPEAT"); do
   SLOTS+=("recv_$r" "recv_unix_$r" "recv_bin_$r" "ferry_null_$r" "ferry_null_unix_$r" "ferry_jsonl_$r" "redis_json_$r" "redis_hash_$r"
     "ferry_null_bin_$r" "ferry_jsonl_bin_$r" "ferry_null_unix1_$r" "ferry_jsonl_unix1_$r" "ferry_jsonl_tcp1_$r")
   if want tls; then SLOTS+=("tls_null_plain_$r" "tls_null_$r" "tls_jsonl_plain_$r" "tls_jsonl_$r"); fi
+  if want cpu; then for m in quiet load; do for c in $CPU_CONSUMERS; do SLOTS+=("cpu_${m}_${c}_$r"); done; done; fi
   if want nats; then SLOTS+=("nats_$r"); fi
   if want kafka; then SLOTS+=("kafka_alo_$r" "kafka_eo_$r"); fi
 done
@@ -225,12 +248,13 @@ ${FERRY_SOURCE_EXTRA:-}
 [checkpoint]
 dir = "$WORK/state-$name"
 $sink
+${FERRY_EXTRA:-}
 TOML
   local wrap=()
   if [ -n "${PERF_DIR:-}" ]; then wrap=(perf record -q -a -e cpu-clock -F 2000 -g -o "$PERF_DIR/$name.perf.data" --); fi
   local t0 t1
   t0=$(now)
-  /usr/bin/time -f "%M %U %S" -o "$WORK/$name.time" "${wrap[@]}" "$BIN" --log-format json run --config "$WORK/$name.toml" --until "$until" 2>"$WORK/$name.log" \
+  /usr/bin/time -f "%M %U %S" -o "$WORK/$name.time" "${wrap[@]}" "${FERRY_BIN:-$BIN}" --log-format json run --config "$WORK/$name.toml" --until "$until" 2>"$WORK/$name.log" \
     || { echo "pgferry ($name) failed:" >&2; tail -5 "$WORK/$name.log" >&2; return 1; }
   t1=$(now)
   secs "$t0" "$t1" >"$WORK/$name.secs"
@@ -359,7 +383,8 @@ fi
 # process that sends the stream (the walsender, from /proc: TLS encrypts
 # there), each run's own.
 # wscpu SLOT OUT: waits for SLOT's walsender, then samples its CPU seconds
-# (utime+stime) into OUT until it exits.
+# (utime+stime) into OUT until it exits; with WSSEGS=1 also the data segments
+# its own TCP socket sent (`ss`, per socket: data_segs_out) into OUT.segs.
 wscpu() {
   local slot=$1 out=$2 pid="" tck; tck=$(getconf CLK_TCK)
   for _ in $(seq 600); do
@@ -367,12 +392,19 @@ wscpu() {
     [ -n "$pid" ] && break; sleep 0.05
   done
   [ -n "$pid" ] || { echo "n/a" >"$out"; return; }
-  local st ticks=0
+  local st ticks=0 segs=0 sg
   while st=$(cat "/proc/$pid/stat" 2>/dev/null); do
     ticks=$(echo "${st##*) }" | awk '{print $12 + $13}')   # fields 14, 15 after "(comm) "
+    if [ -n "${WSSEGS:-}" ]; then
+      sg=$(ss -tinpH "( sport = :$PORT )" 2>/dev/null | awk -v p="pid=$pid," '
+        f { for (i = 1; i <= NF; i++) if ($i ~ /^data_segs_out:/) { split($i, a, ":"); print a[2] }; f = 0 }
+        index($0, p) { f = 1 }' | head -1)
+      [ -n "$sg" ] && segs=$sg
+    fi
     sleep 0.1
   done
   python3 -c "print(f'{$ticks / $tck:.2f}')" >"$out"
+  [ -z "${WSSEGS:-}" ] || echo "$segs" >"$out.segs"
 }
 tferry() { # name url sink: ferry with the walsender's CPU in $WORK/NAME.wscpu
   wscpu "$1" "$WORK/$1.wscpu" & local w=$!
@@ -423,6 +455,115 @@ $(trow "pgferry → JSONL file, TLS" tjsonl)"
   }
   SUMMARY+=("| TLS (verify-full) vs plain TCP, into null: time / pgferry CPU / walsender CPU | $(tcost tnullp tnull) | (measure) | – |")
   SUMMARY+=("| TLS (verify-full) vs plain TCP, into JSONL: time / pgferry CPU / walsender CPU | $(tcost tjsonlp tjsonl) | (measure) | – |")
+fi
+
+# ---------------------------------------------------------------- cpu
+# Issue 14: what each consumer of the same WAL costs on both sides of the
+# socket, quiet and under a fixed load of the script's own (a busy loop
+# pinned to CPU 1). Per run: wall time; its own CPU (user+sys, /usr/bin/time);
+# the CPU of the walsender serving it (/proc/PID/stat) and the data segments
+# that walsender's socket sent (`ss -ti` of that one socket, so other traffic
+# on the machine does not count); pgferry's read calls (its "session
+# statistics" log line); peak RSS. Consumers alternate within each round.
+if want cpu; then
+  declare -A CT CC CW CS CR CM CLOAD   # per "mode consumer": secs, own CPU, walsender CPU, segments, reads, RSS (KiB)
+  cadd() { local k="$1 $2"; CT[$k]="${CT[$k]:-} $3"; CC[$k]="${CC[$k]:-} $4"; CW[$k]="${CW[$k]:-} $5"; CS[$k]="${CS[$k]:-} $6"; CR[$k]="${CR[$k]:-} $7"; CM[$k]="${CM[$k]:-} $8"; }
+  cmedian() { python3 -c "import statistics,sys; v=[float(x) for x in sys.argv[1:] if x != 'n/a']; print(f'{statistics.median(v):.2f}' if v else 'n/a')" $1; }
+  crange() { python3 -c "import sys; v=sorted(float(x) for x in sys.argv[1:]); print(f'{v[0]:.2f}–{v[-1]:.2f}')" $1; }
+  cmax() { python3 -c "import sys; print(max(int(x) for x in sys.argv[1:]) // 1024)" $1; }
+  creads() { python3 -c "
+import json, sys
+for l in open(sys.argv[1]):
+    try: j = json.loads(l)
+    except ValueError: continue
+    f = j.get('fields', j)
+    if 'reads' in f: print(f['reads']); break
+else: print('n/a')" "$1"; }
+  cpu_one() { # mode round consumer
+    local m=$1 r=$2 c=$3 name="cpu_$1_$3_$2"
+    if [ "$c" = recv ]; then
+      WSSEGS=1 wscpu "$name" "$WORK/$name.wscpu" & local w=$!
+      local t0; t0=$(now)
+      /usr/bin/time -f "%M %U %S" -o "$WORK/$name.time" "$PGBIN/pg_recvlogical" -h 127.0.0.1 -p "$PORT" -U postgres -d postgres --slot "$name" \
+        --start -E "$END" --no-loop -f /dev/null -o proto_version=2 -o publication_names=bench -o messages=true -o streaming=on
+      secs "$t0" "$(now)" >"$WORK/$name.secs"
+      wait "$w"
+      local rss usr sys; read -r rss usr sys <"$WORK/$name.time"
+      echo "$rss" >"$WORK/$name.rss"; python3 -c "print(f'{$usr + $sys:.2f}')" >"$WORK/$name.cpu"
+      echo n/a >"$WORK/$name.reads"
+    else
+      local tag=${c%_*} kind=${c##*_} bin=$BIN sink
+      [ "$tag" = before ] && bin=$BIN_BEFORE
+      local src="CPU_SRC_$tag" cfg="CPU_CFG_$tag"
+      if [ "$kind" = jsonl ]; then sink=$(JSONL_SINK "$name"); else sink=$NULL_SINK; fi
+      FERRY_BIN=$bin FERRY_SOURCE_EXTRA="${FERRY_SOURCE_EXTRA:-}"$'\n'"${!src:-}" FERRY_EXTRA="${!cfg:-}" WSSEGS=1 tferry "$name" "$PLAIN_URL" "$sink"
+      creads "$WORK/$name.log" >"$WORK/$name.reads"
+    fi
+    cadd "$m" "$c" "$(cat "$WORK/$name.secs")" "$(cat "$WORK/$name.cpu")" "$(cat "$WORK/$name.wscpu")" \
+      "$(cat "$WORK/$name.wscpu.segs" 2>/dev/null || echo n/a)" "$(cat "$WORK/$name.reads")" "$(cat "$WORK/$name.rss")"
+  }
+  for m in quiet load; do
+    LOADPID=""
+    if [ "$m" = load ]; then
+      taskset -c 1 sh -c 'while :; do :; done' & LOADPID=$!; PIDS+=("$LOADPID")
+    fi
+    CLOAD[$m]=""
+    for r in $(seq "$REPEAT"); do
+      CLOAD[$m]+=" $(cut -d' ' -f1 /proc/loadavg)"
+      log "cpu ($m) round $r/$REPEAT: $CPU_CONSUMERS (load average $(cut -d' ' -f1-3 /proc/loadavg))"
+      REF=""
+      for c in $CPU_CONSUMERS; do
+        cpu_one "$m" "$r" "$c"
+        f="$WORK/out_cpu_${m}_${c}_$r.jsonl"
+        [ -f "$f" ] || continue
+        LINES=$(wc -l <"$f")
+        [ "$LINES" -ge "$CHANGES" ] || { echo "pgferry ($c) wrote $LINES lines, expected $CHANGES" >&2; exit 1; }
+        # Byte for byte the same JSONL from every build and setting (and as the e2e part's).
+        for g in "$REF" "$WORK/out_1.jsonl"; do
+          [ -n "$g" ] && [ -f "$g" ] || continue
+          cmp -s "$g" "$f" || { echo "$f differs from $g" >&2; exit 1; }
+        done
+        if [ -z "$REF" ]; then REF=$f; else rm -f "$f"; fi
+      done
+      rm -f "$REF"
+    done
+    [ -z "$LOADPID" ] || kill "$LOADPID" 2>/dev/null || true
+  done
+  crow() { # mode consumer label
+    local k="$1 $2" segs reads
+    segs=$(cmedian "${CS[$k]}"); reads=$(cmedian "${CR[$k]}")
+    local per; per=$(python3 -c "print('n/a' if '$segs' == 'n/a' or float('$segs') == 0 else f'{$CHANGES / float(\"$segs\"):.1f}')")
+    echo "| $3 | $(cmedian "${CT[$k]}") | $(crange "${CT[$k]}") | $(cmedian "${CC[$k]}") | $(cmedian "${CW[$k]}") | ${segs%.00} | $per | ${reads%.00} | $(cmax "${CM[$k]}") MB |"
+  }
+  clabel() {
+    case $1 in
+      recv) echo "pg_recvlogical → /dev/null" ;;
+      before_*) echo "pgferry before (\`$BIN_BEFORE\`) → ${1#before_}" ;;
+      after_*) echo "pgferry → ${1#after_}" ;;
+      *) local cfg="CPU_CFG_${1%_*}" src="CPU_SRC_${1%_*}"; echo "pgferry → ${1##*_}, $(echo "${!src:-} ${!cfg:-}" | tr '\n' ' ' | sed 's/  */ /g; s/^ //; s/ $//')" ;;
+    esac
+  }
+  for m in quiet load; do
+    what="quiet (no load of its own)"; [ "$m" = load ] && what="under a busy loop pinned to CPU 1"
+    rows=""; for c in $CPU_CONSUMERS; do rows+="$(crow "$m" "$c" "$(clabel "$c")")"$'\n'; done
+    section "### CPU per change, $what: $CHANGES row changes over TCP loopback, $REPEAT rounds (load average at the rounds' starts:${CLOAD[$m]})
+
+Medians (time range in its column). Own CPU is the consumer's user+sys; walsender CPU that of the server process serving it; segments are the data segments that walsender's socket sent (\`ss -ti\`: data_segs_out, that socket only).
+
+| consumer | seconds | range | own CPU s | walsender CPU s | segments | changes per segment | reads | peak RSS |
+|---|---:|---:|---:|---:|---:|---:|---:|---:|
+${rows%$'\n'}"
+    k() { echo "$m $1"; }
+    RT=$(cmedian "${CT[$(k recv)]}"); RC=$(cmedian "${CC[$(k recv)]}"); RW=$(cmedian "${CW[$(k recv)]}")
+    for c in after_jsonl w1_jsonl before_jsonl; do
+      [[ " $CPU_CONSUMERS " == *" $c "* ]] || continue
+      FT=$(cmedian "${CT[$(k "$c")]}"); FC=$(cmedian "${CC[$(k "$c")]}"); FW=$(cmedian "${CW[$(k "$c")]}")
+      case $c in after_jsonl) lbl="pgferry → JSONL" ;; w1_jsonl) lbl="pgferry → JSONL, one thread" ;; *) lbl="pgferry before → JSONL" ;; esac
+      SUMMARY+=("| $m: $lbl own CPU vs pg_recvlogical's | $(ratio "$FC" "$RC")× ($FC s vs $RC s) | ≤ 1.5× | $(met_le "$(ratio "$FC" "$RC")" 1.5) |")
+      SUMMARY+=("| $m: walsender CPU serving $lbl vs serving pg_recvlogical | $(ratio "$FW" "$RW")× ($FW s vs $RW s) | ≤ 0.8× | $(met_le "$(ratio "$FW" "$RW")" 0.8) |")
+      SUMMARY+=("| $m: $lbl end to end vs pg_recvlogical | $(ratio "$RT" "$FT")× ($FT s vs $RT s) | ≥ 1.5× | $(met "$(ratio "$RT" "$FT")" 1.5) |")
+    done
+  done
 fi
 
 # ---------------------------------------------------------------- redis
@@ -546,9 +687,11 @@ url = "$PLAIN_URL"
 slot = "lat"
 publication = "latpub"
 tables = ["public.lat"]
+${FERRY_SOURCE_EXTRA:-}
 [checkpoint]
 dir = "$WORK/state-lat"
 $(redis_sink 2 json public.lat 'lat:{id}')
+${FERRY_EXTRA:-}
 TOML
   "$BIN" --log-format json run --config "$WORK/lat.toml" 2>"$WORK/lat.log" &
   LAT_PID=$!; PIDS+=("$LAT_PID")

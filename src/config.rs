@@ -156,6 +156,14 @@ pub struct SourceConfig {
     /// so the server's small writes are received together (default 0: off).
     #[serde(default)]
     pub read_coalesce_us: u64,
+    /// Adaptive read pacing: after a read that found at least 64 KiB waiting
+    /// (a thick stream), wait this many microseconds before the next read,
+    /// so that the server's socket fills and the walsender sends fewer,
+    /// larger segments, which costs it less CPU. After a shorter read (a
+    /// thin stream) pgferry reads again at once, so latency is unchanged.
+    /// 0: off.
+    #[serde(default = "default_read_pace_us")]
+    pub read_pace_us: u64,
     /// `"initial"`: on the first start (no sink has a checkpoint yet), load
     /// every table of `tables` into every sink, online, while the stream
     /// runs (see `[snapshot]`). `"never"` (default): start at the slot's
@@ -333,6 +341,7 @@ impl std::fmt::Debug for SourceConfig {
             .field("status_interval_secs", &self.status_interval_secs)
             .field("recv_buffer_kb", &self.recv_buffer_kb)
             .field("read_coalesce_us", &self.read_coalesce_us)
+            .field("read_pace_us", &self.read_pace_us)
             .field("network", &self.network)
             .field("tls", &self.tls)
             .finish()
@@ -394,6 +403,24 @@ pub struct PipelineConfig {
     /// Default 5000.
     #[serde(default = "default_slow_sink_detach_ms")]
     pub slow_sink_detach_ms: u64,
+    /// Threads of the async runtime that runs the stream, the sinks and the
+    /// snapshot workers. 0 (default): one per CPU. 1: one thread for
+    /// everything (a current-thread runtime), which measured 0.76-0.83x the
+    /// CPU per change and 1.07-1.14x the speed into JSONL, but a 2x worse
+    /// commit-to-Redis p99 on an oversubscribed machine (benches/RESULTS.md,
+    /// issue 14): use it where pgferry's CPU matters more than its latency
+    /// under CPU contention. Blocking work (checkpoint files, producers of
+    /// some sinks) has its own threads either way.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
+}
+
+fn default_read_pace_us() -> u64 {
+    0
+}
+
+fn default_worker_threads() -> usize {
+    0
 }
 
 fn default_slow_sink_detach_ms() -> u64 {
@@ -408,6 +435,7 @@ impl Default for PipelineConfig {
             batch_max_events: default_batch_events(),
             checkpoint_interval_ms: default_checkpoint_ms(),
             slow_sink_detach_ms: default_slow_sink_detach_ms(),
+            worker_threads: default_worker_threads(),
         }
     }
 }

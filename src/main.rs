@@ -142,6 +142,12 @@ fn log_format(cli: &Cli) -> LogFormat {
     })
 }
 
+/// `pipeline.worker_threads` of the config file (a config that does not
+/// load is reported once the runtime runs), else 0 (one per CPU).
+fn worker_threads(cli: &Cli) -> usize {
+    Config::load(cli.command.config_path()).map_or(0, |c| c.pipeline.worker_threads)
+}
+
 /// Sets up logging to stderr. Colours only on a terminal: never ANSI codes
 /// in a file or a pipe.
 fn init_logging(format: LogFormat) {
@@ -167,10 +173,20 @@ fn init_logging(format: LogFormat) {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(log_format(&cli));
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // One thread (`pipeline.worker_threads = 1`): the stream, the sinks and
+    // the feedback task share this thread and hand each other work without
+    // waking another one. 0 (default): one worker per CPU.
+    let threads = worker_threads(&cli);
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("pgferry: cannot start the runtime: {e}");

@@ -204,6 +204,7 @@ impl<'a> Session<'a> {
         );
         reader.set_read_timeout(Some(deadline));
         reader.set_coalesce(Duration::from_micros(s.read_coalesce_us));
+        reader.set_pace(Duration::from_micros(s.read_pace_us));
         let states = sinks.senders.iter();
         let states = states.map(|l| (l.name.clone(), l.state.clone())).collect();
         let observed = crate::metrics::global().session(&progress, states);

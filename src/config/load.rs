@@ -272,6 +272,12 @@ impl Config {
         if self.pipeline.memory_limit_mb == 0 {
             return Err(key_err("pipeline.memory_limit_mb", "must be at least 1"));
         }
+        if self.pipeline.worker_threads > 64 {
+            return Err(key_err(
+                "pipeline.worker_threads",
+                "must be at most 64 (0, the default: one per CPU)",
+            ));
+        }
         if self.pipeline.batch_max_events == 0 {
             return Err(key_err("pipeline.batch_max_events", "must be at least 1"));
         }

@@ -140,6 +140,10 @@ pub struct BackendMessage {
     pub body: Bytes,
 }
 
+/// A read of at least this many bytes found data waiting: the stream is
+/// thick (see [`Reader::set_pace`]); a shorter one is thin.
+pub const THICK_READ: usize = 64 * 1024;
+
 /// Reads framed backend messages through one large buffer.
 pub struct Reader<R> {
     io: R,
@@ -149,7 +153,13 @@ pub struct Reader<R> {
     /// After a short read, wait this long before reading again, so that the
     /// server's many small writes arrive as one read (zero: off).
     coalesce: std::time::Duration,
-    last_short_read: Option<tokio::time::Instant>,
+    /// After a thick read (at least [`THICK_READ`] bytes: data was waiting in
+    /// the socket), wait this long before reading again, so that the
+    /// server's socket fills and it sends fewer, larger segments (zero: off).
+    /// A thin read never waits, so a thin stream keeps its latency.
+    pace: std::time::Duration,
+    /// When the next read may start (set by `coalesce` or `pace`).
+    next_read_at: Option<tokio::time::Instant>,
     /// When nothing arrives for this long, [`Reader::next`] fails with
     /// [`ConnError::Timeout`] (`None`: wait forever).
     read_timeout: Option<std::time::Duration>,
@@ -167,7 +177,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             buf: BytesMut::with_capacity(1 << 20),
             read_size: 1 << 20,
             coalesce: std::time::Duration::ZERO,
-            last_short_read: None,
+            pace: std::time::Duration::ZERO,
+            next_read_at: None,
             read_timeout: None,
             last_data: tokio::time::Instant::now(),
             reads: 0,
@@ -178,6 +189,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// Sets the pause after a short read (see the field's doc).
     pub fn set_coalesce(&mut self, d: std::time::Duration) {
         self.coalesce = d;
+    }
+
+    /// Sets the pause after a thick read (see the field's doc).
+    pub fn set_pace(&mut self, d: std::time::Duration) {
+        self.pace = d;
     }
 
     /// Sets the read deadline (see the field's doc); the time without data
@@ -205,8 +221,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             if self.buf.capacity() - self.buf.len() < self.read_size / 4 {
                 self.buf.reserve(self.read_size);
             }
-            if let Some(at) = self.last_short_read.take() {
-                tokio::time::sleep_until(at + self.coalesce).await;
+            if let Some(at) = self.next_read_at.take() {
+                tokio::time::sleep_until(at).await;
             }
             let read = self.io.read_buf(&mut self.buf);
             let n = match self.read_timeout {
@@ -224,8 +240,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             self.last_data = tokio::time::Instant::now();
             self.reads += 1;
             self.bytes += n as u64;
-            if !self.coalesce.is_zero() && n < self.read_size / 16 {
-                self.last_short_read = Some(tokio::time::Instant::now());
+            if !self.coalesce.is_zero() && n < THICK_READ {
+                self.next_read_at = Some(self.last_data + self.coalesce);
+            } else if !self.pace.is_zero() && n >= THICK_READ {
+                self.next_read_at = Some(self.last_data + self.pace);
             }
             if n == 0 {
                 return Err(ConnError::Closed);
@@ -533,6 +551,46 @@ mod tests {
             assert_eq!((m.tag, &m.body[..]), (b'd', &[i][..]));
         }
         assert!(matches!(r.next().await, Err(ConnError::Closed)));
+    }
+
+    /// `n` bytes of 'd' messages of 1 KiB each (5-byte header included).
+    fn messages(n: usize) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        while bytes.len() < n {
+            bytes.push(b'd');
+            bytes.extend_from_slice(&1023i32.to_be_bytes());
+            bytes.extend(std::iter::repeat_n(7u8, 1019));
+        }
+        bytes
+    }
+
+    #[tokio::test]
+    async fn paced_reads_wait_after_a_thick_read_and_never_after_a_thin_one() {
+        use tokio::io::AsyncWriteExt;
+        let pace = std::time::Duration::from_millis(150);
+        let (mut server, client) = tokio::io::duplex(4 << 20);
+        let mut r = Reader::new(client);
+        r.set_pace(pace);
+        // Thin: one message at a time is read at once, no pause is set.
+        for _ in 0..3 {
+            server.write_all(&messages(1024)).await.unwrap();
+            r.next().await.unwrap();
+            assert!(r.next_read_at.is_none(), "a thin read must not pause");
+        }
+        // Thick: 128 KiB waiting; once they are consumed, the next read
+        // waits for the pace even though data is there.
+        server.write_all(&messages(128 * 1024)).await.unwrap();
+        let first = r.next().await.unwrap();
+        assert_eq!(first.body.len(), 1019);
+        let at = r.next_read_at.expect("a thick read sets a pause");
+        assert_eq!(at, r.last_data + pace);
+        server.write_all(&messages(1024)).await.unwrap();
+        while r.try_parse().unwrap().is_some() {}
+        r.next().await.unwrap();
+        assert!(
+            tokio::time::Instant::now() >= at,
+            "read before the pause ended"
+        );
     }
 
     #[tokio::test]
