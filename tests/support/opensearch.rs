@@ -126,12 +126,17 @@ impl Node {
                 deadline = (Instant::now() + Duration::from_secs(60)).min(limit);
             }
             if home.join("logs/ready").exists() {
-                if let Ok((200, _)) = self.try_req(
+                match self.try_req(
                     "GET",
                     "/_cluster/health?wait_for_status=green&timeout=1s",
                     None,
                 ) {
-                    break;
+                    Ok((200, _)) => break,
+                    // It answers but its shards are still recovering (408), which
+                    // can be quiet in the log for a minute on a loaded machine:
+                    // an answering node is making progress, up to the 300 s limit.
+                    Ok(_) => deadline = (Instant::now() + Duration::from_secs(60)).min(limit),
+                    Err(_) => {}
                 }
             }
             let dead = self

@@ -364,7 +364,7 @@ impl Inner {
         let conn = self.conn.as_ref().expect("connected");
         if !conn.deliveries.wait_all(timeout) {
             self.check_deliveries()?;
-            return Err(SinkError::Transient(format!(
+            return Err(SinkError::transient(format!(
                 "kafka: records not delivered within timeout_secs = {} (brokers down or slow)",
                 self.cfg.timeout_secs
             )));
